@@ -1,0 +1,65 @@
+"""conveyor: concurrent work that never hangs.
+
+Layers, lowest first (a lower layer never imports a higher one; ``tests/test_layers.py`` checks)::
+
+    conveyor.compat.*, conveyor.cli     thin: only the public API below
+    conveyor                            this module: re-exports only
+    conveyor.pipeline                   the parts
+    conveyor._engine                    worker kinds, buffers, clock, statistics, error policies
+    conveyor._errors                    the exception tree (a leaf)
+"""
+
+from ._engine import DeadLetter as DeadLetter
+from ._engine import Failure as Failure
+from ._engine import ManualClock as ManualClock
+from ._engine import Retry as Retry
+from ._engine import RunStats as RunStats
+from ._engine import Skip as Skip
+from ._engine import StageStats as StageStats
+from ._errors import BrokenResourceError as BrokenResourceError
+from ._errors import ClosedResourceError as ClosedResourceError
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import ConveyorError as ConveyorError
+from ._errors import ItemTimeout as ItemTimeout
+from ._errors import PipelineClosed as PipelineClosed
+from ._errors import PipelineError as PipelineError
+from ._errors import RunTimeout as RunTimeout
+from ._errors import StageFailed as StageFailed
+from ._errors import WouldBlock as WouldBlock
+from .pipeline import Pipeline as Pipeline
+from .pipeline import Run as Run
+from .pipeline import Stage as Stage
+from .pipeline import StageHandle as StageHandle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenResourceError",
+    "ClosedResourceError",
+    "ConfigurationError",
+    "ConveyorError",
+    "DeadLetter",
+    "Failure",
+    "ItemTimeout",
+    "ManualClock",
+    "Pipeline",
+    "PipelineClosed",
+    "PipelineError",
+    "Retry",
+    "Run",
+    "RunStats",
+    "RunTimeout",
+    "Skip",
+    "Stage",
+    "StageFailed",
+    "StageHandle",
+    "StageStats",
+    "WouldBlock",
+]
+
+# Tracebacks and reprs show the public path, not the private module a name lives in.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = "conveyor"
+del _name, _obj

@@ -1,0 +1,196 @@
+"""A bounded, closable buffer that moves items in chunks.
+
+Items travel between workers in lists ("chunks"). A producer that hands over a list pays for one
+lock round trip whatever its length; a consumer takes up to ``max_n`` items in one call, as whole
+chunks where it can and by slicing the front one where it must. So a busy pipeline pays per chunk,
+while an idle one pays nothing extra: a consumer that waits on an empty buffer wakes for the first
+item and takes it alone.
+
+The capacity is exact and counted in items: ``put_many`` admits what fits and waits for room for
+the rest, so a full buffer blocks its producer (this is the backpressure every boundary relies on).
+
+Two ways to end:
+
+* ``close()`` — no more input; consumers drain what is there, then ``get_many`` returns ``None``.
+* ``shutdown()`` — stop now; every waiter, present and future, gets :class:`BufferShutdown` and the
+  items still inside are dropped (their number is returned, so a caller can account for them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Generic, TypeVar
+
+from .._errors import ClosedResourceError
+
+T = TypeVar("T")
+
+#: single puts are gathered into chunks of at most this many items
+_CHUNK = 256
+
+
+class BufferShutdown(Exception):
+    """Raised inside the engine to unwind a worker whose buffer was shut down."""
+
+
+class Buffer(Generic[T]):
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "_count",
+        "_lock",
+        "_not_empty",
+        "_not_full",
+        "_open_tail",
+        "_shutdown",
+        "capacity",
+        "name",
+    )
+
+    def __init__(self, capacity: int, name: str = "") -> None:
+        if capacity < 1:
+            raise ValueError("a buffer holds at least one item")
+        self.capacity = capacity
+        self.name = name
+        self._chunks: deque[list[T]] = deque()
+        self._count = 0
+        # True while the last chunk is one of ours that single puts may append to
+        self._open_tail = False
+        self._closed = False
+        self._shutdown = False
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+
+    # -- inspection -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def is_shutdown(self) -> bool:
+        return self._shutdown
+
+    # -- producing --------------------------------------------------------------------------
+    def put(self, item: T, timeout_s: float | None = None) -> bool:
+        """Add one item, waiting for room. Returns False if ``timeout_s`` passed first."""
+        with self._lock:
+            while True:
+                if self._shutdown:
+                    raise BufferShutdown
+                if self._closed:
+                    raise ClosedResourceError(f"buffer {self.name!r} is closed")
+                if self._count < self.capacity:
+                    break
+                if not self._not_full.wait(timeout_s) and timeout_s is not None:
+                    return False
+            if self._open_tail and len(self._chunks[-1]) < _CHUNK:
+                self._chunks[-1].append(item)
+            else:
+                self._chunks.append([item])
+                self._open_tail = True
+            self._count += 1
+            self._not_empty.notify()
+        return True
+
+    def put_many(self, items: list[T]) -> None:
+        """Add every item of ``items`` (the buffer takes ownership of the list), waiting for room."""
+        if not items:
+            return
+        with self._lock:
+            while True:
+                if self._shutdown:
+                    raise BufferShutdown
+                if self._closed:
+                    raise ClosedResourceError(f"buffer {self.name!r} is closed")
+                free = self.capacity - self._count
+                if free >= len(items):
+                    self._chunks.append(items)
+                    self._open_tail = False
+                    self._count += len(items)
+                    self._wake_consumers(len(items))
+                    return
+                if free > 0:
+                    self._chunks.append(items[:free])
+                    self._open_tail = False
+                    self._count += free
+                    items = items[free:]
+                    self._wake_consumers(free)
+                self._not_full.wait()
+
+    def _wake_consumers(self, n: int) -> None:
+        if n == 1:
+            self._not_empty.notify()
+        else:
+            self._not_empty.notify(n)
+
+    # -- consuming --------------------------------------------------------------------------
+    def get_many(self, max_n: int, timeout_s: float | None = None) -> list[T] | None:
+        """Take between 1 and ``max_n`` items, waiting while the buffer is empty.
+
+        Returns ``None`` once the buffer is closed and drained, and ``[]`` if ``timeout_s``
+        passed with nothing to take.
+        """
+        with self._lock:
+            while not self._count:
+                if self._shutdown:
+                    raise BufferShutdown
+                if self._closed:
+                    return None
+                if not self._not_empty.wait(timeout_s) and timeout_s is not None:
+                    if self._shutdown:
+                        raise BufferShutdown
+                    return [] if not self._count else self._take(max_n)
+            if self._shutdown:
+                raise BufferShutdown
+            return self._take(max_n)
+
+    def _take(self, max_n: int) -> list[T]:
+        chunks = self._chunks
+        first = chunks[0]
+        n = len(first)
+        if n > max_n:
+            out = first[:max_n]
+            del first[:max_n]
+        else:
+            out = chunks.popleft()
+            if not chunks:
+                self._open_tail = False
+            # gather further whole chunks while they fit
+            while chunks and n + len(chunks[0]) <= max_n:
+                nxt = chunks.popleft()
+                out.extend(nxt)
+                n += len(nxt)
+            if not chunks:
+                self._open_tail = False
+        taken = len(out)
+        self._count -= taken
+        if taken == 1:
+            self._not_full.notify()
+        else:
+            self._not_full.notify_all()
+        return out
+
+    # -- ending -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """No more puts; consumers drain the rest and then see the end."""
+        with self._lock:
+            self._closed = True
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
+
+    def shutdown(self) -> int:
+        """Stop at once: wake every waiter with :class:`BufferShutdown`; return the items dropped."""
+        with self._lock:
+            dropped = self._count
+            self._shutdown = True
+            self._closed = True
+            self._chunks.clear()
+            self._count = 0
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
+            return dropped

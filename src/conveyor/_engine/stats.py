@@ -1,0 +1,119 @@
+"""Statistics: live counters kept by the engine and the frozen records handed to users.
+
+Counters are bumped once per chunk of work, not once per item, under the owner's lock. Latency is
+sampled into a fixed-size ring, so memory stays the same however long a run lasts; the
+percentiles are read from the ring when a record is made.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """One stage at one moment."""
+
+    name: str
+    kind: str
+    received: int
+    emitted: int
+    failed: int
+    retried: int
+    skipped: int
+    dead_lettered: int
+    queue_depth: int
+    queue_capacity: int
+    workers: int
+    busy_workers: int
+    idle_workers: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+
+    finished: int
+    """inputs whose processing ended, whatever the outcome (a flat_map emits many per input)"""
+
+    @property
+    def in_flight(self) -> int:
+        """Inputs taken and not yet finished."""
+        return self.received - self.finished
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """A whole run at one moment; ``stages`` follow the pipeline's order."""
+
+    stages: tuple[StageStats, ...]
+    elapsed_s: float
+    items_in: int
+    items_out: int
+    state: str
+
+    @property
+    def throughput(self) -> float:
+        """Source items taken per second of the run so far."""
+        return self.items_in / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def stage(self, name: str) -> StageStats:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class LatencyRing:
+    """The last ``size`` latency samples, in seconds."""
+
+    __slots__ = ("_i", "_lock", "_ring", "_size")
+
+    def __init__(self, size: int = 2048) -> None:
+        self._size = size
+        self._ring: list[float] = []
+        self._i = 0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            if len(self._ring) < self._size:
+                self._ring.append(seconds)
+            else:
+                self._ring[self._i] = seconds
+                self._i = (self._i + 1) % self._size
+
+    def percentiles(self) -> tuple[float | None, float | None, float | None]:
+        with self._lock:
+            data = sorted(self._ring)
+        if not data:
+            return None, None, None
+
+        def at(q: float) -> float:
+            return data[min(len(data) - 1, int(q * len(data)))]
+
+        return at(0.50), at(0.95), at(0.99)
+
+
+class Counters:
+    """The mutable side of :class:`StageStats`, updated under ``lock``."""
+
+    __slots__ = (
+        "dead_lettered",
+        "emitted",
+        "failed",
+        "finished",
+        "lock",
+        "received",
+        "retried",
+        "skipped",
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received = 0
+        self.finished = 0
+        self.emitted = 0
+        self.failed = 0
+        self.retried = 0
+        self.skipped = 0
+        self.dead_lettered = 0

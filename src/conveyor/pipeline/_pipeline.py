@@ -1,0 +1,183 @@
+"""The ``Pipeline`` builder."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from .._engine import EACH, FILTER, FLAT, MAP, SYSTEM_CLOCK, Clock, RunStats, StepSpec
+from .._errors import ConfigurationError
+from ._batch import no_work
+from ._run import Progress, Run, _Layout
+from ._stage import DEFAULT_MAXSIZE, _positive_int, _positive_number, build_spec
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+_NO_SOURCE = object()
+
+
+class Pipeline(Generic[T]):
+    """Items flowing through stages, each stage a pool of workers, every boundary a bounded buffer.
+
+    ``Pipeline(source)`` reads an iterable, iterator, generator or async iterable;
+    ``Pipeline()`` is fed with ``run.put(item)`` on a started run. Each method returns a new
+    pipeline, so a pipeline can be extended and reused; a one-shot iterator source is consumed
+    by the first run.
+    """
+
+    def __init__(
+        self,
+        source: Iterable[T] | Any = _NO_SOURCE,
+        *,
+        ordered: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if source is not _NO_SOURCE and source is not None and not (
+            hasattr(source, "__iter__") or hasattr(source, "__aiter__")
+        ):
+            raise ConfigurationError(
+                f"a pipeline's source is an iterable or an async iterable, not "
+                f"{type(source).__name__}"
+            )
+        if not isinstance(ordered, bool):
+            raise ConfigurationError(f"ordered must be True or False, not {ordered!r}")
+        self._source: Any = source
+        self._has_source = source is not _NO_SOURCE and source is not None
+        self._ordered = ordered
+        self._clock = clock
+        self._layouts: list[_Layout] = []
+
+    def _extend(self, layout: _Layout) -> Pipeline[Any]:
+        names = {lay.spec.name for lay in self._layouts}
+        spec = layout.spec
+        if spec.name in names:
+            n = 2
+            while f"{spec.name}-{n}" in names:
+                n += 1
+            layout = _Layout(replace(spec, name=f"{spec.name}-{n}"), layout.capacity, layout.batch)
+        new: Pipeline[Any] = Pipeline.__new__(Pipeline)
+        new.__dict__.update(self.__dict__)
+        new._layouts = [*self._layouts, layout]
+        return new
+
+    def _stage(
+        self,
+        mode: str,
+        fn: Any,
+        name: str | None,
+        workers: int,
+        kind: str,
+        ordered: bool | None,
+        key: Callable[[Any], Hashable] | None,
+        maxsize: int | None,
+        on_error: Any,
+        timeout_s: float | None,
+        rate: float | None,
+    ) -> Pipeline[Any]:
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError(f"a stage name is a non-empty string, not {name!r}")
+            if any(lay.spec.name == name for lay in self._layouts):
+                raise ConfigurationError(f"two stages are named {name!r}")
+        spec, cap = build_spec(
+            mode, fn, name=name, workers=workers, kind=kind,
+            ordered=self._ordered if ordered is None else ordered, key=key, maxsize=maxsize,
+            on_error=on_error, timeout_s=timeout_s, rate=rate,
+        )
+        return self._extend(_Layout(spec, cap, None))
+
+    # -- stages -------------------------------------------------------------------------------
+    def map(
+        self, fn: Callable[[T], U] | Any, *, name: str | None = None, workers: int = 1,
+        kind: str = "thread", ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
+        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+    ) -> Pipeline[U]:
+        """Each item becomes ``fn(item)``."""
+        return self._stage(MAP, fn, name, workers, kind, ordered, key, maxsize, on_error,
+                           timeout_s, rate)
+
+    def filter(
+        self, fn: Callable[[T], Any] | Any, *, name: str | None = None, workers: int = 1,
+        kind: str = "thread", ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
+        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+    ) -> Pipeline[T]:
+        """Items for which ``fn(item)`` is true go on; the others are dropped."""
+        return self._stage(FILTER, fn, name, workers, kind, ordered, key, maxsize, on_error,
+                           timeout_s, rate)
+
+    def flat_map(
+        self, fn: Callable[[T], Iterable[U]] | Any, *, name: str | None = None,
+        workers: int = 1, kind: str = "thread", ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
+        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+    ) -> Pipeline[U]:
+        """``fn(item)`` returns an iterable (a list, a generator, ...); each element goes on."""
+        return self._stage(FLAT, fn, name, workers, kind, ordered, key, maxsize, on_error,
+                           timeout_s, rate)
+
+    def each(
+        self, fn: Callable[[T], Any] | Any, *, name: str | None = None, workers: int = 1,
+        kind: str = "thread", ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
+        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+    ) -> Pipeline[None]:
+        """A sink: ``fn(item)`` runs for its effect and nothing goes on."""
+        return self._stage(EACH, fn, name, workers, kind, ordered, key, maxsize, on_error,
+                           timeout_s, rate)
+
+    def batch(
+        self, size: int, *, within_s: float | None = None, name: str | None = None,
+        maxsize: int | None = None,
+    ) -> Pipeline[list[T]]:
+        """Group items into lists of up to ``size``; a list waits at most ``within_s`` seconds
+        after its first item before it goes on as it is. The last list may be shorter."""
+        size = _positive_int("batch size", size)
+        within = _positive_number("within_s", within_s)
+        cap = DEFAULT_MAXSIZE if maxsize is None else _positive_int("maxsize", maxsize)
+        label = name or "batch"
+        if name is not None and any(lay.spec.name == name for lay in self._layouts):
+            raise ConfigurationError(f"two stages are named {name!r}")
+        spec = StepSpec(name=label, kind="batch", mode="batch", workers=1, make_work=no_work,
+                        window=cap)
+        return self._extend(_Layout(spec, cap, (size, within)))
+
+    # -- running ------------------------------------------------------------------------------
+    def start(self) -> Run:
+        """Start every worker and return the run's handle (a context manager)."""
+        return Run(self, clock=self._clock)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(Run(self, clock=self._clock))
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        run = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
+        return run._aoutputs(None)
+
+    def run(self, timeout_s: float | None = None, progress: Progress = False) -> RunStats:
+        """Run to the end, dropping the last stage's outputs, and return the final statistics.
+
+        ``timeout_s`` bounds the whole run (:class:`RunTimeout`); ``progress=True`` draws a
+        progress bar, and a callable is called with :class:`RunStats` about ten times a second.
+        """
+        timeout_s = _positive_number("timeout_s", timeout_s)
+        handle = Run(self, clock=self._clock)
+        for _ in handle._outputs(timeout_s, progress):
+            pass
+        return handle.stats()
+
+    async def arun(self, timeout_s: float | None = None) -> RunStats:
+        """``run()`` for async code: async stages run on the running event loop."""
+        timeout_s = _positive_number("timeout_s", timeout_s)
+        handle = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
+        async for _ in handle._aoutputs(timeout_s):
+            pass
+        return handle.stats()
+
+    def __repr__(self) -> str:
+        stages = " | ".join(f"{lay.spec.mode}:{lay.spec.name}" for lay in self._layouts)
+        return f"<Pipeline {stages or '(no stages)'}>"

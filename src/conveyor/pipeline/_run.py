@@ -1,0 +1,413 @@
+"""A running pipeline: its buffers, its workers, the feeder of its source and its handle."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .._engine import (
+    KINDS,
+    SYSTEM_CLOCK,
+    Buffer,
+    BufferShutdown,
+    Clock,
+    LoopThread,
+    PoolContext,
+    RunStats,
+    StageStats,
+    Step,
+    StepSpec,
+    WorkerPool,
+)
+from .._errors import (
+    ClosedResourceError,
+    ConfigurationError,
+    PipelineClosed,
+    PipelineError,
+    RunTimeout,
+    StageFailed,
+)
+from ._batch import BatchPool
+
+if TYPE_CHECKING:
+    from ._pipeline import Pipeline
+
+#: source items are handed to the first buffer in slices of this size when the source is a list
+_SOURCE_SLICE = 512
+#: how often a waiting caller wakes to draw the progress bar
+_PROGRESS_TICK_S = 0.1
+
+Progress = bool | Callable[[RunStats], Any]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    spec: StepSpec
+    capacity: int
+    batch: tuple[int, float | None] | None
+
+
+class StageHandle:
+    """One stage of a running pipeline: its statistics and its size."""
+
+    def __init__(self, run: Run, index: int) -> None:
+        self._run = run
+        self._index = index
+        self.name = run._steps[index].name
+
+    def resize(self, n: int) -> None:
+        """Set the number of workers. Growing starts workers at once; shrinking lets the extra
+        workers finish their current item and run ``teardown`` before they leave."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigurationError(f"a stage needs at least one worker, not {n!r}")
+        self._run._pools[self._index].resize(n)
+
+    def stats(self) -> StageStats:
+        return self._run._stage_stats(self._index)
+
+
+class Run:
+    """The handle of a started pipeline (``with pipeline.start() as run:``).
+
+    Outputs of the last stage come out by iterating the handle; ``wait()`` consumes (and drops)
+    the outputs nobody iterated.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline[Any],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        layouts: list[_Layout] = pipeline._layouts
+        if not layouts:
+            raise ConfigurationError("a pipeline needs at least one stage before it can run")
+        self._source = pipeline._source
+        self._has_source = pipeline._has_source
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop_feeding = False
+        self._error: BaseException | None = None
+        self._state = "running"
+        self._finished = threading.Event()
+        self._given_loop = loop
+        self._loop_thread: LoopThread | None = None
+        self._items_in = 0
+        self._items_out = 0
+        self._started = time.monotonic()
+        self._elapsed: float | None = None
+
+        self._buffers: list[Buffer[Any]] = [
+            Buffer(lay.capacity, name=lay.spec.name) for lay in layouts
+        ]
+        self._buffers.append(Buffer(layouts[-1].capacity, name="output"))
+        context = PoolContext(get_loop=self._get_loop, thread_name="conveyor")
+        self._steps: list[Step] = []
+        self._pools: list[WorkerPool] = []
+        for i, lay in enumerate(layouts):
+            step = Step(
+                lay.spec, self._buffers[i], self._buffers[i + 1],
+                stop=self._stop, on_fatal=self._fail, clock=clock,
+            )
+            pool: WorkerPool
+            if lay.batch is not None:
+                pool = BatchPool(step, context, *lay.batch)
+            else:
+                pool = KINDS[lay.spec.kind](step, context)
+            self._steps.append(step)
+            self._pools.append(pool)
+        self._names = {s.name: i for i, s in enumerate(self._steps)}
+        for pool in self._pools:
+            pool.start()
+        if self._has_source:
+            threading.Thread(target=self._feed, name="conveyor:source", daemon=True).start()
+
+    # -- the loop for async stages ------------------------------------------------------------
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._given_loop is not None:
+            return self._given_loop
+        with self._lock:
+            if self._loop_thread is None:
+                self._loop_thread = LoopThread()
+            return self._loop_thread.loop
+
+    # -- the source ---------------------------------------------------------------------------
+    def _feed(self) -> None:
+        first = self._buffers[0]
+        source = self._source
+        try:
+            if isinstance(source, list | tuple | range):
+                for i in range(0, len(source), _SOURCE_SLICE):
+                    if self._stop_feeding:
+                        break
+                    chunk = list(source[i : i + _SOURCE_SLICE])
+                    first.put_many(chunk)
+                    self._items_in += len(chunk)
+            elif hasattr(source, "__aiter__"):
+                self._feed_async(source, first)
+            else:
+                for item in source:
+                    if self._stop_feeding:
+                        break
+                    first.put(item)
+                    self._items_in += 1
+            first.close()
+        except (BufferShutdown, ClosedResourceError):
+            return
+        except BaseException as exc:
+            self._fail(StageFailed("source", None, 1, exc))
+
+    def _feed_async(self, source: Any, first: Buffer[Any]) -> None:
+        loop = self._get_loop()
+        iterator = source.__aiter__()
+
+        async def next_item() -> tuple[bool, Any]:
+            try:
+                return True, await iterator.__anext__()
+            except StopAsyncIteration:
+                return False, None
+
+        while not self._stop_feeding:
+            more, item = asyncio.run_coroutine_threadsafe(next_item(), loop).result()
+            if not more:
+                break
+            first.put(item)
+            self._items_in += 1
+
+    # -- ending -------------------------------------------------------------------------------
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._state != "running":
+                return
+            self._error = error
+            self._state = "failed"
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self._stop.set()
+        for buffer in self._buffers:
+            buffer.shutdown()
+        for pool in self._pools:
+            pool.abort()
+        self._mark_done()
+
+    def _mark_done(self) -> None:
+        if self._elapsed is None:
+            self._elapsed = time.monotonic() - self._started
+        self._finished.set()
+        if self._loop_thread is not None and all(p.gone.is_set() for p in self._pools):
+            self._loop_thread.stop(timeout_s=0)
+
+    def cancel(self) -> None:
+        """Stop every worker now; items in flight are dropped."""
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "stopped"
+        self._teardown()
+
+    def _finish_ok(self) -> None:
+        # every stage has closed its output: wait briefly for workers to leave, then settle
+        for pool in self._pools:
+            pool.gone.wait(5)
+        with self._lock:
+            if self._state == "running":
+                self._state = "finished"
+        self._stop.set()
+        self._mark_done()
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- feeding by hand ----------------------------------------------------------------------
+    def put(self, item: Any, timeout_s: float | None = None) -> None:
+        """Feed one item to a pipeline built without a source; waits while the first buffer is
+        full. Raises :class:`PipelineClosed` once the run was stopped or has failed."""
+        if self._has_source:
+            raise PipelineError("this pipeline reads its source; put() is for Pipeline() runs")
+        try:
+            if not self._buffers[0].put(item, timeout_s):
+                raise TimeoutError(f"the first stage stayed full for {timeout_s} s")
+        except (BufferShutdown, ClosedResourceError):
+            self._raise_if_failed()
+            raise PipelineClosed("the run no longer takes items") from None
+        self._items_in += 1
+
+    def stop(self, drain: bool = True, *, wait: bool = True) -> None:
+        """Stop taking input. ``drain=True`` lets every accepted item finish (and, with
+        ``wait``, returns when they have); ``drain=False`` stops every worker at once."""
+        if not drain:
+            self.cancel()
+            return
+        self._stop_feeding = True
+        self._buffers[0].close()
+        if wait:
+            self.wait()
+
+    def wait(self, timeout_s: float | None = None) -> RunStats:
+        """Wait for the end of the run, dropping outputs nobody iterated; raise its failure."""
+        for _ in self._outputs(timeout_s):
+            pass
+        return self.stats()
+
+    # -- outputs ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        return self._outputs(None)
+
+    def _outputs(
+        self, timeout_s: float | None, progress: Progress = False
+    ) -> Iterator[Any]:
+        final = self._buffers[-1]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        bar = _ProgressBar(self, progress) if progress else None
+        tick = _PROGRESS_TICK_S if bar is not None else None
+        try:
+            while True:
+                wait_s = tick
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._fail(RunTimeout(timeout_s or 0.0))
+                        break
+                    wait_s = left if wait_s is None else min(wait_s, left)
+                try:
+                    chunk = final.get_many(8192, wait_s)
+                except BufferShutdown:
+                    break
+                if bar is not None:
+                    bar.update()
+                if chunk is None:
+                    self._finish_ok()
+                    break
+                self._items_out += len(chunk)
+                yield from chunk
+        except BaseException:
+            # KeyboardInterrupt, the consumer leaving the loop early (GeneratorExit), ...
+            self.cancel()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self._raise_if_failed()
+
+    async def _aoutputs(self, timeout_s: float | None) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        final = self._buffers[-1]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pool = ThreadPoolExecutor(1, thread_name_prefix="conveyor:output")
+        try:
+            while True:
+                wait_s = None
+                if deadline is not None:
+                    wait_s = deadline - time.monotonic()
+                    if wait_s <= 0:
+                        self._fail(RunTimeout(timeout_s or 0.0))
+                        break
+                try:
+                    chunk = await loop.run_in_executor(pool, final.get_many, 8192, wait_s)
+                except BufferShutdown:
+                    break
+                if chunk is None:
+                    await loop.run_in_executor(pool, self._finish_ok)
+                    break
+                self._items_out += len(chunk)
+                for item in chunk:
+                    yield item
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=False)
+        self._raise_if_failed()
+
+    # -- statistics -----------------------------------------------------------------------------
+    def _stage_stats(self, index: int) -> StageStats:
+        pool = self._pools[index]
+        return self._steps[index].snapshot(pool.workers, pool.busy)
+
+    def stats(self) -> RunStats:
+        elapsed = self._elapsed if self._elapsed is not None else time.monotonic() - self._started
+        return RunStats(
+            stages=tuple(self._stage_stats(i) for i in range(len(self._steps))),
+            elapsed_s=elapsed,
+            items_in=self._items_in,
+            items_out=self._items_out,
+            state=self._state,
+        )
+
+    def stage(self, name: str) -> StageHandle:
+        try:
+            return StageHandle(self, self._names[name])
+        except KeyError:
+            raise KeyError(
+                f"no stage named {name!r}; stages: {', '.join(self._names)}"
+            ) from None
+
+    @property
+    def state(self) -> str:
+        """``running``, ``finished``, ``failed`` or ``stopped``."""
+        return self._state
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.cancel()
+            return
+        self.stop(drain=True)
+
+
+class _ProgressBar:
+    """Draws the run on a tqdm bar, or hands its statistics to a callable."""
+
+    def __init__(self, run: Run, progress: Progress) -> None:
+        self.run = run
+        self.callback = progress if callable(progress) else None
+        self.bar: Any = None
+        self.last = 0
+        if self.callback is None:
+            from tqdm.auto import tqdm
+
+            total = None
+            source = run._source
+            one_to_one = all(s.mode in ("map", "each") and s.spec.kind != "batch"
+                             for s in run._steps)
+            if one_to_one and hasattr(source, "__len__"):
+                total = len(source)
+            self.bar = tqdm(total=total, unit="item", desc="conveyor", dynamic_ncols=True)
+
+    def update(self) -> None:
+        stats = self.run.stats()
+        if self.callback is not None:
+            self.callback(stats)
+            return
+        done = stats.stages[-1].finished
+        if done > self.last:
+            self.bar.update(done - self.last)
+            self.last = done
+        failed = sum(s.failed for s in stats.stages)
+        if failed:
+            self.bar.set_postfix(failed=failed, refresh=False)
+
+    def close(self) -> None:
+        self.update()
+        if self.bar is not None:
+            self.bar.close()
