@@ -22,7 +22,7 @@ from typing import Any
 from .._errors import ItemTimeout, StageFailed
 from .buffer import BufferShutdown
 from .pool import WorkerPool, register_kind
-from .step import FLAT, Unit, Work
+from .step import FLAT, WOKEN, Unit, Work
 
 log = logging.getLogger("conveyor")
 
@@ -110,6 +110,8 @@ class AsyncPool(WorkerPool):
                 unit = step.take(limit=free)
                 if unit is None:
                     break
+                if unit is WOKEN:
+                    continue
                 with self._cv:
                     self._free -= len(unit.items)
                     self._inflight += 1

@@ -38,6 +38,7 @@ class Buffer(Generic[T]):
     __slots__ = (
         "_chunks",
         "_closed",
+        "_kicks",
         "_count",
         "_lock",
         "_not_empty",
@@ -59,6 +60,7 @@ class Buffer(Generic[T]):
         self._open_tail = False
         self._closed = False
         self._shutdown = False
+        self._kicks = 0
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -133,10 +135,13 @@ class Buffer(Generic[T]):
         """Take between 1 and ``max_n`` items, waiting while the buffer is empty.
 
         Returns ``None`` once the buffer is closed and drained, and ``[]`` if ``timeout_s``
-        passed with nothing to take.
+        passed with nothing to take or :meth:`kick` woke the waiting consumers.
         """
         with self._lock:
+            kicks = self._kicks
             while not self._count:
+                if self._kicks != kicks:
+                    return []
                 if self._shutdown:
                     raise BufferShutdown
                 if self._closed:
@@ -174,6 +179,12 @@ class Buffer(Generic[T]):
         else:
             self._not_full.notify_all()
         return out
+
+    def kick(self) -> None:
+        """Wake every waiting consumer with an empty answer (so it can look at its own state)."""
+        with self._lock:
+            self._kicks += 1
+            self._not_empty.notify_all()
 
     # -- ending -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -98,6 +98,8 @@ class _NoKey:
 _NO_KEY: Hashable = _NoKey()
 # returned by _take_serial when the unit it took waits behind another unit of its key
 _PARKED = Unit(-1, [])
+#: returned by Step.take when the inbox was kicked
+WOKEN = Unit(-2, [])
 
 
 class Step:
@@ -149,7 +151,9 @@ class Step:
         n = 1 if item_s is None else max(1, min(MAX_UNIT, int(TARGET_UNIT_S / max(item_s, 1e-9))))
         if self.limiter is not None:
             n = min(n, self.limiter.max_batch())
-        return n
+        # what workers hold counts against memory like what buffers hold: a stage's workers
+        # together hold at most about one inbox's worth
+        return max(1, min(n, self.inbox.capacity // spec.workers))
 
     def measured(self, n_items: int, seconds: float) -> None:
         """Feed the unit-size estimate and the latency samples with one finished unit."""
@@ -162,7 +166,8 @@ class Step:
 
     # -- taking -----------------------------------------------------------------------------
     def take(self, limit: int | None = None) -> Unit | None:
-        """Wait for the next unit; ``None`` once the input has ended.
+        """Wait for the next unit; ``None`` once the input has ended, :data:`WOKEN` when the
+        inbox was kicked (the pool wants its workers to look at their orders).
 
         Raises :class:`BufferShutdown` when the run is being torn down.
         """
@@ -178,6 +183,8 @@ class Step:
                 items = self.inbox.get_many(n)
                 if items is None:
                     return None
+                if not items:
+                    return WOKEN
                 unit = Unit(0, items)
                 with self.counters.lock:
                     self.counters.received += len(items)
@@ -185,6 +192,8 @@ class Step:
                 return None
             if unit is _PARKED:
                 continue
+            if unit is WOKEN:
+                return unit
             if self.limiter is not None and not self.limiter.acquire(len(unit.items), self.stop):
                 raise BufferShutdown
             return unit
@@ -205,6 +214,8 @@ class Step:
             items = self.inbox.get_many(n)
             if items is None:
                 return None
+            if not items:
+                return WOKEN
             with self._cond:
                 unit = Unit(self._seq, items)
                 self._seq += 1

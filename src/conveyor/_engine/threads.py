@@ -16,7 +16,7 @@ from typing import Any
 from .._errors import ItemTimeout, StageFailed
 from .buffer import BufferShutdown
 from .pool import WorkerPool, register_kind
-from .step import EACH, FILTER, FLAT, FLUSH_OUTPUTS, MAP, Unit, Work
+from .step import EACH, FILTER, FLAT, FLUSH_OUTPUTS, MAP, WOKEN, Unit, Work
 
 log = logging.getLogger("conveyor")
 
@@ -80,6 +80,10 @@ class ThreadPool(WorkerPool):
             self._target = n
             while self._live < n:
                 self._spawn(None)
+            shrinking = self._live > n
+        if shrinking:
+            # idle workers wait in the inbox; wake them so the extra ones can retire now
+            self.step.inbox.kick()
 
     def abort(self) -> None:
         # threads unwind through their buffers; nothing else to reach
@@ -144,6 +148,8 @@ class ThreadPool(WorkerPool):
                 if unit is None:
                     eof = True
                     return
+                if unit is WOKEN:
+                    unit = None
         except BufferShutdown:
             pass
         except BaseException as exc:  # a bug of ours, or KeyboardInterrupt in a worker

@@ -152,7 +152,7 @@ class Pipeline(Generic[T]):
         return Run(self, clock=self._clock)
 
     def __iter__(self) -> Iterator[T]:
-        return iter(Run(self, clock=self._clock))
+        return Run(self, clock=self._clock)._outputs(None, owner=True)
 
     def __aiter__(self) -> AsyncIterator[T]:
         run = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)

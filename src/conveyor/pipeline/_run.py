@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,6 +76,10 @@ class StageHandle:
 class Run:
     """The handle of a started pipeline (``with pipeline.start() as run:``).
 
+    Leaving the ``with`` block waits for the end: a source-fed run reads its whole source, a
+    ``put()``-fed run takes no more input and drains. Leaving it by an exception stops every
+    worker at once.
+
     Outputs of the last stage come out by iterating the handle; ``wait()`` consumes (and drops)
     the outputs nobody iterated.
     """
@@ -104,6 +109,8 @@ class Run:
         self._items_out = 0
         self._started = time.monotonic()
         self._elapsed: float | None = None
+        # outputs taken from the last buffer and not yet handed to a consumer
+        self._pending: deque[Any] = deque()
 
         self._buffers: list[Buffer[Any]] = [
             Buffer(lay.capacity, name=lay.spec.name) for lay in layouts
@@ -263,16 +270,22 @@ class Run:
 
     # -- outputs ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
-        return self._outputs(None)
+        """The last stage's outputs. Leaving the loop early keeps the run going (and the outputs
+        not yet seen stay for the next loop); ``pipeline.__iter__`` instead owns its run and
+        stops it when the loop is left."""
+        return self._outputs(None, owner=False)
 
     def _outputs(
-        self, timeout_s: float | None, progress: Progress = False
+        self, timeout_s: float | None, progress: Progress = False, *, owner: bool = True
     ) -> Iterator[Any]:
         final = self._buffers[-1]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _ProgressBar(self, progress) if progress else None
         tick = _PROGRESS_TICK_S if bar is not None else None
         try:
+            pending = self._pending
+            while pending:
+                yield pending.popleft()
             while True:
                 wait_s = tick
                 if deadline is not None:
@@ -291,9 +304,16 @@ class Run:
                     self._finish_ok()
                     break
                 self._items_out += len(chunk)
-                yield from chunk
+                pending = self._pending
+                pending.extend(chunk)
+                while pending:
+                    yield pending.popleft()
+        except GeneratorExit:
+            if owner:
+                self.cancel()
+            raise
         except BaseException:
-            # KeyboardInterrupt, the consumer leaving the loop early (GeneratorExit), ...
+            # KeyboardInterrupt, a timeout, ...: nobody is left to finish the run
             self.cancel()
             raise
         finally:
@@ -372,7 +392,11 @@ class Run:
         if exc_type is not None:
             self.cancel()
             return
-        self.stop(drain=True)
+        # a source-fed run reads its whole source; a put()-fed one ends its input here
+        if self._has_source:
+            self.wait()
+        else:
+            self.stop(drain=True)
 
 
 class _ProgressBar:

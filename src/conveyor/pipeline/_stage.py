@@ -69,7 +69,7 @@ def _is_async_callable(fn: Any) -> bool:
 
 
 def describe(fn: Any) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    name = getattr(fn, "__name__", None)
     if name is None:
         name = type(fn).__name__
     return str(name)
