@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 _SOURCE_SLICE = 512
 #: how often a waiting caller wakes to draw the progress bar
 _PROGRESS_TICK_S = 0.1
+#: the longest a caller's thread waits in one go. A signal (Ctrl-C) that the kernel hands to
+#: another thread cannot break an untimed lock wait in the main thread; waking this often lets
+#: Python run the KeyboardInterrupt handler promptly.
+_SLICE_S = 0.2
 
 Progress = bool | Callable[[RunStats], Any]
 
@@ -243,9 +247,17 @@ class Run:
         full. Raises :class:`PipelineClosed` once the run was stopped or has failed."""
         if self._has_source:
             raise PipelineError("this pipeline reads its source; put() is for Pipeline() runs")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        first = self._buffers[0]
         try:
-            if not self._buffers[0].put(item, timeout_s):
-                raise TimeoutError(f"the first stage stayed full for {timeout_s} s")
+            while True:
+                wait_s = _SLICE_S
+                if deadline is not None:
+                    wait_s = min(wait_s, deadline - time.monotonic())
+                    if wait_s <= 0:
+                        raise TimeoutError(f"the first stage stayed full for {timeout_s} s")
+                if first.put(item, wait_s):
+                    break
         except (BufferShutdown, ClosedResourceError):
             self._raise_if_failed()
             raise PipelineClosed("the run no longer takes items") from None
@@ -281,7 +293,7 @@ class Run:
         final = self._buffers[-1]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _ProgressBar(self, progress) if progress else None
-        tick = _PROGRESS_TICK_S if bar is not None else None
+        tick = _PROGRESS_TICK_S if bar is not None else _SLICE_S
         try:
             pending = self._pending
             while pending:
@@ -300,6 +312,8 @@ class Run:
                     break
                 if bar is not None:
                     bar.update()
+                if not chunk and chunk is not None:
+                    continue
                 if chunk is None:
                     self._finish_ok()
                     break

@@ -1,0 +1,53 @@
+"""Ctrl-C during a run reaches the caller within a second, and the run stops."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+
+from conveyor import Pipeline
+
+
+@pytest.mark.parametrize("how", ["run", "iterate"])
+def test_keyboard_interrupt_stops_the_run_quickly(how: str, gate: threading.Event) -> None:
+    started = threading.Event()
+
+    def stuck(x: int) -> int:
+        started.set()
+        gate.wait()
+        return x
+
+    def interrupt_when_busy() -> None:
+        started.wait(5)
+        _thread.interrupt_main()
+
+    p = Pipeline(range(100)).map(stuck, workers=2).map(lambda x: x)
+    threading.Thread(target=interrupt_when_busy).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        if how == "run":
+            p.run()
+        else:
+            for _ in p:
+                pass
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_keyboard_interrupt_in_a_started_run_cancels_it(gate: threading.Event) -> None:
+    started = threading.Event()
+
+    def stuck(x: int) -> int:
+        started.set()
+        gate.wait()
+        return x
+
+    runs = []
+    threading.Thread(target=lambda: (started.wait(5), _thread.interrupt_main())).start()
+    with pytest.raises(KeyboardInterrupt):
+        runs.append(Pipeline(range(10)).map(stuck).start())
+        runs[0].wait()
+    if runs:  # the interrupt may land before start() returned
+        assert runs[0].state == "stopped"
