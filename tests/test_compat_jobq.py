@@ -121,7 +121,9 @@ def test_probe_and_stat() -> None:
     st = jobq.stat(probe)
     assert (st["in"], st["out"], st["doing"]) == (30, 30, 0)
     assert [w["name"] for w in st["workers"]] == [
-        f"{__name__}.add1", f"{__name__}.multi2", f"{__name__}.printarg"
+        f"{__name__}.add1",
+        f"{__name__}.multi2",
+        f"{__name__}.printarg",
     ]
     assert st["workers"][1]["nr_worker"] == 2
     assert st["workers"][0]["input"] == {"size": 0, "capa": 1024}

@@ -134,7 +134,9 @@ def test_a_failing_method_loses_only_its_item(caplog: pytest.LogCaptureFixture) 
 
     with caplog.at_level(logging.ERROR):
         create(
-            frontend_cls=CountFrontend, transport_cls=Fragile, backend_cls=CollectBackend,
+            frontend_cls=CountFrontend,
+            transport_cls=Fragile,
+            backend_cls=CollectBackend,
             app_config=SimpleNamespace(n=10),
         ).start()
     assert sorted(RESULTS) == [0, 1, 2, 3, 4, 6, 7, 8, 9]
@@ -148,8 +150,12 @@ def test_transport_only_engine() -> None:
                 RESULTS.append(data)
             return data
 
-    create(frontend_cls=CountFrontend, transport_cls=Keep, backend_cls=None,
-           app_config=SimpleNamespace(n=20)).start()
+    create(
+        frontend_cls=CountFrontend,
+        transport_cls=Keep,
+        backend_cls=None,
+        app_config=SimpleNamespace(n=20),
+    ).start()
     assert sorted(RESULTS) == list(range(20))
 
 
@@ -164,8 +170,7 @@ def test_stop_from_a_signal_handler_drains_and_returns() -> None:
                 yield i
                 i += 1
 
-    engine = create(frontend_cls=Endless, transport_cls=CustomTransport,
-                    backend_cls=CollectBackend)
+    engine = create(frontend_cls=Endless, transport_cls=CustomTransport, backend_cls=CollectBackend)
 
     def stop(signum: int, frame: Any) -> None:
         engine.stop()
@@ -189,8 +194,9 @@ def test_stop_from_a_signal_handler_drains_and_returns() -> None:
 
 
 def test_start_twice_and_stop_before_start_are_refused() -> None:
-    engine = create(frontend_cls=CustomFrontend, transport_cls=CustomTransport,
-                    backend_cls=CollectBackend)
+    engine = create(
+        frontend_cls=CustomFrontend, transport_cls=CustomTransport, backend_cls=CollectBackend
+    )
     with pytest.raises(RuntimeError):
         engine.stop()
     engine.start()

@@ -27,10 +27,8 @@ def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     found: set[str] = set()
     package = list(path.relative_to(ROOT.parent).with_suffix("").parts)
-    if package[-1] == "__init__":
-        package = package[:-1]
-    else:
-        package = package[:-1]
+    # the package a relative import starts from: the module's own package
+    package = package[:-1]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:

@@ -64,13 +64,7 @@ def test_filter_flat_map_each_and_batch() -> None:
         yield x
         yield -x
 
-    p = (
-        Pipeline(range(10))
-        .filter(lambda x: x % 2 == 0)
-        .flat_map(pairs)
-        .batch(4)
-        .each(record)
-    )
+    p = Pipeline(range(10)).filter(lambda x: x % 2 == 0).flat_map(pairs).batch(4).each(record)
     stats = p.run()
     assert sorted(seen) == sorted([0, 0, 2, -2, 4, -4, 6, -6, 8, -8])
     assert stats.state == "finished"
@@ -295,9 +289,7 @@ def test_thread_item_timeout_abandons_the_thread_and_goes_on(gate: threading.Eve
         return x
 
     dead: list[Failure] = []
-    p = Pipeline(range(10)).map(
-        stuck_on_three, workers=2, timeout_s=0.1, on_error=DeadLetter(dead)
-    )
+    p = Pipeline(range(10)).map(stuck_on_three, workers=2, timeout_s=0.1, on_error=DeadLetter(dead))
     assert sorted(p) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert [f.item for f in dead] == [3]
     assert isinstance(dead[0].error, ItemTimeout)

@@ -5,10 +5,27 @@ from __future__ import annotations
 import conveyor
 
 EXPECTED = {
-    "BrokenResourceError", "ClosedResourceError", "ConfigurationError", "ConveyorError",
-    "DeadLetter", "Failure", "ItemTimeout", "ManualClock", "Pipeline", "PipelineClosed",
-    "PipelineError", "Retry", "Run", "RunStats", "RunTimeout", "Skip", "Stage", "StageFailed",
-    "StageHandle", "StageStats", "WouldBlock",
+    "BrokenResourceError",
+    "ClosedResourceError",
+    "ConfigurationError",
+    "ConveyorError",
+    "DeadLetter",
+    "Failure",
+    "ItemTimeout",
+    "ManualClock",
+    "Pipeline",
+    "PipelineClosed",
+    "PipelineError",
+    "Retry",
+    "Run",
+    "RunStats",
+    "RunTimeout",
+    "Skip",
+    "Stage",
+    "StageFailed",
+    "StageHandle",
+    "StageStats",
+    "WouldBlock",
 }
 
 

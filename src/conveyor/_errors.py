@@ -3,7 +3,7 @@
 The tree (mirrored in ``docs/exceptions.md``)::
 
     ConveyorError
-    ├── ConfigurationError          bad input, reported when it is given (also ValueError, TypeError)
+    ├── ConfigurationError          bad input, refused where it is given (ValueError, TypeError)
     ├── PipelineError
     │   ├── StageFailed             an item failed under on_error="raise"; carries the details
     │   ├── RunTimeout              a whole run went past its timeout_s (also TimeoutError)

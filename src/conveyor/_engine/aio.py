@@ -12,6 +12,7 @@ needed and torn down when the stage shrinks or ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import queue
@@ -87,10 +88,8 @@ class AsyncPool(WorkerPool):
             self._aborted = True
             self._cv.notify_all()
         self._outlet.put(_STOP)
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
             self.loop.call_soon_threadsafe(self._cancel_all)
-        except RuntimeError:  # the loop is already closed
-            pass
 
     def _cancel_all(self) -> None:
         for task in list(self._tasks):
@@ -159,8 +158,7 @@ class AsyncPool(WorkerPool):
             fut = asyncio.run_coroutine_threadsafe(self._teardown_all(), self.loop)
             fut.result(timeout=30)
         except Exception:
-            log.debug("async teardown of stage %r did not complete", self.step.name,
-                      exc_info=True)
+            log.debug("async teardown of stage %r did not complete", self.step.name, exc_info=True)
         if eof and not self._aborted:
             self.step.close_output()
         self.gone.set()

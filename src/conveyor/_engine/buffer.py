@@ -38,8 +38,8 @@ class Buffer(Generic[T]):
     __slots__ = (
         "_chunks",
         "_closed",
-        "_kicks",
         "_count",
+        "_kicks",
         "_lock",
         "_not_empty",
         "_not_full",
@@ -100,7 +100,7 @@ class Buffer(Generic[T]):
         return True
 
     def put_many(self, items: list[T]) -> None:
-        """Add every item of ``items`` (the buffer takes ownership of the list), waiting for room."""
+        """Add every item of ``items``, waiting for room; the buffer takes ownership of the list."""
         if not items:
             return
         with self._lock:
@@ -195,7 +195,7 @@ class Buffer(Generic[T]):
             self._not_full.notify_all()
 
     def shutdown(self) -> int:
-        """Stop at once: wake every waiter with :class:`BufferShutdown`; return the items dropped."""
+        """Stop now: wake every waiter with :class:`BufferShutdown`; return the items dropped."""
         with self._lock:
             dropped = self._count
             self._shutdown = True

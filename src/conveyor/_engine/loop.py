@@ -1,4 +1,4 @@
-"""An event loop of our own, in a daemon thread, for async stages of a pipeline run from sync code."""
+"""An event loop of our own, in a daemon thread, for async stages of a run started by sync code."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ class LoopThread:
                 for task in pending:
                     task.cancel()
                 if pending:
-                    self.loop.run_until_complete(
-                        asyncio.gather(*pending, return_exceptions=True)
-                    )
+                    self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             finally:
                 self.loop.close()

@@ -53,9 +53,7 @@ class DeadLetter:
     sink: Any
 
     def __post_init__(self) -> None:
-        if not (
-            callable(self.sink) or hasattr(self.sink, "append") or hasattr(self.sink, "put")
-        ):
+        if not (callable(self.sink) or hasattr(self.sink, "append") or hasattr(self.sink, "put")):
             raise ConfigurationError(
                 "DeadLetter(sink): sink must be callable or have an append() or put() method, "
                 f"not {type(self.sink).__name__}"
@@ -93,11 +91,15 @@ class Retry:
 
     def __post_init__(self) -> None:
         if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ConfigurationError(f"Retry(attempts=...) must be an int >= 1, not {self.attempts!r}")
+            raise ConfigurationError(
+                f"Retry(attempts=...) must be an int >= 1, not {self.attempts!r}"
+            )
         if self.backoff_s < 0 or self.max_backoff_s < 0:
             raise ConfigurationError("Retry backoff times cannot be negative")
         if not 0 <= self.jitter <= 1:
-            raise ConfigurationError(f"Retry(jitter=...) is a fraction in [0, 1], not {self.jitter!r}")
+            raise ConfigurationError(
+                f"Retry(jitter=...) is a fraction in [0, 1], not {self.jitter!r}"
+            )
         on = self.on if isinstance(self.on, tuple) else (self.on,)
         for cls in on:
             if not (isinstance(cls, type) and issubclass(cls, BaseException)):
@@ -107,9 +109,9 @@ class Retry:
 
     def delay_s(self, attempt: int) -> float:
         """The wait after failed try number ``attempt`` (1-based)."""
-        base = min(self.max_backoff_s, self.backoff_s * (2 ** (attempt - 1)))
+        base = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
         if self.jitter:
-            base *= 1 + self.jitter * (2 * self.rng() - 1)
+            base *= 1 + self.jitter * (2 * float(self.rng()) - 1)
         return max(0.0, base)
 
 
@@ -123,8 +125,10 @@ def check_policy(policy: object, *, allow_retry: bool = True) -> None:
         raise ConfigurationError(
             f"on_error takes a policy value: write {policy.__name__}(...), not the class"
         )
-    allowed = "'raise', Skip(), Retry(...) or DeadLetter(sink)" if allow_retry else (
-        "'raise', Skip() or DeadLetter(sink)"
+    allowed = (
+        "'raise', Skip(), Retry(...) or DeadLetter(sink)"
+        if allow_retry
+        else ("'raise', Skip() or DeadLetter(sink)")
     )
     raise ConfigurationError(f"on_error must be {allowed}, not {policy!r}")
 
@@ -165,5 +169,11 @@ def make_failure(stage: str, item: Any, attempt: int, error: BaseException) -> F
 
 
 def log_skip(stage: str, item: Any, error: BaseException) -> None:
-    log.error("stage %r skipped item %r after %s: %s", stage, item, type(error).__name__, error,
-              exc_info=error)
+    log.error(
+        "stage %r skipped item %r after %s: %s",
+        stage,
+        item,
+        type(error).__name__,
+        error,
+        exc_info=error,
+    )

@@ -8,7 +8,7 @@ percentiles are read from the ring when a record is made.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)

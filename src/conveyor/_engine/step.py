@@ -272,9 +272,8 @@ class Step:
         elif mode == FILTER:
             if result:
                 out.append(item)
-        elif mode == FLAT:
-            if result is not None:
-                out.extend(result)
+        elif mode == FLAT and result is not None:
+            out.extend(result)
 
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
         """Hand on the outputs of a finished unit (in order, for an ordered step)."""

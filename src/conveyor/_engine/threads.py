@@ -214,7 +214,12 @@ class ThreadPool(WorkerPool):
         return out
 
     def _recover(
-        self, work: Work, slot: _Slot, item: Any, error: BaseException, out: list[Any],
+        self,
+        work: Work,
+        slot: _Slot,
+        item: Any,
+        error: BaseException,
+        out: list[Any],
         attempt: int,
     ) -> None:
         """Settle a failed item by the stage's policy, retrying it here if the policy says so."""

@@ -12,6 +12,7 @@ waits for a queue that nobody drains.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import types
@@ -188,19 +189,16 @@ def _pipeline(
     return pipeline
 
 
-def _fill_probe(
-    probe: dict[str, Any], run_: Run, groups: list[_Group], keep_order: bool
-) -> None:
+def _fill_probe(probe: dict[str, Any], run_: Run, groups: list[_Group], keep_order: bool) -> None:
     probe["run"] = run_
     probe["groups"] = groups
     probe["keep_order"] = keep_order
 
 
 def _wait(run_: Run, timeout: float | None) -> None:
-    try:
+    # jobq's contract: after the timeout, return; workers quit after their current job
+    with contextlib.suppress(RunTimeout):
         run_.wait(timeout)
-    except RunTimeout:
-        pass
 
 
 def run(

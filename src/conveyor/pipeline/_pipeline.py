@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from .._engine import EACH, FILTER, FLAT, MAP, SYSTEM_CLOCK, Clock, RunStats, StepSpec
@@ -35,8 +35,10 @@ class Pipeline(Generic[T]):
         ordered: bool = False,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        if source is not _NO_SOURCE and source is not None and not (
-            hasattr(source, "__iter__") or hasattr(source, "__aiter__")
+        if (
+            source is not _NO_SOURCE
+            and source is not None
+            and not (hasattr(source, "__iter__") or hasattr(source, "__aiter__"))
         ):
             raise ConfigurationError(
                 f"a pipeline's source is an iterable or an async iterable, not "
@@ -83,55 +85,103 @@ class Pipeline(Generic[T]):
             if any(lay.spec.name == name for lay in self._layouts):
                 raise ConfigurationError(f"two stages are named {name!r}")
         spec, cap = build_spec(
-            mode, fn, name=name, workers=workers, kind=kind,
-            ordered=self._ordered if ordered is None else ordered, key=key, maxsize=maxsize,
-            on_error=on_error, timeout_s=timeout_s, rate=rate,
+            mode,
+            fn,
+            name=name,
+            workers=workers,
+            kind=kind,
+            ordered=self._ordered if ordered is None else ordered,
+            key=key,
+            maxsize=maxsize,
+            on_error=on_error,
+            timeout_s=timeout_s,
+            rate=rate,
         )
         return self._extend(_Layout(spec, cap, None))
 
     # -- stages -------------------------------------------------------------------------------
     def map(
-        self, fn: Callable[[T], U] | Any, *, name: str | None = None, workers: int = 1,
-        kind: str = "thread", ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
-        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+        self,
+        fn: Callable[[T], U] | Any,
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        kind: str = "thread",
+        ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        maxsize: int | None = None,
+        on_error: Any = "raise",
+        timeout_s: float | None = None,
+        rate: float | None = None,
     ) -> Pipeline[U]:
         """Each item becomes ``fn(item)``."""
-        return self._stage(MAP, fn, name, workers, kind, ordered, key, maxsize, on_error,
-                           timeout_s, rate)
+        return self._stage(
+            MAP, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
+        )
 
     def filter(
-        self, fn: Callable[[T], Any] | Any, *, name: str | None = None, workers: int = 1,
-        kind: str = "thread", ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
-        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+        self,
+        fn: Callable[[T], Any] | Any,
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        kind: str = "thread",
+        ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        maxsize: int | None = None,
+        on_error: Any = "raise",
+        timeout_s: float | None = None,
+        rate: float | None = None,
     ) -> Pipeline[T]:
         """Items for which ``fn(item)`` is true go on; the others are dropped."""
-        return self._stage(FILTER, fn, name, workers, kind, ordered, key, maxsize, on_error,
-                           timeout_s, rate)
+        return self._stage(
+            FILTER, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
+        )
 
     def flat_map(
-        self, fn: Callable[[T], Iterable[U]] | Any, *, name: str | None = None,
-        workers: int = 1, kind: str = "thread", ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
-        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+        self,
+        fn: Callable[[T], Iterable[U]] | Any,
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        kind: str = "thread",
+        ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        maxsize: int | None = None,
+        on_error: Any = "raise",
+        timeout_s: float | None = None,
+        rate: float | None = None,
     ) -> Pipeline[U]:
         """``fn(item)`` returns an iterable (a list, a generator, ...); each element goes on."""
-        return self._stage(FLAT, fn, name, workers, kind, ordered, key, maxsize, on_error,
-                           timeout_s, rate)
+        return self._stage(
+            FLAT, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
+        )
 
     def each(
-        self, fn: Callable[[T], Any] | Any, *, name: str | None = None, workers: int = 1,
-        kind: str = "thread", ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None, maxsize: int | None = None,
-        on_error: Any = "raise", timeout_s: float | None = None, rate: float | None = None,
+        self,
+        fn: Callable[[T], Any] | Any,
+        *,
+        name: str | None = None,
+        workers: int = 1,
+        kind: str = "thread",
+        ordered: bool | None = None,
+        key: Callable[[T], Hashable] | None = None,
+        maxsize: int | None = None,
+        on_error: Any = "raise",
+        timeout_s: float | None = None,
+        rate: float | None = None,
     ) -> Pipeline[None]:
         """A sink: ``fn(item)`` runs for its effect and nothing goes on."""
-        return self._stage(EACH, fn, name, workers, kind, ordered, key, maxsize, on_error,
-                           timeout_s, rate)
+        return self._stage(
+            EACH, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
+        )
 
     def batch(
-        self, size: int, *, within_s: float | None = None, name: str | None = None,
+        self,
+        size: int,
+        *,
+        within_s: float | None = None,
+        name: str | None = None,
         maxsize: int | None = None,
     ) -> Pipeline[list[T]]:
         """Group items into lists of up to ``size``; a list waits at most ``within_s`` seconds
@@ -142,8 +192,9 @@ class Pipeline(Generic[T]):
         label = name or "batch"
         if name is not None and any(lay.spec.name == name for lay in self._layouts):
             raise ConfigurationError(f"two stages are named {name!r}")
-        spec = StepSpec(name=label, kind="batch", mode="batch", workers=1, make_work=no_work,
-                        window=cap)
+        spec = StepSpec(
+            name=label, kind="batch", mode="batch", workers=1, make_work=no_work, window=cap
+        )
         return self._extend(_Layout(spec, cap, (size, within)))
 
     # -- running ------------------------------------------------------------------------------

@@ -125,8 +125,12 @@ class Run:
         self._pools: list[WorkerPool] = []
         for i, lay in enumerate(layouts):
             step = Step(
-                lay.spec, self._buffers[i], self._buffers[i + 1],
-                stop=self._stop, on_fatal=self._fail, clock=clock,
+                lay.spec,
+                self._buffers[i],
+                self._buffers[i + 1],
+                stop=self._stop,
+                on_fatal=self._fail,
+                clock=clock,
             )
             pool: WorkerPool
             if lay.batch is not None:
@@ -384,9 +388,7 @@ class Run:
         try:
             return StageHandle(self, self._names[name])
         except KeyError:
-            raise KeyError(
-                f"no stage named {name!r}; stages: {', '.join(self._names)}"
-            ) from None
+            raise KeyError(f"no stage named {name!r}; stages: {', '.join(self._names)}") from None
 
     @property
     def state(self) -> str:
@@ -414,7 +416,11 @@ class Run:
 
 
 class _ProgressBar:
-    """Draws the run on a tqdm bar, or hands its statistics to a callable."""
+    """Draws the run on a tqdm bar, or hands its statistics to a callable.
+
+    The bar counts the inputs the first stage has finished, against the source's length when
+    it has one; the outputs of the last stage and any failures show beside it.
+    """
 
     def __init__(self, run: Run, progress: Progress) -> None:
         self.run = run
@@ -424,12 +430,8 @@ class _ProgressBar:
         if self.callback is None:
             from tqdm.auto import tqdm
 
-            total = None
             source = run._source
-            one_to_one = all(s.mode in ("map", "each") and s.spec.kind != "batch"
-                             for s in run._steps)
-            if one_to_one and hasattr(source, "__len__"):
-                total = len(source)
+            total = len(source) if hasattr(source, "__len__") else None
             self.bar = tqdm(total=total, unit="item", desc="conveyor", dynamic_ncols=True)
 
     def update(self) -> None:
@@ -437,13 +439,15 @@ class _ProgressBar:
         if self.callback is not None:
             self.callback(stats)
             return
-        done = stats.stages[-1].finished
+        done = stats.stages[0].finished
         if done > self.last:
             self.bar.update(done - self.last)
             self.last = done
+        postfix = {"out": stats.stages[-1].emitted}
         failed = sum(s.failed for s in stats.stages)
         if failed:
-            self.bar.set_postfix(failed=failed, refresh=False)
+            postfix["failed"] = failed
+        self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
         self.update()

@@ -110,12 +110,16 @@ def _positive_int(name: str, value: Any) -> int:
 def _positive_number(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-        value > 0 and math.isfinite(value)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value > 0 and math.isfinite(value))
     ):
-        raise ConfigurationError(f"{name} must be a positive number of seconds or None, not "
-                                 f"{value!r}" if name.endswith("_s") else
-                                 f"{name} must be a positive number or None, not {value!r}")
+        raise ConfigurationError(
+            f"{name} must be a positive number of seconds or None, not {value!r}"
+            if name.endswith("_s")
+            else f"{name} must be a positive number or None, not {value!r}"
+        )
     return float(value)
 
 

@@ -32,8 +32,11 @@ def load_class(path_or_class: Any, base: type[Any]) -> type[Any]:
 
 
 def _setting(config: Any, default: Any, name: str) -> Any:
-    return getattr(config, name, getattr(default, name, None)) if config is not None else \
-        getattr(default, name, None)
+    return (
+        getattr(config, name, getattr(default, name, None))
+        if config is not None
+        else getattr(default, name, None)
+    )
 
 
 def create(
@@ -61,16 +64,28 @@ def create(
     front_threads = _setting(engine_frontend_config, ENGINE_FRONTEND_CONFIG, "thread_num")
     front_size = _setting(engine_frontend_config, ENGINE_FRONTEND_CONFIG, "queue_size")
     stages: dict[str, Any] = {
-        "frontend": (load_class(frontend_cls, Frontend), engine_frontend_config,
-                     front_threads, front_size),
+        "frontend": (
+            load_class(frontend_cls, Frontend),
+            engine_frontend_config,
+            front_threads,
+            front_size,
+        ),
     }
     if transport_cls is not None:
         threads = _setting(engine_transport_config, ENGINE_TRANSPORT_CONFIG, "thread_num")
-        stages["transport"] = (load_class(transport_cls, Transport), engine_transport_config,
-                               threads, max(front_size, threads * 2))
+        stages["transport"] = (
+            load_class(transport_cls, Transport),
+            engine_transport_config,
+            threads,
+            max(front_size, threads * 2),
+        )
     if backend_cls is not None:
         threads = _setting(engine_backend_config, ENGINE_BACKEND_CONFIG, "thread_num")
         size = _setting(engine_backend_config, ENGINE_BACKEND_CONFIG, "queue_size")
-        stages["backend"] = (load_class(backend_cls, Backend), engine_backend_config,
-                             threads, max(size, threads * 2))
+        stages["backend"] = (
+            load_class(backend_cls, Backend),
+            engine_backend_config,
+            threads,
+            max(size, threads * 2),
+        )
     return Engine(stages, app_config, context)

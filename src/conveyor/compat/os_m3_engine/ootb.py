@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from .core.backend import Backend
 from .core.frontend import Frontend
@@ -16,7 +16,8 @@ class StdinFrontend(Frontend):
     """Each line of standard input, as bytes."""
 
     def produce(self) -> Iterator[bytes]:
-        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        # read sys.stdin when producing, not at import, so a replaced stdin is honoured
+        stream = cast(Iterator[bytes], getattr(sys.stdin, "buffer", sys.stdin))
         yield from stream
 
 

@@ -20,7 +20,10 @@ class StandardComponent(Configurable):
     stops."""
 
     def __init__(
-        self, component_config: Any, engine_config: Any, runtime_context: Any,
+        self,
+        component_config: Any,
+        engine_config: Any,
+        runtime_context: Any,
         current_thread: Any,
     ) -> None:
         super().__init__(component_config)

@@ -16,8 +16,14 @@ class RuntimeContext:
 class _Component(Stage[Any, Any]):
     """One component instance per worker thread, with its setup and cleanup."""
 
-    def __init__(self, cls: type[Any], method: str, app_config: Any, engine_config: Any,
-                 context: RuntimeContext) -> None:
+    def __init__(
+        self,
+        cls: type[Any],
+        method: str,
+        app_config: Any,
+        engine_config: Any,
+        context: RuntimeContext,
+    ) -> None:
         self.cls = cls
         self.method = method
         self.app_config = app_config
@@ -42,8 +48,9 @@ class Engine:
     """``start()`` blocks until every item is through; ``stop()`` (from a signal handler, say)
     stops the frontend and lets what it produced drain."""
 
-    def __init__(self, stages: dict[str, Any], app_config: Any,
-                 runtime_context: RuntimeContext) -> None:
+    def __init__(
+        self, stages: dict[str, Any], app_config: Any, runtime_context: RuntimeContext
+    ) -> None:
         self._stages = stages
         self._app_config = app_config
         self._context = runtime_context
@@ -75,14 +82,19 @@ class Engine:
         pipeline: Pipeline[Any] = Pipeline(self._produce())
         transport = self._stages.get("transport")
         backend = self._stages.get("backend")
-        for role, spec, method in (("transport", transport, "transport"),
-                                   ("backend", backend, "process")):
+        for role, spec, method in (
+            ("transport", transport, "transport"),
+            ("backend", backend, "process"),
+        ):
             if spec is None:
                 continue
             cls, config, threads, size = spec
             stage = _Component(cls, method, self._app_config, config, self._context)
             options: dict[str, Any] = {
-                "name": role, "workers": threads, "maxsize": size, "on_error": Skip(log=True),
+                "name": role,
+                "workers": threads,
+                "maxsize": size,
+                "on_error": Skip(log=True),
             }
             if role == "transport" and backend is not None:
                 pipeline = pipeline.map(stage, **options)
