@@ -228,6 +228,9 @@ class ThreadPool(WorkerPool):
             delay = step.on_failure(item, error, attempt)
             if delay is None:
                 return
+            if step.spec.timeout_s is not None:
+                # the backoff is not part of the next try's time limit
+                slot.started = step.clock.now() + delay
             if delay > 0 and step.clock.wait(step.stop, delay):
                 raise BufferShutdown
             attempt += 1

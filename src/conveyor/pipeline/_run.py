@@ -217,9 +217,19 @@ class Run:
     def _mark_done(self) -> None:
         if self._elapsed is None:
             self._elapsed = time.monotonic() - self._started
+        if self._finished.is_set():
+            return
         self._finished.set()
-        if self._loop_thread is not None and all(p.gone.is_set() for p in self._pools):
-            self._loop_thread.stop(timeout_s=0)
+        if self._loop_thread is not None:
+            # our own event loop goes once the async workers on it have left (they tear down
+            # their Stage instances on it); the caller's thread never waits for that
+            threading.Thread(target=self._close_loop, name="conveyor:reaper", daemon=True).start()
+
+    def _close_loop(self) -> None:
+        for pool in self._pools:
+            pool.gone.wait(10)
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
 
     def cancel(self) -> None:
         """Stop every worker now; items in flight are dropped."""
@@ -238,8 +248,6 @@ class Run:
                 self._state = "finished"
         self._stop.set()
         self._mark_done()
-        if self._loop_thread is not None:
-            self._loop_thread.stop()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
