@@ -140,11 +140,10 @@ class AsyncPool(WorkerPool):
 
     async def _worker(self) -> None:
         step = self.step
-        work: Work | None = step.spec.make_work()
+        work: Work = step.spec.make_work()
         try:
             await _maybe_await(work.setup())
         except Exception as exc:
-            work = None
             step.fatal(StageFailed(step.name, None, 0, exc))
             self._leave()
             return
@@ -201,9 +200,7 @@ class AsyncPool(WorkerPool):
             try:
                 if timeout is None:
                     res = work.call(item)
-                    if inspect.iscoroutine(res):
-                        res = await res
-                    elif inspect.isawaitable(res):
+                    if inspect.iscoroutine(res) or inspect.isawaitable(res):
                         res = await res
                 else:
                     limit = asyncio.timeout(timeout)
