@@ -51,7 +51,7 @@ def test_bad_options_raise_at_build_time(build: Any, message: str) -> None:
 
 
 def test_unknown_option_is_a_type_error_at_build_time() -> None:
-    with pytest.raises(TypeError, match="worker"):
+    with pytest.raises(TypeError, match="unknown stage option 'worker'; did you mean 'workers'"):
         Pipeline([1]).map(inc, worker=3)  # type: ignore[call-arg]
 
 

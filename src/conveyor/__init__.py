@@ -30,6 +30,7 @@ from .pipeline import Pipeline as Pipeline
 from .pipeline import Run as Run
 from .pipeline import Stage as Stage
 from .pipeline import StageHandle as StageHandle
+from .pipeline import StageOptions as StageOptions
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "Stage",
     "StageFailed",
     "StageHandle",
+    "StageOptions",
     "StageStats",
     "WouldBlock",
 ]

@@ -1,6 +1,7 @@
 """Pipelines: items flowing through stages of thread, async (and later process) workers."""
 
 from ._pipeline import Pipeline as Pipeline
+from ._pipeline import StageOptions as StageOptions
 from ._run import Run as Run
 from ._run import StageHandle as StageHandle
 from ._stage import Stage as Stage

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from .._engine import EACH, FILTER, FLAT, MAP, SYSTEM_CLOCK, Clock, RunStats, StepSpec
 from .._errors import ConfigurationError
@@ -17,6 +18,32 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 _NO_SOURCE = object()
+
+
+class StageOptions(TypedDict, total=False):
+    """The options every stage takes (all keyword-only, all optional)."""
+
+    #: shown in statistics and errors; defaults to the function's name
+    name: str | None
+    #: how many workers run at once (default 1)
+    workers: int
+    #: "thread" (default) or "async"
+    kind: str
+    #: keep input order (default: the pipeline's ``ordered``)
+    ordered: bool | None
+    #: items with the same key run one at a time, in order; keys run in parallel
+    key: Callable[[Any], Hashable] | None
+    #: capacity of the stage's inbox, and of its reorder window (default 1024)
+    maxsize: int | None
+    #: "raise" (default), Skip(), Retry(...) or DeadLetter(sink)
+    on_error: Any
+    #: time limit per item, in seconds
+    timeout_s: float | None
+    #: at most this many items per second, shared by the stage's workers
+    rate: float | None
+
+
+_OPTION_NAMES = frozenset(StageOptions.__annotations__)
 
 
 class Pipeline(Generic[T]):
@@ -65,116 +92,55 @@ class Pipeline(Generic[T]):
         new._layouts = [*self._layouts, layout]
         return new
 
-    def _stage(
-        self,
-        mode: str,
-        fn: Any,
-        name: str | None,
-        workers: int,
-        kind: str,
-        ordered: bool | None,
-        key: Callable[[Any], Hashable] | None,
-        maxsize: int | None,
-        on_error: Any,
-        timeout_s: float | None,
-        rate: float | None,
-    ) -> Pipeline[Any]:
+    def _stage(self, mode: str, fn: Any, options: StageOptions) -> Pipeline[Any]:
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            bad = sorted(unknown)[0]
+            close = difflib.get_close_matches(bad, _OPTION_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"unknown stage option {bad!r}{hint} (options: {', '.join(sorted(_OPTION_NAMES))})"
+            )
+        name = options.get("name")
         if name is not None:
             if not isinstance(name, str) or not name:
                 raise ConfigurationError(f"a stage name is a non-empty string, not {name!r}")
             if any(lay.spec.name == name for lay in self._layouts):
                 raise ConfigurationError(f"two stages are named {name!r}")
+        ordered = options.get("ordered")
         spec, cap = build_spec(
             mode,
             fn,
             name=name,
-            workers=workers,
-            kind=kind,
+            workers=options.get("workers", 1),
+            kind=options.get("kind", "thread"),
             ordered=self._ordered if ordered is None else ordered,
-            key=key,
-            maxsize=maxsize,
-            on_error=on_error,
-            timeout_s=timeout_s,
-            rate=rate,
+            key=options.get("key"),
+            maxsize=options.get("maxsize"),
+            on_error=options.get("on_error", "raise"),
+            timeout_s=options.get("timeout_s"),
+            rate=options.get("rate"),
         )
         return self._extend(_Layout(spec, cap, None))
 
     # -- stages -------------------------------------------------------------------------------
-    def map(
-        self,
-        fn: Callable[[T], U] | Any,
-        *,
-        name: str | None = None,
-        workers: int = 1,
-        kind: str = "thread",
-        ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None,
-        maxsize: int | None = None,
-        on_error: Any = "raise",
-        timeout_s: float | None = None,
-        rate: float | None = None,
-    ) -> Pipeline[U]:
-        """Each item becomes ``fn(item)``."""
-        return self._stage(
-            MAP, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
-        )
+    def map(self, fn: Callable[[T], U] | Any, **options: Unpack[StageOptions]) -> Pipeline[U]:
+        """Each item becomes ``fn(item)``. Options: see :class:`StageOptions`."""
+        return self._stage(MAP, fn, options)
 
-    def filter(
-        self,
-        fn: Callable[[T], Any] | Any,
-        *,
-        name: str | None = None,
-        workers: int = 1,
-        kind: str = "thread",
-        ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None,
-        maxsize: int | None = None,
-        on_error: Any = "raise",
-        timeout_s: float | None = None,
-        rate: float | None = None,
-    ) -> Pipeline[T]:
+    def filter(self, fn: Callable[[T], Any] | Any, **options: Unpack[StageOptions]) -> Pipeline[T]:
         """Items for which ``fn(item)`` is true go on; the others are dropped."""
-        return self._stage(
-            FILTER, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
-        )
+        return self._stage(FILTER, fn, options)
 
     def flat_map(
-        self,
-        fn: Callable[[T], Iterable[U]] | Any,
-        *,
-        name: str | None = None,
-        workers: int = 1,
-        kind: str = "thread",
-        ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None,
-        maxsize: int | None = None,
-        on_error: Any = "raise",
-        timeout_s: float | None = None,
-        rate: float | None = None,
+        self, fn: Callable[[T], Iterable[U]] | Any, **options: Unpack[StageOptions]
     ) -> Pipeline[U]:
         """``fn(item)`` returns an iterable (a list, a generator, ...); each element goes on."""
-        return self._stage(
-            FLAT, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
-        )
+        return self._stage(FLAT, fn, options)
 
-    def each(
-        self,
-        fn: Callable[[T], Any] | Any,
-        *,
-        name: str | None = None,
-        workers: int = 1,
-        kind: str = "thread",
-        ordered: bool | None = None,
-        key: Callable[[T], Hashable] | None = None,
-        maxsize: int | None = None,
-        on_error: Any = "raise",
-        timeout_s: float | None = None,
-        rate: float | None = None,
-    ) -> Pipeline[None]:
+    def each(self, fn: Callable[[T], Any] | Any, **options: Unpack[StageOptions]) -> Pipeline[None]:
         """A sink: ``fn(item)`` runs for its effect and nothing goes on."""
-        return self._stage(
-            EACH, fn, name, workers, kind, ordered, key, maxsize, on_error, timeout_s, rate
-        )
+        return self._stage(EACH, fn, options)
 
     def batch(
         self,
