@@ -24,6 +24,7 @@ EXPECTED = {
     "Stage",
     "StageFailed",
     "StageHandle",
+    "StageOptions",
     "StageStats",
     "WouldBlock",
 }
