@@ -427,7 +427,7 @@ class _ProgressBar:
     """Draws the run on a tqdm bar, or hands its statistics to a callable.
 
     The bar counts the inputs the first stage has finished, against the source's length when
-    it has one; the outputs of the last stage and any failures show beside it.
+    it has one; what the last stage has finished and any failures show beside it.
     """
 
     def __init__(self, run: Run, progress: Progress) -> None:
@@ -451,7 +451,7 @@ class _ProgressBar:
         if done > self.last:
             self.bar.update(done - self.last)
             self.last = done
-        postfix = {"out": stats.stages[-1].emitted}
+        postfix = {"done": stats.stages[-1].finished}
         failed = sum(s.failed for s in stats.stages)
         if failed:
             postfix["failed"] = failed
