@@ -45,6 +45,7 @@ class Buffer(Generic[T]):
         "_not_full",
         "_open_tail",
         "_shutdown",
+        "accepted",
         "capacity",
         "name",
     )
@@ -61,6 +62,8 @@ class Buffer(Generic[T]):
         self._closed = False
         self._shutdown = False
         self._kicks = 0
+        #: items ever admitted, for statistics
+        self.accepted = 0
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -96,6 +99,7 @@ class Buffer(Generic[T]):
                 self._chunks.append([item])
                 self._open_tail = True
             self._count += 1
+            self.accepted += 1
             self._not_empty.notify()
         return True
 
@@ -114,12 +118,14 @@ class Buffer(Generic[T]):
                     self._chunks.append(items)
                     self._open_tail = False
                     self._count += len(items)
+                    self.accepted += len(items)
                     self._wake_consumers(len(items))
                     return
                 if free > 0:
                     self._chunks.append(items[:free])
                     self._open_tail = False
                     self._count += free
+                    self.accepted += free
                     items = items[free:]
                     self._wake_consumers(free)
                 self._not_full.wait()

@@ -26,6 +26,7 @@ from .._engine import (
     StepSpec,
     WorkerPool,
 )
+from .._engine import control
 from .._errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -109,7 +110,6 @@ class Run:
         self._finished = threading.Event()
         self._given_loop = loop
         self._loop_thread: LoopThread | None = None
-        self._items_in = 0
         self._items_out = 0
         self._started = time.monotonic()
         self._elapsed: float | None = None
@@ -140,6 +140,7 @@ class Run:
             self._steps.append(step)
             self._pools.append(pool)
         self._names = {s.name: i for i, s in enumerate(self._steps)}
+        control.ensure_started()
         for pool in self._pools:
             pool.start()
         if self._has_source:
@@ -165,7 +166,6 @@ class Run:
                         break
                     chunk = list(source[i : i + _SOURCE_SLICE])
                     first.put_many(chunk)
-                    self._items_in += len(chunk)
             elif hasattr(source, "__aiter__"):
                 self._feed_async(source, first)
             else:
@@ -173,7 +173,6 @@ class Run:
                     if self._stop_feeding:
                         break
                     first.put(item)
-                    self._items_in += 1
             first.close()
         except (BufferShutdown, ClosedResourceError):
             return
@@ -195,7 +194,6 @@ class Run:
             if not more:
                 break
             first.put(item)
-            self._items_in += 1
 
     # -- ending -------------------------------------------------------------------------------
     def _fail(self, error: BaseException) -> None:
@@ -273,18 +271,23 @@ class Run:
         except (BufferShutdown, ClosedResourceError):
             self._raise_if_failed()
             raise PipelineClosed("the run no longer takes items") from None
-        self._items_in += 1
 
     def stop(self, drain: bool = True, *, wait: bool = True) -> None:
         """Stop taking input. ``drain=True`` lets every accepted item finish (and, with
-        ``wait``, returns when they have); ``drain=False`` stops every worker at once."""
+        ``wait``, returns when they have); ``drain=False`` stops every worker at once.
+
+        ``stop(..., wait=False)`` takes no lock and returns at once, so it is safe in a signal
+        handler: the work is done on conveyor's control thread.
+        """
+        self._stop_feeding = True
+        if not wait:
+            control.defer(self.cancel if not drain else self._buffers[0].close)
+            return
         if not drain:
             self.cancel()
             return
-        self._stop_feeding = True
         self._buffers[0].close()
-        if wait:
-            self.wait()
+        self.wait()
 
     def wait(self, timeout_s: float | None = None) -> RunStats:
         """Wait for the end of the run, dropping outputs nobody iterated; raise its failure."""
@@ -387,7 +390,7 @@ class Run:
         return RunStats(
             stages=tuple(self._stage_stats(i) for i in range(len(self._steps))),
             elapsed_s=elapsed,
-            items_in=self._items_in,
+            items_in=self._buffers[0].accepted,
             items_out=self._items_out,
             state=self._state,
         )

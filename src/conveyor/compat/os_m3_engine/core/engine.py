@@ -107,9 +107,9 @@ class Engine:
             if self._started or self._stopped:
                 raise RuntimeError("Can not start twice")
             self._started = True
-            run = self._run = self._pipeline().start()
-            if self._stopping:
-                run.stop(drain=True, wait=False)
+        run = self._run = self._pipeline().start()
+        if self._stopping:  # a stop() that came while the run was being built
+            run.stop(drain=True, wait=False)
         try:
             run.wait()
         finally:
@@ -117,9 +117,10 @@ class Engine:
             self._started = False
 
     def stop(self) -> None:
-        with self._lock:
-            if not self._started and not self._stopped:
-                raise RuntimeError("Can stop before start")
-            self._stopping = True
-            if self._run is not None:
-                self._run.stop(drain=True, wait=False)
+        """Stop producing and let the rest drain. Takes no lock: safe in a signal handler."""
+        if not self._started and not self._stopped:
+            raise RuntimeError("Can stop before start")
+        self._stopping = True
+        run = self._run
+        if run is not None:
+            run.stop(drain=True, wait=False)
