@@ -25,8 +25,8 @@ from .._engine import (
     Step,
     StepSpec,
     WorkerPool,
+    control,
 )
-from .._engine import control
 from .._errors import (
     ClosedResourceError,
     ConfigurationError,
