@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .step import Step
+from .step import Step, Unit
 
 
 @dataclass
@@ -62,6 +62,111 @@ class WorkerPool(ABC):
     @abstractmethod
     def busy(self) -> int:
         """Workers now inside the user's code."""
+
+
+class Slot:
+    """One worker's place in a :class:`SlotPool`."""
+
+    __slots__ = ("abandoned", "index", "retired", "started", "unit")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.unit: Unit | None = None
+        self.started = 0.0
+        self.abandoned = False
+        self.retired = False
+
+
+class SlotPool(WorkerPool):
+    """A pool of workers counted one by one: the accounting shared by the thread and process
+    kinds. A subclass starts a worker in :meth:`_launch`; the worker calls
+    :meth:`_should_retire` between units and :meth:`_leave` on its way out."""
+
+    def _begin(self) -> None:
+        self._lock = threading.Lock()
+        self._target = self.step.spec.workers
+        self._live = 0
+        self._slots: set[Slot] = set()
+        self._count = 0
+        self._eof = False
+        with self._lock:
+            for _ in range(self._target):
+                self._spawn(None)
+
+    @abstractmethod
+    def _launch(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
+        """Start the worker of ``slot``; ``first`` is a unit it must settle before any other."""
+
+    def _spawn(self, first: tuple[Unit, BaseException] | None) -> None:
+        # called with self._lock held
+        slot = Slot(self._count)
+        self._count += 1
+        self._live += 1
+        self._slots.add(slot)
+        self._launch(slot, first)
+
+    @property
+    def workers(self) -> int:
+        return self._live
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in list(self._slots) if s.unit is not None)
+
+    def resize(self, n: int) -> None:
+        with self._lock:
+            if self._eof or self.gone.is_set():
+                return
+            self._target = n
+            while self._live < n:
+                self._spawn(None)
+            shrinking = self._live > n
+        if shrinking:
+            # idle workers wait in the inbox; wake them so the extra ones can retire now
+            self.step.inbox.kick()
+
+    def _should_retire(self, slot: Slot) -> bool:
+        with self._lock:
+            if self._live > self._target and not self._eof:
+                self._live -= 1
+                self._slots.discard(slot)
+                slot.retired = True
+                return True
+            return False
+
+    def _replace(self, slot: Slot, first: tuple[Unit, BaseException]) -> bool:
+        """Give up on the worker of ``slot`` (stuck or dead) and start another in its place,
+        unless the worker has finished ``first``'s unit meanwhile (then return False)."""
+        with self._lock:
+            if slot.abandoned or slot.unit is not first[0]:
+                return False
+            slot.abandoned = True
+            self._slots.discard(slot)
+            self._live -= 1
+            self._spawn(first)
+            return True
+
+    def _finished_unit(self, slot: Slot) -> bool:
+        """The worker of ``slot`` is done with its unit: False if it was replaced meanwhile (its
+        result must then be dropped). Atomic with :meth:`_replace`."""
+        with self._lock:
+            if slot.abandoned:
+                return False
+            slot.unit = None
+            return True
+
+    def _leave(self, slot: Slot, eof: bool) -> None:
+        with self._lock:
+            if eof:
+                self._eof = True
+            if not slot.retired:
+                self._live -= 1
+                self._slots.discard(slot)
+            last = self._live == 0
+        if last:
+            if self._eof:
+                self.step.close_output()
+            self.gone.set()
 
 
 KINDS: dict[str, type[WorkerPool]] = {}

@@ -15,49 +15,24 @@ from typing import Any
 
 from .._errors import ItemTimeout, StageFailed
 from .buffer import BufferShutdown
-from .pool import WorkerPool, register_kind
+from .pool import Slot, SlotPool, register_kind
 from .step import EACH, FILTER, FLAT, FLUSH_OUTPUTS, MAP, WOKEN, Unit, Work
 
 log = logging.getLogger("conveyor")
 
 
-class _Slot:
-    __slots__ = ("abandoned", "index", "retired", "started", "unit")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.unit: Unit | None = None
-        self.started = 0.0
-        self.abandoned = False
-        self.retired = False
-
-
 @register_kind
-class ThreadPool(WorkerPool):
+class ThreadPool(SlotPool):
     kind = "thread"
 
     def start(self) -> None:
-        self._lock = threading.Lock()
-        self._target = self.step.spec.workers
-        self._live = 0
-        self._slots: set[_Slot] = set()
-        self._count = 0
-        self._eof = False
-        with self._lock:
-            for _ in range(self._target):
-                self._spawn(None)
+        self._begin()
         if self.step.spec.timeout_s is not None:
             threading.Thread(
                 target=self._watch, name=f"{self.context.thread_name}:watchdog", daemon=True
             ).start()
 
-    # -- accounting -------------------------------------------------------------------------
-    def _spawn(self, first: tuple[Unit, BaseException] | None) -> None:
-        # called with self._lock held
-        slot = _Slot(self._count)
-        self._count += 1
-        self._live += 1
-        self._slots.add(slot)
+    def _launch(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
         threading.Thread(
             target=self._run,
             args=(slot, first),
@@ -65,54 +40,12 @@ class ThreadPool(WorkerPool):
             daemon=True,
         ).start()
 
-    @property
-    def workers(self) -> int:
-        return self._live
-
-    @property
-    def busy(self) -> int:
-        return sum(1 for s in list(self._slots) if s.unit is not None)
-
-    def resize(self, n: int) -> None:
-        with self._lock:
-            if self._eof or self.gone.is_set():
-                return
-            self._target = n
-            while self._live < n:
-                self._spawn(None)
-            shrinking = self._live > n
-        if shrinking:
-            # idle workers wait in the inbox; wake them so the extra ones can retire now
-            self.step.inbox.kick()
-
     def abort(self) -> None:
         # threads unwind through their buffers; nothing else to reach
         pass
 
-    def _should_retire(self, slot: _Slot) -> bool:
-        with self._lock:
-            if self._live > self._target and not self._eof:
-                self._live -= 1
-                self._slots.discard(slot)
-                slot.retired = True
-                return True
-            return False
-
-    def _leave(self, slot: _Slot, eof: bool) -> None:
-        with self._lock:
-            if eof:
-                self._eof = True
-            if not slot.retired:
-                self._live -= 1
-                self._slots.discard(slot)
-            last = self._live == 0
-        if last:
-            if self._eof:
-                self.step.close_output()
-            self.gone.set()
-
     # -- the worker -------------------------------------------------------------------------
-    def _run(self, slot: _Slot, first: tuple[Unit, BaseException] | None) -> None:
+    def _run(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
         step = self.step
         eof = False
         work: Work | None = None
@@ -130,15 +63,14 @@ class ThreadPool(WorkerPool):
                 out: list[Any] = []
                 slot.unit = unit
                 self._recover(work, slot, unit.items[0], error, out, unit.attempt)
-                slot.unit = None
-                if slot.abandoned:
+                if not self._done_with(slot):
                     return
                 step.complete(unit, out)
                 unit = step.release(unit)
             while True:
                 while unit is not None:
                     outs = self._run_unit(work, slot, unit)
-                    if slot.abandoned:
+                    if not self._done_with(slot):
                         return
                     step.complete(unit, outs)
                     unit = step.release(unit)
@@ -163,7 +95,7 @@ class ThreadPool(WorkerPool):
             if not slot.abandoned:
                 self._leave(slot, eof)
 
-    def _run_unit(self, work: Work, slot: _Slot, unit: Unit) -> list[Any]:
+    def _run_unit(self, work: Work, slot: Slot, unit: Unit) -> list[Any]:
         step = self.step
         call = work.call
         items = unit.items
@@ -210,13 +142,19 @@ class ThreadPool(WorkerPool):
                 except Exception as exc:
                     self._recover(work, slot, item, exc, out, unit.attempt)
         step.measured(len(items), time.perf_counter() - t0)
-        slot.unit = None
         return out
+
+    def _done_with(self, slot: Slot) -> bool:
+        """Clear the slot's unit; False if the watchdog gave the unit to another thread."""
+        if self.step.spec.timeout_s is None:
+            slot.unit = None
+            return True
+        return self._finished_unit(slot)
 
     def _recover(
         self,
         work: Work,
-        slot: _Slot,
+        slot: Slot,
         item: Any,
         error: BaseException,
         out: list[Any],
@@ -259,10 +197,11 @@ class ThreadPool(WorkerPool):
         while not step.stop.wait(tick) and not self.gone.is_set():
             now = step.clock.now()
             with self._lock:
-                for slot in list(self._slots):
-                    unit = slot.unit
-                    if unit is not None and not slot.abandoned and now - slot.started > timeout:
-                        slot.abandoned = True
-                        self._slots.discard(slot)
-                        self._live -= 1
-                        self._spawn((unit, ItemTimeout(step.name, timeout)))
+                late = [
+                    (slot, slot.unit)
+                    for slot in self._slots
+                    if slot.unit is not None and not slot.abandoned and now - slot.started > timeout
+                ]
+            for slot, unit in late:
+                if unit is not None:
+                    self._replace(slot, (unit, ItemTimeout(step.name, timeout)))
