@@ -68,3 +68,8 @@ def test_configuration_error_is_also_value_and_type_error() -> None:
 def test_duplicate_default_names_get_a_suffix() -> None:
     stats = Pipeline([1]).map(inc).map(inc).map(inc).run()
     assert [s.name for s in stats.stages] == ["inc", "inc-2", "inc-3"]
+
+
+def test_process_options_are_refused_on_other_kinds() -> None:
+    with pytest.raises(ConfigurationError, match="option 'start_method' is for kind='process'"):
+        Pipeline([1]).map(inc, start_method="spawn")

@@ -9,8 +9,11 @@ The tree (mirrored in ``docs/exceptions.md``)::
     │   ├── RunTimeout              a whole run went past its timeout_s (also TimeoutError)
     │   └── PipelineClosed          put() on a run that no longer takes input
     ├── ItemTimeout                 one item went past its stage's timeout_s (also TimeoutError)
+    ├── ItemNotSendable             an item or a result cannot cross to or from a worker process
+    ├── RemoteError                 an exception from a worker process that could not be sent whole
     ├── ClosedResourceError         this side closed the resource and then used it
     ├── BrokenResourceError         the other side went away (a peer died, a worker was killed)
+    │   └── WorkerCrashed           a worker process died while it held items
     └── WouldBlock                  a *_nowait call that would have had to wait
 
 Control-flow signals and policy values are not here: ``Retry``, ``Skip`` and ``DeadLetter`` are
@@ -82,12 +85,55 @@ class ItemTimeout(ConveyorError, TimeoutError):
         super().__init__(f"an item of stage {stage!r} ran past timeout_s={timeout_s}")
 
 
+class ItemNotSendable(ConveyorError, TypeError):
+    """An item (or a result) cannot be pickled to cross to (or from) a worker process."""
+
+    def __init__(self, what: str, value: object, reason: BaseException) -> None:
+        self.type_name = type(value).__name__
+        super().__init__(
+            f"{what} of type {self.type_name} cannot be sent between processes: {reason}"
+        )
+
+
+class RemoteError(ConveyorError):
+    """An exception raised in a worker process that could not be pickled back as itself.
+
+    ``type_name`` is its class's name; the message and the worker's traceback are kept.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        self.type_name = type_name
+        super().__init__(f"{type_name}: {message}")
+
+
 class ClosedResourceError(ConveyorError):
     """The resource was closed by this side and then used."""
 
 
 class BrokenResourceError(ConveyorError):
     """The other side of the resource is gone."""
+
+
+class WorkerCrashed(BrokenResourceError):
+    """A worker process died (killed by a signal, or exited) while it held items."""
+
+    def __init__(self, stage: str, pid: int | None, exitcode: int | None) -> None:
+        self.stage = stage
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal: int | None = -exitcode if exitcode is not None and exitcode < 0 else None
+        if self.signal is not None:
+            import signal as _signal
+
+            try:
+                how = f"was killed by {_signal.Signals(self.signal).name}"
+            except ValueError:
+                how = f"was killed by signal {self.signal}"
+        elif exitcode is not None:
+            how = f"exited with code {exitcode}"
+        else:
+            how = "stopped answering"
+        super().__init__(f"worker process {pid} of stage {stage!r} {how}")
 
 
 class WouldBlock(ConveyorError):

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .step import Step, Unit
+from .._errors import ConfigurationError
+from .step import Step, StepSpec, Unit
 
 
 @dataclass
@@ -34,6 +35,19 @@ class WorkerPool(ABC):
     kind: ClassVar[str]
     #: True if the user's callable must be an ``async def`` (False: must not be)
     wants_async: ClassVar[bool] = False
+    #: options (in ``StepSpec.options``) that only this kind understands
+    own_options: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def validate(cls, spec: StepSpec) -> None:
+        """Refuse, when the pipeline is built, a step this kind cannot run."""
+        for name, _value in spec.options:
+            if name not in cls.own_options:
+                owners = sorted(k for k, c in KINDS.items() if name in c.own_options)
+                where = f"kind={owners[0]!r}" if owners else "no kind"
+                raise ConfigurationError(
+                    f"stage {spec.name!r}: option {name!r} is for {where}, not kind={cls.kind!r}"
+                )
 
     def __init__(self, step: Step, context: PoolContext) -> None:
         self.step = step

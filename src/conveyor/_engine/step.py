@@ -138,8 +138,10 @@ class Step:
         # per-key order
         self._keys: dict[Hashable, deque[Unit]] = {}
         self._parked = 0
-        # adaptive unit size: seconds per item, smoothed
+        # adaptive unit size: seconds per item, smoothed; a worker kind whose handoff costs
+        # more (a process) raises the target
         self._item_s: float | None = None
+        self.target_unit_s = TARGET_UNIT_S
         self._closed_output = False
 
     # -- sizing -----------------------------------------------------------------------------
@@ -148,7 +150,8 @@ class Step:
         if spec.key is not None or spec.timeout_s is not None:
             return 1
         item_s = self._item_s
-        n = 1 if item_s is None else max(1, min(MAX_UNIT, int(TARGET_UNIT_S / max(item_s, 1e-9))))
+        target = self.target_unit_s
+        n = 1 if item_s is None else max(1, min(MAX_UNIT, int(target / max(item_s, 1e-9))))
         if self.limiter is not None:
             n = min(n, self.limiter.max_batch())
         # what workers hold counts against memory like what buffers hold: a stage's workers
@@ -165,7 +168,7 @@ class Step:
         self.latency.add(per)
 
     # -- taking -----------------------------------------------------------------------------
-    def take(self, limit: int | None = None) -> Unit | None:
+    def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
         """Wait for the next unit; ``None`` once the input has ended, :data:`WOKEN` when the
         inbox was kicked (the pool wants its workers to look at their orders).
 
@@ -178,9 +181,9 @@ class Step:
             elif self.limiter is not None:
                 n = min(n, self.limiter.max_batch())
             if self.serial_take:
-                unit = self._take_serial(n)
+                unit = self._take_serial(n, wait)
             else:
-                items = self.inbox.get_many(n)
+                items = self.inbox.get_many(n, None if wait else 0)
                 if items is None:
                     return None
                 if not items:
@@ -198,20 +201,24 @@ class Step:
                 raise BufferShutdown
             return unit
 
-    def _take_serial(self, n: int) -> Unit | None:
+    def _take_serial(self, n: int, wait: bool) -> Unit | None:
         spec = self.spec
         with self._take_lock:
             with self._cond:
                 if spec.ordered:
                     while self._in_window >= spec.window:
+                        if not wait:
+                            return WOKEN
                         self._check_stop()
                         self._cond.wait(0.25)
                     n = min(n, spec.window - self._in_window)
                 if spec.key is not None:
                     while self._parked >= spec.window:
+                        if not wait:
+                            return WOKEN
                         self._check_stop()
                         self._cond.wait(0.25)
-            items = self.inbox.get_many(n)
+            items = self.inbox.get_many(n, None if wait else 0)
             if items is None:
                 return None
             if not items:

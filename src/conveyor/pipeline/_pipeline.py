@@ -41,6 +41,10 @@ class StageOptions(TypedDict, total=False):
     timeout_s: float | None
     #: at most this many items per second, shared by the stage's workers
     rate: float | None
+    #: process stages: "forkserver" (the default on Linux), "spawn" or "fork"
+    start_method: str | None
+    #: process stages: replace a worker process after it has run this many items
+    max_items_per_worker: int | None
 
 
 _OPTION_NAMES = frozenset(StageOptions.__annotations__)
@@ -120,6 +124,10 @@ class Pipeline(Generic[T]):
             on_error=options.get("on_error", "raise"),
             timeout_s=options.get("timeout_s"),
             rate=options.get("rate"),
+            kind_options={
+                "start_method": options.get("start_method"),
+                "max_items_per_worker": options.get("max_items_per_worker"),
+            },
         )
         return self._extend(_Layout(spec, cap, None))
 

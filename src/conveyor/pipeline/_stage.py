@@ -139,6 +139,7 @@ def build_spec(
     on_error: Any,
     timeout_s: float | None,
     rate: float | None,
+    kind_options: dict[str, Any] | None = None,
 ) -> tuple[StepSpec, int]:
     """Check every option and return the step's spec and its inbox capacity."""
     make_work, is_async, default_name = work_factory(fn)
@@ -177,5 +178,7 @@ def build_spec(
         timeout_s=_positive_number("timeout_s", timeout_s),
         rate=_positive_number("rate", rate),
         window=cap,
+        options=tuple((k, v) for k, v in (kind_options or {}).items() if v is not None),
     )
+    KINDS[kind].validate(spec)
     return spec, cap
