@@ -11,11 +11,13 @@ EXPECTED = {
     "ConveyorError",
     "DeadLetter",
     "Failure",
+    "ItemNotSendable",
     "ItemTimeout",
     "ManualClock",
     "Pipeline",
     "PipelineClosed",
     "PipelineError",
+    "RemoteError",
     "Retry",
     "Run",
     "RunStats",
@@ -26,6 +28,7 @@ EXPECTED = {
     "StageHandle",
     "StageOptions",
     "StageStats",
+    "WorkerCrashed",
     "WouldBlock",
 }
 
@@ -47,3 +50,22 @@ def test_every_error_has_one_root() -> None:
 def test_policies_are_values_not_exceptions() -> None:
     for policy in (conveyor.Retry, conveyor.Skip, conveyor.DeadLetter):
         assert not issubclass(policy, BaseException)
+
+
+def test_every_error_survives_pickling() -> None:
+    import pickle
+
+    from conveyor._errors import ItemNotSendable, RemoteError, StageFailed, WorkerCrashed
+
+    errors = [
+        StageFailed("s", 1, 2, ValueError("v")),
+        WorkerCrashed("s", 42, -9),
+        ItemNotSendable("an item", object(), TypeError("no")),
+        RemoteError("Weird", "message"),
+        conveyor.ItemTimeout("s", 1.0),
+        conveyor.RunTimeout(2.0),
+    ]
+    for error in errors:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+    assert pickle.loads(pickle.dumps(errors[1])).signal == 9

@@ -20,11 +20,14 @@ from ._errors import BrokenResourceError as BrokenResourceError
 from ._errors import ClosedResourceError as ClosedResourceError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConveyorError as ConveyorError
+from ._errors import ItemNotSendable as ItemNotSendable
 from ._errors import ItemTimeout as ItemTimeout
 from ._errors import PipelineClosed as PipelineClosed
 from ._errors import PipelineError as PipelineError
+from ._errors import RemoteError as RemoteError
 from ._errors import RunTimeout as RunTimeout
 from ._errors import StageFailed as StageFailed
+from ._errors import WorkerCrashed as WorkerCrashed
 from ._errors import WouldBlock as WouldBlock
 from .pipeline import Pipeline as Pipeline
 from .pipeline import Run as Run
@@ -41,11 +44,13 @@ __all__ = [
     "ConveyorError",
     "DeadLetter",
     "Failure",
+    "ItemNotSendable",
     "ItemTimeout",
     "ManualClock",
     "Pipeline",
     "PipelineClosed",
     "PipelineError",
+    "RemoteError",
     "Retry",
     "Run",
     "RunStats",
@@ -56,6 +61,7 @@ __all__ = [
     "StageHandle",
     "StageOptions",
     "StageStats",
+    "WorkerCrashed",
     "WouldBlock",
 ]
 

@@ -26,8 +26,20 @@ import traceback as _tb
 from typing import Any
 
 
+def _rebuild(cls: type[ConveyorError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
 class ConveyorError(Exception):
     """The root of every exception that conveyor raises on its own account."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # subclasses take their own constructor arguments; pickle (to and from worker
+        # processes) rebuilds them from the message and the attributes instead
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
 
 
 class ConfigurationError(ConveyorError, ValueError, TypeError):

@@ -67,6 +67,10 @@ class WorkerPool(ABC):
     def abort(self) -> None:
         """The run is being torn down: stop whatever the buffers cannot reach."""
 
+    def pids(self) -> list[int]:
+        """Process ids of the workers, for kinds whose workers are processes."""
+        return []
+
     @property
     @abstractmethod
     def workers(self) -> int:

@@ -39,7 +39,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any, ClassVar
@@ -56,7 +55,7 @@ from .._errors import (
 )
 from .buffer import BufferShutdown
 from .pool import Slot, SlotPool, register_kind
-from .step import EACH, FILTER, FLAT, MAP, WOKEN, StepSpec, Unit
+from .step import EACH, FILTER, MAP, WOKEN, StepSpec, Unit
 
 log = logging.getLogger("conveyor")
 
@@ -74,6 +73,10 @@ _SLICE_S = 0.25
 
 class _Unsendable:
     """Stands in a unit for an item that could not be pickled; the child skips it."""
+
+    def __reduce__(self) -> str:
+        # unpickles as the module's one instance, so the child can test with `is`
+        return "_UNSENDABLE"
 
 
 _UNSENDABLE = _Unsendable()
@@ -227,6 +230,10 @@ def _child_main(
             traceback.print_exc()
         with contextlib.suppress(OSError):
             conn.send_bytes(pickle.dumps(("bye",), _PROTOCOL))
+        if inherited_writer is not None:
+            # a forked child of a threaded parent can hang in interpreter shutdown on a lock
+            # some parent thread held at the fork; its work is done, so leave directly
+            os._exit(0)
 
 
 # -- the parent side ----------------------------------------------------------------------------
@@ -433,7 +440,11 @@ class ProcessPool(SlotPool):
             while True:
                 if self._should_retire(slot):
                     return
-                unit = step.take()
+                # a unit never runs past the point where the child is due to be recycled
+                budget = None
+                if self.recycle_after is not None:
+                    budget = min(step.unit_limit(), max(1, self.recycle_after - child.items_done))
+                unit = step.take(limit=budget)
                 if unit is None:
                     eof = True
                     return
@@ -558,14 +569,9 @@ class ProcessPool(SlotPool):
 
 def _revive(error: Any, text: str) -> BaseException:
     """An exception from the child, with the child's traceback as its cause."""
-    if not isinstance(error, BaseException):
-        error = RemoteError(type(error).__name__, str(error))
-    if text and error.__cause__ is None:
-        error.__cause__ = _RemoteTraceback(text)
-    return error
-
-
-def worker_pids(pool: Any) -> list[int]:
-    """The worker processes of a process pool (empty for other kinds)."""
-    pids: Callable[[], list[int]] | None = getattr(pool, "pids", None)
-    return pids() if pids is not None else []
+    revived: BaseException = (
+        error if isinstance(error, BaseException) else RemoteError(type(error).__name__, str(error))
+    )
+    if text and revived.__cause__ is None:
+        revived.__cause__ = _RemoteTraceback(text)
+    return revived

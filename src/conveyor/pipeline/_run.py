@@ -77,6 +77,10 @@ class StageHandle:
     def stats(self) -> StageStats:
         return self._run._stage_stats(self._index)
 
+    def pids(self) -> list[int]:
+        """The process ids of the stage's worker processes (empty unless kind="process")."""
+        return self._run._pools[self._index].pids()
+
 
 class Run:
     """The handle of a started pipeline (``with pipeline.start() as run:``).
