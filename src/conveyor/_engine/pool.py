@@ -37,6 +37,8 @@ class WorkerPool(ABC):
     wants_async: ClassVar[bool] = False
     #: options (in ``StepSpec.options``) that only this kind understands
     own_options: ClassVar[frozenset[str]] = frozenset()
+    #: the inbox capacity when the stage gives no ``maxsize``
+    default_maxsize: ClassVar[int] = 1024
 
     @classmethod
     def validate(cls, spec: StepSpec) -> None:

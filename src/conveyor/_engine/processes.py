@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any, ClassVar
@@ -63,6 +64,9 @@ DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "sp
 #: how long a unit of a process stage should take: long enough that the pipe's round trip is
 #: small beside it, short enough that a slow item does not wait behind many
 UNIT_TARGET_S = 0.02
+#: a unit this small (pickled) may be sent while another is still running in the child: it
+#: fits in the socket's buffer, so sending it cannot block while the child writes an answer
+_PIPELINE_BYTES = 32 * 1024
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: how long a child may take to start, set up, or tear down and leave
 _START_TIMEOUT_S = 60.0
@@ -240,11 +244,29 @@ def _child_main(
 
 
 class _Lost(Exception):
-    """The child died, or ran past its time; ``index`` is the item it was on."""
+    """The child died, or ran past its time."""
 
-    def __init__(self, index: int, error: BaseException) -> None:
-        self.index = index
-        self.error = error
+    def __init__(self, late: bool) -> None:
+        self.late = late
+
+
+class _Flight:
+    """Items sent to a child as one message, and, once it came back, the child's answer."""
+
+    __slots__ = ("answer", "attempt", "data", "id", "items", "unit", "unsendable")
+
+    def __init__(self, items: list[Any], unit: Unit | None, attempt: int) -> None:
+        self.items = items
+        self.unit = unit
+        self.attempt = attempt
+        self.id = -1
+        self.data = b""
+        self.unsendable: list[int] = []
+        self.answer: Any = None
+
+    def unit_item(self, index: int) -> Any:
+        """The item as the user gave it (``items`` may hold a stand-in)."""
+        return self.unit.items[index] if self.unit is not None else self.items[index]
 
 
 class _Child:
@@ -271,8 +293,10 @@ class _Child:
         self.conn: Connection = parent_end
         self.lifeline: Connection = life_writer
         self.pid: int | None = self.proc.pid
-        self.items_done = 0
+        self.items_posted = 0
         self.next_id = 0
+        #: flights sent and not yet answered, oldest first (the child answers in order)
+        self.fifo: deque[_Flight] = deque()
 
     def send(self, msg: Any) -> None:
         self.conn.send_bytes(pickle.dumps(msg, _PROTOCOL))
@@ -286,7 +310,7 @@ class _Child:
             if deadline is not None:
                 wait_s = min(wait_s, deadline - time.monotonic())
                 if wait_s <= 0:
-                    raise _Lost(self.progress[1], TimeoutError())
+                    raise _Lost(late=True)
             ready = wait_any([self.conn, self.proc.sentinel], wait_s)
             if self.conn in ready:
                 try:
@@ -298,7 +322,7 @@ class _Child:
             if stop.is_set():
                 raise BufferShutdown
             self.proc.join(1.0)
-            raise _Lost(self.progress[1], ChildProcessError(self.proc.exitcode))
+            raise _Lost(late=False)
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
@@ -336,6 +360,9 @@ class _Child:
 @register_kind
 class ProcessPool(SlotPool):
     kind = "process"
+    # a round trip to a process costs tens of microseconds: tiny items need large units, and
+    # a unit is never larger than the inbox's share of one worker
+    default_maxsize = 4096
     own_options: ClassVar[frozenset[str]] = frozenset({"start_method", "max_items_per_worker"})
 
     @classmethod
@@ -369,6 +396,9 @@ class ProcessPool(SlotPool):
         self.payload = cloudpickle.dumps((spec.make_work, spec.mode), _PROTOCOL)
         self.recycle_after: int | None = spec.option("max_items_per_worker")
         self.step.target_unit_s = UNIT_TARGET_S
+        if self.start_method == "forkserver":
+            # the server imports conveyor once; every worker it forks then starts at once
+            self.ctx.set_forkserver_preload(["conveyor._engine.processes"])
         self._children: set[_Child] = set()
         self._children_lock = threading.Lock()
         self._aborted = False
@@ -410,6 +440,12 @@ class ProcessPool(SlotPool):
         except _Lost as lost:
             self._forget(child)
             error = WorkerCrashed(step.name, child.pid, child.proc.exitcode)
+            if self.start_method != "fork":
+                error.add_note(
+                    "the worker died while starting; under spawn and forkserver it imports "
+                    "the main module, so a script must keep its top level under "
+                    "if __name__ == '__main__':"
+                )
             step.fatal(StageFailed(step.name, None, 0, error))
             raise BufferShutdown from lost
         if msg[0] == "setup_failed":
@@ -432,32 +468,66 @@ class ProcessPool(SlotPool):
 
     # -- the driver thread ----------------------------------------------------------------------
     def _drive(self, slot: Slot) -> None:
+        """Take units, keep up to two in flight to the child, complete them in order."""
         step = self.step
         eof = False
         child: _Child | None = None
+        depth = 1 if step.spec.timeout_s is not None else 2
+        pending: deque[_Flight] = deque()  # posted to the child, not yet completed
+        later: deque[Unit] = deque()  # handed back by release(): same key, runs next
+        held: _Flight | None = None  # too large to post while another flight runs
+        ended = False
         try:
             child = self._new_child()
             while True:
-                if self._should_retire(slot):
-                    return
-                # a unit never runs past the point where the child is due to be recycled
-                budget = None
-                if self.recycle_after is not None:
-                    budget = min(step.unit_limit(), max(1, self.recycle_after - child.items_done))
-                unit = step.take(limit=budget)
-                if unit is None:
-                    eof = True
-                    return
-                if unit is WOKEN:
-                    continue
-                while unit is not None:
-                    slot.unit = unit
-                    child, outs = self._run_unit(child, unit)
-                    slot.unit = None
-                    step.complete(unit, outs)
-                    unit = step.release(unit)
-                    if self.recycle_after is not None and child.items_done >= self.recycle_after:
+                # keep the child busy: post a unit, and a second (small) one behind it
+                while held is None and len(pending) < depth and (later or not ended):
+                    budget = self._budget(child)
+                    if budget == 0:
+                        break
+                    if later:
+                        unit: Unit | None = later.popleft()
+                    else:
+                        if not pending and self._should_retire(slot):
+                            return
+                        unit = step.take(limit=budget, wait=not pending)
+                    if unit is None:
+                        ended = True
+                    elif unit is WOKEN:
+                        if pending:
+                            break
+                        continue
+                    else:
+                        flight = _Flight(list(unit.items), unit, unit.attempt)
+                        self._prepare(child, flight)
+                        if pending and len(flight.data) > _PIPELINE_BYTES:
+                            held = flight
+                        else:
+                            self._post(child, flight)
+                            pending.append(flight)
+                if not pending:
+                    if held is not None:
+                        self._post(child, held)
+                        pending.append(held)
+                        held = None
+                        continue
+                    if ended:
+                        eof = True
+                        return
+                    if self.recycle_after is not None and self._budget(child) == 0:
                         child = self._recycle(child)
+                    continue
+                flight = pending[0]
+                slot.unit = flight.unit
+                child = self._await(child, flight)
+                pending.popleft()
+                child, outs = self._finish(child, flight, pending)
+                slot.unit = None
+                assert flight.unit is not None
+                step.complete(flight.unit, outs)
+                nxt = step.release(flight.unit)
+                if nxt is not None:
+                    later.append(nxt)
         except BufferShutdown:
             pass
         except BaseException as exc:  # a bug of ours
@@ -468,67 +538,104 @@ class ProcessPool(SlotPool):
                 self._forget(child, gracefully=not self._aborted and not step.stop.is_set())
             self._leave(slot, eof)
 
+    def _budget(self, child: _Child) -> int | None:
+        """How many more items this child may take before it is due to be recycled."""
+        if self.recycle_after is None:
+            return None
+        left = max(0, self.recycle_after - child.items_posted)
+        return min(left, self.step.unit_limit())
+
     def _recycle(self, old: _Child) -> _Child:
         """A fresh child first, then the old one leaves (running its teardown)."""
         new = self._new_child()
         self._forget(old, gracefully=True)
         return new
 
-    def _send_unit(self, child: _Child, items: list[Any]) -> tuple[int, list[int]]:
-        """Send ``items``; return the unit's id and the indexes that could not be pickled."""
-        unit_id = child.next_id
+    def _prepare(self, child: _Child, flight: _Flight) -> None:
+        """Number the flight for ``child`` and pickle it, standing in for unpicklable items."""
+        flight.id = child.next_id
         child.next_id += 1
         try:
-            child.send((unit_id, items))
-            return unit_id, []
-        except (pickle.PicklingError, TypeError, AttributeError, ValueError):
-            bad = [i for i, item in enumerate(items) if not _pickles(item)]
-            sendable = [_UNSENDABLE if i in bad else item for i, item in enumerate(items)]
-            child.send((unit_id, sendable))
-            return unit_id, bad
+            flight.data = pickle.dumps((flight.id, flight.items), _PROTOCOL)
+            flight.unsendable = []
+        except Exception:  # pickling fails in many ways: find the items at fault
+            flight.unsendable = [i for i, x in enumerate(flight.items) if not _pickles(x)]
+            for i in flight.unsendable:
+                flight.items[i] = _UNSENDABLE
+            flight.data = pickle.dumps((flight.id, flight.items), _PROTOCOL)
 
-    def _exchange(
-        self, child: _Child, items: list[Any]
-    ) -> tuple[list[Any], list[tuple[int, int, BaseException]]]:
-        """Run ``items`` on ``child``: their outputs, and the items that failed, as
-        ``(index, position in outputs, error)``. Raises :class:`_Lost`."""
+    def _post(self, child: _Child, flight: _Flight) -> None:
+        child.conn.send_bytes(flight.data)
+        child.fifo.append(flight)
+        child.items_posted += len(flight.items)
+        flight.answer = None
+
+    def _await(self, child: _Child, flight: _Flight) -> _Child:
+        """Receive answers, in order, until ``flight`` has its own; replace the child (and send
+        its unanswered flights again) as often as it dies on the way."""
         timeout = self.step.spec.timeout_s
-        unit_id, unsendable = self._send_unit(child, items)
-        deadline = None if timeout is None else time.monotonic() + timeout * len(items)
-        msg = child.receive(self.step.stop, deadline)
-        if msg[0] != "ok" or msg[1] != unit_id:
-            raise RuntimeError(f"worker answered out of turn: {msg[:2]!r}")
-        _, _, outs, failures, seconds = msg
-        child.items_done += len(items)
-        self.step.measured(len(items), seconds)
-        settled = [(i, pos, _revive(error, text)) for i, pos, error, text in failures]
-        for i in unsendable:
-            start = next((pos for j, pos, _ in settled if j > i), len(outs))
-            settled.append((i, start, ItemNotSendable("an item", items[i], TypeError())))
-        settled.sort(key=lambda f: f[0])
-        return outs, settled
-
-    def _run_unit(self, child: _Child, unit: Unit) -> tuple[_Child, list[Any]]:
-        """Run a unit to the end, whatever happens to the children on the way."""
-        step = self.step
-        items = list(unit.items)
-        while True:
+        while flight.answer is None:
+            first = child.fifo[0]
+            deadline = None
+            if timeout is not None:
+                deadline = time.monotonic() + timeout * max(1, len(first.items))
             try:
-                outs, failures = self._exchange(child, items)
-                break
+                msg = child.receive(self.step.stop, deadline)
             except _Lost as lost:
-                child, error = self._lost(child, lost)
-                index = lost.index if 0 <= lost.index < len(items) else 0
-                delay = step.on_failure(items[index], error, unit.attempt)
-                if delay is None:  # skipped or dead-lettered: the others go again
-                    items[index] = _UNSENDABLE
-                else:
-                    unit.attempt += 1
-                    self._pause(delay)
-        # settle the items that raised, in order, so their outputs keep their places
+                child = self._recover(child, lost)
+                continue
+            child.fifo.popleft()
+            if msg[0] != "ok" or msg[1] != first.id:
+                raise RuntimeError(f"worker answered out of turn: {msg[:2]!r}")
+            first.answer = msg
+        return child
+
+    def _recover(self, child: _Child, lost: _Lost) -> _Child:
+        """The child died (or was late): blame the item it was on, let the policy decide, and
+        send every unanswered flight to a fresh child."""
+        step = self.step
+        unit_id, index = child.progress[0], child.progress[1]
+        if lost.late:
+            error: BaseException = ItemTimeout(step.name, step.spec.timeout_s or 0.0)
+        else:
+            error = WorkerCrashed(step.name, child.pid, child.proc.exitcode)
+        flights = list(child.fifo)
+        child.fifo.clear()
+        new = self._replace_child(child)
+        # the flight it was on; if it died before starting any, the first one's first item
+        blamed = next((f for f in flights if f.id == unit_id), None)
+        if blamed is None or not 0 <= index < len(blamed.items):
+            blamed, index = flights[0], 0
+        delay = step.on_failure(blamed.items[index], error, blamed.attempt)
+        if delay is None:  # skipped or dead-lettered: the others go again
+            blamed.items[index] = _UNSENDABLE
+        else:
+            blamed.attempt += 1
+            self._pause(delay)
+        for flight in flights:
+            self._prepare(new, flight)
+            self._post(new, flight)
+        return new
+
+    def _finish(
+        self, child: _Child, flight: _Flight, pending: deque[_Flight]
+    ) -> tuple[_Child, list[Any]]:
+        """The outputs of an answered flight, its failed items settled in their places."""
+        _, _, outs, failures, seconds = flight.answer
+        self.step.measured(len(flight.items), seconds)
+        settled = [(i, pos, _revive(error, text)) for i, pos, error, text in failures]
+        for i in flight.unsendable:
+            start = next((pos for j, pos, _ in settled if j > i), len(outs))
+            settled.append((i, start, ItemNotSendable("an item", flight.unit_item(i), TypeError())))
+        if not settled:
+            return child, outs
+        settled.sort(key=lambda f: f[0])
+        # retries need the child to themselves: take the answers of the flights behind first
+        for other in pending:
+            child = self._await(child, other)
         shift = 0
-        for index, position, error in failures:
-            child, extra = self._settle(child, items[index], error, unit.attempt)
+        for index, position, error in settled:
+            child, extra = self._settle(child, flight.unit_item(index), error, flight.attempt)
             outs[position + shift : position + shift] = extra
             shift += len(extra)
         return child, outs
@@ -544,23 +651,17 @@ class ProcessPool(SlotPool):
                 return child, []
             self._pause(delay)
             attempt += 1
-            try:
-                outs, failures = self._exchange(child, [item])
-            except _Lost as lost:
-                child, error = self._lost(child, lost)
-                continue
-            if not failures:
+            retry = _Flight([item], None, attempt)
+            self._prepare(child, retry)
+            self._post(child, retry)
+            child = self._await(child, retry)
+            _, _, outs, failures, _seconds = retry.answer
+            if retry.unsendable:
+                error = ItemNotSendable("an item", item, TypeError())
+            elif failures:
+                error = _revive(failures[0][2], failures[0][3])
+            else:
                 return child, outs
-            error = failures[0][2]
-
-    def _lost(self, child: _Child, lost: _Lost) -> tuple[_Child, BaseException]:
-        """Replace a dead or late child; return the new one and the error for its item."""
-        step = self.step
-        if isinstance(lost.error, TimeoutError):
-            error: BaseException = ItemTimeout(step.name, step.spec.timeout_s or 0.0)
-        else:
-            error = WorkerCrashed(step.name, child.pid, child.proc.exitcode)
-        return self._replace_child(child), error
 
     def _pause(self, delay: float) -> None:
         if delay > 0 and self.step.clock.wait(self.step.stop, delay):

@@ -160,7 +160,7 @@ def build_spec(
             "make it async def, or use kind='thread'"
         )
     workers = _positive_int("workers", workers)
-    cap = DEFAULT_MAXSIZE if maxsize is None else _positive_int("maxsize", maxsize)
+    cap = KINDS[kind].default_maxsize if maxsize is None else _positive_int("maxsize", maxsize)
     if not isinstance(ordered, bool):
         raise ConfigurationError(f"ordered must be True or False, not {ordered!r}")
     if key is not None and not callable(key):
