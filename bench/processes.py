@@ -179,7 +179,8 @@ def big_conveyor(n: int) -> int:
 
     # a new object per item: pickle sends a repeated object once per message
     blobs = (bytes([i % 256]) * MB for i in range(n))
-    return count(Pipeline(blobs).map(size_of, workers=2, kind="process"))
+    # maxsize counts items: with 1 MB items, a user bounds memory to 16 MB per buffer
+    return count(Pipeline(blobs).map(size_of, workers=2, kind="process", maxsize=16))
 
 
 def _echo_sizes(conn: Any) -> None:
@@ -259,8 +260,11 @@ def main() -> None:
     )
     if best_pool is not None:
         res["best Pool.imap"] = best_pool
-    table(f"1. {n:,} items of ~200 us, 2 processes", rows_vs(res, n, "best Pool.imap"),
-          ("peer", "items/s", "vs best Pool.imap"))
+    table(
+        f"1. {n:,} items of ~200 us, 2 processes",
+        rows_vs(res, n, "best Pool.imap"),
+        ("peer", "items/s", "vs best Pool.imap"),
+    )
 
     n = 1_000_000 // scale
     res = measure(
@@ -273,13 +277,19 @@ def main() -> None:
         n,
         repeat,
     )
-    table(f"2. {n:,} tiny items (identity), 2 processes",
-          rows_vs(res, n, "Pool.imap chunksize=1000"), ("peer", "items/s", "ratio"))
+    table(
+        f"2. {n:,} tiny items (identity), 2 processes",
+        rows_vs(res, n, "Pool.imap chunksize=1000"),
+        ("peer", "items/s", "ratio"),
+    )
 
     n = 2000 // scale
     res = measure({"conveyor": big_conveyor, "raw Pipe send/recv": big_raw_pipe}, n, repeat)
-    table(f"3. {n:,} items of 1 MB bytes, 2 processes",
-          rows_vs(res, n, "raw Pipe send/recv"), ("peer", "MB/s", "ratio"))
+    table(
+        f"3. {n:,} items of 1 MB bytes, 2 processes",
+        rows_vs(res, n, "raw Pipe send/recv"),
+        ("peer", "MB/s", "ratio"),
+    )
 
 
 if __name__ == "__main__":

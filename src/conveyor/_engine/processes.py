@@ -67,6 +67,8 @@ UNIT_TARGET_S = 0.02
 #: a unit this small (pickled) may be sent while another is still running in the child: it
 #: fits in the socket's buffer, so sending it cannot block while the child writes an answer
 _PIPELINE_BYTES = 32 * 1024
+#: a unit of large items stops growing at about this many pickled bytes
+_UNIT_BYTES = 4 * 1024 * 1024
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: how long a child may take to start, set up, or tear down and leave
 _START_TIMEOUT_S = 60.0
@@ -253,13 +255,14 @@ class _Lost(Exception):
 class _Flight:
     """Items sent to a child as one message, and, once it came back, the child's answer."""
 
-    __slots__ = ("answer", "attempt", "data", "id", "items", "unit", "unsendable")
+    __slots__ = ("answer", "attempt", "data", "id", "items", "owner", "unit", "unsendable")
 
     def __init__(self, items: list[Any], unit: Unit | None, attempt: int) -> None:
         self.items = items
         self.unit = unit
         self.attempt = attempt
         self.id = -1
+        self.owner: object = None
         self.data = b""
         self.unsendable: list[int] = []
         self.answer: Any = None
@@ -399,6 +402,8 @@ class ProcessPool(SlotPool):
         if self.start_method == "forkserver":
             # the server imports conveyor once; every worker it forks then starts at once
             self.ctx.set_forkserver_preload(["conveyor._engine.processes"])
+        # pickled bytes per item, smoothed over the units sent: caps units of large items
+        self._item_bytes: float | None = None
         self._children: set[_Child] = set()
         self._children_lock = threading.Lock()
         self._aborted = False
@@ -539,11 +544,14 @@ class ProcessPool(SlotPool):
             self._leave(slot, eof)
 
     def _budget(self, child: _Child) -> int | None:
-        """How many more items this child may take before it is due to be recycled."""
-        if self.recycle_after is None:
-            return None
-        left = max(0, self.recycle_after - child.items_posted)
-        return min(left, self.step.unit_limit())
+        """How many items the next unit may hold: what the step's timing allows, no more than
+        about ``_UNIT_BYTES`` pickled, and (0 when) the child is due to be recycled."""
+        limit = self.step.unit_limit()
+        if self._item_bytes is not None:
+            limit = max(1, min(limit, int(_UNIT_BYTES / max(self._item_bytes, 1.0))))
+        if self.recycle_after is not None:
+            limit = min(limit, max(0, self.recycle_after - child.items_posted))
+        return limit
 
     def _recycle(self, old: _Child) -> _Child:
         """A fresh child first, then the old one leaves (running its teardown)."""
@@ -554,6 +562,7 @@ class ProcessPool(SlotPool):
     def _prepare(self, child: _Child, flight: _Flight) -> None:
         """Number the flight for ``child`` and pickle it, standing in for unpicklable items."""
         flight.id = child.next_id
+        flight.owner = child
         child.next_id += 1
         try:
             flight.data = pickle.dumps((flight.id, flight.items), _PROTOCOL)
@@ -563,8 +572,13 @@ class ProcessPool(SlotPool):
             for i in flight.unsendable:
                 flight.items[i] = _UNSENDABLE
             flight.data = pickle.dumps((flight.id, flight.items), _PROTOCOL)
+        per_item = len(flight.data) / max(1, len(flight.items))
+        seen = self._item_bytes
+        self._item_bytes = per_item if seen is None else seen * 0.7 + per_item * 0.3
 
     def _post(self, child: _Child, flight: _Flight) -> None:
+        if flight.owner is not child:  # numbered for a child that was replaced since
+            self._prepare(child, flight)
         child.conn.send_bytes(flight.data)
         child.fifo.append(flight)
         child.items_posted += len(flight.items)
@@ -613,7 +627,7 @@ class ProcessPool(SlotPool):
             blamed.attempt += 1
             self._pause(delay)
         for flight in flights:
-            self._prepare(new, flight)
+            self._prepare(new, flight)  # again: a stand-in may have replaced an item
             self._post(new, flight)
         return new
 
