@@ -211,7 +211,7 @@ def measure(fns: dict[str, Callable[[int], int]], n: int, repeat: int) -> dict[s
         try:
             done = [n]
 
-            def once(fn: Callable[[int], int] = fn) -> None:
+            def once(fn: Callable[[int], int] = fn, done: list[int] = done) -> None:
                 done[0] = fn(n)
 
             med, _ = median_time(once, repeat)
