@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -14,6 +14,19 @@ def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.002)
+
+
+class Counting:
+    """A source that counts the items taken from it (to check how far the source was read)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self.n):
+            self.taken += 1
+            yield i
 
 
 @pytest.fixture

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
 
 import pytest
 
 from conveyor import Pipeline, Skip, Stage, StageFailed
 
-from .conftest import eventually
+from .conftest import Counting, eventually
 
 
 def conveyor_threads() -> list[threading.Thread]:
@@ -164,27 +163,21 @@ def test_async_resize_grows_and_shrinks_with_teardown() -> None:
 
 
 def test_slow_async_stage_holds_back_a_fast_thread_stage(gate: threading.Event) -> None:
-    taken = 0
-
-    def source() -> Any:
-        nonlocal taken
-        for i in range(20_000):
-            taken += 1
-            yield i
+    source = Counting(20_000)
 
     async def wait_for_gate(x: int) -> int:
         while not gate.is_set():
             await asyncio.sleep(0.001)
         return x
 
-    p = Pipeline(source()).map(lambda x: x, maxsize=8).map(wait_for_gate, kind="async", maxsize=8)
+    p = Pipeline(source).map(lambda x: x, maxsize=8).map(wait_for_gate, kind="async", maxsize=8)
     with p.start() as run:
         eventually(lambda: run.stats().stages[1].queue_depth == 8)
         # two inboxes of 8, a unit of at most 8 in the thread worker, the async worker's item
         # and its queue of one, and the item the feeder holds
-        assert taken <= 8 + 8 + 8 + 2 + 1
+        assert source.taken <= 8 + 8 + 8 + 2 + 1
         gate.set()
-    assert taken == 20_000
+    assert source.taken == 20_000
 
 
 def test_stop_with_drain_on_a_source_finishes_what_was_accepted() -> None:

@@ -25,7 +25,7 @@ from conveyor import (
     StageFailed,
 )
 
-from .conftest import eventually
+from .conftest import Counting, eventually
 
 
 def inc(x: int) -> int:
@@ -151,47 +151,34 @@ def test_key_keeps_per_key_order_and_runs_keys_in_parallel() -> None:
 
 
 def test_full_buffers_stop_the_source(gate: threading.Event) -> None:
-    produced = 0
-
-    def source() -> Any:
-        nonlocal produced
-        for i in range(20_000):
-            produced += 1
-            yield i
-
-    p = Pipeline(source()).map(inc, maxsize=4).map(lambda x: gate.wait(), maxsize=4)
+    source = Counting(20_000)
+    p = Pipeline(source).map(inc, maxsize=4).map(lambda x: gate.wait(), maxsize=4)
     with p.start() as run:
         eventually(lambda: run.stats().stage("<lambda>").queue_depth == 4)
-        snapshot = produced
+        snapshot = source.taken
         # nothing downstream moves, so the source cannot run ahead: two buffers of 4, what the
         # first worker holds (at most its inbox's size), the second worker's item, and the one
         # the feeder holds
         assert snapshot <= 4 + 4 + 4 + 1 + 1
         gate.set()
-    assert produced == 20_000
+    assert source.taken == 20_000
 
 
 def test_ordered_window_stops_intake_while_the_oldest_item_is_slow(
     gate: threading.Event,
 ) -> None:
-    taken = 0
-
-    def source() -> Any:
-        nonlocal taken
-        for i in range(10_000):
-            taken += 1
-            yield i
+    source = Counting(10_000)
 
     def slow_first(x: int) -> int:
         if x == 0:
             gate.wait()
         return x
 
-    p = Pipeline(source(), ordered=True).map(slow_first, workers=4, maxsize=16)
+    p = Pipeline(source, ordered=True).map(slow_first, workers=4, maxsize=16)
     with p.start() as run:
         eventually(lambda: run.stats().stages[0].received == 16)
         assert run.stats().stages[0].received == 16
-        assert taken <= 16 + 16 + 1
+        assert source.taken <= 16 + 16 + 1
         gate.set()
         assert list(run) == list(range(10_000))
 
