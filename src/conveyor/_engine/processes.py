@@ -8,7 +8,7 @@ What crosses the pipe
 ---------------------
 The stage's work (the function, or the ``Stage`` instance or class) is pickled once with
 cloudpickle, so lambdas and closures travel under ``spawn`` and ``forkserver`` too. Units and
-results use the standard pickle. A unit is as large as about 20 ms of work (measured in the child
+results use the standard pickle. A unit is as large as about 50 ms of work (measured in the child
 and fed back), so tiny items are cheap and a slow item travels alone.
 
 When things go wrong
@@ -63,7 +63,7 @@ log = logging.getLogger("conveyor")
 DEFAULT_START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
 #: how long a unit of a process stage should take: long enough that the pipe's round trip is
 #: small beside it, short enough that a slow item does not wait behind many
-UNIT_TARGET_S = 0.02
+UNIT_TARGET_S = 0.05
 #: a unit this small (pickled) may be sent while another is still running in the child: it
 #: fits in the socket's buffer, so sending it cannot block while the child writes an answer
 _PIPELINE_BYTES = 32 * 1024
