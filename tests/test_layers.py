@@ -14,6 +14,7 @@ ALLOWED = {
     "_errors": set(),
     "_engine": {"_errors"},
     "pipeline": {"_errors", "_engine"},
+    "tasks": {"_errors", "_engine"},
     "compat": {"", "pipeline", "_errors", "_engine_public"},
 }
 

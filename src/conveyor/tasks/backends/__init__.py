@@ -1,0 +1,13 @@
+"""Task-queue backends: the contract and its implementations."""
+
+from .base import DEAD as DEAD
+from .base import DONE as DONE
+from .base import QUEUED as QUEUED
+from .base import RUNNING as RUNNING
+from .base import Backend as Backend
+from .base import Job as Job
+from .base import Lease as Lease
+from .base import NewJob as NewJob
+from .base import QueueCounts as QueueCounts
+from .memory import MemoryBackend as MemoryBackend
+from .sqlite import SQLiteBackend as SQLiteBackend

@@ -1,0 +1,216 @@
+"""The task-queue backend contract.
+
+A backend stores jobs and makes every state change atomic, so that many workers — threads,
+processes, machines — can share one queue. The queue and the worker above it hold all policy
+(retries, backoff, which exceptions count); a backend only moves jobs between states when told
+to, and refuses a change made on behalf of a lease that is no longer held.
+
+States::
+
+    queued ──claim──▶ running ──complete──▶ done        (result kept until keep_until)
+      ▲  ▲               │ │ └──fail──────▶ dead        (kept until requeued or purged)
+      │  └──retry/release┘ └─lease lapses: any claim takes it again
+      └──────────── requeue (dead → queued)
+
+``finish(id)`` puts a job in ``done`` from any state (or records a ``done`` id never seen);
+``unfinish(id)`` forgets a ``done`` job so that its id can be enqueued again.
+
+Rules every backend keeps (the conformance suite in ``tests/tasks/`` checks each one, on every
+backend, including the races):
+
+* **Ids.** ``enqueue`` of an id that is queued, running or done changes nothing and returns the
+  existing job; an id that is dead (or unknown) is enqueued afresh.
+* **Order of claims.** Higher ``priority`` first; among equals, enqueue order. A job is not
+  claimable before its ``run_at``. A job with a ``key`` is claimable only when no job of that key
+  is running and no job of that key was enqueued before it and is still queued: one at a time,
+  in enqueue order, keys in parallel.
+* **Leases.** ``claim`` gives each job a fresh ``token`` and ``lease_until = now + lease_s`` and
+  counts an attempt. A running job whose lease has lapsed is claimable again (by anyone). Every
+  call that names a token (``heartbeat``, ``complete``, ``retry``, ``fail``, ``release``) does
+  nothing and returns False unless that token still holds the job, so a worker that lost its
+  lease cannot overwrite the work of the one that took it over: exactly one outcome is kept.
+* **Time** is passed in (``now``, seconds since the epoch): backends never read a clock for
+  decisions, so tests can move time by hand.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+DEAD = "dead"
+STATES = (QUEUED, RUNNING, DONE, DEAD)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What ``enqueue`` stores. ``payload`` is opaque bytes (the queue serialises arguments)."""
+
+    id: str
+    queue: str
+    task: str
+    payload: bytes
+    priority: int = 0
+    key: str | None = None
+    run_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as stored, at the moment it was read."""
+
+    id: str
+    queue: str
+    task: str
+    payload: bytes
+    state: str
+    priority: int
+    key: str | None
+    attempts: int
+    enqueued_at: float
+    run_at: float
+    lease_until: float | None = None
+    token: str | None = None
+    result: bytes | None = None
+    error: str | None = None
+    finished_at: float | None = None
+    keep_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed job and the token that holds it."""
+
+    job: Job
+    token: str
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """One queue at one moment (``conveyor info``)."""
+
+    queued: int
+    delayed: int
+    running: int
+    done: int
+    dead: int
+    oldest_waiting_s: float | None
+    leases: tuple[tuple[str, float], ...] = field(default=())
+    """(job id, seconds left) of every running job, soonest to lapse first"""
+
+
+class Backend(ABC):
+    """Storage for jobs. Every method is atomic; see the module docstring for the rules."""
+
+    #: True when waits are woken by the storage itself (no polling)
+    wakes_without_polling: bool = False
+
+    @abstractmethod
+    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+        """Store each job unless its id is queued, running or done.
+
+        Returns, per job and in order, the job as stored and whether it was added (False: the
+        existing job is returned and nothing changed). A dead job with the same id is replaced.
+        The whole batch is one transaction.
+        """
+
+    @abstractmethod
+    def claim(
+        self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
+    ) -> list[Lease]:
+        """Take up to ``limit`` claimable jobs of ``queue`` (see the rules) and lease them.
+
+        Each taken job becomes running with ``attempts + 1``, a new token and
+        ``lease_until = now + lease_s``. Jobs whose lease lapsed count as claimable. Returns the
+        leases in claim order; an empty list if nothing is claimable now. Two concurrent calls
+        never return the same job.
+        """
+
+    @abstractmethod
+    def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
+        """Extend the lease to ``now + lease_s``; False if ``token`` no longer holds the job."""
+
+    @abstractmethod
+    def complete(
+        self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
+    ) -> bool:
+        """Running → done, storing ``result``, kept until ``now + keep_s`` (forever if None).
+
+        False (and nothing changes) if ``token`` no longer holds the job.
+        """
+
+    @abstractmethod
+    def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
+        """Running → queued, claimable from ``run_at``, remembering ``error``; the attempt stays
+        counted. False if ``token`` no longer holds the job."""
+
+    @abstractmethod
+    def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
+        """Running → dead with ``error``. False if ``token`` no longer holds the job."""
+
+    @abstractmethod
+    def release(self, job_id: str, token: str, now: float) -> bool:
+        """Running → queued, claimable at once, and the attempt is not counted (a worker shutting
+        down gives the job back). False if ``token`` no longer holds the job."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None if unknown (or forgotten after its result expired)."""
+
+    @abstractmethod
+    def finish(self, job_id: str, now: float) -> None:
+        """Mark ``job_id`` done from any state, kept forever; an unknown id is recorded as done
+        (so it cannot be enqueued until ``unfinish``). A lease on it stops holding."""
+
+    @abstractmethod
+    def unfinish(self, job_id: str) -> bool:
+        """Forget a done job so its id can be enqueued again; False if it was not done."""
+
+    @abstractmethod
+    def requeue(self, job_id: str, now: float) -> bool:
+        """Dead → queued (attempts reset to 0); False if the job is not dead."""
+
+    @abstractmethod
+    def requeue_dead(self, queue: str, now: float) -> int:
+        """Every dead job of ``queue`` back to queued; returns how many."""
+
+    @abstractmethod
+    def purge(self, queue: str) -> int:
+        """Delete every job of ``queue`` that is not running; returns how many."""
+
+    @abstractmethod
+    def expire(self, now: float) -> int:
+        """Forget done jobs whose ``keep_until`` has passed; returns how many."""
+
+    @abstractmethod
+    def counts(self, queue: str, now: float) -> QueueCounts:
+        """Counts per state (``delayed``: queued with ``run_at`` in the future), the age of the
+        oldest claimable job, and the running leases."""
+
+    @abstractmethod
+    def next_run_at(self, queue: str) -> float | None:
+        """The earliest ``run_at`` (or lapsing ``lease_until``) that could make a job claimable
+        later; None if the queue has nothing queued or running."""
+
+    def wait_for_work(self, queue: str, timeout_s: float) -> None:
+        """Return when a job of ``queue`` may have become claimable, or after ``timeout_s``.
+
+        The default waits the whole timeout; a backend that can be woken (memory, Redis) returns
+        as soon as something is enqueued, released or retried.
+        """
+        import time
+
+        time.sleep(max(0.0, timeout_s))
+
+    def wait_for_job(self, job_id: str, timeout_s: float) -> None:
+        """Return when ``job_id`` may have changed state, or after ``timeout_s``."""
+        import time
+
+        time.sleep(max(0.0, timeout_s))
+
+    def close(self) -> None:  # noqa: B027 - most backends have nothing to close
+        """Release connections and files."""

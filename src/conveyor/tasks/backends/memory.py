@@ -1,0 +1,371 @@
+"""``memory://``: the reference backend, in this process only.
+
+One lock guards everything, so every method is trivially atomic. Waiting uses a condition that
+every change notifies: workers in the same process wake at once, without polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import threading
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .base import DEAD, DONE, QUEUED, RUNNING, Backend, Job, Lease, NewJob, QueueCounts
+
+
+class _Queue:
+    def __init__(self) -> None:
+        # (-priority, seq, id) of queued jobs; entries go stale and are skipped when popped
+        self.heap: list[tuple[int, int, str]] = []
+        # key -> seqs of its queued jobs, in enqueue order
+        self.key_queued: dict[str, deque[int]] = {}
+        self.key_running: set[str] = set()
+        # (lease_until, id, token) of leases handed out or extended; stale entries are skipped
+        self.leases: list[tuple[float, str, str]] = []
+
+
+class MemoryBackend(Backend):
+    wakes_without_polling = True
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._jobs: dict[str, Job] = {}
+        self._seq: dict[str, int] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._next_seq = 0
+
+    def _q(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue()
+        return q
+
+    # -- queued bookkeeping (lock held) -----------------------------------------------------------
+    def _push(self, job: Job, seq: int) -> None:
+        q = self._q(job.queue)
+        heapq.heappush(q.heap, (-job.priority, seq, job.id))
+        if job.key is not None:
+            seqs = q.key_queued.setdefault(job.key, deque())
+            if seqs and seqs[-1] > seq:  # a reclaimed job goes back to its place
+                seqs.append(seq)
+                q.key_queued[job.key] = deque(sorted(seqs))
+            else:
+                seqs.append(seq)
+
+    def _unqueue_key(self, job: Job, seq: int) -> None:
+        if job.key is None:
+            return
+        q = self._q(job.queue)
+        seqs = q.key_queued.get(job.key)
+        if seqs is not None:
+            with contextlib.suppress(ValueError):
+                seqs.remove(seq)
+            if not seqs:
+                del q.key_queued[job.key]
+
+    def _set(self, job: Job) -> Job:
+        self._jobs[job.id] = job
+        self._changed.notify_all()
+        return job
+
+    def _leave_running(self, job: Job) -> None:
+        if job.state == RUNNING and job.key is not None:
+            self._q(job.queue).key_running.discard(job.key)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+        out: list[tuple[Job, bool]] = []
+        with self._lock:
+            for new in jobs:
+                old = self._jobs.get(new.id)
+                if old is not None and old.state != DEAD:
+                    out.append((old, False))
+                    continue
+                if old is not None:
+                    self._forget(old)
+                job = Job(
+                    id=new.id,
+                    queue=new.queue,
+                    task=new.task,
+                    payload=new.payload,
+                    state=QUEUED,
+                    priority=new.priority,
+                    key=new.key,
+                    attempts=0,
+                    enqueued_at=now,
+                    run_at=new.run_at,
+                )
+                seq = self._next_seq
+                self._next_seq += 1
+                self._seq[job.id] = seq
+                self._set(job)
+                self._push(job, seq)
+                out.append((job, True))
+        return out
+
+    def _forget(self, job: Job) -> None:
+        self._leave_running(job)
+        seq = self._seq.pop(job.id, None)
+        if job.state == QUEUED and seq is not None:
+            self._unqueue_key(job, seq)
+        del self._jobs[job.id]
+
+    def _reclaim_lapsed(self, queue: str, now: float) -> None:
+        leases = self._q(queue).leases
+        while leases and leases[0][0] <= now:
+            _until, job_id, token = heapq.heappop(leases)
+            job = self._jobs.get(job_id)
+            if job is None or job.state != RUNNING or job.token != token:
+                continue
+            if job.lease_until is not None and job.lease_until > now:
+                continue  # extended since: a newer entry stands for it
+            self._leave_running(job)
+            back = self._set(replace(job, state=QUEUED, token=None, lease_until=None))
+            self._push(back, self._seq[job.id])
+
+    def claim(
+        self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
+    ) -> list[Lease]:
+        leases: list[Lease] = []
+        with self._lock:
+            self._reclaim_lapsed(queue, now)
+            q = self._q(queue)
+            skipped: list[tuple[int, int, str]] = []
+            while q.heap and len(leases) < limit:
+                entry = heapq.heappop(q.heap)
+                _, seq, job_id = entry
+                job = self._jobs.get(job_id)
+                if job is None or job.state != QUEUED or self._seq.get(job_id) != seq:
+                    continue  # stale entry
+                if job.run_at > now:
+                    skipped.append(entry)
+                    continue
+                if job.key is not None:
+                    head = q.key_queued.get(job.key)
+                    if job.key in q.key_running or not head or head[0] != seq:
+                        skipped.append(entry)
+                        continue
+                    head.popleft()
+                    if not head:
+                        del q.key_queued[job.key]
+                    q.key_running.add(job.key)
+                token = uuid.uuid4().hex
+                taken = self._set(
+                    replace(
+                        job,
+                        state=RUNNING,
+                        attempts=job.attempts + 1,
+                        token=token,
+                        lease_until=now + lease_s,
+                    )
+                )
+                heapq.heappush(q.leases, (now + lease_s, job_id, token))
+                leases.append(Lease(taken, token))
+            for entry in skipped:
+                heapq.heappush(q.heap, entry)
+        return leases
+
+    def _held(self, job_id: str, token: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.state != RUNNING or job.token != token:
+            return None
+        return job
+
+    def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
+        with self._lock:
+            job = self._held(job_id, token)
+            if job is None:
+                return False
+            self._jobs[job_id] = replace(job, lease_until=now + lease_s)
+            heapq.heappush(self._q(job.queue).leases, (now + lease_s, job_id, token))
+            return True
+
+    def complete(
+        self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
+    ) -> bool:
+        with self._lock:
+            job = self._held(job_id, token)
+            if job is None:
+                return False
+            self._leave_running(job)
+            self._set(
+                replace(
+                    job,
+                    state=DONE,
+                    token=None,
+                    lease_until=None,
+                    result=result,
+                    finished_at=now,
+                    keep_until=None if keep_s is None else now + keep_s,
+                )
+            )
+            return True
+
+    def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
+        with self._lock:
+            job = self._held(job_id, token)
+            if job is None:
+                return False
+            self._leave_running(job)
+            back = self._set(
+                replace(job, state=QUEUED, token=None, lease_until=None, run_at=run_at, error=error)
+            )
+            self._push(back, self._seq[job_id])
+            return True
+
+    def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
+        with self._lock:
+            job = self._held(job_id, token)
+            if job is None:
+                return False
+            self._leave_running(job)
+            self._set(
+                replace(job, state=DEAD, token=None, lease_until=None, error=error, finished_at=now)
+            )
+            return True
+
+    def release(self, job_id: str, token: str, now: float) -> bool:
+        with self._lock:
+            job = self._held(job_id, token)
+            if job is None:
+                return False
+            self._leave_running(job)
+            back = self._set(
+                replace(
+                    job,
+                    state=QUEUED,
+                    token=None,
+                    lease_until=None,
+                    run_at=now,
+                    attempts=max(0, job.attempts - 1),
+                )
+            )
+            self._push(back, self._seq[job_id])
+            return True
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def finish(self, job_id: str, now: float) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                seq = self._next_seq
+                self._next_seq += 1
+                self._seq[job_id] = seq
+                self._set(
+                    Job(
+                        id=job_id,
+                        queue="",
+                        task="",
+                        payload=b"",
+                        state=DONE,
+                        priority=0,
+                        key=None,
+                        attempts=0,
+                        enqueued_at=now,
+                        run_at=now,
+                        finished_at=now,
+                    )
+                )
+                return
+            if job.state == QUEUED:
+                self._unqueue_key(job, self._seq[job_id])
+            self._leave_running(job)
+            self._set(
+                replace(
+                    job, state=DONE, token=None, lease_until=None, finished_at=now, keep_until=None
+                )
+            )
+
+    def unfinish(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state != DONE:
+                return False
+            self._forget(job)
+            self._changed.notify_all()
+            return True
+
+    def requeue(self, job_id: str, now: float) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state != DEAD:
+                return False
+            self._requeue(job, now)
+            return True
+
+    def _requeue(self, job: Job, now: float) -> None:
+        back = self._set(replace(job, state=QUEUED, attempts=0, run_at=now, finished_at=None))
+        self._push(back, self._seq[job.id])
+
+    def requeue_dead(self, queue: str, now: float) -> int:
+        with self._lock:
+            dead = [j for j in self._jobs.values() if j.queue == queue and j.state == DEAD]
+            for job in dead:
+                self._requeue(job, now)
+            return len(dead)
+
+    def purge(self, queue: str) -> int:
+        with self._lock:
+            gone = [j for j in self._jobs.values() if j.queue == queue and j.state != RUNNING]
+            for job in gone:
+                self._forget(job)
+            if queue in self._queues:
+                q = self._queues[queue]
+                q.heap = [e for e in q.heap if e[2] in self._jobs]
+                heapq.heapify(q.heap)
+            return len(gone)
+
+    def expire(self, now: float) -> int:
+        with self._lock:
+            gone = [
+                j
+                for j in self._jobs.values()
+                if j.state == DONE and j.keep_until is not None and j.keep_until <= now
+            ]
+            for job in gone:
+                self._forget(job)
+            return len(gone)
+
+    def counts(self, queue: str, now: float) -> QueueCounts:
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.queue == queue]
+        queued = [j for j in jobs if j.state == QUEUED]
+        ready = [j for j in queued if j.run_at <= now]
+        running = sorted(
+            (j for j in jobs if j.state == RUNNING), key=lambda j: j.lease_until or 0.0
+        )
+        oldest = min((j.enqueued_at for j in ready), default=None)
+        return QueueCounts(
+            queued=len(queued),
+            delayed=len(queued) - len(ready),
+            running=len(running),
+            done=sum(1 for j in jobs if j.state == DONE),
+            dead=sum(1 for j in jobs if j.state == DEAD),
+            oldest_waiting_s=None if oldest is None else max(0.0, now - oldest),
+            leases=tuple((j.id, (j.lease_until or now) - now) for j in running),
+        )
+
+    def next_run_at(self, queue: str) -> float | None:
+        with self._lock:
+            times = [
+                j.run_at if j.state == QUEUED else (j.lease_until or 0.0)
+                for j in self._jobs.values()
+                if j.queue == queue and j.state in (QUEUED, RUNNING)
+            ]
+        return min(times, default=None)
+
+    def wait_for_work(self, queue: str, timeout_s: float) -> None:
+        with self._changed:
+            self._changed.wait(max(0.0, timeout_s))
+
+    def wait_for_job(self, job_id: str, timeout_s: float) -> None:
+        with self._changed:
+            self._changed.wait(max(0.0, timeout_s))

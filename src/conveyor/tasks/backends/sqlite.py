@@ -1,0 +1,375 @@
+"""``sqlite:///path``: a durable queue in one file, shared by many processes on one machine.
+
+The file is in WAL mode (readers never block the writer) with ``synchronous=NORMAL``: a commit
+survives the process being killed; a power cut may lose the last commits, never corrupt the
+file. Every change runs in a ``BEGIN IMMEDIATE`` transaction, which takes the write lock up
+front, so two workers can never claim the same job. Each thread uses its own connection.
+
+SQLite cannot notify another process of a commit, so waiting for work polls ``PRAGMA
+data_version`` (a cheap read that changes when another connection commits), backing off from
+5 ms to 100 ms.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from .base import DEAD, DONE, QUEUED, RUNNING, Backend, Job, Lease, NewJob, QueueCounts
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    task TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    key TEXT,
+    seq INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    enqueued_at REAL NOT NULL,
+    run_at REAL NOT NULL,
+    lease_until REAL,
+    token TEXT,
+    result BLOB,
+    error TEXT,
+    finished_at REAL,
+    keep_until REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (queue, state, lease_until);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_keep ON jobs (state, keep_until);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+"""
+
+_COLUMNS = (
+    "id, queue, task, payload, state, priority, key, attempts, enqueued_at, run_at, "
+    "lease_until, token, result, error, finished_at, keep_until"
+)
+
+_CLAIMABLE = """
+SELECT id FROM jobs AS j
+WHERE j.queue = ? AND j.state = 'queued' AND j.run_at <= ?
+  AND (j.key IS NULL OR (
+        NOT EXISTS (SELECT 1 FROM jobs AS r
+                    WHERE r.queue = j.queue AND r.key = j.key AND r.state = 'running')
+    AND NOT EXISTS (SELECT 1 FROM jobs AS e
+                    WHERE e.queue = j.queue AND e.key = j.key AND e.state = 'queued'
+                      AND e.seq < j.seq)))
+ORDER BY j.priority DESC, j.seq
+LIMIT ?
+"""
+
+
+def _job(row: Any) -> Job:
+    return Job(*row)
+
+
+class SQLiteBackend(Backend):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        # every statement of the schema is idempotent: many processes may open the file at once
+        self._conn().executescript(_SCHEMA)
+
+    # -- connections ----------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+            with self._all_lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _next_seqs(self, db: sqlite3.Connection, n: int) -> int:
+        (last,) = db.execute(
+            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (n,)
+        ).fetchone()
+        return int(last) - n + 1
+
+    def _read(self, db: sqlite3.Connection, job_id: str) -> Job | None:
+        row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+        out: list[tuple[Job, bool]] = []
+        with self._write() as db:
+            seq = self._next_seqs(db, len(jobs))
+            rows = []
+            added: dict[str, Job] = {}  # an id twice in one batch: the first one counts
+            for new in jobs:
+                if new.id in added:
+                    out.append((added[new.id], False))
+                    continue
+                old = self._read(db, new.id)
+                if old is not None and old.state != DEAD:
+                    out.append((old, False))
+                    continue
+                if old is not None:
+                    db.execute("DELETE FROM jobs WHERE id = ?", (new.id,))
+                job = Job(
+                    id=new.id,
+                    queue=new.queue,
+                    task=new.task,
+                    payload=new.payload,
+                    state=QUEUED,
+                    priority=new.priority,
+                    key=new.key,
+                    attempts=0,
+                    enqueued_at=now,
+                    run_at=new.run_at,
+                )
+                rows.append(
+                    (
+                        job.id,
+                        job.queue,
+                        job.task,
+                        job.payload,
+                        QUEUED,
+                        job.priority,
+                        job.key,
+                        seq,
+                        now,
+                        job.run_at,
+                    )
+                )
+                seq += 1
+                added[job.id] = job
+                out.append((job, True))
+            db.executemany(
+                "INSERT INTO jobs (id, queue, task, payload, state, priority, key, seq, "
+                "attempts, enqueued_at, run_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                rows,
+            )
+        return out
+
+    def claim(
+        self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
+    ) -> list[Lease]:
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL "
+                "WHERE queue = ? AND state = 'running' AND lease_until <= ?",
+                (queue, now),
+            )
+            ids = [r[0] for r in db.execute(_CLAIMABLE, (queue, now, limit))]
+            tokens = [uuid.uuid4().hex for _ in ids]
+            db.executemany(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, "
+                "lease_until = ? WHERE id = ?",
+                [(t, now + lease_s, i) for i, t in zip(ids, tokens, strict=True)],
+            )
+            leases = []
+            for job_id, token in zip(ids, tokens, strict=True):
+                job = self._read(db, job_id)
+                assert job is not None
+                leases.append(Lease(job, token))
+        return leases
+
+    def _held_update(self, sql: str, args: tuple[Any, ...], job_id: str, token: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                sql + " WHERE id = ? AND state = 'running' AND token = ?", (*args, job_id, token)
+            )
+            return cur.rowcount == 1
+
+    def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
+        return self._held_update("UPDATE jobs SET lease_until = ?", (now + lease_s,), job_id, token)
+
+    def complete(
+        self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
+    ) -> bool:
+        return self._held_update(
+            "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, result = ?, "
+            "finished_at = ?, keep_until = ?",
+            (result, now, None if keep_s is None else now + keep_s),
+            job_id,
+            token,
+        )
+
+    def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
+        return self._held_update(
+            "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
+            "error = ?",
+            (run_at, error),
+            job_id,
+            token,
+        )
+
+    def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
+        return self._held_update(
+            "UPDATE jobs SET state = 'dead', token = NULL, lease_until = NULL, error = ?, "
+            "finished_at = ?",
+            (error, now),
+            job_id,
+            token,
+        )
+
+    def release(self, job_id: str, token: str, now: float) -> bool:
+        return self._held_update(
+            "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
+            "attempts = MAX(0, attempts - 1)",
+            (now,),
+            job_id,
+            token,
+        )
+
+    def get(self, job_id: str) -> Job | None:
+        return self._read(self._conn(), job_id)
+
+    def finish(self, job_id: str, now: float) -> None:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, "
+                "finished_at = ?, keep_until = NULL WHERE id = ?",
+                (now, job_id),
+            )
+            if cur.rowcount == 0:
+                seq = self._next_seqs(db, 1)
+                db.execute(
+                    "INSERT INTO jobs (id, queue, task, payload, state, priority, key, seq, "
+                    "attempts, enqueued_at, run_at, finished_at) "
+                    "VALUES (?, '', '', x'', 'done', 0, NULL, ?, 0, ?, ?, ?)",
+                    (job_id, seq, now, now, now),
+                )
+
+    def unfinish(self, job_id: str) -> bool:
+        with self._write() as db:
+            cur = db.execute("DELETE FROM jobs WHERE id = ? AND state = 'done'", (job_id,))
+            return cur.rowcount == 1
+
+    def requeue(self, job_id: str, now: float) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, finished_at = NULL "
+                "WHERE id = ? AND state = 'dead'",
+                (now, job_id),
+            )
+            return cur.rowcount == 1
+
+    def requeue_dead(self, queue: str, now: float) -> int:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, finished_at = NULL "
+                "WHERE queue = ? AND state = 'dead'",
+                (now, queue),
+            )
+            return cur.rowcount
+
+    def purge(self, queue: str) -> int:
+        with self._write() as db:
+            cur = db.execute("DELETE FROM jobs WHERE queue = ? AND state != 'running'", (queue,))
+            return cur.rowcount
+
+    def expire(self, now: float) -> int:
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM jobs WHERE state = 'done' AND keep_until IS NOT NULL "
+                "AND keep_until <= ?",
+                (now,),
+            )
+            return cur.rowcount
+
+    def counts(self, queue: str, now: float) -> QueueCounts:
+        db = self._conn()
+        per_state = dict(
+            db.execute("SELECT state, COUNT(*) FROM jobs WHERE queue = ? GROUP BY state", (queue,))
+        )
+        (delayed,) = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE queue = ? AND state = 'queued' AND run_at > ?",
+            (queue, now),
+        ).fetchone()
+        (oldest,) = db.execute(
+            "SELECT MIN(enqueued_at) FROM jobs WHERE queue = ? AND state = 'queued' "
+            "AND run_at <= ?",
+            (queue, now),
+        ).fetchone()
+        leases = tuple(
+            (job_id, until - now)
+            for job_id, until in db.execute(
+                "SELECT id, lease_until FROM jobs WHERE queue = ? AND state = 'running' "
+                "ORDER BY lease_until",
+                (queue,),
+            )
+        )
+        return QueueCounts(
+            queued=per_state.get(QUEUED, 0),
+            delayed=delayed,
+            running=per_state.get(RUNNING, 0),
+            done=per_state.get(DONE, 0),
+            dead=per_state.get(DEAD, 0),
+            oldest_waiting_s=None if oldest is None else max(0.0, now - oldest),
+            leases=leases,
+        )
+
+    def next_run_at(self, queue: str) -> float | None:
+        (at,) = (
+            self._conn()
+            .execute(
+                "SELECT MIN(CASE WHEN state = 'queued' THEN run_at ELSE lease_until END) "
+                "FROM jobs WHERE queue = ? AND state IN ('queued', 'running')",
+                (queue,),
+            )
+            .fetchone()
+        )
+        return None if at is None else float(at)
+
+    def _poll(self, timeout_s: float) -> None:
+        db = self._conn()
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        (start,) = db.execute("PRAGMA data_version").fetchone()
+        pause = 0.005
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(pause, left))
+            (now,) = db.execute("PRAGMA data_version").fetchone()
+            if now != start:
+                return
+            pause = min(pause * 2, 0.1)
+
+    def wait_for_work(self, queue: str, timeout_s: float) -> None:
+        self._poll(timeout_s)
+
+    def wait_for_job(self, job_id: str, timeout_s: float) -> None:
+        self._poll(timeout_s)
+
+    def close(self) -> None:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for db in conns:
+            with suppress(sqlite3.ProgrammingError):
+                db.close()
+        self._local = threading.local()

@@ -1,0 +1,349 @@
+"""One suite, every backend: each operation of the contract and each race it must survive."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from conveyor.tasks.backends import (
+    DEAD,
+    DONE,
+    QUEUED,
+    RUNNING,
+    Backend,
+    NewJob,
+    SQLiteBackend,
+)
+
+Q = "q"
+
+
+def job(i: str, priority: int = 0, key: str | None = None, run_at: float = 0.0) -> NewJob:
+    return NewJob(
+        id=i, queue=Q, task="t", payload=i.encode(), priority=priority, key=key, run_at=run_at
+    )
+
+
+def claim_ids(b: Backend, now: float, limit: int = 10, lease_s: float = 30.0) -> list[str]:
+    return [lease.job.id for lease in b.claim(Q, "w", lease_s, now, limit)]
+
+
+def test_enqueue_stores_and_dedups_by_id(backend: Backend) -> None:
+    [(stored, added)] = backend.enqueue([job("a")], now=1.0)
+    assert added and stored.state == QUEUED and stored.attempts == 0
+    assert stored.payload == b"a" and stored.enqueued_at == 1.0
+    [(again, added)] = backend.enqueue([job("a", priority=9)], now=2.0)
+    assert not added and again.priority == 0
+    [lease] = backend.claim(Q, "w", 30, 3.0)
+    assert not backend.enqueue([job("a")], now=4.0)[0][1]  # running
+    assert backend.complete("a", lease.token, b"r", None, 5.0)
+    assert not backend.enqueue([job("a")], now=6.0)[0][1]  # done
+
+
+def test_a_dead_id_can_be_enqueued_again(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [lease] = backend.claim(Q, "w", 30, 1)
+    assert backend.fail("a", lease.token, "boom", 2)
+    [(fresh, added)] = backend.enqueue([job("a")], now=3)
+    assert added and fresh.state == QUEUED and fresh.attempts == 0
+
+
+def test_batch_enqueue_is_one_call(backend: Backend) -> None:
+    out = backend.enqueue([job(str(i)) for i in range(500)] + [job("7")], now=0)
+    assert sum(added for _, added in out) == 500
+    assert claim_ids(backend, 1, limit=1000)[:3] == ["0", "1", "2"]
+
+
+def test_claims_go_by_priority_then_enqueue_order(backend: Backend) -> None:
+    backend.enqueue([job("low1"), job("high", priority=5), job("low2"), job("mid", priority=1)], 0)
+    assert claim_ids(backend, 1) == ["high", "mid", "low1", "low2"]
+    assert claim_ids(backend, 1) == []
+
+
+def test_delayed_jobs_wait_for_their_time(backend: Backend) -> None:
+    backend.enqueue([job("later", run_at=100.0), job("now")], now=0)
+    assert claim_ids(backend, 50, lease_s=1000) == ["now"]
+    assert backend.next_run_at(Q) == 100.0
+    assert claim_ids(backend, 99) == []
+    assert claim_ids(backend, 100) == ["later"]
+
+
+def test_keys_run_one_at_a_time_in_order_and_in_parallel(backend: Backend) -> None:
+    backend.enqueue(
+        [
+            job("a1", key="a"),
+            job("a2", key="a"),
+            job("b1", key="b"),
+            job("a3", key="a"),
+            job("free"),
+        ],
+        now=0,
+    )
+    first = backend.claim(Q, "w", 30, 1, limit=10)
+    assert [lease.job.id for lease in first] == ["a1", "b1", "free"]
+    assert claim_ids(backend, 2) == []
+    token = {lease.job.id: lease.token for lease in first}
+    # a retried keyed job keeps its place: a2 still waits behind a1
+    assert backend.retry("a1", token["a1"], run_at=10, error="x", now=3)
+    assert claim_ids(backend, 4) == []
+    assert claim_ids(backend, 10) == ["a1"]
+
+
+def test_key_order_continues_after_completion(backend: Backend) -> None:
+    backend.enqueue([job("a1", key="a"), job("a2", key="a"), job("a3", key="a")], now=0)
+    for expected in ("a1", "a2", "a3"):
+        [lease] = backend.claim(Q, "w", 30, 1, limit=10)
+        assert lease.job.id == expected
+        assert backend.complete(expected, lease.token, None, None, 2)
+
+
+def test_a_lapsed_lease_is_claimed_again_and_the_old_token_is_refused(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [old] = backend.claim(Q, "w1", lease_s=10, now=0)
+    assert old.job.attempts == 1 and old.job.lease_until == 10
+    assert claim_ids(backend, 5) == []
+    [new] = backend.claim(Q, "w2", lease_s=10, now=11)
+    assert new.job.attempts == 2 and new.token != old.token
+    for call in (
+        lambda: backend.heartbeat("a", old.token, 10, 12),
+        lambda: backend.complete("a", old.token, b"late", None, 12),
+        lambda: backend.retry("a", old.token, 20, "x", 12),
+        lambda: backend.fail("a", old.token, "x", 12),
+        lambda: backend.release("a", old.token, 12),
+    ):
+        assert call() is False
+    assert backend.complete("a", new.token, b"ok", None, 13)
+    got = backend.get("a")
+    assert got is not None and got.state == DONE and got.result == b"ok"
+
+
+def test_heartbeat_keeps_the_lease(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [lease] = backend.claim(Q, "w", lease_s=10, now=0)
+    assert backend.heartbeat("a", lease.token, 10, now=8)
+    assert claim_ids(backend, 12) == []
+    assert claim_ids(backend, 19) == ["a"]
+
+
+def test_complete_keeps_the_result_for_its_time(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b")], now=0)
+    leases = {lease.job.id: lease for lease in backend.claim(Q, "w", 30, 1, limit=2)}
+    assert backend.complete("a", leases["a"].token, b"ra", keep_s=10, now=2)
+    assert backend.complete("b", leases["b"].token, None, keep_s=None, now=2)
+    got = backend.get("a")
+    assert got is not None and (got.result, got.finished_at, got.keep_until) == (b"ra", 2, 12)
+    assert backend.expire(now=11) == 0
+    assert backend.expire(now=12) == 1
+    assert backend.get("a") is None and backend.get("b") is not None
+    assert backend.enqueue([job("a")], now=13)[0][1]
+
+
+def test_retry_requeues_later_and_keeps_the_attempt(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [lease] = backend.claim(Q, "w", 30, 0)
+    assert backend.retry("a", lease.token, run_at=5, error="Timeout", now=1)
+    got = backend.get("a")
+    assert got is not None and (got.state, got.attempts, got.error) == (QUEUED, 1, "Timeout")
+    assert claim_ids(backend, 4) == []
+    [again] = backend.claim(Q, "w", 30, 5)
+    assert again.job.attempts == 2
+
+
+def test_fail_and_requeue(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b")], now=0)
+    for lease in backend.claim(Q, "w", 30, 0, limit=2):
+        assert backend.fail(lease.job.id, lease.token, "bad", 1)
+    got = backend.get("a")
+    assert got is not None and (got.state, got.error) == (DEAD, "bad")
+    assert backend.requeue("a", 2)
+    assert not backend.requeue("a", 2)
+    assert backend.requeue_dead(Q, 3) == 1
+    assert sorted(claim_ids(backend, 4)) == ["a", "b"]
+
+
+def test_release_gives_the_job_back_at_once_without_counting_it(backend: Backend) -> None:
+    backend.enqueue([job("a", run_at=0)], now=0)
+    [lease] = backend.claim(Q, "w", 300, 0)
+    assert backend.release("a", lease.token, now=1)
+    [again] = backend.claim(Q, "w2", 300, 1)
+    assert again.job.attempts == 1
+
+
+def test_finish_and_unfinish(backend: Backend) -> None:
+    backend.finish("never-seen", now=0)
+    assert not backend.enqueue([job("never-seen")], now=1)[0][1]
+    assert backend.unfinish("never-seen")
+    assert not backend.unfinish("never-seen")
+    assert backend.enqueue([job("never-seen")], now=2)[0][1]
+    [lease] = backend.claim(Q, "w", 30, 3)
+    backend.finish("never-seen", now=4)  # finished while running: the lease stops holding
+    assert not backend.complete("never-seen", lease.token, b"x", None, 5)
+    got = backend.get("never-seen")
+    assert got is not None and got.state == DONE
+
+
+def test_finish_a_queued_keyed_job_unblocks_its_key(backend: Backend) -> None:
+    backend.enqueue([job("a1", key="a"), job("a2", key="a")], now=0)
+    backend.finish("a1", now=1)
+    assert claim_ids(backend, 2) == ["a2"]
+
+
+def test_purge_keeps_running_jobs(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b"), job("c")], now=0)
+    [lease] = backend.claim(Q, "w", 30, 0)
+    assert backend.purge(Q) == 2
+    assert backend.get(lease.job.id) is not None
+    assert claim_ids(backend, 1) == []
+
+
+def test_counts(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b", run_at=50), job("c"), job("d"), job("e")], now=0)
+    leases = backend.claim(Q, "w", lease_s=30, now=10, limit=3)
+    backend.complete(leases[0].job.id, leases[0].token, None, None, 11)
+    backend.fail(leases[1].job.id, leases[1].token, "x", 11)
+    c = backend.counts(Q, now=20)
+    assert (c.queued, c.delayed, c.running, c.done, c.dead) == (2, 1, 1, 1, 1)
+    assert c.oldest_waiting_s == 20
+    assert c.leases == ((leases[2].job.id, 20.0),)
+    assert backend.counts("other", now=20).queued == 0
+
+
+def test_next_run_at_sees_delays_and_leases(backend: Backend) -> None:
+    assert backend.next_run_at(Q) is None
+    backend.enqueue([job("a", run_at=40)], now=0)
+    assert backend.next_run_at(Q) == 40
+    backend.claim(Q, "w", 5, now=40)
+    assert backend.next_run_at(Q) == 45
+
+
+def test_queues_are_separate(backend: Backend) -> None:
+    backend.enqueue([NewJob("x", "other", "t", b"")], now=0)
+    assert claim_ids(backend, 1) == []
+    assert [lease.job.id for lease in backend.claim("other", "w", 30, 1)] == ["x"]
+
+
+def test_wait_for_work_returns_when_work_arrives(backend: Backend) -> None:
+    woke = threading.Event()
+
+    def waiter() -> None:
+        backend.wait_for_work(Q, timeout_s=30)
+        woke.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    # the waiter may start after an enqueue (a missed wake-up costs one wait, by contract);
+    # enqueues keep coming until one wakes it, far sooner than its 30 s
+    for i in range(250):
+        backend.enqueue([job(str(i))], now=0)
+        if woke.wait(0.02):
+            break
+    assert woke.is_set()
+    t.join(5)
+
+
+# -- races ---------------------------------------------------------------------------------------
+
+
+def test_threads_racing_claim_each_job_once(backend: Backend) -> None:
+    backend.enqueue([job(str(i)) for i in range(600)], now=0)
+    got: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+
+    def worker() -> None:
+        start.wait()
+        while True:
+            leases = backend.claim(Q, threading.current_thread().name, 30, 1, limit=7)
+            if not leases:
+                return
+            for lease in leases:
+                assert backend.complete(lease.job.id, lease.token, None, None, 2)
+            with lock:
+                got.extend(lease.job.id for lease in leases)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got, key=int) == [str(i) for i in range(600)]
+
+
+def test_two_workers_one_lapsed_job_one_outcome(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [slow] = backend.claim(Q, "slow", 10, 0)
+    [fast] = backend.claim(Q, "fast", 10, 11)  # the slow worker's lease lapsed
+    assert backend.complete("a", fast.token, b"fast", None, 12)
+    assert not backend.complete("a", slow.token, b"slow", None, 13)
+    got = backend.get("a")
+    assert got is not None and got.result == b"fast"
+
+
+def _claim_in_process(path: str, out: multiprocessing.Queue[list[str]]) -> None:
+    b = SQLiteBackend(path)
+    mine: list[str] = []
+    while True:
+        leases = b.claim(Q, str(os.getpid()), 30, 1, limit=5)
+        if not leases:
+            break
+        for lease in leases:
+            b.complete(lease.job.id, lease.token, None, None, 2)
+            mine.append(lease.job.id)
+    out.put(mine)
+    b.close()
+
+
+def test_sqlite_processes_racing_claim_each_job_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "race.db")
+    b = SQLiteBackend(path)
+    b.enqueue([job(str(i)) for i in range(2000)], now=0)
+    ctx = multiprocessing.get_context("forkserver")
+    out: multiprocessing.Queue[list[str]] = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(path, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [x for _ in procs for x in out.get(timeout=60)]
+    for p in procs:
+        p.join(30)
+    assert sorted(got, key=int) == [str(i) for i in range(2000)]
+    assert b.counts(Q, 3).done == 2000
+    b.close()
+
+
+def _enqueue_then_die(path: str, n: int) -> None:
+    b = SQLiteBackend(path)
+    for i in range(n):
+        b.enqueue([job(str(i))], now=0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_sqlite_keeps_every_accepted_job_after_a_kill(tmp_path: Path) -> None:
+    path = str(tmp_path / "durable.db")
+    ctx = multiprocessing.get_context("forkserver")
+    p = ctx.Process(target=_enqueue_then_die, args=(path, 300))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    b = SQLiteBackend(path)
+    assert b.counts(Q, 1).queued == 300
+    assert len(claim_ids(b, 1, limit=1000)) == 300
+    b.close()
+
+
+@pytest.mark.parametrize("n", [1])
+def test_running_jobs_survive_reopening_and_lapse(tmp_path: Path, n: int) -> None:
+    path = tmp_path / "reopen.db"
+    b = SQLiteBackend(path)
+    b.enqueue([job("a")], now=0)
+    [lease] = b.claim(Q, "w", 10, 0)
+    b.close()
+    again = SQLiteBackend(path)
+    got = again.get("a")
+    assert got is not None and got.state == RUNNING and got.token == lease.token
+    assert claim_ids(again, 11) == ["a"]
+    again.close()
