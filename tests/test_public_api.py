@@ -5,7 +5,9 @@ from __future__ import annotations
 import conveyor
 
 EXPECTED = {
+    "BackendUnavailable",
     "BrokenResourceError",
+    "CancelTask",
     "ClosedResourceError",
     "ConfigurationError",
     "ConveyorError",
@@ -13,12 +15,15 @@ EXPECTED = {
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",
+    "JobHandle",
+    "JobNotFound",
     "ManualClock",
     "Pipeline",
     "PipelineClosed",
     "PipelineError",
     "RemoteError",
     "Retry",
+    "RetryTask",
     "Run",
     "RunStats",
     "RunTimeout",
@@ -28,6 +33,11 @@ EXPECTED = {
     "StageHandle",
     "StageOptions",
     "StageStats",
+    "Task",
+    "TaskError",
+    "TaskFailed",
+    "TaskQueue",
+    "Worker",
     "WorkerCrashed",
     "WouldBlock",
 }

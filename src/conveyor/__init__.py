@@ -16,17 +16,21 @@ from ._engine import Retry as Retry
 from ._engine import RunStats as RunStats
 from ._engine import Skip as Skip
 from ._engine import StageStats as StageStats
+from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import BrokenResourceError as BrokenResourceError
 from ._errors import ClosedResourceError as ClosedResourceError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConveyorError as ConveyorError
 from ._errors import ItemNotSendable as ItemNotSendable
 from ._errors import ItemTimeout as ItemTimeout
+from ._errors import JobNotFound as JobNotFound
 from ._errors import PipelineClosed as PipelineClosed
 from ._errors import PipelineError as PipelineError
 from ._errors import RemoteError as RemoteError
 from ._errors import RunTimeout as RunTimeout
 from ._errors import StageFailed as StageFailed
+from ._errors import TaskError as TaskError
+from ._errors import TaskFailed as TaskFailed
 from ._errors import WorkerCrashed as WorkerCrashed
 from ._errors import WouldBlock as WouldBlock
 from .pipeline import Pipeline as Pipeline
@@ -34,11 +38,19 @@ from .pipeline import Run as Run
 from .pipeline import Stage as Stage
 from .pipeline import StageHandle as StageHandle
 from .pipeline import StageOptions as StageOptions
+from .tasks import CancelTask as CancelTask
+from .tasks import JobHandle as JobHandle
+from .tasks import RetryTask as RetryTask
+from .tasks import Task as Task
+from .tasks import TaskQueue as TaskQueue
+from .tasks import Worker as Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailable",
     "BrokenResourceError",
+    "CancelTask",
     "ClosedResourceError",
     "ConfigurationError",
     "ConveyorError",
@@ -46,12 +58,15 @@ __all__ = [
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",
+    "JobHandle",
+    "JobNotFound",
     "ManualClock",
     "Pipeline",
     "PipelineClosed",
     "PipelineError",
     "RemoteError",
     "Retry",
+    "RetryTask",
     "Run",
     "RunStats",
     "RunTimeout",
@@ -61,6 +76,11 @@ __all__ = [
     "StageHandle",
     "StageOptions",
     "StageStats",
+    "Task",
+    "TaskError",
+    "TaskFailed",
+    "TaskQueue",
+    "Worker",
     "WorkerCrashed",
     "WouldBlock",
 ]

@@ -4,6 +4,10 @@ The tree (mirrored in ``docs/exceptions.md``)::
 
     ConveyorError
     ├── ConfigurationError          bad input, refused where it is given (ValueError, TypeError)
+    ├── TaskError
+    │   ├── TaskFailed              a job ended dead (its last attempt failed, or it was cancelled)
+    │   ├── JobNotFound             no job has that id
+    │   └── BackendUnavailable      the queue's storage cannot be reached or opened
     ├── PipelineError
     │   ├── StageFailed             an item failed under on_error="raise"; carries the details
     │   ├── RunTimeout              a whole run went past its timeout_s (also TimeoutError)
@@ -16,8 +20,9 @@ The tree (mirrored in ``docs/exceptions.md``)::
     │   └── WorkerCrashed           a worker process died while it held items
     └── WouldBlock                  a *_nowait call that would have had to wait
 
-Control-flow signals and policy values are not here: ``Retry``, ``Skip`` and ``DeadLetter`` are
-values handed to a stage, never raised.
+Control-flow signals are not errors and are not here: a task raises ``RetryTask(delay_s=)`` or
+``CancelTask`` (``conveyor.tasks``) to steer its own job. Policy values (``Retry``, ``Skip``,
+``DeadLetter``) are handed to a stage, never raised.
 """
 
 from __future__ import annotations
@@ -44,6 +49,29 @@ class ConveyorError(Exception):
 
 class ConfigurationError(ConveyorError, ValueError, TypeError):
     """Something given to conveyor cannot work; raised where it is given, never later."""
+
+
+class TaskError(ConveyorError):
+    """Something about a task queue or a job."""
+
+
+class TaskFailed(TaskError):
+    """The job is dead: ``job_id``, ``task`` and the last ``error`` (text)."""
+
+    def __init__(self, job_id: str, task: str, error: str) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.error = error
+        lines = error.strip().splitlines()
+        super().__init__(f"job {job_id!r} of task {task!r} failed: {lines[-1] if lines else '?'}")
+
+
+class JobNotFound(TaskError, LookupError):
+    """No job has that id (or its result was kept for less time than asked)."""
+
+
+class BackendUnavailable(TaskError):
+    """The queue's storage could not be reached, opened or understood."""
 
 
 class PipelineError(ConveyorError):

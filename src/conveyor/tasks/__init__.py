@@ -1,2 +1,9 @@
-"""Durable task queues. This part holds, so far, the backend contract and its memory and SQLite
-backends (``conveyor.tasks.backends``); the queue, the worker and the CLI are built on them."""
+"""Durable task queues: ``TaskQueue``, its tasks and jobs, the worker, and the backends
+(``conveyor.tasks.backends``) they run on."""
+
+from ._queue import CancelTask as CancelTask
+from ._queue import JobHandle as JobHandle
+from ._queue import RetryTask as RetryTask
+from ._queue import Task as Task
+from ._queue import TaskQueue as TaskQueue
+from ._worker import Worker as Worker

@@ -1,0 +1,420 @@
+"""``TaskQueue``: tasks, enqueueing, job handles."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+import random
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from urllib.parse import urlparse
+
+from .._errors import BackendUnavailable, ConfigurationError, JobNotFound, TaskFailed
+from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXECUTORS = ("thread", "process", "inline")
+
+
+class RetryTask(Exception):
+    """Raised by a task to be run again after ``delay_s`` (counts as an attempt)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s)
+        self.delay_s = delay_s
+
+
+class CancelTask(Exception):
+    """Raised by a task to end its job now, without further attempts (it becomes dead)."""
+
+
+# -- payloads ------------------------------------------------------------------------------------
+
+
+class JsonSerializer:
+    name = "json"
+
+    def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for where, value in [
+            *((f"argument {i}", a) for i, a in enumerate(args)),
+            *((f"argument {k!r}", v) for k, v in kwargs.items()),
+        ]:
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"{where} of task {task!r} ({type(value).__name__}) cannot be sent as JSON: "
+                    f"{exc}; send JSON values, or create the queue with serializer='pickle'"
+                ) from None
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+class PickleSerializer:
+    name = "pickle"
+
+    def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for where, value in [
+            *((f"argument {i}", a) for i, a in enumerate(args)),
+            *((f"argument {k!r}", v) for k, v in kwargs.items()),
+        ]:
+            try:
+                pickle.dumps(value)
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"{where} of task {task!r} ({type(value).__name__}) cannot be pickled: {exc}"
+                ) from None
+
+    def dumps(self, value: Any) -> bytes:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+class Serializer(Protocol):
+    name: str
+
+    def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
+
+    def dumps(self, value: Any) -> bytes: ...
+
+    def loads(self, data: bytes) -> Any: ...
+
+
+SERIALIZERS: dict[str, type[Serializer]] = {"json": JsonSerializer, "pickle": PickleSerializer}
+
+# -- backends by URL -----------------------------------------------------------------------------
+
+_memory: dict[str, MemoryBackend] = {}
+_memory_lock = threading.Lock()
+
+
+def open_backend(url: str) -> Backend:
+    """``memory://[name]``, ``sqlite:///relative/or//absolute/path``, ``redis://...``."""
+    parsed = urlparse(url)
+    scheme = parsed.scheme
+    if scheme == "memory":
+        name = parsed.netloc + parsed.path
+        with _memory_lock:
+            backend = _memory.get(name)
+            if backend is None:
+                backend = _memory[name] = MemoryBackend()
+        return backend
+    if scheme == "sqlite":
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigurationError(
+                f"a SQLite queue URL names a file: sqlite:///relative.db or "
+                f"sqlite:////absolute.db, not {url!r}"
+            )
+        try:
+            return SQLiteBackend(path)
+        except Exception as exc:
+            raise BackendUnavailable(f"cannot open the SQLite queue {path!r}: {exc}") from exc
+    if scheme in ("redis", "rediss"):
+        raise ConfigurationError(
+            "the Redis backend is not available in this version of conveyor; "
+            "use memory:// or sqlite:///path"
+        )
+    raise ConfigurationError(
+        f"unknown queue URL {url!r}: use memory://, sqlite:///path (or redis:// once available)"
+    )
+
+
+# -- tasks and jobs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    retries: int
+    backoff_s: float
+    max_backoff_s: float
+    jitter: float
+    timeout_s: float | None
+    priority: int
+    executor: str
+    keep_result_s: float | None
+
+    def delay_s(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """The wait after failed attempt number ``attempt``: exponential, capped, jittered."""
+        base = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
+        return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+
+
+class Task(Generic[P, R]):
+    """A function registered with a queue; call it directly, or ``enqueue`` it."""
+
+    def __init__(
+        self, queue: TaskQueue, fn: Callable[P, Any], name: str, options: TaskOptions
+    ) -> None:
+        self.queue = queue
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> JobHandle:
+        """Add a job; options start with an underscore: ``_id``, ``_delay_s``, ``_eta``,
+        ``_priority``, ``_key``. An id that is queued, running or done returns the existing
+        job and adds nothing."""
+        return self.queue.enqueue(self, *args, **kwargs)
+
+    def enqueue_many(
+        self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+    ) -> list[JobHandle]:
+        """Add many jobs in one transaction: ``calls`` are ``(args, kwargs)`` pairs."""
+        return self.queue.enqueue_many(self, calls)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} of {self.queue.url}>"
+
+
+class JobHandle:
+    """A job enqueued (or found) by id."""
+
+    def __init__(self, queue: TaskQueue, job_id: str, task: str, added: bool = True) -> None:
+        self.queue = queue
+        self.id = job_id
+        self.task = task
+        #: False when the enqueue found the id already queued, running or done
+        self.added = added
+
+    def info(self) -> Job:
+        job = self.queue.backend.get(self.id)
+        if job is None:
+            raise JobNotFound(f"no job with id {self.id!r}")
+        return job
+
+    def status(self) -> str:
+        """``queued``, ``running``, ``done``, ``dead``, or ``unknown`` (never enqueued, or its
+        result has expired)."""
+        job = self.queue.backend.get(self.id)
+        return "unknown" if job is None else job.state
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Wait for the job to end and return its result; raise :class:`TaskFailed` if it is
+        dead, ``TimeoutError`` after ``timeout_s``. Waits without polling where the backend
+        can be woken (memory; Redis); SQLite is polled with back-off."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        backend = self.queue.backend
+        while True:
+            job = backend.get(self.id)
+            if job is None:
+                raise JobNotFound(f"no job with id {self.id!r}")
+            if job.state == DONE:
+                return None if job.result is None else self.queue.serializer.loads(job.result)
+            if job.state == DEAD:
+                raise TaskFailed(self.id, job.task, job.error or "")
+            left = 0.5 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {self.id!r} did not end within {timeout_s} s")
+            backend.wait_for_job(self.id, min(left, 0.5))
+
+    async def aresult(self, timeout_s: float | None = None) -> Any:
+        """``result()`` for async code (waits on a thread)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.result, timeout_s)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id!r} of task {self.task!r}>"
+
+
+class TaskQueue:
+    """A named queue of jobs in a backend given by URL.
+
+    ``TaskQueue("sqlite:///tasks.db")``; options: ``name`` (several queues can share a
+    backend), ``serializer`` (``"json"``, the default, or ``"pickle"``), ``keep_result_s``
+    (how long results are kept; default one day), ``clock`` (seconds since the epoch; tests
+    replace it).
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        name: str = "default",
+        serializer: str = "json",
+        keep_result_s: float | None = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if serializer not in SERIALIZERS:
+            raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a queue name is a non-empty string, not {name!r}")
+        self.url = url
+        self.name = name
+        self.serializer: Serializer = SERIALIZERS[serializer]()
+        self.keep_result_s = keep_result_s
+        self.clock = clock
+        self.backend = open_backend(url)
+        self.tasks: dict[str, Task[Any, Any]] = {}
+
+    # -- registering -------------------------------------------------------------------------
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 300.0,
+        jitter: float = 0.1,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        executor: str = "thread",
+        keep_result_s: float | None = -1.0,
+    ) -> Any:
+        """Register ``fn`` (``async def``, or a plain function run on a thread — or, with
+        ``executor="process"``, a process). Use as ``@q.task`` or ``@q.task(retries=5)``."""
+
+        def register(f: Callable[..., Any]) -> Task[Any, Any]:
+            if not callable(f):
+                raise ConfigurationError(f"a task is a function, not {f!r}")
+            if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+                raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
+            if executor not in EXECUTORS:
+                raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
+            if timeout_s is not None and timeout_s <= 0:
+                raise ConfigurationError(f"timeout_s must be positive or None, not {timeout_s!r}")
+            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            if task_name in self.tasks:
+                raise ConfigurationError(f"a task named {task_name!r} is already registered")
+            keep = self.keep_result_s if keep_result_s == -1.0 else keep_result_s
+            options = TaskOptions(
+                retries, backoff_s, max_backoff_s, jitter, timeout_s, priority, executor, keep
+            )
+            task: Task[Any, Any] = Task(self, f, task_name, options)
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    # -- enqueueing --------------------------------------------------------------------------
+    def _new_job(
+        self, task: Task[Any, Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> NewJob:
+        task_name = task if isinstance(task, str) else task.name
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("_")}
+        job_id = options.pop("_id", None)
+        delay_s = options.pop("_delay_s", None)
+        eta = options.pop("_eta", None)
+        default_priority = 0 if isinstance(task, str) else task.options.priority
+        priority = options.pop("_priority", default_priority)
+        key = options.pop("_key", None)
+        if options:
+            raise ConfigurationError(
+                f"unknown enqueue option(s) {sorted(options)}: the options are _id, _delay_s, "
+                "_eta, _priority and _key"
+            )
+        self.serializer.check(task_name, args, kwargs)
+        if not isinstance(task, str):
+            try:
+                task.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise ConfigurationError(f"task {task_name!r}: {exc}") from None
+        now = self.clock()
+        run_at = now
+        if delay_s is not None and eta is not None:
+            raise ConfigurationError("give _delay_s or _eta, not both")
+        if delay_s is not None:
+            run_at = now + float(delay_s)
+        elif eta is not None:
+            run_at = eta.timestamp() if isinstance(eta, datetime) else float(eta)
+        if job_id is not None and not isinstance(job_id, str):
+            raise ConfigurationError(f"_id must be a string, not {job_id!r}")
+        if key is not None and not isinstance(key, str):
+            raise ConfigurationError(f"_key must be a string, not {key!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigurationError(f"_priority must be an int, not {priority!r}")
+        payload = self.serializer.dumps({"args": list(args), "kwargs": kwargs})
+        return NewJob(
+            id=job_id or uuid.uuid4().hex,
+            queue=self.name,
+            task=task_name,
+            payload=payload,
+            priority=priority,
+            key=key,
+            run_at=run_at,
+        )
+
+    def enqueue(self, task: Task[Any, Any] | str, *args: Any, **kwargs: Any) -> JobHandle:
+        """Enqueue ``task`` (a registered task, or a task name) with its arguments."""
+        new = self._new_job(task, args, kwargs)
+        [(job, added)] = self.backend.enqueue([new], self.clock())
+        return JobHandle(self, job.id, job.task, added)
+
+    def enqueue_many(
+        self,
+        task: Task[Any, Any] | str,
+        calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+    ) -> list[JobHandle]:
+        """Enqueue many calls of one task in one transaction."""
+        news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
+        stored = self.backend.enqueue(news, self.clock())
+        return [JobHandle(self, job.id, job.task, added) for job, added in stored]
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle for an existing job."""
+        found = self.backend.get(job_id)
+        return JobHandle(self, job_id, found.task if found else "", added=False)
+
+    # -- state -------------------------------------------------------------------------------
+    def finish(self, job_id: str) -> None:
+        """Mark ``job_id`` done (kept): it cannot be enqueued again until :meth:`unfinish`."""
+        self.backend.finish(job_id, self.clock())
+
+    def unfinish(self, job_id: str) -> bool:
+        """Make a done id enqueueable again; False if it was not done."""
+        return self.backend.unfinish(job_id)
+
+    def stats(self) -> QueueCounts:
+        return self.backend.counts(self.name, self.clock())
+
+    def requeue(self, job_id: str) -> bool:
+        return self.backend.requeue(job_id, self.clock())
+
+    def requeue_dead(self) -> int:
+        return self.backend.requeue_dead(self.name, self.clock())
+
+    def purge(self) -> int:
+        return self.backend.purge(self.name)
+
+    # -- working -----------------------------------------------------------------------------
+    def worker(self, **options: Any) -> Worker:
+        """A worker for this queue; see :class:`conveyor.tasks.Worker` for the options."""
+        from ._worker import Worker
+
+        return Worker([self], **options)
+
+    def close(self) -> None:
+        if not isinstance(self.backend, MemoryBackend):
+            self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"<TaskQueue {self.name!r} at {self.url}>"
+
+
+AsyncTask = Callable[..., Awaitable[Any]]

@@ -1,0 +1,399 @@
+"""The worker: takes jobs from one or more queues and runs them, at most ``concurrency`` at once.
+
+Every backend call runs on a small thread pool of its own, so the event loop only ever runs
+tasks and bookkeeping. A job runs under a lease that a heartbeat renews every third of
+``lease_s``; whatever happens to the worker, a job it held becomes claimable again when the
+lease lapses — or at once, when the worker shuts down cleanly and releases it.
+
+Shutdown (SIGINT, SIGTERM, or :meth:`Worker.stop`): stop claiming; let running jobs finish for
+up to ``shutdown_grace_s``; cancel the rest and release them, so another worker can start them
+immediately. A second signal cancels and releases at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import traceback
+import uuid
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from .._errors import ConfigurationError
+from ._queue import CancelTask, RetryTask, Task, TaskQueue
+from .backends import Lease
+
+log = logging.getLogger("conveyor.worker")
+
+#: how often expired results are swept
+_EXPIRE_EVERY_S = 60.0
+
+
+class _SignalHub:
+    """One set of handlers per event loop, shared by every worker running on it."""
+
+    def __init__(self) -> None:
+        self.workers: set[Worker] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> bool:
+        if self.loop is not None and self.loop is not loop:
+            return False
+        if not self.workers:
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, self._fire, sig)
+            except (RuntimeError, ValueError, NotImplementedError):
+                return False  # not the main thread, or no signals here
+            self.loop = loop
+        self.workers.add(worker)
+        return True
+
+    def remove(self, worker: Worker) -> None:
+        self.workers.discard(worker)
+        if not self.workers and self.loop is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(Exception):
+                    self.loop.remove_signal_handler(sig)
+            self.loop = None
+
+    def _fire(self, sig: int) -> None:
+        for worker in list(self.workers):
+            worker._signal(sig)
+
+
+_HUB = _SignalHub()
+
+
+class Worker:
+    """Runs the jobs of ``queues``.
+
+    Options: ``concurrency`` (jobs at once, default 10), ``burst`` (return once the queues are
+    drained: nothing claimable, nothing running, nothing due within ``burst_horizon_s``),
+    ``lease_s`` (30), ``shutdown_grace_s`` (10), ``poll_s`` (the longest wait between two looks
+    at a queue that cannot wake us; default 1), ``handle_signals`` (True).
+    """
+
+    def __init__(
+        self,
+        queues: list[TaskQueue],
+        *,
+        concurrency: int = 10,
+        burst: bool = False,
+        lease_s: float = 30.0,
+        shutdown_grace_s: float = 10.0,
+        burst_horizon_s: float = 5.0,
+        poll_s: float = 1.0,
+        handle_signals: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        if lease_s <= 0 or shutdown_grace_s < 0 or poll_s <= 0:
+            raise ConfigurationError("lease_s and poll_s must be positive, shutdown_grace_s >= 0")
+        if not queues:
+            raise ConfigurationError("a worker needs at least one queue")
+        self.queues = queues
+        self.concurrency = concurrency
+        self.burst = burst
+        self.lease_s = lease_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self.burst_horizon_s = burst_horizon_s
+        self.poll_s = poll_s
+        self.handle_signals = handle_signals
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.processed = 0
+        self.failed = 0
+        self._running: dict[str, tuple[asyncio.Task[None], TaskQueue, Lease]] = {}
+        self._stopping: asyncio.Event | None = None
+        self._hard: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._procs: ProcessPoolExecutor | None = None
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until stopped (or drained, in burst mode), on an event loop of its own."""
+        asyncio.run(self.arun())
+
+    async def arun(self) -> None:
+        """Run on the current event loop; several workers (and queues) can share one loop."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        self._hard = asyncio.Event()
+        self._io = ThreadPoolExecutor(2, thread_name_prefix="conveyor:queue-io")
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
+        self._threads = ThreadPoolExecutor(self.concurrency * 2, thread_name_prefix="conveyor:task")
+        signals = self.handle_signals and _HUB.add(self, loop)
+        try:
+            await self._loop_forever()
+        finally:
+            await self._shutdown()
+            if signals:
+                _HUB.remove(self)
+            self._io.shutdown(wait=False)
+            self._waiter.shutdown(wait=False)
+            self._threads.shutdown(wait=False)
+            if self._procs is not None:
+                self._procs.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self, *, now: bool = False) -> None:
+        """Ask the worker to stop (thread-safe); ``now=True`` skips the grace period."""
+        loop = self._loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(self._request_stop, now)
+
+    def _signal(self, sig: int) -> None:
+        assert self._stopping is not None
+        hard = self._stopping.is_set()
+        log.warning(
+            "worker %s: %s, %s",
+            self.id,
+            signal.Signals(sig).name,
+            "stopping now" if hard else "finishing running jobs",
+        )
+        self._request_stop(hard)
+
+    def _request_stop(self, now: bool) -> None:
+        assert self._stopping is not None and self._hard is not None
+        self._stopping.set()
+        if now:
+            self._hard.set()
+
+    async def _io_call(self, fn: Any, *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._io, fn, *args)
+
+    async def _loop_forever(self) -> None:
+        assert self._stopping is not None
+        next_expire = 0.0
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                await self._wait_any([t for t, _, _ in self._running.values()])
+                continue
+            claimed = 0
+            for queue in self.queues:
+                if free <= 0:
+                    break
+                leases = await self._io_call(
+                    queue.backend.claim, queue.name, self.id, self.lease_s, queue.clock(), free
+                )
+                for lease in leases:
+                    self._start(queue, lease)
+                claimed += len(leases)
+                free -= len(leases)
+            now = self.queues[0].clock()
+            if now >= next_expire:
+                next_expire = now + _EXPIRE_EVERY_S
+                for queue in self.queues:
+                    await self._io_call(queue.backend.expire, now)
+            if claimed:
+                continue
+            if self.burst and not self._running and await self._drained():
+                return
+            await self._wait_for_work()
+
+    async def _drained(self) -> bool:
+        for queue in self.queues:
+            now = queue.clock()
+            counts = await self._io_call(queue.backend.counts, queue.name, now)
+            if counts.queued - counts.delayed > 0 or counts.running > 0:
+                return False
+            at = await self._io_call(queue.backend.next_run_at, queue.name)
+            if at is not None and at - now <= self.burst_horizon_s:
+                return False
+        return True
+
+    async def _wait_for_work(self) -> None:
+        """Until a queue may have work, a running job ends, or a stop is asked."""
+        assert self._loop is not None and self._stopping is not None
+        wait_s = self.poll_s
+        for queue in self.queues:
+            at = await self._io_call(queue.backend.next_run_at, queue.name)
+            if at is not None:
+                wait_s = min(wait_s, max(0.0, at - queue.clock()) + 0.001)
+        if len(self.queues) == 1:
+            queue = self.queues[0]
+            woken = self._loop.run_in_executor(
+                self._waiter, queue.backend.wait_for_work, queue.name, wait_s
+            )
+        else:
+            woken = asyncio.ensure_future(asyncio.sleep(min(wait_s, 0.05)))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(woken), stop]
+        waits += [t for t, _, _ in self._running.values()]
+        await asyncio.wait(waits, timeout=wait_s + 0.1, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+
+    async def _wait_any(self, tasks: list[asyncio.Task[None]]) -> None:
+        assert self._stopping is not None
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+
+    # -- one job -----------------------------------------------------------------------------
+    def _start(self, queue: TaskQueue, lease: Lease) -> None:
+        task = asyncio.ensure_future(self._run(queue, lease))
+        self._running[lease.job.id] = (task, queue, lease)
+        job_id = lease.job.id
+
+        def forget(_: asyncio.Task[None]) -> None:
+            self._running.pop(job_id, None)
+
+        task.add_done_callback(forget)
+
+    async def _heartbeat(self, queue: TaskQueue, lease: Lease) -> None:
+        every = self.lease_s / 3
+        while True:
+            await asyncio.sleep(every)
+            held = await self._io_call(
+                queue.backend.heartbeat, lease.job.id, lease.token, self.lease_s, queue.clock()
+            )
+            if not held:
+                log.warning("job %s: lease lost; its outcome here will not be kept", lease.job.id)
+                return
+
+    async def _run(self, queue: TaskQueue, lease: Lease) -> None:
+        job = lease.job
+        beat = asyncio.ensure_future(self._heartbeat(queue, lease))
+        try:
+            task = queue.tasks.get(job.task)
+            if task is None:
+                known = ", ".join(sorted(queue.tasks)) or "none"
+                await self._dead(
+                    queue, lease, f"no worker knows task {job.task!r} (this worker knows: {known})"
+                )
+                return
+            try:
+                payload = queue.serializer.loads(job.payload)
+                args, kwargs = list(payload["args"]), dict(payload["kwargs"])
+            except Exception as exc:
+                await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
+                return
+            try:
+                task.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                await self._dead(
+                    queue,
+                    lease,
+                    f"the job's arguments no longer match {task.name}{task.signature}: {exc}",
+                )
+                return
+            try:
+                result = await self._call(task, args, kwargs)
+            except RetryTask as signal_:
+                await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
+                return
+            except CancelTask as signal_:
+                await self._dead(queue, lease, f"cancelled by the task: {signal_}")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                text = "".join(traceback.format_exception(exc))
+                await self._retry_or_dead(queue, lease, task, text, None)
+                return
+            try:
+                data = None if result is None else queue.serializer.dumps(result)
+            except Exception as exc:
+                await self._dead(
+                    queue, lease, f"the result ({type(result).__name__}) cannot be stored: {exc}"
+                )
+                return
+            if await self._io_call(
+                queue.backend.complete,
+                job.id,
+                lease.token,
+                data,
+                task.options.keep_result_s,
+                queue.clock(),
+            ):
+                self.processed += 1
+        finally:
+            beat.cancel()
+
+    async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        assert self._loop is not None
+        timeout = task.options.timeout_s
+        if task.is_async:
+            run: Any = task.fn(*args, **kwargs)
+        elif task.options.executor == "inline":
+            return task.fn(*args, **kwargs)
+        else:
+            executor: Executor = self._threads
+            if task.options.executor == "process":
+                executor = self._process_pool()
+            run = self._loop.run_in_executor(executor, _call_with, task.fn, args, kwargs)
+        try:
+            if timeout is None:
+                return await run
+            return await asyncio.wait_for(run, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"task {task.name!r} ran past timeout_s={timeout}") from None
+        except BrokenProcessPool:
+            self._procs = None  # a worker process died: a fresh pool for the next job
+            raise
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        if self._procs is None:
+            import multiprocessing
+
+            self._procs = ProcessPoolExecutor(
+                self.concurrency, mp_context=multiprocessing.get_context("forkserver")
+            )
+        return self._procs
+
+    async def _retry_or_dead(
+        self,
+        queue: TaskQueue,
+        lease: Lease,
+        task: Task[Any, Any],
+        error: str,
+        delay_s: float | None,
+    ) -> None:
+        job = lease.job
+        if job.attempts > task.options.retries:
+            await self._dead(queue, lease, error)
+            return
+        wait = task.options.delay_s(job.attempts) if delay_s is None else delay_s
+        now = queue.clock()
+        await self._io_call(queue.backend.retry, job.id, lease.token, now + wait, error, now)
+
+    async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> None:
+        self.failed += 1
+        log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
+        await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.clock())
+
+    # -- shutdown ----------------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        assert self._hard is not None
+        if self._running and not self._hard.is_set():
+            tasks = [t for t, _, _ in self._running.values()]
+            hard: asyncio.Future[Any] = asyncio.ensure_future(self._hard.wait())
+            everyone: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(
+                [everyone, hard],
+                timeout=self.shutdown_grace_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            hard.cancel()
+        left = list(self._running.values())
+        for task, _, _ in left:
+            task.cancel()
+        for task, queue, lease in left:
+            with contextlib.suppress(BaseException):
+                await task
+            # hand it back at once: another worker may start it now, not after the lease
+            await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.clock())
+        self._running.clear()
+
+
+def _call_with(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    return fn(*args, **kwargs)
