@@ -1,0 +1,314 @@
+"""TaskQueue and Worker in one process, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor import (
+    CancelTask,
+    ConfigurationError,
+    RetryTask,
+    TaskFailed,
+    TaskQueue,
+)
+
+URLS = ["memory", "sqlite"]
+
+
+@pytest.fixture(params=URLS)
+def q(request: pytest.FixtureRequest, tmp_path: Path) -> TaskQueue:
+    if request.param == "memory":
+        return TaskQueue(f"memory://{tmp_path.name}")
+    return TaskQueue(f"sqlite:///{tmp_path / 'q.db'}")
+
+
+def drain(q: TaskQueue, **options: Any) -> None:
+    q.worker(burst=True, poll_s=0.05, **options).run()
+
+
+def test_async_sync_and_process_tasks_run_and_return(q: TaskQueue) -> None:
+    @q.task
+    async def add(a: int, b: int) -> int:
+        await asyncio.sleep(0)
+        return a + b
+
+    @q.task
+    def mul(a: int, b: int) -> int:
+        return a * b
+
+    jobs = [add.enqueue(i, 1) for i in range(20)] + [mul.enqueue(i, 2) for i in range(20)]
+    drain(q, concurrency=4)
+    assert [j.result(timeout_s=5) for j in jobs] == [i + 1 for i in range(20)] + [
+        i * 2 for i in range(20)
+    ]
+    assert jobs[0].status() == "done"
+    assert q.stats().done == 40
+
+
+def test_process_executor(q: TaskQueue) -> None:
+    task = q.task(_square, executor="process", name="square")
+    job = task.enqueue(7)
+    drain(q, concurrency=2)
+    assert job.result(timeout_s=5) == 49
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_json_payloads_are_checked_at_enqueue_naming_the_argument(q: TaskQueue) -> None:
+    @q.task
+    def f(a: Any, b: Any = None) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="argument 'b' of task .*set.*JSON"):
+        f.enqueue(1, b={1, 2})
+    with pytest.raises(ConfigurationError, match="argument 0"):
+        f.enqueue(object())
+    with pytest.raises(ConfigurationError, match="unknown enqueue option"):
+        f.enqueue(1, _delay=3)
+    with pytest.raises(ConfigurationError, match="missing a required argument"):
+        f.enqueue()
+
+
+def test_pickle_payloads_when_asked(tmp_path: Path) -> None:
+    q = TaskQueue(f"sqlite:///{tmp_path / 'p.db'}", serializer="pickle")
+
+    @q.task
+    def size(s: set[int]) -> frozenset[int]:
+        return frozenset(s)
+
+    job = size.enqueue({1, 2})
+    drain(q)
+    assert job.result() == frozenset({1, 2})
+
+
+def test_ids_dedup_finish_and_unfinish(q: TaskQueue) -> None:
+    runs: list[str] = []
+
+    @q.task
+    def note(x: str) -> None:
+        runs.append(x)
+
+    first = note.enqueue("a", _id="job-1")
+    again = note.enqueue("b", _id="job-1")
+    assert first.added and not again.added
+    drain(q)
+    assert runs == ["a"]
+    assert not note.enqueue("c", _id="job-1").added  # done: still a no-op
+    assert q.unfinish("job-1")
+    assert note.enqueue("d", _id="job-1").added
+    q.finish("job-2")  # chihuo's task_finish: never enqueued, now refused
+    assert not note.enqueue("e", _id="job-2").added
+    drain(q)
+    assert runs == ["a", "d"]
+
+
+def test_priorities_and_delays(q: TaskQueue) -> None:
+    order: list[str] = []
+
+    @q.task
+    def note(x: str) -> None:
+        order.append(x)
+
+    start = time.time()
+    note.enqueue("late", _delay_s=0.3)
+    note.enqueue("low")
+    note.enqueue("high", _priority=5)
+    drain(q, concurrency=1)
+    assert order == ["high", "low", "late"]
+    assert time.time() - start >= 0.3
+
+
+def test_keyed_jobs_run_in_order_and_keys_in_parallel(q: TaskQueue) -> None:
+    seen: dict[str, list[int]] = {}
+    b_ran = threading.Event()
+    lock = threading.Lock()
+
+    @q.task
+    def work(key: str, n: int) -> None:
+        if (key, n) == ("a", 0):
+            assert b_ran.wait(5), "key b did not run while key a was busy"
+        with lock:
+            seen.setdefault(key, []).append(n)
+        if key == "b":
+            b_ran.set()
+
+    for n in range(5):
+        work.enqueue("a", n, _key="a")
+    work.enqueue("b", 0, _key="b")
+    drain(q, concurrency=4)
+    assert seen == {"a": [0, 1, 2, 3, 4], "b": [0]}
+
+
+def test_retries_back_off_then_succeed_or_die(q: TaskQueue) -> None:
+    tries: dict[str, int] = {}
+
+    @q.task(retries=2, backoff_s=0.01)
+    def flaky(name: str, fail_times: int) -> str:
+        tries[name] = tries.get(name, 0) + 1
+        if tries[name] <= fail_times:
+            raise ConnectionError(f"try {tries[name]}")
+        return name
+
+    ok = flaky.enqueue("ok", 2)
+    bad = flaky.enqueue("bad", 5)
+    drain(q)
+    assert ok.result() == "ok" and tries["ok"] == 3
+    with pytest.raises(TaskFailed, match="ConnectionError: try 3") as info:
+        bad.result()
+    assert tries["bad"] == 3 and "Traceback" in info.value.error
+
+
+def test_retry_task_and_cancel_task_signals(q: TaskQueue) -> None:
+    calls: list[str] = []
+
+    @q.task(retries=3)
+    def steer(what: str) -> str:
+        calls.append(what)
+        if what == "again" and calls.count("again") == 1:
+            raise RetryTask(delay_s=0.01)
+        if what == "stop":
+            raise CancelTask("not needed any more")
+        return what
+
+    again = steer.enqueue("again")
+    stop = steer.enqueue("stop")
+    drain(q)
+    assert again.result() == "again" and calls.count("again") == 2
+    with pytest.raises(TaskFailed, match="cancelled by the task"):
+        stop.result()
+    assert calls.count("stop") == 1
+
+
+def test_unknown_task_and_changed_arguments_go_dead_with_a_reason(q: TaskQueue) -> None:
+    @q.task(name="known")
+    def known(a: int) -> int:
+        return a
+
+    ghost = q.enqueue("nobody.knows", 1)
+    changed = q.enqueue("known", 1, 2)  # by name: the signature is checked when it runs
+    drain(q)
+    with pytest.raises(TaskFailed, match="no worker knows task 'nobody.knows'"):
+        ghost.result()
+    with pytest.raises(TaskFailed, match="no longer match"):
+        changed.result()
+
+
+@pytest.mark.parametrize("kind", ["async", "thread"])
+def test_a_task_past_its_timeout_fails(q: TaskQueue, kind: str) -> None:
+    release = threading.Event()
+    if kind == "async":
+
+        @q.task(timeout_s=0.05, retries=1, backoff_s=0.01, name="slow")
+        async def slow() -> None:
+            await asyncio.sleep(60)
+
+    else:
+
+        @q.task(timeout_s=0.05, retries=1, backoff_s=0.01, name="slow")
+        def slow() -> None:
+            release.wait(10)
+
+    job = q.enqueue("slow")
+    try:
+        drain(q)
+        with pytest.raises(TaskFailed, match="timeout_s=0.05"):
+            job.result()
+    finally:
+        release.set()
+
+
+def test_stop_returns_running_jobs_to_the_queue_at_once(q: TaskQueue) -> None:
+    started = threading.Event()
+    runs: list[int] = []
+
+    @q.task(name="hold")
+    async def hold(n: int) -> int:
+        runs.append(n)
+        started.set()
+        await asyncio.sleep(60)
+        return n
+
+    job = q.enqueue("hold", 1)
+
+    async def main() -> None:
+        worker = q.worker(shutdown_grace_s=0.05, poll_s=0.05, lease_s=60)
+        running = asyncio.ensure_future(worker.arun())
+        await asyncio.to_thread(started.wait, 5)
+        worker.stop()
+        await asyncio.wait_for(running, 5)
+
+    asyncio.run(main())
+    info = job.info()
+    assert info.state == "queued" and info.attempts == 0  # released, not counted
+
+    # another worker (here with a quick version of the task) takes it at once, long before
+    # its 60 s lease would have lapsed
+    del q.tasks["hold"]
+    q.task(lambda n: n, name="hold")
+    t0 = time.monotonic()
+    drain(q)
+    assert job.result(timeout_s=5) == 1 and time.monotonic() - t0 < 1
+
+
+def test_several_queues_on_one_event_loop(tmp_path: Path) -> None:
+    qa = TaskQueue(f"memory://{tmp_path.name}-a", name="a")
+    qb = TaskQueue(f"sqlite:///{tmp_path / 'b.db'}", name="b")
+    seen: list[str] = []
+
+    @qa.task
+    async def ta(x: int) -> None:
+        seen.append(f"a{x}")
+
+    @qb.task
+    async def tb(x: int) -> None:
+        seen.append(f"b{x}")
+
+    for i in range(3):
+        ta.enqueue(i)
+        tb.enqueue(i)
+
+    async def main() -> None:
+        await asyncio.gather(
+            qa.worker(burst=True, poll_s=0.05).arun(), qb.worker(burst=True, poll_s=0.05).arun()
+        )
+
+    asyncio.run(main())
+    assert sorted(seen) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+
+
+def test_result_waits_for_the_job(q: TaskQueue) -> None:
+    gate = threading.Event()
+
+    @q.task
+    def later() -> str:
+        gate.wait(5)
+        return "done"
+
+    job = later.enqueue()
+    worker = threading.Thread(target=drain, args=(q,))
+    worker.start()
+    with pytest.raises(TimeoutError):
+        job.result(timeout_s=0.05)
+    gate.set()
+    assert job.result(timeout_s=5) == "done"
+    worker.join(5)
+
+
+def test_bad_worker_and_task_options(q: TaskQueue) -> None:
+    with pytest.raises(ConfigurationError):
+        q.worker(concurrency=0)
+    with pytest.raises(ConfigurationError):
+        q.task(lambda: None, retries=-1)
+    with pytest.raises(ConfigurationError):
+        q.task(lambda: None, executor="gpu")
+    with pytest.raises(ConfigurationError, match="unknown queue URL"):
+        TaskQueue("ftp://x")
+    with pytest.raises(ConfigurationError, match="Redis backend"):
+        TaskQueue("redis://localhost")
