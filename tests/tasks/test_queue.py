@@ -66,7 +66,7 @@ def test_json_payloads_are_checked_at_enqueue_naming_the_argument(q: TaskQueue) 
     @q.task
     def f(a: Any, b: Any = None) -> None: ...
 
-    with pytest.raises(ConfigurationError, match="argument 'b' of task .*set.*JSON"):
+    with pytest.raises(ConfigurationError, match=r"argument .b. of task .*set.*JSON"):
         f.enqueue(1, b={1, 2})
     with pytest.raises(ConfigurationError, match="argument 0"):
         f.enqueue(object())
@@ -194,7 +194,7 @@ def test_unknown_task_and_changed_arguments_go_dead_with_a_reason(q: TaskQueue) 
     ghost = q.enqueue("nobody.knows", 1)
     changed = q.enqueue("known", 1, 2)  # by name: the signature is checked when it runs
     drain(q)
-    with pytest.raises(TaskFailed, match="no worker knows task 'nobody.knows'"):
+    with pytest.raises(TaskFailed, match=r"no worker knows task .nobody\.knows."):
         ghost.result()
     with pytest.raises(TaskFailed, match="no longer match"):
         changed.result()
@@ -218,7 +218,7 @@ def test_a_task_past_its_timeout_fails(q: TaskQueue, kind: str) -> None:
     job = q.enqueue("slow")
     try:
         drain(q)
-        with pytest.raises(TaskFailed, match="timeout_s=0.05"):
+        with pytest.raises(TaskFailed, match=r"timeout_s=0\.05"):
             job.result()
     finally:
         release.set()
