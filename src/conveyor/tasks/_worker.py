@@ -26,6 +26,7 @@ from typing import Any
 
 from .._errors import ConfigurationError
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
+from ._threads import DaemonThreadPool
 from .backends import Lease
 
 log = logging.getLogger("conveyor.worker")
@@ -128,7 +129,7 @@ class Worker:
         self._hard = asyncio.Event()
         self._io = ThreadPoolExecutor(2, thread_name_prefix="conveyor:queue-io")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
-        self._threads = ThreadPoolExecutor(self.concurrency * 2, thread_name_prefix="conveyor:task")
+        self._threads = DaemonThreadPool(self.concurrency * 2, "conveyor:task")
         signals = self.handle_signals and _HUB.add(self, loop)
         try:
             await self._loop_forever()

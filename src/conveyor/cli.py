@@ -1,0 +1,189 @@
+"""The ``conveyor`` command: run workers and look after queues."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import TaskQueue, __version__
+
+
+def _load_queue(target: str) -> TaskQueue:
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(
+            f"{target!r}: write MODULE:QUEUE, for example myapp.tasks:queue", param_hint="TARGET"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
+        ) from exc
+    queue = getattr(module, attr, None)
+    if not isinstance(queue, TaskQueue):
+        raise click.BadParameter(
+            f"{module_name}.{attr} is {type(queue).__name__}, not a TaskQueue",
+            param_hint="TARGET",
+        )
+    return queue
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="conveyor")
+def main() -> None:
+    """conveyor: run task workers and look after task queues.
+
+    A queue lives at a URL: memory:// (this process only), sqlite:///path/to/file.db, or
+    redis://host:6379/0 once available. Your code defines the queue and its tasks; a worker
+    imports that code and runs the jobs.
+    """
+
+
+@main.command()
+@click.argument("target")
+@click.option(
+    "-c", "--concurrency", default=10, show_default=True, help="Jobs run at once by this worker."
+)
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Run until the queue is drained, then exit (for scripts and tests).",
+)
+@click.option(
+    "--lease-s",
+    default=30.0,
+    show_default=True,
+    help="Seconds a job stays leased without a heartbeat before others may take it.",
+)
+@click.option(
+    "--shutdown-grace-s",
+    default=10.0,
+    show_default=True,
+    help="On SIGINT/SIGTERM, how long running jobs may finish before they are "
+    "handed back to the queue.",
+)
+@click.option("--poll-s", default=1.0, show_default=True, hidden=True)
+@click.option("-v", "--verbose", is_flag=True, help="Log each job that fails.")
+def worker(
+    target: str,
+    concurrency: int,
+    burst: bool,
+    lease_s: float,
+    shutdown_grace_s: float,
+    poll_s: float,
+    verbose: bool,
+) -> None:
+    """Run the jobs of the queue TARGET, written MODULE:QUEUE (a TaskQueue in MODULE).
+
+    Stops on SIGINT or SIGTERM: takes no new jobs, lets running ones finish for
+    --shutdown-grace-s seconds, then hands the rest back to the queue at once. A second signal
+    stops immediately (still handing jobs back).
+
+    \b
+    Example:
+        conveyor worker myapp.tasks:queue --concurrency 20
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    queue = _load_queue(target)
+    w = queue.worker(
+        concurrency=concurrency,
+        burst=burst,
+        lease_s=lease_s,
+        shutdown_grace_s=shutdown_grace_s,
+        poll_s=poll_s,
+    )
+    click.echo(
+        f"worker {w.id} on {queue.url} (queue {queue.name!r}, "
+        f"{len(queue.tasks)} tasks, concurrency {concurrency})",
+        err=True,
+    )
+    w.run()
+    click.echo(f"worker {w.id} stopped: {w.processed} done, {w.failed} dead", err=True)
+
+
+def _queue_at(url: str, name: str) -> TaskQueue:
+    try:
+        return TaskQueue(url, name=name)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+_QUEUE_OPTION = click.option(
+    "-q",
+    "--queue",
+    "name",
+    default="default",
+    show_default=True,
+    help="The queue's name within the URL's storage.",
+)
+
+
+@main.command()
+@click.argument("url")
+@_QUEUE_OPTION
+def info(url: str, name: str) -> None:
+    """Show a queue: jobs per state, the oldest waiting job, running leases."""
+    stats = _queue_at(url, name).stats()
+    rows: list[tuple[str, Any]] = [
+        ("queued (ready)", stats.queued - stats.delayed),
+        ("queued (delayed)", stats.delayed),
+        ("running", stats.running),
+        ("done (kept)", stats.done),
+        ("dead", stats.dead),
+        (
+            "oldest waiting",
+            "-" if stats.oldest_waiting_s is None else f"{stats.oldest_waiting_s:.1f} s",
+        ),
+    ]
+    click.echo(f"queue {name!r} at {url}")
+    for label, value in rows:
+        click.echo(f"  {label:<18} {value}")
+    if stats.leases:
+        click.echo("  running leases (job, seconds left):")
+        for job_id, left in stats.leases:
+            click.echo(f"    {job_id}  {left:.1f}")
+
+
+@main.command()
+@click.argument("url")
+@_QUEUE_OPTION
+@click.option("--dead", is_flag=True, help="Requeue every dead job of the queue.")
+@click.option("--id", "ids", multiple=True, help="Requeue this dead job (repeatable).")
+def requeue(url: str, name: str, dead: bool, ids: tuple[str, ...]) -> None:
+    """Put dead jobs back in the queue, with their attempts reset."""
+    if not dead and not ids:
+        raise click.UsageError("say which jobs: --dead, or --id JOB_ID")
+    q = _queue_at(url, name)
+    count = q.requeue_dead() if dead else 0
+    for job_id in ids:
+        if q.requeue(job_id):
+            count += 1
+        else:
+            click.echo(f"{job_id}: not a dead job, left as it is", err=True)
+    click.echo(f"requeued {count} job(s)")
+
+
+@main.command()
+@click.argument("url")
+@_QUEUE_OPTION
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge(url: str, name: str, yes: bool) -> None:
+    """Delete every job of the queue that is not running (queued, done and dead)."""
+    if not yes and not click.confirm(f"Delete the jobs of queue {name!r} at {url}?"):
+        raise click.Abort
+    click.echo(f"deleted {_queue_at(url, name).purge()} job(s)")
+
+
+if __name__ == "__main__":
+    main()

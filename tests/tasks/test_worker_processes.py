@@ -1,0 +1,113 @@
+"""Workers as separate processes, as in production: kill them, stop them, race them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conveyor import TaskQueue
+
+from ..conftest import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.url = f"sqlite:///{tmp / 'jobs.db'}"
+        self.log = tmp / "log.txt"
+        self.gate = tmp / "gate"
+        self.log.touch()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.queue = TaskQueue(self.url)
+
+    def worker(self, *args: str) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "CONVEYOR_TEST_QUEUE": self.url,
+            "CONVEYOR_TEST_LOG": str(self.log),
+            "CONVEYOR_TEST_GATE": str(self.gate),
+        }
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "conveyor",
+                "worker",
+                "tests.tasks.app:queue",
+                "--poll-s",
+                "0.05",
+                *args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def started(self, job: str) -> list[str]:
+        return [line.split()[2] for line in self.lines() if line.startswith(f"start {job} ")]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    yield e
+    for p in e.procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def test_sigkill_mid_task_runs_it_again_after_the_lease_with_one_result(env: Env) -> None:
+    job = env.queue.enqueue("record", "k", hold=True)
+    first = env.worker("--lease-s", "1")
+    eventually(lambda: env.started("k") == [str(first.pid)], timeout_s=20)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    env.gate.touch()
+    second = env.worker("--lease-s", "1", "--burst")
+    assert second.wait(30) == 0
+    assert job.result(timeout_s=5) == "k"
+    assert env.started("k") == [str(first.pid), str(second.pid)]
+    assert [line for line in env.lines() if line.startswith("end k")] == [f"end k {second.pid}"]
+    assert job.info().attempts == 2
+
+
+def test_sigterm_mid_task_hands_it_to_another_worker_within_a_second(env: Env) -> None:
+    job = env.queue.enqueue("record", "t", hold=True)
+    first = env.worker("--lease-s", "60", "--shutdown-grace-s", "0.1")
+    eventually(lambda: env.started("t") == [str(first.pid)], timeout_s=20)
+    second = env.worker("--lease-s", "60")
+    time.sleep(0.5)  # let the second worker start and reach its idle wait; not an ordering
+    t0 = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    eventually(lambda: len(env.started("t")) == 2, timeout_s=5)
+    assert time.monotonic() - t0 < 1.0
+    assert first.wait(10) == 0
+    assert env.started("t") == [str(first.pid), str(second.pid)]
+    env.gate.touch()
+    assert job.result(timeout_s=10) == "t"
+
+
+def test_workers_racing_run_each_job_once(env: Env) -> None:
+    env.queue.enqueue_many("record", [((str(i),), {}) for i in range(300)])
+    workers = [env.worker("--burst", "--concurrency", "4") for _ in range(3)]
+    for w in workers:
+        assert w.wait(60) == 0
+    ends = Counter(line.split()[1] for line in env.lines() if line.startswith("end "))
+    assert ends == Counter({str(i): 1 for i in range(300)})
+    assert env.queue.stats().done == 300
