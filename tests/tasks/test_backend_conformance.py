@@ -53,6 +53,14 @@ def test_a_dead_id_can_be_enqueued_again(backend: Backend) -> None:
     assert added and fresh.state == QUEUED and fresh.attempts == 0
 
 
+def test_a_done_id_whose_result_expired_can_be_enqueued_again(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [lease] = backend.claim(Q, "w", 30, 1)
+    assert backend.complete("a", lease.token, None, keep_s=5, now=2)
+    assert not backend.enqueue([job("a")], now=6)[0][1]
+    assert backend.enqueue([job("a")], now=7)[0][1]
+
+
 def test_batch_enqueue_is_one_call(backend: Backend) -> None:
     out = backend.enqueue([job(str(i)) for i in range(500)] + [job("7")], now=0)
     assert sum(added for _, added in out) == 500

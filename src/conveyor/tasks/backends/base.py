@@ -19,7 +19,8 @@ Rules every backend keeps (the conformance suite in ``tests/tasks/`` checks each
 backend, including the races):
 
 * **Ids.** ``enqueue`` of an id that is queued, running or done changes nothing and returns the
-  existing job; an id that is dead (or unknown) is enqueued afresh.
+  existing job; an id that is dead, unknown, or done with its ``keep_until`` passed (its result
+  expired) is enqueued afresh.
 * **Order of claims.** Higher ``priority`` first; among equals, enqueue order. A job is not
   claimable before its ``run_at``. A job with a ``key`` is claimable only when no job of that key
   is running and no job of that key was enqueued before it and is still queued: one at a time,
@@ -114,7 +115,8 @@ class Backend(ABC):
         """Store each job unless its id is queued, running or done.
 
         Returns, per job and in order, the job as stored and whether it was added (False: the
-        existing job is returned and nothing changed). A dead job with the same id is replaced.
+        existing job is returned and nothing changed). A dead job with the same id, or a done job
+        whose ``keep_until`` has passed, is replaced.
         The whole batch is one transaction.
         """
 

@@ -28,6 +28,12 @@ class _Queue:
         self.leases: list[tuple[float, str, str]] = []
 
 
+def _replaceable(job: Job, now: float) -> bool:
+    return job.state == DEAD or (
+        job.state == DONE and job.keep_until is not None and job.keep_until <= now
+    )
+
+
 class MemoryBackend(Backend):
     wakes_without_polling = True
 
@@ -83,7 +89,7 @@ class MemoryBackend(Backend):
         with self._lock:
             for new in jobs:
                 old = self._jobs.get(new.id)
-                if old is not None and old.state != DEAD:
+                if old is not None and not _replaceable(old, now):
                     out.append((old, False))
                     continue
                 if old is not None:

@@ -133,7 +133,13 @@ class SQLiteBackend(Backend):
                     out.append((added[new.id], False))
                     continue
                 old = self._read(db, new.id)
-                if old is not None and old.state != DEAD:
+                expired = (
+                    old is not None
+                    and old.state == DONE
+                    and old.keep_until is not None
+                    and old.keep_until <= now
+                )
+                if old is not None and old.state != DEAD and not expired:
                     out.append((old, False))
                     continue
                 if old is not None:
