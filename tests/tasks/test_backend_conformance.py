@@ -138,6 +138,24 @@ def test_heartbeat_keeps_the_lease(backend: Backend) -> None:
     assert claim_ids(backend, 19) == ["a"]
 
 
+def test_batch_complete_and_heartbeat_refuse_lost_leases(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b"), job("c")], now=0)
+    leases = {lease.job.id: lease for lease in backend.claim(Q, "w", 10, 0, limit=3)}
+    assert backend.heartbeat_many(
+        [("a", leases["a"].token), ("b", "stale-token"), ("c", leases["c"].token)], 10, now=5
+    ) == [True, False, True]
+    [retaken] = backend.claim(Q, "w2", 10, now=11)  # b's lease lapsed at 10
+    assert retaken.job.id == "b"
+    assert backend.complete_many(
+        [("a", leases["a"].token, b"ra", None), ("b", leases["b"].token, b"old", None),
+         ("c", leases["c"].token, None, 60)], now=12,
+    ) == [True, False, True]
+    a, b, c = (backend.get(i) for i in "abc")
+    assert a is not None and (a.state, a.result) == (DONE, b"ra")
+    assert b is not None and b.state == RUNNING
+    assert c is not None and c.keep_until == 72
+
+
 def test_complete_keeps_the_result_for_its_time(backend: Backend) -> None:
     backend.enqueue([job("a"), job("b")], now=0)
     leases = {lease.job.id: lease for lease in backend.claim(Q, "w", 30, 1, limit=2)}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import pickle
 import random
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -329,7 +329,11 @@ class TaskQueue:
                 f"unknown enqueue option(s) {sorted(options)}: the options are _id, _delay_s, "
                 "_eta, _priority and _key"
             )
-        self.serializer.check(task_name, args, kwargs)
+        try:
+            payload = self.serializer.dumps({"args": list(args), "kwargs": kwargs})
+        except Exception:
+            self.serializer.check(task_name, args, kwargs)  # names the argument at fault
+            raise
         if not isinstance(task, str):
             try:
                 task.signature.bind(*args, **kwargs)
@@ -349,9 +353,8 @@ class TaskQueue:
             raise ConfigurationError(f"_key must be a string, not {key!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigurationError(f"_priority must be an int, not {priority!r}")
-        payload = self.serializer.dumps({"args": list(args), "kwargs": kwargs})
         return NewJob(
-            id=job_id or uuid.uuid4().hex,
+            id=job_id or os.urandom(16).hex(),
             queue=self.name,
             task=task_name,
             payload=payload,

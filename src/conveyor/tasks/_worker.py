@@ -115,6 +115,11 @@ class Worker:
         self._hard: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._procs: ProcessPoolExecutor | None = None
+        # completions waiting to be written, per queue, with the futures their jobs await
+        self._acks: dict[
+            TaskQueue, list[tuple[Lease, bytes | None, float | None, asyncio.Future[bool]]]
+        ] = {}
+        self._ack_wake: asyncio.Event | None = None
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -130,11 +135,19 @@ class Worker:
         self._io = ThreadPoolExecutor(2, thread_name_prefix="conveyor:queue-io")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
         self._threads = DaemonThreadPool(self.concurrency * 2, "conveyor:task")
+        self._ack_wake = asyncio.Event()
+        helpers = [
+            asyncio.ensure_future(self._ack_loop()),
+            asyncio.ensure_future(self._heartbeat_loop()),
+        ]
         signals = self.handle_signals and _HUB.add(self, loop)
         try:
             await self._loop_forever()
         finally:
             await self._shutdown()
+            await self._flush_acks()
+            for helper in helpers:
+                helper.cancel()
             if signals:
                 _HUB.remove(self)
             self._io.shutdown(wait=False)
@@ -174,9 +187,12 @@ class Worker:
     async def _loop_forever(self) -> None:
         assert self._stopping is not None
         next_expire = 0.0
+        # claim in groups: while jobs run, wait until a quarter of the slots are free, so one
+        # transaction hands out several jobs
+        group = max(1, self.concurrency // 4)
         while not self._stopping.is_set():
             free = self.concurrency - len(self._running)
-            if free <= 0:
+            if free <= 0 or (self._running and free < group):
                 await self._wait_any([t for t, _, _ in self._running.values()])
                 continue
             claimed = 0
@@ -250,75 +266,109 @@ class Worker:
 
         task.add_done_callback(forget)
 
-    async def _heartbeat(self, queue: TaskQueue, lease: Lease) -> None:
-        every = self.lease_s / 3
+    async def _heartbeat_loop(self) -> None:
+        """Renew every running job's lease each third of ``lease_s``, one call per queue."""
         while True:
-            await asyncio.sleep(every)
-            held = await self._io_call(
-                queue.backend.heartbeat, lease.job.id, lease.token, self.lease_s, queue.clock()
-            )
-            if not held:
-                log.warning("job %s: lease lost; its outcome here will not be kept", lease.job.id)
-                return
+            await asyncio.sleep(self.lease_s / 3)
+            per_queue: dict[TaskQueue, list[Lease]] = {}
+            for _, queue, lease in list(self._running.values()):
+                per_queue.setdefault(queue, []).append(lease)
+            for queue, leases in per_queue.items():
+                held = await self._io_call(
+                    queue.backend.heartbeat_many,
+                    [(lease.job.id, lease.token) for lease in leases],
+                    self.lease_s,
+                    queue.clock(),
+                )
+                for lease, ok in zip(leases, held, strict=True):
+                    if not ok:
+                        log.warning(
+                            "job %s: lease lost; its outcome here will not be kept", lease.job.id
+                        )
+
+    async def _ack(
+        self, queue: TaskQueue, lease: Lease, data: bytes | None, keep_s: float | None
+    ) -> bool:
+        """Complete the job in the next batch; True if the lease still held it."""
+        assert self._loop is not None and self._ack_wake is not None
+        done: asyncio.Future[bool] = self._loop.create_future()
+        self._acks.setdefault(queue, []).append((lease, data, keep_s, done))
+        self._ack_wake.set()
+        return await done
+
+    async def _ack_loop(self) -> None:
+        assert self._ack_wake is not None
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            queue, batch = self._acks.popitem()
+            try:
+                results = await self._io_call(
+                    queue.backend.complete_many,
+                    [(lease.job.id, lease.token, data, keep) for lease, data, keep, _ in batch],
+                    queue.clock(),
+                )
+            except BaseException as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                raise
+            for (*_, done), ok in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(ok)
 
     async def _run(self, queue: TaskQueue, lease: Lease) -> None:
+        """Run one job to its outcome; one heartbeat loop renews every lease meanwhile."""
         job = lease.job
-        beat = asyncio.ensure_future(self._heartbeat(queue, lease))
+        task = queue.tasks.get(job.task)
+        if task is None:
+            known = ", ".join(sorted(queue.tasks)) or "none"
+            await self._dead(
+                queue, lease, f"no worker knows task {job.task!r} (this worker knows: {known})"
+            )
+            return
         try:
-            task = queue.tasks.get(job.task)
-            if task is None:
-                known = ", ".join(sorted(queue.tasks)) or "none"
-                await self._dead(
-                    queue, lease, f"no worker knows task {job.task!r} (this worker knows: {known})"
-                )
-                return
-            try:
-                payload = queue.serializer.loads(job.payload)
-                args, kwargs = list(payload["args"]), dict(payload["kwargs"])
-            except Exception as exc:
-                await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
-                return
-            try:
-                task.signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                await self._dead(
-                    queue,
-                    lease,
-                    f"the job's arguments no longer match {task.name}{task.signature}: {exc}",
-                )
-                return
-            try:
-                result = await self._call(task, args, kwargs)
-            except RetryTask as signal_:
-                await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
-                return
-            except CancelTask as signal_:
-                await self._dead(queue, lease, f"cancelled by the task: {signal_}")
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                text = "".join(traceback.format_exception(exc))
-                await self._retry_or_dead(queue, lease, task, text, None)
-                return
-            try:
-                data = None if result is None else queue.serializer.dumps(result)
-            except Exception as exc:
-                await self._dead(
-                    queue, lease, f"the result ({type(result).__name__}) cannot be stored: {exc}"
-                )
-                return
-            if await self._io_call(
-                queue.backend.complete,
-                job.id,
-                lease.token,
-                data,
-                task.options.keep_result_s,
-                queue.clock(),
-            ):
-                self.processed += 1
-        finally:
-            beat.cancel()
+            payload = queue.serializer.loads(job.payload)
+            args, kwargs = list(payload["args"]), dict(payload["kwargs"])
+        except Exception as exc:
+            await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
+            return
+        try:
+            task.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            await self._dead(
+                queue,
+                lease,
+                f"the job's arguments no longer match {task.name}{task.signature}: {exc}",
+            )
+            return
+        try:
+            result = await self._call(task, args, kwargs)
+        except RetryTask as signal_:
+            await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
+            return
+        except CancelTask as signal_:
+            await self._dead(queue, lease, f"cancelled by the task: {signal_}")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            text = "".join(traceback.format_exception(exc))
+            await self._retry_or_dead(queue, lease, task, text, None)
+            return
+        try:
+            data = None if result is None else queue.serializer.dumps(result)
+        except Exception as exc:
+            await self._dead(
+                queue, lease, f"the result ({type(result).__name__}) cannot be stored: {exc}"
+            )
+            return
+        if await self._ack(queue, lease, data, task.options.keep_result_s):
+            self.processed += 1
 
     async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         assert self._loop is not None
@@ -385,6 +435,10 @@ class Worker:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             hard.cancel()
+        # jobs that finished and wait for their batched ack are done: write them first, so
+        # none of them is handed back and run twice
+        await self._flush_acks()
+        await asyncio.sleep(0)
         left = list(self._running.values())
         for task, _, _ in left:
             task.cancel()

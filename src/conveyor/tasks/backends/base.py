@@ -145,6 +145,22 @@ class Backend(ABC):
         False (and nothing changes) if ``token`` no longer holds the job.
         """
 
+    def complete_many(
+        self, done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
+    ) -> list[bool]:
+        """``complete`` for each ``(job_id, token, result, keep_s)``; a backend may do them in
+        one transaction. Returns, in order, what each ``complete`` would have."""
+        return [
+            self.complete(job_id, token, result, keep_s, now)
+            for job_id, token, result, keep_s in done
+        ]
+
+    def heartbeat_many(
+        self, held: Sequence[tuple[str, str]], lease_s: float, now: float
+    ) -> list[bool]:
+        """``heartbeat`` for each ``(job_id, token)``, possibly in one transaction."""
+        return [self.heartbeat(job_id, token, lease_s, now) for job_id, token in held]
+
     @abstractmethod
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
         """Running → queued, claimable from ``run_at``, remembering ``error``; the attempt stays

@@ -25,14 +25,14 @@ from .base import DEAD, DONE, QUEUED, RUNNING, Backend, Job, Lease, NewJob, Queu
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
     queue TEXT NOT NULL,
     task TEXT NOT NULL,
     payload BLOB NOT NULL,
     state TEXT NOT NULL,
     priority INTEGER NOT NULL,
     key TEXT,
-    seq INTEGER NOT NULL,
     attempts INTEGER NOT NULL,
     enqueued_at REAL NOT NULL,
     run_at REAL NOT NULL,
@@ -44,11 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     keep_until REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (queue, state, lease_until);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_keep ON jobs (state, keep_until);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO counters VALUES ('seq', 0);
+CREATE INDEX IF NOT EXISTS jobs_keep ON jobs (keep_until) WHERE state = 'done';
 """
 
 _COLUMNS = (
@@ -72,6 +69,38 @@ LIMIT ?
 
 def _job(row: Any) -> Job:
     return Job(*row)
+
+
+_INSERT = (
+    "INSERT INTO jobs (id, queue, task, payload, state, priority, key, attempts, enqueued_at, "
+    "run_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?)"
+)
+
+
+def _row(new: NewJob, now: float) -> tuple[Any, ...]:
+    return (new.id, new.queue, new.task, new.payload, new.priority, new.key, now, new.run_at)
+
+
+def _replaceable(job: Job, now: float) -> bool:
+    """Dead, or done with its result expired: the id may be enqueued afresh."""
+    return job.state == DEAD or (
+        job.state == DONE and job.keep_until is not None and job.keep_until <= now
+    )
+
+
+def _fresh(new: NewJob, now: float) -> Job:
+    return Job(
+        id=new.id,
+        queue=new.queue,
+        task=new.task,
+        payload=new.payload,
+        state=QUEUED,
+        priority=new.priority,
+        key=new.key,
+        attempts=0,
+        enqueued_at=now,
+        run_at=new.run_at,
+    )
 
 
 class SQLiteBackend(Backend):
@@ -111,21 +140,21 @@ class SQLiteBackend(Backend):
             raise
         db.execute("COMMIT")
 
-    def _next_seqs(self, db: sqlite3.Connection, n: int) -> int:
-        (last,) = db.execute(
-            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value", (n,)
-        ).fetchone()
-        return int(last) - n + 1
-
     def _read(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
     # -- the contract ---------------------------------------------------------------------------
     def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+        if len(jobs) == 1:
+            # the common case: one statement, its own transaction (autocommit). seq is the
+            # rowid, numbered past every row there is
+            new = jobs[0]
+            cur = self._conn().execute(_INSERT + " ON CONFLICT (id) DO NOTHING", _row(new, now))
+            if cur.rowcount == 1:
+                return [(_fresh(new, now), True)]
         out: list[tuple[Job, bool]] = []
         with self._write() as db:
-            seq = self._next_seqs(db, len(jobs))
             rows = []
             added: dict[str, Job] = {}  # an id twice in one batch: the first one counts
             for new in jobs:
@@ -133,51 +162,16 @@ class SQLiteBackend(Backend):
                     out.append((added[new.id], False))
                     continue
                 old = self._read(db, new.id)
-                expired = (
-                    old is not None
-                    and old.state == DONE
-                    and old.keep_until is not None
-                    and old.keep_until <= now
-                )
-                if old is not None and old.state != DEAD and not expired:
+                if old is not None and not _replaceable(old, now):
                     out.append((old, False))
                     continue
                 if old is not None:
                     db.execute("DELETE FROM jobs WHERE id = ?", (new.id,))
-                job = Job(
-                    id=new.id,
-                    queue=new.queue,
-                    task=new.task,
-                    payload=new.payload,
-                    state=QUEUED,
-                    priority=new.priority,
-                    key=new.key,
-                    attempts=0,
-                    enqueued_at=now,
-                    run_at=new.run_at,
-                )
-                rows.append(
-                    (
-                        job.id,
-                        job.queue,
-                        job.task,
-                        job.payload,
-                        QUEUED,
-                        job.priority,
-                        job.key,
-                        seq,
-                        now,
-                        job.run_at,
-                    )
-                )
-                seq += 1
+                job = _fresh(new, now)
+                rows.append(_row(new, now))
                 added[job.id] = job
                 out.append((job, True))
-            db.executemany(
-                "INSERT INTO jobs (id, queue, task, payload, state, priority, key, seq, "
-                "attempts, enqueued_at, run_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                rows,
-            )
+            db.executemany(_INSERT, rows)
         return out
 
     def claim(
@@ -224,6 +218,35 @@ class SQLiteBackend(Backend):
             token,
         )
 
+    def complete_many(
+        self, done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
+    ) -> list[bool]:
+        with self._write() as db:
+            return [
+                db.execute(
+                    "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, "
+                    "result = ?, finished_at = ?, keep_until = ? "
+                    "WHERE id = ? AND state = 'running' AND token = ?",
+                    (result, now, None if keep_s is None else now + keep_s, job_id, token),
+                ).rowcount
+                == 1
+                for job_id, token, result, keep_s in done
+            ]
+
+    def heartbeat_many(
+        self, held: Sequence[tuple[str, str]], lease_s: float, now: float
+    ) -> list[bool]:
+        with self._write() as db:
+            return [
+                db.execute(
+                    "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' "
+                    "AND token = ?",
+                    (now + lease_s, job_id, token),
+                ).rowcount
+                == 1
+                for job_id, token in held
+            ]
+
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
         return self._held_update(
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
@@ -262,12 +285,11 @@ class SQLiteBackend(Backend):
                 (now, job_id),
             )
             if cur.rowcount == 0:
-                seq = self._next_seqs(db, 1)
                 db.execute(
-                    "INSERT INTO jobs (id, queue, task, payload, state, priority, key, seq, "
+                    "INSERT INTO jobs (id, queue, task, payload, state, priority, key, "
                     "attempts, enqueued_at, run_at, finished_at) "
-                    "VALUES (?, '', '', x'', 'done', 0, NULL, ?, 0, ?, ?, ?)",
-                    (job_id, seq, now, now, now),
+                    "VALUES (?, '', '', x'', 'done', 0, NULL, 0, ?, ?, ?)",
+                    (job_id, now, now, now),
                 )
 
     def unfinish(self, job_id: str) -> bool:
