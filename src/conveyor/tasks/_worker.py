@@ -120,6 +120,8 @@ class Worker:
             TaskQueue, list[tuple[Lease, bytes | None, float | None, asyncio.Future[bool]]]
         ] = {}
         self._ack_wake: asyncio.Event | None = None
+        # jobs whose outcome is being written: their lease is not renewed any more
+        self._settling: set[str] = set()
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -263,6 +265,7 @@ class Worker:
 
         def forget(_: asyncio.Task[None]) -> None:
             self._running.pop(job_id, None)
+            self._settling.discard(job_id)
 
         task.add_done_callback(forget)
 
@@ -272,7 +275,8 @@ class Worker:
             await asyncio.sleep(self.lease_s / 3)
             per_queue: dict[TaskQueue, list[Lease]] = {}
             for _, queue, lease in list(self._running.values()):
-                per_queue.setdefault(queue, []).append(lease)
+                if lease.job.id not in self._settling:
+                    per_queue.setdefault(queue, []).append(lease)
             for queue, leases in per_queue.items():
                 held = await self._io_call(
                     queue.backend.heartbeat_many,
@@ -291,6 +295,7 @@ class Worker:
     ) -> bool:
         """Complete the job in the next batch; True if the lease still held it."""
         assert self._loop is not None and self._ack_wake is not None
+        self._settling.add(lease.job.id)
         done: asyncio.Future[bool] = self._loop.create_future()
         self._acks.setdefault(queue, []).append((lease, data, keep_s, done))
         self._ack_wake.set()
@@ -410,6 +415,7 @@ class Worker:
         delay_s: float | None,
     ) -> None:
         job = lease.job
+        self._settling.add(job.id)
         if job.attempts > task.options.retries:
             await self._dead(queue, lease, error)
             return
@@ -419,6 +425,7 @@ class Worker:
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> None:
         self.failed += 1
+        self._settling.add(lease.job.id)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
         await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.clock())
 
