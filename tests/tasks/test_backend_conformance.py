@@ -147,8 +147,12 @@ def test_batch_complete_and_heartbeat_refuse_lost_leases(backend: Backend) -> No
     [retaken] = backend.claim(Q, "w2", 10, now=11)  # b's lease lapsed at 10
     assert retaken.job.id == "b"
     assert backend.complete_many(
-        [("a", leases["a"].token, b"ra", None), ("b", leases["b"].token, b"old", None),
-         ("c", leases["c"].token, None, 60)], now=12,
+        [
+            ("a", leases["a"].token, b"ra", None),
+            ("b", leases["b"].token, b"old", None),
+            ("c", leases["c"].token, None, 60),
+        ],
+        now=12,
     ) == [True, False, True]
     a, b, c = (backend.get(i) for i in "abc")
     assert a is not None and (a.state, a.result) == (DONE, b"ra")

@@ -312,3 +312,32 @@ def test_bad_worker_and_task_options(q: TaskQueue) -> None:
         TaskQueue("ftp://x")
     with pytest.raises(ConfigurationError, match="Redis backend"):
         TaskQueue("redis://localhost")
+
+
+def test_a_second_signal_stops_at_once_and_hands_jobs_back(q: TaskQueue) -> None:
+    import os
+    import signal
+
+    started = threading.Event()
+
+    @q.task(name="stubborn")
+    async def stubborn() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    job = q.enqueue("stubborn")
+
+    async def main() -> float:
+        worker = q.worker(shutdown_grace_s=3600, poll_s=0.05)
+        running = asyncio.ensure_future(worker.arun())
+        await asyncio.to_thread(started.wait, 5)
+        os.kill(os.getpid(), signal.SIGTERM)  # first: finish running jobs (for up to an hour)
+        await asyncio.sleep(0.05)
+        assert not running.done()
+        t0 = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)  # second: stop now
+        await asyncio.wait_for(running, 5)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 1.0
+    assert job.status() == "queued" and job.info().attempts == 0

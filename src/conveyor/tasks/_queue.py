@@ -99,6 +99,13 @@ class Serializer(Protocol):
 
 SERIALIZERS: dict[str, type[Serializer]] = {"json": JsonSerializer, "pickle": PickleSerializer}
 
+def new_id() -> str:
+    """A unique job id that sorts by creation time: nanoseconds, then 64 random bits. Ids that
+    grow keep index inserts at one end of the b-tree, which makes enqueueing much cheaper than
+    with purely random ids."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
 # -- backends by URL -----------------------------------------------------------------------------
 
 _memory: dict[str, MemoryBackend] = {}
@@ -354,7 +361,7 @@ class TaskQueue:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigurationError(f"_priority must be an int, not {priority!r}")
         return NewJob(
-            id=job_id or os.urandom(16).hex(),
+            id=job_id or new_id(),
             queue=self.name,
             task=task_name,
             payload=payload,
