@@ -70,9 +70,15 @@ def huey_run(folder: Path, n: int) -> tuple[float, float]:
     for i in range(n):
         noop(i)
     enqueue_s = time.perf_counter() - t0
-    consumer = huey.create_consumer(workers=8, worker_type="thread", periodic=False,
-                                    check_worker_health=False, initial_delay=0.001,
-                                    backoff=1.0, max_delay=0.01)
+    consumer = huey.create_consumer(
+        workers=8,
+        worker_type="thread",
+        periodic=False,
+        check_worker_health=False,
+        initial_delay=0.001,
+        backoff=1.0,
+        max_delay=0.01,
+    )
     t0 = time.perf_counter()
     consumer.start()
     while done[0] < n:
@@ -115,8 +121,7 @@ def persist_queue_run(folder: Path, n: int) -> tuple[float, float]:
 
 
 def floor_run(folder: Path, n: int) -> tuple[float, float]:
-    db = sqlite3.connect(str(folder / "floor.db"), isolation_level=None,
-                         check_same_thread=False)
+    db = sqlite3.connect(str(folder / "floor.db"), isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, payload BLOB)")
@@ -166,19 +171,24 @@ def main() -> None:
         if isinstance(r, str):
             rows.append((name, r, ""))
             continue
-        ratio = "" if isinstance(floor, str) else (
-            f"{r[0] / floor[0]:.2f}x / {r[1] / floor[1]:.2f}x")
+        ratio = (
+            "" if isinstance(floor, str) else (f"{r[0] / floor[0]:.2f}x / {r[1] / floor[1]:.2f}x")
+        )
         rows.append((name, f"{r[0]:,.0f} / {r[1]:,.0f}", ratio))
-    table(f"{n:,} no-op jobs, concurrency 8", rows,
-          ("peer", "enqueue / processed jobs/s", "vs floor"))
+    table(
+        f"{n:,} no-op jobs, concurrency 8", rows, ("peer", "enqueue / processed jobs/s", "vs floor")
+    )
 
     rows = []
-    for size in ((2_000, 20_000) if args.quick else (10_000, 200_000)):
+    for size in (2_000, 20_000) if args.quick else (10_000, 200_000):
         with tempfile.TemporaryDirectory() as tmp:
             enq, proc = conveyor_run(Path(tmp), size, batch=True)
         rows.append((f"conveyor, {size:,} jobs", f"{enq:,.0f}", f"{proc:,.0f}"))
-    table("flatness: the same queue, ten and more times the jobs", rows,
-          ("run", "batch enqueue jobs/s", "processed jobs/s"))
+    table(
+        "flatness: the same queue, ten and more times the jobs",
+        rows,
+        ("run", "batch enqueue jobs/s", "processed jobs/s"),
+    )
 
 
 if __name__ == "__main__":

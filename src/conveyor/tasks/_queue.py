@@ -99,6 +99,7 @@ class Serializer(Protocol):
 
 SERIALIZERS: dict[str, type[Serializer]] = {"json": JsonSerializer, "pickle": PickleSerializer}
 
+
 def new_id() -> str:
     """A unique job id that sorts by creation time: nanoseconds, then 64 random bits. Ids that
     grow keep index inserts at one end of the b-tree, which makes enqueueing much cheaper than
