@@ -7,8 +7,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+
+def count(it: Iterable[Any]) -> int:
+    """Consume ``it``; how many items it gave."""
+    n = 0
+    for _ in it:
+        n += 1
+    return n
 
 
 def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, list[float]]:

@@ -27,24 +27,17 @@ import threading
 import time
 import tracemalloc
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench._harness import median_time, run_child, table
+from bench._harness import count, median_time, run_child, table
 
 # -- workload 1: three identity stages ----------------------------------------------------
 
 
 def ident(x: Any) -> Any:
     return x
-
-
-def count(it: Iterable[Any]) -> int:
-    n = 0
-    for _ in it:
-        n += 1
-    return n
 
 
 def chain_conveyor(n: int) -> int:

@@ -21,11 +21,11 @@ import argparse
 import multiprocessing as mp
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from bench._harness import median_time, table
+from bench._harness import count, median_time, table
 
 LOOPS = 2000  # calibrated at start so that busy() takes about 200 us
 
@@ -35,6 +35,18 @@ def busy(x: int) -> int:
     for i in range(LOOPS):
         s += i ^ x
     return s
+
+
+def busy_with(loops: int) -> Callable[[int], int]:
+    """busy() as a closure over its loop count, for peers that ship functions by value."""
+
+    def work(x: int) -> int:
+        s = 0
+        for i in range(loops):
+            s += i ^ x
+        return s
+
+    return work
 
 
 def ident(x: Any) -> Any:
@@ -59,13 +71,6 @@ def calibrate(target_s: float = 200e-6) -> int:
     return n
 
 
-def count(it: Iterable[Any]) -> int:
-    n = 0
-    for _ in it:
-        n += 1
-    return n
-
-
 def _init(loops: int) -> None:
     global LOOPS
     LOOPS = loops
@@ -81,13 +86,7 @@ def busy_serial(n: int) -> int:
 def busy_conveyor(n: int) -> int:
     from conveyor import Pipeline
 
-    loops = LOOPS
-
-    def work(x: int) -> int:  # carries LOOPS with it (cloudpickle)
-        s = 0
-        for i in range(loops):
-            s += i ^ x
-        return s
+    work = busy_with(LOOPS)
 
     return count(Pipeline(range(n)).map(work, workers=2, kind="process"))
 
@@ -109,13 +108,7 @@ def busy_executor(n: int) -> int:
 def busy_mpire(n: int) -> int:
     from mpire import WorkerPool
 
-    loops = LOOPS
-
-    def work(x: int) -> int:
-        s = 0
-        for i in range(loops):
-            s += i ^ x
-        return s
+    work = busy_with(LOOPS)
 
     with WorkerPool(2, start_method="fork") as pool:
         return count(pool.imap(work, range(n), iterable_len=n))
@@ -130,13 +123,7 @@ def busy_pypeln(n: int) -> int:
 def busy_joblib(n: int) -> int:
     from joblib import Parallel, delayed
 
-    loops = LOOPS
-
-    def work(x: int) -> int:
-        s = 0
-        for i in range(loops):
-            s += i ^ x
-        return s
+    work = busy_with(LOOPS)
 
     return len(Parallel(n_jobs=2, backend="loky")(delayed(work)(x) for x in range(n)))
 

@@ -29,7 +29,8 @@ class Env:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.queue = TaskQueue(self.url)
 
-    def worker(self, *args: str) -> subprocess.Popen[bytes]:
+    def worker(self, *args: str, banner: bool = False) -> subprocess.Popen[bytes]:
+        """Start a worker; with ``banner``, return once it has said it runs."""
         env = {
             **os.environ,
             "CONVEYOR_TEST_QUEUE": self.url,
@@ -70,6 +71,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
         if p.poll() is None:
             p.kill()
         p.wait(10)
+        if p.stderr is not None:
+            p.stderr.close()
 
 
 def test_sigkill_mid_task_runs_it_again_after_the_lease_with_one_result(env: Env) -> None:
@@ -91,8 +94,7 @@ def test_sigterm_mid_task_hands_it_to_another_worker_within_a_second(env: Env) -
     job = env.queue.enqueue("record", "t", hold=True)
     first = env.worker("--lease-s", "60", "--shutdown-grace-s", "0.1")
     eventually(lambda: env.started("t") == [str(first.pid)], timeout_s=20)
-    second = env.worker("--lease-s", "60")
-    time.sleep(0.5)  # let the second worker start and reach its idle wait; not an ordering
+    second = env.worker("--lease-s", "60", banner=True)  # running, about to wait for work
     t0 = time.monotonic()
     first.send_signal(signal.SIGTERM)
     eventually(lambda: len(env.started("t")) == 2, timeout_s=5)

@@ -104,6 +104,29 @@ class QueueCounts:
     """(job id, seconds left) of every running job, soonest to lapse first"""
 
 
+def replaceable(job: Job, now: float) -> bool:
+    """Dead, or done with its result expired: the id may be enqueued afresh."""
+    return job.state == DEAD or (
+        job.state == DONE and job.keep_until is not None and job.keep_until <= now
+    )
+
+
+def fresh_job(new: NewJob, now: float) -> Job:
+    """The job ``new`` as it is stored when enqueued at ``now``."""
+    return Job(
+        id=new.id,
+        queue=new.queue,
+        task=new.task,
+        payload=new.payload,
+        state=QUEUED,
+        priority=new.priority,
+        key=new.key,
+        attempts=0,
+        enqueued_at=now,
+        run_at=new.run_at,
+    )
+
+
 class Backend(ABC):
     """Storage for jobs. Every method is atomic; see the module docstring for the rules."""
 

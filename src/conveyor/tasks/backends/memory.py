@@ -13,8 +13,21 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
-from .base import DEAD, DONE, QUEUED, RUNNING, Backend, Job, Lease, NewJob, QueueCounts
+from .base import (
+    DEAD,
+    DONE,
+    QUEUED,
+    RUNNING,
+    Backend,
+    Job,
+    Lease,
+    NewJob,
+    QueueCounts,
+    fresh_job,
+    replaceable,
+)
 
 
 class _Queue:
@@ -26,12 +39,6 @@ class _Queue:
         self.key_running: set[str] = set()
         # (lease_until, id, token) of leases handed out or extended; stale entries are skipped
         self.leases: list[tuple[float, str, str]] = []
-
-
-def _replaceable(job: Job, now: float) -> bool:
-    return job.state == DEAD or (
-        job.state == DONE and job.keep_until is not None and job.keep_until <= now
-    )
 
 
 class MemoryBackend(Backend):
@@ -89,23 +96,12 @@ class MemoryBackend(Backend):
         with self._lock:
             for new in jobs:
                 old = self._jobs.get(new.id)
-                if old is not None and not _replaceable(old, now):
+                if old is not None and not replaceable(old, now):
                     out.append((old, False))
                     continue
                 if old is not None:
                     self._forget(old)
-                job = Job(
-                    id=new.id,
-                    queue=new.queue,
-                    task=new.task,
-                    payload=new.payload,
-                    state=QUEUED,
-                    priority=new.priority,
-                    key=new.key,
-                    attempts=0,
-                    enqueued_at=now,
-                    run_at=new.run_at,
-                )
+                job = fresh_job(new, now)
                 seq = self._next_seq
                 self._next_seq += 1
                 self._seq[job.id] = seq
@@ -191,68 +187,37 @@ class MemoryBackend(Backend):
             heapq.heappush(self._q(job.queue).leases, (now + lease_s, job_id, token))
             return True
 
+    def _end_lease(self, job_id: str, token: str, *, uncount: bool = False, **changes: Any) -> bool:
+        """Apply ``changes`` to a running job if ``token`` holds it (``uncount``: the attempt
+        does not count); a job going back to ``queued`` takes its old place in line."""
+        with self._lock:
+            job = self._held(job_id, token)
+            if job is None:
+                return False
+            self._leave_running(job)
+            if uncount:
+                changes["attempts"] = max(0, job.attempts - 1)
+            after = self._set(replace(job, token=None, lease_until=None, **changes))
+            if after.state == QUEUED:
+                self._push(after, self._seq[job_id])
+            return True
+
     def complete(
         self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
     ) -> bool:
-        with self._lock:
-            job = self._held(job_id, token)
-            if job is None:
-                return False
-            self._leave_running(job)
-            self._set(
-                replace(
-                    job,
-                    state=DONE,
-                    token=None,
-                    lease_until=None,
-                    result=result,
-                    finished_at=now,
-                    keep_until=None if keep_s is None else now + keep_s,
-                )
-            )
-            return True
+        keep_until = None if keep_s is None else now + keep_s
+        return self._end_lease(
+            job_id, token, state=DONE, result=result, finished_at=now, keep_until=keep_until
+        )
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
-        with self._lock:
-            job = self._held(job_id, token)
-            if job is None:
-                return False
-            self._leave_running(job)
-            back = self._set(
-                replace(job, state=QUEUED, token=None, lease_until=None, run_at=run_at, error=error)
-            )
-            self._push(back, self._seq[job_id])
-            return True
+        return self._end_lease(job_id, token, state=QUEUED, run_at=run_at, error=error)
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
-        with self._lock:
-            job = self._held(job_id, token)
-            if job is None:
-                return False
-            self._leave_running(job)
-            self._set(
-                replace(job, state=DEAD, token=None, lease_until=None, error=error, finished_at=now)
-            )
-            return True
+        return self._end_lease(job_id, token, state=DEAD, error=error, finished_at=now)
 
     def release(self, job_id: str, token: str, now: float) -> bool:
-        with self._lock:
-            job = self._held(job_id, token)
-            if job is None:
-                return False
-            self._leave_running(job)
-            back = self._set(
-                replace(
-                    job,
-                    state=QUEUED,
-                    token=None,
-                    lease_until=None,
-                    run_at=now,
-                    attempts=max(0, job.attempts - 1),
-                )
-            )
-            self._push(back, self._seq[job_id])
-            return True
+        return self._end_lease(job_id, token, uncount=True, state=QUEUED, run_at=now)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

@@ -21,7 +21,19 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .base import DEAD, DONE, QUEUED, RUNNING, Backend, Job, Lease, NewJob, QueueCounts
+from .base import (
+    DEAD,
+    DONE,
+    QUEUED,
+    RUNNING,
+    Backend,
+    Job,
+    Lease,
+    NewJob,
+    QueueCounts,
+    fresh_job,
+    replaceable,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -81,28 +93,6 @@ def _row(new: NewJob, now: float) -> tuple[Any, ...]:
     return (new.id, new.queue, new.task, new.payload, new.priority, new.key, now, new.run_at)
 
 
-def _replaceable(job: Job, now: float) -> bool:
-    """Dead, or done with its result expired: the id may be enqueued afresh."""
-    return job.state == DEAD or (
-        job.state == DONE and job.keep_until is not None and job.keep_until <= now
-    )
-
-
-def _fresh(new: NewJob, now: float) -> Job:
-    return Job(
-        id=new.id,
-        queue=new.queue,
-        task=new.task,
-        payload=new.payload,
-        state=QUEUED,
-        priority=new.priority,
-        key=new.key,
-        attempts=0,
-        enqueued_at=now,
-        run_at=new.run_at,
-    )
-
-
 class SQLiteBackend(Backend):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -152,7 +142,7 @@ class SQLiteBackend(Backend):
             new = jobs[0]
             cur = self._conn().execute(_INSERT + " ON CONFLICT (id) DO NOTHING", _row(new, now))
             if cur.rowcount == 1:
-                return [(_fresh(new, now), True)]
+                return [(fresh_job(new, now), True)]
         out: list[tuple[Job, bool]] = []
         with self._write() as db:
             rows = []
@@ -162,12 +152,12 @@ class SQLiteBackend(Backend):
                     out.append((added[new.id], False))
                     continue
                 old = self._read(db, new.id)
-                if old is not None and not _replaceable(old, now):
+                if old is not None and not replaceable(old, now):
                     out.append((old, False))
                     continue
                 if old is not None:
                     db.execute("DELETE FROM jobs WHERE id = ?", (new.id,))
-                job = _fresh(new, now)
+                job = fresh_job(new, now)
                 rows.append(_row(new, now))
                 added[job.id] = job
                 out.append((job, True))
