@@ -286,18 +286,18 @@ def test_workers_leave_when_the_parent_is_killed(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             """
-            import sys, time
+            import threading, time
             from conveyor import Pipeline
 
             def slow(x):
-                time.sleep(3600)
+                threading.Event().wait()  # blocks until the process is killed
 
             if __name__ == "__main__":
                 run = Pipeline(range(4)).map(slow, name="s", workers=2, kind="process").start()
                 while len(run.stage("s").pids()) < 2 or run.stats().stages[0].busy_workers < 2:
                     time.sleep(0.01)
                 print(*run.stage("s").pids(), flush=True)
-                time.sleep(3600)
+                threading.Event().wait()  # until the test kills this process
             """
         )
     )
