@@ -20,7 +20,7 @@ import signal
 import tempfile
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 __all__ = ["HOW", "crash"]
 
@@ -70,9 +70,6 @@ class _Crash(Generic[T, U]):
         if self.when(item) and self._claim():
             _fail_now(self.how)
         return self.fn(item)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 def _fail_now(how: str) -> None:

@@ -19,6 +19,7 @@ Two ways to end:
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -83,6 +84,7 @@ class Buffer(Generic[T]):
     # -- producing --------------------------------------------------------------------------
     def put(self, item: T, timeout_s: float | None = None) -> bool:
         """Add one item, waiting for room. Returns False if ``timeout_s`` passed first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             while True:
                 if self._shutdown:
@@ -91,8 +93,13 @@ class Buffer(Generic[T]):
                     raise ClosedResourceError(f"buffer {self.name!r} is closed")
                 if self._count < self.capacity:
                     break
-                if not self._not_full.wait(timeout_s) and timeout_s is not None:
+                if deadline is None:
+                    self._not_full.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
                     return False
+                self._not_full.wait(left)
             if self._open_tail and len(self._chunks[-1]) < _CHUNK:
                 self._chunks[-1].append(item)
             else:

@@ -12,7 +12,7 @@ import random
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal
 
 from .._errors import ConfigurationError
 
@@ -35,10 +35,6 @@ class Skip:
     """Drop the failed item and go on; count it as skipped (and log it if ``log``)."""
 
     log: bool = False
-
-
-class _Sink(Protocol):
-    def __call__(self, failure: Failure, /) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +65,20 @@ class DeadLetter:
             sink(failure)
 
 
-Policy: TypeAlias = "Literal['raise'] | Skip | DeadLetter | Retry"
+def backoff_delay(
+    attempt: int,
+    backoff_s: float,
+    max_backoff_s: float,
+    jitter: float,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """The wait after failed try number ``attempt`` (1-based): ``backoff_s * 2**(attempt-1)``,
+    capped at ``max_backoff_s``, spread by ``± jitter`` (a fraction). Pipelines' ``Retry`` and
+    task queues' retries both wait this long."""
+    base = min(max_backoff_s, backoff_s * (2.0 ** (attempt - 1)))
+    if jitter:
+        base *= 1 + jitter * (2 * float(rng()) - 1)
+    return max(0.0, base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +118,7 @@ class Retry:
 
     def delay_s(self, attempt: int) -> float:
         """The wait after failed try number ``attempt`` (1-based)."""
-        base = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
-        if self.jitter:
-            base *= 1 + self.jitter * (2 * float(self.rng()) - 1)
-        return max(0.0, base)
+        return backoff_delay(attempt, self.backoff_s, self.max_backoff_s, self.jitter, self.rng)
 
 
 def check_policy(policy: object, *, allow_retry: bool = True) -> None:

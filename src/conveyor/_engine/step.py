@@ -22,7 +22,6 @@ finished unit to the outbox. The window counts items taken and not yet emitted; 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -32,7 +31,18 @@ from .._errors import StageFailed
 from .buffer import Buffer, BufferShutdown
 from .clock import SYSTEM_CLOCK, Clock
 from .limiter import RateLimiter
-from .policy import DEAD, RAISE, RETRY, SKIP, DeadLetter, Skip, decide, log_skip, make_failure
+from .policy import (
+    DEAD,
+    RAISE,
+    RETRY,
+    SKIP,
+    DeadLetter,
+    Skip,
+    decide,
+    final_policy,
+    log_skip,
+    make_failure,
+)
 from .stats import Counters, LatencyRing, StageStats
 
 MAP = "map"
@@ -350,7 +360,7 @@ class Step:
             return decision.delay_s
         with self.counters.lock:
             self.counters.failed += 1
-        final = self.policy.then if hasattr(self.policy, "then") else self.policy
+        final = final_policy(self.policy)
         if action == SKIP:
             with self.counters.lock:
                 self.counters.skipped += 1
@@ -398,7 +408,3 @@ class Step:
             latency_p99_s=p99,
             finished=finished,
         )
-
-
-def now() -> float:
-    return time.perf_counter()

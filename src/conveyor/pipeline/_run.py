@@ -111,7 +111,6 @@ class Run:
         self._stop_feeding = False
         self._error: BaseException | None = None
         self._state = "running"
-        self._finished = threading.Event()
         self._given_loop = loop
         self._loop_thread: LoopThread | None = None
         self._items_out = 0
@@ -200,32 +199,29 @@ class Run:
             first.put(item)
 
     # -- ending -------------------------------------------------------------------------------
-    def _fail(self, error: BaseException) -> None:
+    def _end(self, state: str, error: BaseException | None = None) -> bool:
+        """Leave ``running`` for ``state``; only the first call does anything. A run that did
+        not finish is torn down: its buffers shut down, its pools aborted."""
         with self._lock:
             if self._state != "running":
-                return
+                return False
+            self._state = state
             self._error = error
-            self._state = "failed"
-        self._teardown()
-
-    def _teardown(self) -> None:
+        self._elapsed = time.monotonic() - self._started
         self._stop.set()
-        for buffer in self._buffers:
-            buffer.shutdown()
-        for pool in self._pools:
-            pool.abort()
-        self._mark_done()
-
-    def _mark_done(self) -> None:
-        if self._elapsed is None:
-            self._elapsed = time.monotonic() - self._started
-        if self._finished.is_set():
-            return
-        self._finished.set()
+        if state != "finished":
+            for buffer in self._buffers:
+                buffer.shutdown()
+            for pool in self._pools:
+                pool.abort()
         if self._loop_thread is not None:
             # our own event loop goes once the async workers on it have left (they tear down
             # their Stage instances on it); the caller's thread never waits for that
             threading.Thread(target=self._close_loop, name="conveyor:reaper", daemon=True).start()
+        return True
+
+    def _fail(self, error: BaseException) -> None:
+        self._end("failed", error)
 
     def _close_loop(self) -> None:
         for pool in self._pools:
@@ -235,21 +231,13 @@ class Run:
 
     def cancel(self) -> None:
         """Stop every worker now; items in flight are dropped."""
-        with self._lock:
-            if self._state != "running":
-                return
-            self._state = "stopped"
-        self._teardown()
+        self._end("stopped")
 
     def _finish_ok(self) -> None:
         # every stage has closed its output: wait briefly for workers to leave, then settle
         for pool in self._pools:
             pool.gone.wait(5)
-        with self._lock:
-            if self._state == "running":
-                self._state = "finished"
-        self._stop.set()
-        self._mark_done()
+        self._end("finished")
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

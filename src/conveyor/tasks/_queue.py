@@ -6,15 +6,15 @@ import inspect
 import json
 import os
 import pickle
-import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlparse
 
+from .._engine.policy import backoff_delay
 from .._errors import BackendUnavailable, ConfigurationError, JobNotFound, TaskFailed
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
 
@@ -159,10 +159,9 @@ class TaskOptions:
     executor: str
     keep_result_s: float | None
 
-    def delay_s(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """The wait after failed attempt number ``attempt``: exponential, capped, jittered."""
-        base = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
-        return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+    def delay_s(self, attempt: int) -> float:
+        """The wait after failed attempt number ``attempt``, as for a pipeline's ``Retry``."""
+        return backoff_delay(attempt, self.backoff_s, self.max_backoff_s, self.jitter)
 
 
 class Task(Generic[P, R]):
@@ -426,6 +425,3 @@ class TaskQueue:
 
     def __repr__(self) -> str:
         return f"<TaskQueue {self.name!r} at {self.url}>"
-
-
-AsyncTask = Callable[..., Awaitable[Any]]

@@ -32,11 +32,13 @@ def load_class(path_or_class: Any, base: type[Any]) -> type[Any]:
 
 
 def _setting(config: Any, default: Any, name: str) -> Any:
-    return (
-        getattr(config, name, getattr(default, name, None))
-        if config is not None
-        else getattr(default, name, None)
-    )
+    return getattr(config, name, getattr(default, name, None))
+
+
+def _stage(cls: Any, base: type[Any], config: Any, default: Any, queue_size: int) -> Any:
+    """``(class, config, threads, inbox size)``: the inbox holds at least two items a thread."""
+    threads = _setting(config, default, "thread_num")
+    return (load_class(cls, base), config, threads, max(queue_size, threads * 2))
 
 
 def create(
@@ -61,31 +63,19 @@ def create(
         raise ValueError("Spiecify at least one of transport_cls/backend_cls")
     context = runtime_context if runtime_context is not None else RuntimeContext()
 
-    front_threads = _setting(engine_frontend_config, ENGINE_FRONTEND_CONFIG, "thread_num")
     front_size = _setting(engine_frontend_config, ENGINE_FRONTEND_CONFIG, "queue_size")
     stages: dict[str, Any] = {
-        "frontend": (
-            load_class(frontend_cls, Frontend),
-            engine_frontend_config,
-            front_threads,
-            front_size,
+        "frontend": _stage(
+            frontend_cls, Frontend, engine_frontend_config, ENGINE_FRONTEND_CONFIG, front_size
         ),
     }
     if transport_cls is not None:
-        threads = _setting(engine_transport_config, ENGINE_TRANSPORT_CONFIG, "thread_num")
-        stages["transport"] = (
-            load_class(transport_cls, Transport),
-            engine_transport_config,
-            threads,
-            max(front_size, threads * 2),
+        stages["transport"] = _stage(
+            transport_cls, Transport, engine_transport_config, ENGINE_TRANSPORT_CONFIG, front_size
         )
     if backend_cls is not None:
-        threads = _setting(engine_backend_config, ENGINE_BACKEND_CONFIG, "thread_num")
-        size = _setting(engine_backend_config, ENGINE_BACKEND_CONFIG, "queue_size")
-        stages["backend"] = (
-            load_class(backend_cls, Backend),
-            engine_backend_config,
-            threads,
-            max(size, threads * 2),
+        back_size = _setting(engine_backend_config, ENGINE_BACKEND_CONFIG, "queue_size")
+        stages["backend"] = _stage(
+            backend_cls, Backend, engine_backend_config, ENGINE_BACKEND_CONFIG, back_size
         )
     return Engine(stages, app_config, context)

@@ -187,82 +187,61 @@ class SQLiteBackend(Backend):
                 leases.append(Lease(job, token))
         return leases
 
-    def _held_update(self, sql: str, args: tuple[Any, ...], job_id: str, token: str) -> bool:
+    def _held_updates(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[bool]:
+        """Run ``sql`` (an UPDATE's SET part) for each row of values ending with ``(job_id,
+        token)``, in one transaction; each is applied only where the token holds the job."""
+        where = sql + " WHERE id = ? AND state = 'running' AND token = ?"
         with self._write() as db:
-            cur = db.execute(
-                sql + " WHERE id = ? AND state = 'running' AND token = ?", (*args, job_id, token)
-            )
-            return cur.rowcount == 1
+            return [db.execute(where, row).rowcount == 1 for row in rows]
 
     def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
-        return self._held_update("UPDATE jobs SET lease_until = ?", (now + lease_s,), job_id, token)
-
-    def complete(
-        self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
-    ) -> bool:
-        return self._held_update(
-            "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, result = ?, "
-            "finished_at = ?, keep_until = ?",
-            (result, now, None if keep_s is None else now + keep_s),
-            job_id,
-            token,
-        )
-
-    def complete_many(
-        self, done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
-    ) -> list[bool]:
-        with self._write() as db:
-            return [
-                db.execute(
-                    "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, "
-                    "result = ?, finished_at = ?, keep_until = ? "
-                    "WHERE id = ? AND state = 'running' AND token = ?",
-                    (result, now, None if keep_s is None else now + keep_s, job_id, token),
-                ).rowcount
-                == 1
-                for job_id, token, result, keep_s in done
-            ]
+        return self.heartbeat_many([(job_id, token)], lease_s, now)[0]
 
     def heartbeat_many(
         self, held: Sequence[tuple[str, str]], lease_s: float, now: float
     ) -> list[bool]:
-        with self._write() as db:
-            return [
-                db.execute(
-                    "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' "
-                    "AND token = ?",
-                    (now + lease_s, job_id, token),
-                ).rowcount
-                == 1
-                for job_id, token in held
-            ]
+        return self._held_updates(
+            "UPDATE jobs SET lease_until = ?",
+            [(now + lease_s, job_id, token) for job_id, token in held],
+        )
+
+    def complete(
+        self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
+    ) -> bool:
+        return self.complete_many([(job_id, token, result, keep_s)], now)[0]
+
+    def complete_many(
+        self, done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
+    ) -> list[bool]:
+        return self._held_updates(
+            "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, result = ?, "
+            "finished_at = ?, keep_until = ?",
+            [
+                (result, now, None if keep_s is None else now + keep_s, job_id, token)
+                for job_id, token, result, keep_s in done
+            ],
+        )
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
-        return self._held_update(
+        return self._held_updates(
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
             "error = ?",
-            (run_at, error),
-            job_id,
-            token,
-        )
+            [(run_at, error, job_id, token)],
+        )[0]
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
-        return self._held_update(
+        return self._held_updates(
             "UPDATE jobs SET state = 'dead', token = NULL, lease_until = NULL, error = ?, "
             "finished_at = ?",
-            (error, now),
-            job_id,
-            token,
-        )
+            [(error, now, job_id, token)],
+        )[0]
 
     def release(self, job_id: str, token: str, now: float) -> bool:
-        return self._held_update(
+        return self._held_updates(
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
             "attempts = MAX(0, attempts - 1)",
-            (now,),
-            job_id,
-            token,
-        )
+            [(now, job_id, token)],
+        )[0]
 
     def get(self, job_id: str) -> Job | None:
         return self._read(self._conn(), job_id)
@@ -287,23 +266,19 @@ class SQLiteBackend(Backend):
             cur = db.execute("DELETE FROM jobs WHERE id = ? AND state = 'done'", (job_id,))
             return cur.rowcount == 1
 
-    def requeue(self, job_id: str, now: float) -> bool:
+    def _requeue(self, where: str, value: str, now: float) -> int:
         with self._write() as db:
-            cur = db.execute(
+            return db.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, finished_at = NULL "
-                "WHERE id = ? AND state = 'dead'",
-                (now, job_id),
-            )
-            return cur.rowcount == 1
+                f"WHERE state = 'dead' AND {where} = ?",
+                (now, value),
+            ).rowcount
+
+    def requeue(self, job_id: str, now: float) -> bool:
+        return self._requeue("id", job_id, now) == 1
 
     def requeue_dead(self, queue: str, now: float) -> int:
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, finished_at = NULL "
-                "WHERE queue = ? AND state = 'dead'",
-                (now, queue),
-            )
-            return cur.rowcount
+        return self._requeue("queue", queue, now)
 
     def purge(self, queue: str) -> int:
         with self._write() as db:
