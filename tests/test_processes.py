@@ -316,3 +316,28 @@ def test_workers_leave_when_the_parent_is_killed(tmp_path: Path) -> None:
         parent.wait(10)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_full_buffers_hold_back_a_process_stage_and_the_source(tmp_path: Path) -> None:
+    from .conftest import Counting
+
+    gate = tmp_path / "gate"
+    source = Counting(5000)
+
+    def wait_for_gate(x: int) -> int:
+        while not gate.exists():
+            threading.Event().wait(0.01)
+        return x
+
+    p = Pipeline(source).map(square, kind="process", maxsize=8).map(wait_for_gate, maxsize=8)
+    with p.start() as run:
+        # the thread stage waits on the gate: its inbox fills, the process stage cannot hand
+        # on its outputs, its own inbox fills, and the source stops being read
+        eventually(lambda: run.stats().stages[0].queue_depth == 8, timeout_s=20)
+        eventually(lambda: run.stats().stages[1].queue_depth == 8, timeout_s=20)
+        taken = source.taken
+        # two inboxes of 8, what the process stage's driver holds (two units of at most its
+        # inbox), the gated item, and the one the feeder holds
+        assert taken <= 8 + 8 + 2 * 8 + 1 + 1
+        gate.touch()
+    assert source.taken == 5000

@@ -341,3 +341,20 @@ def test_a_second_signal_stops_at_once_and_hands_jobs_back(q: TaskQueue) -> None
 
     assert asyncio.run(main()) < 1.0
     assert job.status() == "queued" and job.info().attempts == 0
+
+
+def test_results_are_kept_for_keep_result_s(q: TaskQueue) -> None:
+    now = [1000.0]
+    q.clock = lambda: now[0]
+
+    @q.task(name="brief", keep_result_s=10)
+    def brief() -> str:
+        return "r"
+
+    job = q.enqueue("brief", _id="same")
+    drain(q)
+    assert job.result() == "r"
+    now[0] += 5
+    assert not q.enqueue("brief", _id="same").added  # its result is still kept
+    now[0] += 10
+    assert q.enqueue("brief", _id="same").added  # kept 10 s, then the id is free again
