@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from .redis_server import RedisServer
 
 
 def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
@@ -35,3 +38,18 @@ def gate() -> threading.Event:
     ev = threading.Event()
     yield ev
     ev.set()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server started for this test session (never the one on 6379)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer, request: pytest.FixtureRequest) -> str:
+    """The session server's URL, with a key prefix of this test's own."""
+    return f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:12]}:"

@@ -136,12 +136,16 @@ def open_backend(url: str) -> Backend:
         except Exception as exc:
             raise BackendUnavailable(f"cannot open the SQLite queue {path!r}: {exc}") from exc
     if scheme in ("redis", "rediss"):
-        raise ConfigurationError(
-            "the Redis backend is not available in this version of conveyor; "
-            "use memory:// or sqlite:///path"
-        )
+        try:
+            from .backends.redis import RedisBackend
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a {scheme}:// queue needs redis-py, which is not installed: "
+                "pip install 'conveyor[redis]'"
+            ) from exc
+        return RedisBackend(url)
     raise ConfigurationError(
-        f"unknown queue URL {url!r}: use memory://, sqlite:///path (or redis:// once available)"
+        f"unknown queue URL {url!r}: use memory://, sqlite:///path or redis://host:port/db"
     )
 
 

@@ -1,0 +1,435 @@
+"""``redis://`` and ``rediss://``: one queue shared by workers on many machines.
+
+Every change of state is one Lua script (``redis_lua.py`` describes the keys), so it is atomic
+on the server. Workers wait for work on a pub/sub channel that every enqueue, release and retry
+publishes to, and ``job.result()`` waits on a channel of its own job: nothing polls.
+
+Connections. A call that meets a broken connection (Redis restarting, a failover, ``CLIENT
+KILL``) is sent again on a new one, with exponential back-off, for up to ``retry_s`` seconds
+(20 by default), then raises :class:`~conveyor.BackendUnavailable`. A call sent again says so,
+and a script whose first sending did reach the server (the reply was what got lost) then
+answers as if it had just done its work, instead of reporting a lost lease. A wrong password or
+user fails at once with an authentication error.
+
+URL: ``redis://[[user]:password@]host[:port][/db][?prefix=conveyor:&retry_s=20]``; the other
+query options are redis-py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from ..._errors import BackendUnavailable, ConfigurationError
+from . import redis_lua as lua
+from .base import Backend, Job, Lease, NewJob, QueueCounts, fresh_job
+
+log = logging.getLogger("conveyor.tasks")
+
+T = TypeVar("T")
+
+_BROKEN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+_PRIORITY_LIMIT = 2**31
+# how many jobs one script call takes at most: a call blocks the server while it runs
+_CHUNK = 1000
+
+
+def _f(x: float) -> str:
+    return repr(float(x))
+
+
+def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
+    """A job from its hash (``HGETALL``: a dict, or the flat list a script returns)."""
+    h = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
+
+    def text(name: bytes) -> str | None:
+        value = h.get(name)
+        return None if value is None else value.decode()
+
+    def number(name: bytes) -> float | None:
+        value = h.get(name)
+        return None if value is None else float(value)
+
+    return Job(
+        id=h[b"id"].decode(),
+        queue=h[b"queue"].decode(),
+        task=h[b"task"].decode(),
+        payload=h[b"payload"],
+        state=h[b"state"].decode(),
+        priority=int(h[b"priority"]),
+        key=text(b"key"),
+        attempts=int(h[b"attempts"]),
+        enqueued_at=float(h[b"enqueued_at"]),
+        run_at=float(h[b"run_at"]),
+        lease_until=number(b"lease_until"),
+        token=text(b"token"),
+        result=h.get(b"result"),
+        error=text(b"error"),
+        finished_at=number(b"finished_at"),
+        keep_until=number(b"keep_until"),
+    )
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """The URL for redis-py, and conveyor's own options taken out of its query."""
+    parsed = urlparse(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parsed.query, keep_blank_values=True):
+        if name in ("prefix", "retry_s"):
+            ours[name] = value
+        else:
+            theirs.append((name, value))
+    return urlunparse(parsed._replace(query=urlencode(theirs))), ours
+
+
+def _where(url: str) -> str:
+    """The URL without its password, for messages."""
+    parsed = urlparse(url)
+    host = parsed.hostname or "localhost"
+    port = f":{parsed.port}" if parsed.port else ""
+    user = f"{parsed.username}@" if parsed.username else ""
+    return f"{parsed.scheme}://{user}{host}{port}{parsed.path}"
+
+
+class _Wakeups:
+    """One pub/sub connection per backend, on a thread of its own, counting the wake-up notices
+    of every queue. A waiter compares the count with the one seen by its last claim, so a
+    notice sent between that claim and the wait is not missed."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._cond = threading.Condition()
+        self.counts: dict[str, int] = {}
+        self._closed = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._listen, name="conveyor:redis-wake", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait(5)
+
+    def _bump(self, queue: str | None) -> None:
+        with self._cond:
+            if queue is None:  # reconnected: anything may have been missed
+                for name in self.counts:
+                    self.counts[name] += 1
+            else:
+                self.counts[queue] = self.counts.get(queue, 0) + 1
+            self._cond.notify_all()
+
+    def _listen(self) -> None:
+        pattern = self._backend.prefix + "wake:*"
+        skip = len(self._backend.prefix) + len("wake:")
+        delay = 0.05
+        while not self._closed.is_set():
+            pubsub = self._backend.client.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                pubsub.psubscribe(pattern)
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "pmessage":
+                        self._bump(message["channel"][skip:].decode())
+                    elif message["type"] == "psubscribe":
+                        # (re)subscribed: a notice sent while not listening may have been missed
+                        self._bump(None)
+                        self._ready.set()
+                        delay = 0.05
+            except _BROKEN as exc:
+                if not self._closed.is_set():
+                    log.debug("redis wake-up listener reconnecting: %s", exc)
+                    self._closed.wait(delay)
+                    delay = min(delay * 2, 2.0)
+            except Exception:  # pragma: no cover - a bug must not kill the thread silently
+                log.exception("redis wake-up listener failed; waiting falls back to timeouts")
+                return
+            finally:
+                with contextlib.suppress(Exception):  # the connection may be gone already
+                    pubsub.close()
+
+    def seen(self, queue: str) -> int:
+        with self._cond:
+            return self.counts.setdefault(queue, 0)
+
+    def wait(self, queue: str, since: int | None, timeout_s: float) -> None:
+        with self._cond:
+            count = self.counts.setdefault(queue, 0)
+            if since is not None and count != since:
+                return
+            self._cond.wait_for(lambda: self.counts[queue] != count, max(0.0, timeout_s))
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(*_BROKEN):  # wakes the listener now, not at its next timeout
+            self._backend.client.publish(self._backend.prefix + "wake:", "")
+        self._thread.join(2)
+
+
+class RedisBackend(Backend):
+    wakes_without_polling = True
+
+    def __init__(
+        self, url: str, *, prefix: str | None = None, retry_s: float | None = None
+    ) -> None:
+        redis_url, ours = _split_url(url)
+        self.url = url
+        self.where = _where(url)
+        self.prefix = prefix if prefix is not None else ours.get("prefix", "conveyor:")
+        self.retry_s = retry_s if retry_s is not None else float(ours.get("retry_s", 20.0))
+        try:
+            self.client: redis.Redis = redis.Redis.from_url(
+                redis_url,
+                retry=Retry(NoBackoff(), 0),
+                socket_connect_timeout=5,
+                socket_timeout=30,
+                socket_keepalive=True,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis URL {self.where!r}: {exc}") from exc
+        register = self.client.register_script
+        self._s = {
+            name: register(lua.PRELUDE + getattr(lua, name))
+            for name in (
+                "ENQUEUE",
+                "CLAIM",
+                "HEARTBEAT",
+                "COMPLETE",
+                "RETRY",
+                "FAIL",
+                "RELEASE",
+                "FINISH",
+                "UNFINISH",
+                "REQUEUE",
+                "PURGE",
+                "EXPIRE",
+                "COUNTS",
+                "NEXT_RUN_AT",
+            )
+        }
+        self._wakeups: _Wakeups | None = None
+        self._wakeups_lock = threading.Lock()
+        self._seen: dict[str, int] = {}
+        self._call(self.client.ping)  # a wrong password or an unreachable server shows now
+
+    # -- calls that survive a broken connection ---------------------------------------------------
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._again(lambda _replay: fn(*args))
+
+    def _again(self, attempt: Callable[[str], T]) -> T:
+        """Run ``attempt(replay)`` until the server answers; ``replay`` is "1" when sent again."""
+        deadline: float | None = None
+        delay = 0.05
+        replay = "0"
+        while True:
+            try:
+                return attempt(replay)
+            except (AuthenticationError, NoPermissionError) as exc:
+                raise BackendUnavailable(
+                    f"Redis at {self.where} refused the credentials in the queue URL: {exc}"
+                ) from exc
+            except ResponseError as exc:
+                if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                    raise BackendUnavailable(
+                        f"Redis at {self.where} needs a password or user in the queue URL: {exc}"
+                    ) from exc
+                raise
+            except _BROKEN as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_s
+                    log.warning("Redis at %s: %s; reconnecting", self.where, exc)
+                if now >= deadline:
+                    raise BackendUnavailable(
+                        f"Redis at {self.where} unreachable for {self.retry_s:g} s: {exc}"
+                    ) from exc
+                time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, deadline - now)))
+                delay = min(delay * 2, 2.0)
+                replay = "1"
+
+    def _script(self, name: str, args: Sequence[Any]) -> Any:
+        script = self._s[name]
+        return self._again(lambda _replay: script(args=[self.prefix, *args]))
+
+    def _tolerant(self, name: str, head: Sequence[Any], rest: Sequence[Any]) -> Any:
+        """A script whose third argument says whether the call is sent again."""
+        script = self._s[name]
+        return self._again(lambda replay: script(args=[self.prefix, *head, replay, *rest]))
+
+    # -- the contract ---------------------------------------------------------------------------
+    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+        out: list[tuple[Job, bool]] = []
+        for start in range(0, len(jobs), _CHUNK):
+            chunk = jobs[start : start + _CHUNK]
+            args: list[Any] = []
+            for new in chunk:
+                if not -_PRIORITY_LIMIT < new.priority < _PRIORITY_LIMIT:
+                    raise ConfigurationError(
+                        f"priority {new.priority} is out of range for Redis (|priority| < 2**31)"
+                    )
+                args += [
+                    new.id,
+                    new.queue,
+                    new.task,
+                    new.payload,
+                    new.priority,
+                    "" if new.key is None else new.key,
+                    _f(new.run_at),
+                ]
+            replies = self._script("ENQUEUE", [_f(now), *args])
+            for new, reply in zip(chunk, replies, strict=True):
+                if reply == 0:
+                    out.append((fresh_job(new, now), True))
+                else:
+                    out.append((_job(reply), False))
+        return out
+
+    def claim(
+        self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
+    ) -> list[Lease]:
+        if self._wakeups is not None:
+            self._seen[queue] = self._wakeups.seen(queue)
+        base = f"{os.urandom(8).hex()}:"
+        replies = self._script("CLAIM", [queue, _f(now), _f(now + lease_s), max(0, limit), base])
+        return [Lease(job, job.token or "") for job in map(_job, replies)]
+
+    def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
+        return self.heartbeat_many([(job_id, token)], lease_s, now)[0]
+
+    def heartbeat_many(
+        self, held: Sequence[tuple[str, str]], lease_s: float, now: float
+    ) -> list[bool]:
+        flat = [x for pair in held for x in pair]
+        return [bool(r) for r in self._tolerant("HEARTBEAT", [_f(now + lease_s)], flat)]
+
+    def complete(
+        self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
+    ) -> bool:
+        return self.complete_many([(job_id, token, result, keep_s)], now)[0]
+
+    def complete_many(
+        self, done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
+    ) -> list[bool]:
+        out: list[bool] = []
+        for start in range(0, len(done), _CHUNK):
+            args: list[Any] = []
+            for job_id, token, result, keep_s in done[start : start + _CHUNK]:
+                args += [
+                    job_id,
+                    token,
+                    "0" if result is None else "1",
+                    b"" if result is None else result,
+                    "" if keep_s is None else _f(now + keep_s),
+                ]
+            out += [bool(r) for r in self._tolerant("COMPLETE", [_f(now)], args)]
+        return out
+
+    def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
+        return bool(self._tolerant("RETRY", [_f(now)], [job_id, token, _f(run_at), error]))
+
+    def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
+        return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error]))
+
+    def release(self, job_id: str, token: str, now: float) -> bool:
+        return bool(self._tolerant("RELEASE", [_f(now)], [job_id, token]))
+
+    def get(self, job_id: str) -> Job | None:
+        raw = self._call(self.client.hgetall, self.prefix + "j:" + job_id)
+        return _job(cast("dict[bytes, bytes]", raw)) if raw else None
+
+    def finish(self, job_id: str, now: float) -> None:
+        self._script("FINISH", [_f(now), job_id])
+
+    def unfinish(self, job_id: str) -> bool:
+        return bool(self._script("UNFINISH", [job_id]))
+
+    def requeue(self, job_id: str, now: float) -> bool:
+        return bool(self._script("REQUEUE", [_f(now), job_id]))
+
+    def requeue_dead(self, queue: str, now: float) -> int:
+        dead = self._call(self.client.smembers, f"{self.prefix}q:{queue}:dead")
+        ids = sorted(dead)
+        return sum(
+            int(self._script("REQUEUE", [_f(now), *ids[i : i + _CHUNK]]))
+            for i in range(0, len(ids), _CHUNK)
+        )
+
+    def purge(self, queue: str) -> int:
+        return int(self._script("PURGE", [queue]))
+
+    def expire(self, now: float) -> int:
+        total = 0
+        while True:
+            n = int(self._script("EXPIRE", [_f(now), _CHUNK]))
+            total += n
+            if n < _CHUNK:
+                return total
+
+    def counts(self, queue: str, now: float) -> QueueCounts:
+        queued, delayed, running, done, dead, oldest, flat = self._script(
+            "COUNTS", [queue, _f(now)]
+        )
+        leases = tuple((flat[i].decode(), float(flat[i + 1]) - now) for i in range(0, len(flat), 2))
+        return QueueCounts(
+            queued=int(queued),
+            delayed=int(delayed),
+            running=int(running),
+            done=int(done),
+            dead=int(dead),
+            oldest_waiting_s=None if oldest == b"" else max(0.0, now - float(oldest)),
+            leases=leases,
+        )
+
+    def next_run_at(self, queue: str) -> float | None:
+        at = self._script("NEXT_RUN_AT", [queue])
+        return None if at == b"" else float(at)
+
+    # -- waiting without polling ------------------------------------------------------------------
+    def _listener(self) -> _Wakeups:
+        with self._wakeups_lock:
+            if self._wakeups is None:
+                self._wakeups = _Wakeups(self)
+            return self._wakeups
+
+    def wait_for_work(self, queue: str, timeout_s: float) -> None:
+        wakeups = self._listener()
+        wakeups.wait(queue, self._seen.get(queue), timeout_s)
+        self._seen[queue] = wakeups.seen(queue)
+
+    def wait_for_job(self, job_id: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.prefix + "ended:" + job_id)
+            state = self.client.hget(self.prefix + "j:" + job_id, "state")
+            if state in (None, b"done", b"dead"):
+                return
+            while (left := deadline - time.monotonic()) > 0:
+                message = pubsub.get_message(timeout=left)
+                if message is not None and message["type"] == "message":
+                    return
+        except _BROKEN:
+            # the caller looks at the job again; a short pause keeps an outage from spinning
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.close()
+        self.client.close()

@@ -1,0 +1,421 @@
+"""The Redis backend's server-side scripts: every change of state is one Lua script, so it is
+atomic on the server however many workers share the queue.
+
+Layout under the prefix ``P`` (``conveyor:`` by default)::
+
+    P j:<id>              hash: the job (see ``FIELDS`` in redis.py)
+    P seq                 counter: enqueue order
+    P expiry              zset: done jobs by keep_until
+    P q:<q>:queued        zset: every queued job, by seq
+    P q:<q>:runat         zset: every queued job, by run_at (delayed counts, next_run_at)
+    P q:<q>:ready         zset, all scores 0: claimable jobs as "<priority><seq><id>" members,
+                          so the first member is the next claim
+    P q:<q>:delayed       zset: placed jobs waiting for run_at
+    P q:<q>:leases        zset: running jobs by lease_until
+    P q:<q>:done, :dead   sets
+    P q:<q>:k:<key>       zset: the key's queued jobs, by seq
+    P q:<q>:kplaced       hash: key -> the one job of that key in ready/delayed
+    P q:<q>:krun          set: keys with a running job
+    P wake:<q>            channel: something may have become claimable
+    P ended:<id>          channel: the job ended (done or dead)
+
+A job without a key is "placed" (in ready or delayed) whenever it is queued. A keyed job is
+placed only while it is the first queued job of its key and no job of its key runs; the others
+wait in the key's zset. Claims therefore never skip anything: the first members of ready are
+exactly the jobs to hand out.
+
+Times arrive as strings from Python and are stored as given: Lua's numbers would print them
+with 14 digits and lose the sub-millisecond part.
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+local P = ARGV[1]
+local function jk(id) return P .. 'j:' .. id end
+local function qk(q, part) return P .. 'q:' .. q .. ':' .. part end
+local function wake(q) redis.call('PUBLISH', P .. 'wake:' .. q, '1') end
+
+-- priority first (higher first), then enqueue order; 9 + 14 hex digits, then the id
+local function member(id, prio, seq)
+  return string.format('%09x%014x', 4294967296 - tonumber(prio), tonumber(seq)) .. id
+end
+
+local function place(id, now)
+  local f = redis.call('HMGET', jk(id), 'queue', 'priority', 'seq', 'run_at')
+  if tonumber(f[4]) <= tonumber(now) then
+    redis.call('ZADD', qk(f[1], 'ready'), 0, member(id, f[2], f[3]))
+  else
+    redis.call('ZADD', qk(f[1], 'delayed'), f[4], id)
+  end
+end
+
+local function unplace(id)
+  local f = redis.call('HMGET', jk(id), 'queue', 'priority', 'seq')
+  redis.call('ZREM', qk(f[1], 'ready'), member(id, f[2], f[3]))
+  redis.call('ZREM', qk(f[1], 'delayed'), id)
+end
+
+-- after any change to a key's jobs: its first queued job is placed, unless the key runs
+local function settle_key(q, key, now)
+  local placed = redis.call('HGET', qk(q, 'kplaced'), key)
+  local head = false
+  if redis.call('SISMEMBER', qk(q, 'krun'), key) == 0 then
+    head = redis.call('ZRANGE', qk(q, 'k:' .. key), 0, 0)[1] or false
+  end
+  if head == placed then return end
+  if placed then unplace(placed) end
+  if head then
+    place(head, now)
+    redis.call('HSET', qk(q, 'kplaced'), key, head)
+  else
+    redis.call('HDEL', qk(q, 'kplaced'), key)
+  end
+end
+
+-- the job (its hash already says queued) joins the line, at the place its seq gives it
+local function to_queue(id, now)
+  local f = redis.call('HMGET', jk(id), 'queue', 'key', 'seq', 'run_at')
+  redis.call('ZADD', qk(f[1], 'queued'), f[3], id)
+  redis.call('ZADD', qk(f[1], 'runat'), f[4], id)
+  if f[2] then
+    redis.call('ZADD', qk(f[1], 'k:' .. f[2]), f[3], id)
+    settle_key(f[1], f[2], now)
+  else
+    place(id, now)
+  end
+end
+
+-- a queued job leaves the line (claimed, finished, forgotten); the caller settles its key
+local function leave_queue(id, q, key)
+  redis.call('ZREM', qk(q, 'queued'), id)
+  redis.call('ZREM', qk(q, 'runat'), id)
+  unplace(id)
+  if key then
+    redis.call('ZREM', qk(q, 'k:' .. key), id)
+    if redis.call('HGET', qk(q, 'kplaced'), key) == id then
+      redis.call('HDEL', qk(q, 'kplaced'), key)
+    end
+  end
+end
+
+local function leave_running(id, q, key, now)
+  redis.call('ZREM', qk(q, 'leases'), id)
+  if key then
+    redis.call('SREM', qk(q, 'krun'), key)
+    settle_key(q, key, now)
+  end
+end
+
+-- remove a job that is not running, wherever it is
+local function forget(id)
+  local f = redis.call('HMGET', jk(id), 'queue', 'key', 'state')
+  local q, key, state = f[1], f[2], f[3]
+  if state == 'queued' then
+    leave_queue(id, q, key)
+  elseif state == 'done' then
+    redis.call('SREM', qk(q, 'done'), id)
+    redis.call('ZREM', P .. 'expiry', id)
+  elseif state == 'dead' then
+    redis.call('SREM', qk(q, 'dead'), id)
+  end
+  redis.call('DEL', jk(id))
+  return q, key, state
+end
+
+-- the job's hash if ``token`` holds it: {queue, key}, else nil
+local function held(id, token)
+  local f = redis.call('HMGET', jk(id), 'state', 'token', 'queue', 'key')
+  if f[1] == 'running' and f[2] == token then return f end
+  return nil
+end
+
+-- a call sent again after a lost connection: did its first sending already end the lease?
+local function replayed(id, token, replay)
+  return replay == '1' and redis.call('HGET', jk(id), 'ended') == token
+end
+
+-- end the lease held by ``token``; returns {queue, key} or nil
+local function end_lease(id, token, now)
+  local f = held(id, token)
+  if not f then return nil end
+  leave_running(id, f[3], f[4], now)
+  redis.call('HDEL', jk(id), 'token', 'lease_until')
+  redis.call('HSET', jk(id), 'ended', token)
+  return f
+end
+"""
+
+# ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at.
+# Returns per job 0 (added) or the existing job's fields.
+ENQUEUE = r"""
+local now = ARGV[2]
+local out = {}
+local woken = {}
+for i = 3, #ARGV, 7 do
+  local id, q = ARGV[i], ARGV[i + 1]
+  local k = jk(id)
+  local st = redis.call('HMGET', k, 'state', 'keep_until')
+  local keep = true
+  if st[1] == 'dead' or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(now)) then
+    forget(id)
+  elseif st[1] then
+    keep = false
+  end
+  if keep then
+    local seq = redis.call('INCR', P .. 'seq')
+    redis.call('HSET', k, 'id', id, 'queue', q, 'task', ARGV[i + 2], 'payload', ARGV[i + 3],
+      'state', 'queued', 'priority', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now,
+      'run_at', ARGV[i + 6], 'seq', seq)
+    if ARGV[i + 5] ~= '' then redis.call('HSET', k, 'key', ARGV[i + 5]) end
+    to_queue(id, now)
+    woken[q] = true
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = redis.call('HGETALL', k)
+  end
+end
+for q, _ in pairs(woken) do wake(q) end
+return out
+"""
+
+# ARGV: P, queue, now, lease_until, limit, token prefix. Returns the claimed jobs' fields.
+CLAIM = r"""
+local q, now, lease_until, limit, base = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local lapsed = redis.call('ZRANGEBYSCORE', qk(q, 'leases'), '-inf', now, 'LIMIT', 0, 1000)
+for _, id in ipairs(lapsed) do
+  local key = redis.call('HGET', jk(id), 'key')
+  leave_running(id, q, key, now)
+  redis.call('HSET', jk(id), 'state', 'queued')
+  redis.call('HDEL', jk(id), 'token', 'lease_until')
+  to_queue(id, now)
+end
+local due = redis.call('ZRANGEBYSCORE', qk(q, 'delayed'), '-inf', now, 'LIMIT', 0, 1000)
+for _, id in ipairs(due) do
+  redis.call('ZREM', qk(q, 'delayed'), id)
+  local f = redis.call('HMGET', jk(id), 'priority', 'seq')
+  redis.call('ZADD', qk(q, 'ready'), 0, member(id, f[1], f[2]))
+end
+local taken = {}
+local firsts = redis.call('ZRANGE', qk(q, 'ready'), 0, limit - 1)
+for n, m in ipairs(firsts) do
+  local id = string.sub(m, 24)
+  local k = jk(id)
+  local key = redis.call('HGET', k, 'key')
+  leave_queue(id, q, key)
+  if key then redis.call('SADD', qk(q, 'krun'), key) end
+  redis.call('HSET', k, 'state', 'running', 'token', base .. n, 'lease_until', lease_until)
+  redis.call('HINCRBY', k, 'attempts', 1)
+  redis.call('ZADD', qk(q, 'leases'), lease_until, id)
+  taken[n] = redis.call('HGETALL', k)
+end
+return taken
+"""
+
+# ARGV: P, lease_until, replay, then pairs id, token. Returns 1/0 per pair.
+HEARTBEAT = r"""
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local f = held(id, ARGV[i + 1])
+  if f then
+    redis.call('HSET', jk(id), 'lease_until', ARGV[2])
+    redis.call('ZADD', qk(f[3], 'leases'), ARGV[2], id)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# ARGV: P, now, replay, then per job: id, token, has_result ('1'/'0'), result,
+# keep_until ('' for forever). Returns 1/0 per job.
+COMPLETE = r"""
+local now, replay = ARGV[2], ARGV[3]
+local out = {}
+local woken = {}
+for i = 4, #ARGV, 5 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local f = end_lease(id, token, now)
+  if f then
+    local k = jk(id)
+    redis.call('HSET', k, 'state', 'done', 'finished_at', now)
+    if ARGV[i + 2] == '1' then
+      redis.call('HSET', k, 'result', ARGV[i + 3])
+    else
+      redis.call('HDEL', k, 'result')
+    end
+    if ARGV[i + 4] ~= '' then
+      redis.call('HSET', k, 'keep_until', ARGV[i + 4])
+      redis.call('ZADD', P .. 'expiry', ARGV[i + 4], id)
+    else
+      redis.call('HDEL', k, 'keep_until')
+    end
+    redis.call('SADD', qk(f[3], 'done'), id)
+    redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
+    if f[4] then woken[f[3]] = true end
+    out[#out + 1] = 1
+  elseif replayed(id, token, replay) then
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+for q, _ in pairs(woken) do wake(q) end
+return out
+"""
+
+# ARGV: P, now, replay, id, token, run_at, error
+RETRY = r"""
+local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local f = end_lease(id, token, now)
+if not f then return replayed(id, token, replay) and 1 or 0 end
+redis.call('HSET', jk(id), 'state', 'queued', 'run_at', ARGV[6], 'error', ARGV[7])
+to_queue(id, now)
+wake(f[3])
+return 1
+"""
+
+# ARGV: P, now, replay, id, token, error
+FAIL = r"""
+local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local f = end_lease(id, token, now)
+if not f then return replayed(id, token, replay) and 1 or 0 end
+redis.call('HSET', jk(id), 'state', 'dead', 'error', ARGV[6], 'finished_at', now)
+redis.call('SADD', qk(f[3], 'dead'), id)
+redis.call('PUBLISH', P .. 'ended:' .. id, 'dead')
+if f[4] then wake(f[3]) end
+return 1
+"""
+
+# ARGV: P, now, replay, id, token
+RELEASE = r"""
+local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local f = end_lease(id, token, now)
+if not f then return replayed(id, token, replay) and 1 or 0 end
+local k = jk(id)
+local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+if attempts > 0 then attempts = attempts - 1 end
+redis.call('HSET', k, 'state', 'queued', 'run_at', now, 'attempts', attempts)
+to_queue(id, now)
+wake(f[3])
+return 1
+"""
+
+# ARGV: P, now, id
+FINISH = r"""
+local now, id = ARGV[2], ARGV[3]
+local k = jk(id)
+local f = redis.call('HMGET', k, 'state', 'queue', 'key')
+local state, q, key = f[1], f[2], f[3]
+if not state then
+  q = ''
+  redis.call('HSET', k, 'id', id, 'queue', '', 'task', '', 'payload', '', 'priority', 0,
+    'attempts', 0, 'enqueued_at', now, 'run_at', now, 'seq', redis.call('INCR', P .. 'seq'))
+elseif state == 'queued' then
+  leave_queue(id, q, key)
+  if key then settle_key(q, key, now) end
+  wake(q)
+elseif state == 'running' then
+  leave_running(id, q, key, now)
+  redis.call('HDEL', k, 'token', 'lease_until')
+  if key then wake(q) end
+elseif state == 'dead' then
+  redis.call('SREM', qk(q, 'dead'), id)
+end
+redis.call('ZREM', P .. 'expiry', id)
+redis.call('HDEL', k, 'keep_until')
+redis.call('HSET', k, 'state', 'done', 'finished_at', now)
+redis.call('SADD', qk(q, 'done'), id)
+redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
+"""
+
+# ARGV: P, id
+UNFINISH = r"""
+if redis.call('HGET', jk(ARGV[2]), 'state') ~= 'done' then return 0 end
+forget(ARGV[2])
+return 1
+"""
+
+# ARGV: P, now, then ids (each requeued if dead). Returns how many were.
+REQUEUE = r"""
+local now = ARGV[2]
+local n = 0
+local woken = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local f = redis.call('HMGET', jk(id), 'state', 'queue')
+  if f[1] == 'dead' then
+    redis.call('SREM', qk(f[2], 'dead'), id)
+    redis.call('HSET', jk(id), 'state', 'queued', 'attempts', 0, 'run_at', now)
+    redis.call('HDEL', jk(id), 'finished_at')
+    to_queue(id, now)
+    woken[f[2]] = true
+    n = n + 1
+  end
+end
+for q, _ in pairs(woken) do wake(q) end
+return n
+"""
+
+# ARGV: P, queue
+PURGE = r"""
+local q = ARGV[2]
+local n = 0
+local parts = {
+  redis.call('ZRANGE', qk(q, 'queued'), 0, -1),
+  redis.call('SMEMBERS', qk(q, 'done')),
+  redis.call('SMEMBERS', qk(q, 'dead')),
+}
+for _, ids in ipairs(parts) do
+  for _, id in ipairs(ids) do
+    forget(id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: P, now, limit
+EXPIRE = r"""
+local gone = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(gone) do forget(id) end
+return #gone
+"""
+
+# ARGV: P, queue, now. Returns queued, delayed, running, done, dead, the oldest claimable
+# job's enqueued_at (or ''), and the leases as id, lease_until pairs.
+COUNTS = r"""
+local q, now = ARGV[2], ARGV[3]
+local oldest = ''
+local firsts = redis.call('ZRANGE', qk(q, 'queued'), 0, 999)
+for _, id in ipairs(firsts) do
+  local f = redis.call('HMGET', jk(id), 'run_at', 'enqueued_at')
+  if tonumber(f[1]) <= tonumber(now) then
+    if oldest == '' or tonumber(f[2]) < tonumber(oldest) then oldest = f[2] end
+  end
+end
+return {
+  redis.call('ZCARD', qk(q, 'queued')),
+  redis.call('ZCOUNT', qk(q, 'runat'), '(' .. now, '+inf'),
+  redis.call('ZCARD', qk(q, 'leases')),
+  redis.call('SCARD', qk(q, 'done')),
+  redis.call('SCARD', qk(q, 'dead')),
+  oldest,
+  redis.call('ZRANGE', qk(q, 'leases'), 0, -1, 'WITHSCORES'),
+}
+"""
+
+# ARGV: P, queue. The earliest time a claim could find something: '' if nothing is queued or
+# running, '0' if something is claimable now.
+NEXT_RUN_AT = r"""
+local q = ARGV[2]
+if redis.call('ZCARD', qk(q, 'ready')) > 0 then return '0' end
+local best = ''
+for _, part in ipairs({'delayed', 'leases'}) do
+  local first = redis.call('ZRANGE', qk(q, part), 0, 0, 'WITHSCORES')
+  if first[2] and (best == '' or tonumber(first[2]) < tonumber(best)) then best = first[2] end
+end
+return best
+"""
