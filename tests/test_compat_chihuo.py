@@ -125,6 +125,12 @@ class Squares(ChihuoLoop):
         await self.task_finish(task_id)
 
 
+def loop_url(config: dict[str, Any]) -> str:
+    from conveyor.compat.chihuo import queue_url
+
+    return queue_url({k: str(v) for k, v in config.items()})
+
+
 def test_config_files_blank_and_comment_lines_and_backends(tmp_path: Path) -> None:
     path = write_config(
         tmp_path,
@@ -137,6 +143,8 @@ def test_config_files_blank_and_comment_lines_and_backends(tmp_path: Path) -> No
     assert Squares(server_config={"backend": "memory", "ip": "", "port": 0})._queue.url == (
         "memory://chihuo"
     )
+    redis = {"backend": "redis", "ip": "10.0.0.7", "port": 7000, "password": "p/w", "db": 2}
+    assert loop_url(redis) == "redis://:p%2Fw@10.0.0.7:7000/2"
     with pytest.raises(ConfigurationError, match=r"'lodis' is not supported.*memory, sqlite"):
         Squares(server_config={"backend": "lodis", "ip": "127.0.0.1", "port": 8311})
     with pytest.raises(ConfigurationError, match="not found"):
@@ -153,8 +161,20 @@ def test_server_json_is_found_when_server_config_is_absent(
     assert Squares()._queue.url == "memory://chihuo"
 
 
-def test_finish_unfinish_and_adding_again(tmp_path: Path) -> None:
-    config = {"backend": "sqlite", "path": str(tmp_path / "f.db"), "ip": "", "port": 0}
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_finish_unfinish_and_adding_again(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    config: dict[str, Any] = {
+        "backend": "sqlite",
+        "path": str(tmp_path / "f.db"),
+        "ip": "",
+        "port": 0,
+    }
+    if backend == "redis":  # chihuo's redis config: ip and port (a prefix keeps tests apart)
+        server = request.getfixturevalue("redis_server")
+        config = {"backend": "redis", "ip": "127.0.0.1", "port": server.port}
+        config["prefix"] = f"chihuo{tmp_path.name}:"
 
     class Once(Squares):
         NAME = "once"

@@ -104,7 +104,7 @@ def worker(
         poll_s=poll_s,
     )
     click.echo(
-        f"worker {w.id} on {queue.url} (queue {queue.name!r}, "
+        f"worker {w.id} on {queue.where} (queue {queue.name!r}, "
         f"{len(queue.tasks)} tasks, concurrency {concurrency})",
         err=True,
     )
@@ -134,7 +134,8 @@ _QUEUE_OPTION = click.option(
 @_QUEUE_OPTION
 def info(url: str, name: str) -> None:
     """Show a queue: jobs per state, the oldest waiting job, running leases."""
-    stats = _queue_at(url, name).stats()
+    queue = _queue_at(url, name)
+    stats = queue.stats()
     rows: list[tuple[str, Any]] = [
         ("queued (ready)", stats.queued - stats.delayed),
         ("queued (delayed)", stats.delayed),
@@ -146,7 +147,7 @@ def info(url: str, name: str) -> None:
             "-" if stats.oldest_waiting_s is None else f"{stats.oldest_waiting_s:.1f} s",
         ),
     ]
-    click.echo(f"queue {name!r} at {url}")
+    click.echo(f"queue {name!r} at {queue.where}")
     for label, value in rows:
         click.echo(f"  {label:<18} {value}")
     if stats.leases:
@@ -180,9 +181,10 @@ def requeue(url: str, name: str, dead: bool, ids: tuple[str, ...]) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(url: str, name: str, yes: bool) -> None:
     """Delete every job of the queue that is not running (queued, done and dead)."""
-    if not yes and not click.confirm(f"Delete the jobs of queue {name!r} at {url}?"):
+    queue = _queue_at(url, name)
+    if not yes and not click.confirm(f"Delete the jobs of queue {name!r} at {queue.where}?"):
         raise click.Abort
-    click.echo(f"deleted {_queue_at(url, name).purge()} job(s)")
+    click.echo(f"deleted {queue.purge()} job(s)")
 
 
 if __name__ == "__main__":

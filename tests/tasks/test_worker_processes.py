@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,12 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Env:
-    def __init__(self, tmp: Path) -> None:
-        self.url = f"sqlite:///{tmp / 'jobs.db'}"
+    def __init__(self, tmp: Path, url: str) -> None:
+        self.url = url
         self.log = tmp / "log.txt"
         self.gate = tmp / "gate"
         self.log.touch()
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.drains: list[threading.Thread] = []
         self.queue = TaskQueue(self.url)
 
     def worker(self, *args: str, banner: bool = False) -> subprocess.Popen[bytes]:
@@ -51,9 +53,16 @@ class Env:
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE if banner else subprocess.DEVNULL,
         )
         self.procs.append(proc)
+        if banner:
+            assert proc.stderr is not None
+            first = proc.stderr.readline()  # "worker ... on ...": it is about to claim
+            assert first.startswith(b"worker "), first
+            drain = threading.Thread(target=proc.stderr.read, daemon=True)  # keep draining
+            drain.start()
+            self.drains.append(drain)
         return proc
 
     def lines(self) -> list[str]:
@@ -63,16 +72,28 @@ class Env:
         return [line.split()[2] for line in self.lines() if line.startswith(f"start {job} ")]
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path)
+def open_env(tmp: Path, url: str) -> Iterator[Env]:
+    e = Env(tmp, url)
     yield e
     for p in e.procs:
         if p.poll() is None:
             p.kill()
         p.wait(10)
+    for drain in e.drains:
+        drain.join(10)
+    for p in e.procs:
         if p.stderr is not None:
             p.stderr.close()
+    e.queue.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    yield from open_env(tmp_path, url)
 
 
 def test_sigkill_mid_task_runs_it_again_after_the_lease_with_one_result(env: Env) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from .._engine.policy import backoff_delay
 from .._errors import BackendUnavailable, ConfigurationError, JobNotFound, TaskFailed
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
+from .backends.base import redacted
 
 if TYPE_CHECKING:
     from ._worker import Worker
@@ -199,7 +200,7 @@ class Task(Generic[P, R]):
         return self.queue.enqueue_many(self, calls)
 
     def __repr__(self) -> str:
-        return f"<Task {self.name!r} of {self.queue.url}>"
+        return f"<Task {self.name!r} of {self.queue.where}>"
 
 
 class JobHandle:
@@ -276,6 +277,8 @@ class TaskQueue:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a queue name is a non-empty string, not {name!r}")
         self.url = url
+        #: the URL without its password, for logs and messages
+        self.where = redacted(url)
         self.name = name
         self.serializer: Serializer = SERIALIZERS[serializer]()
         self.keep_result_s = keep_result_s
@@ -428,4 +431,4 @@ class TaskQueue:
             self.backend.close()
 
     def __repr__(self) -> str:
-        return f"<TaskQueue {self.name!r} at {self.url}>"
+        return f"<TaskQueue {self.name!r} at {self.where}>"

@@ -8,6 +8,11 @@ lease lapses — or at once, when the worker shuts down cleanly and releases it.
 Shutdown (SIGINT, SIGTERM, or :meth:`Worker.stop`): stop claiming; let running jobs finish for
 up to ``shutdown_grace_s``; cancel the rest and release them, so another worker can start them
 immediately. A second signal cancels and releases at once.
+
+Outages: a backend rides out a broken connection by itself for a while (Redis: ``retry_s``)
+and then raises :class:`BackendUnavailable`. The worker then logs it, waits with back-off and
+tries again, for as long as it takes: it never exits because its storage went away. A job
+whose outcome could not be written is not lost: its lease lapses and it runs again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from .._errors import ConfigurationError
+from .._errors import BackendUnavailable, ConfigurationError
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
 from ._threads import DaemonThreadPool
 from .backends import Lease
@@ -33,6 +38,9 @@ log = logging.getLogger("conveyor.worker")
 
 #: how often expired results are swept
 _EXPIRE_EVERY_S = 60.0
+#: pauses between attempts while the backend is unavailable
+_OUTAGE_FIRST_PAUSE_S = 0.5
+_OUTAGE_MAX_PAUSE_S = 10.0
 
 
 class _SignalHub:
@@ -122,6 +130,7 @@ class Worker:
         self._ack_wake: asyncio.Event | None = None
         # jobs whose outcome is being written: their lease is not renewed any more
         self._settling: set[str] = set()
+        self._next_expire = 0.0
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -188,7 +197,20 @@ class Worker:
 
     async def _loop_forever(self) -> None:
         assert self._stopping is not None
-        next_expire = 0.0
+        pause = _OUTAGE_FIRST_PAUSE_S
+        while not self._stopping.is_set():
+            try:
+                await self._claim_and_run()
+                pause = _OUTAGE_FIRST_PAUSE_S
+            except BackendUnavailable as exc:
+                log.error("worker %s: %s; trying again in %.1f s", self.id, exc, pause)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                pause = min(pause * 2, _OUTAGE_MAX_PAUSE_S)
+
+    async def _claim_and_run(self) -> None:
+        """Claim and start jobs until stopped (or drained in burst mode)."""
+        assert self._stopping is not None
         # claim in groups: while jobs run, wait until a quarter of the slots are free, so one
         # transaction hands out several jobs
         group = max(1, self.concurrency // 4)
@@ -209,13 +231,14 @@ class Worker:
                 claimed += len(leases)
                 free -= len(leases)
             now = self.queues[0].clock()
-            if now >= next_expire:
-                next_expire = now + _EXPIRE_EVERY_S
+            if now >= self._next_expire:
+                self._next_expire = now + _EXPIRE_EVERY_S
                 for queue in self.queues:
                     await self._io_call(queue.backend.expire, now)
             if claimed:
                 continue
             if self.burst and not self._running and await self._drained():
+                self._stopping.set()
                 return
             await self._wait_for_work()
 
@@ -278,12 +301,16 @@ class Worker:
                 if lease.job.id not in self._settling:
                     per_queue.setdefault(queue, []).append(lease)
             for queue, leases in per_queue.items():
-                held = await self._io_call(
-                    queue.backend.heartbeat_many,
-                    [(lease.job.id, lease.token) for lease in leases],
-                    self.lease_s,
-                    queue.clock(),
-                )
+                try:
+                    held = await self._io_call(
+                        queue.backend.heartbeat_many,
+                        [(lease.job.id, lease.token) for lease in leases],
+                        self.lease_s,
+                        queue.clock(),
+                    )
+                except BackendUnavailable as exc:
+                    log.error("worker %s: leases not renewed: %s", self.id, exc)
+                    continue
                 for lease, ok in zip(leases, held, strict=True):
                     if not ok:
                         log.warning(
@@ -321,6 +348,8 @@ class Worker:
                 for *_, done in batch:
                     if not done.done():
                         done.set_exception(exc)
+                if isinstance(exc, BackendUnavailable):
+                    continue  # each job's own task reports it
                 raise
             for (*_, done), ok in zip(batch, results, strict=True):
                 if not done.done():
@@ -328,6 +357,17 @@ class Worker:
 
     async def _run(self, queue: TaskQueue, lease: Lease) -> None:
         """Run one job to its outcome; one heartbeat loop renews every lease meanwhile."""
+        try:
+            await self._run_job(queue, lease)
+        except BackendUnavailable as exc:
+            log.error(
+                "job %s: its outcome could not be written (%s); it runs again when its lease "
+                "lapses",
+                lease.job.id,
+                exc,
+            )
+
+    async def _run_job(self, queue: TaskQueue, lease: Lease) -> None:
         job = lease.job
         task = queue.tasks.get(job.task)
         if task is None:
@@ -453,7 +493,10 @@ class Worker:
             with contextlib.suppress(BaseException):
                 await task
             # hand it back at once: another worker may start it now, not after the lease
-            await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.clock())
+            try:
+                await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.clock())
+            except BackendUnavailable as exc:
+                log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
         self._running.clear()
 
 

@@ -9,8 +9,9 @@ A task that raises is tried again up to ``RETRIES`` times (3) with exponential b
 ``BACKOFF_S`` (1 s), then set aside as dead (``conveyor requeue URL --dead`` puts it back).
 
 The server config (a dict, or a file of ``key=value`` lines: ``backend``, ``ip``, ``port``,
-and for SQLite ``path``; blank and ``#`` lines allowed) chooses ``backend=memory`` or
-``backend=sqlite``. Unlike the original, waiting for tasks does not poll once a second, and a
+and for SQLite ``path``; blank and ``#`` lines allowed) chooses ``backend=memory``,
+``backend=sqlite`` or ``backend=redis`` (``ip`` and ``port``, and optionally ``db``, ``user``,
+``password`` and ``prefix``: many loops on many machines share the queue). Unlike the original, waiting for tasks does not poll once a second, and a
 task that raises is retried under the queue's policy (with backoff, then set aside as dead)
 instead of at once and forever.
 """
@@ -31,7 +32,7 @@ __all__ = ["SERVER_DEFAULT_CONFIG_PATH", "ChihuoLoop", "Direction", "TaskId", "T
 
 log = logging.getLogger("conveyor.compat.chihuo")
 
-SUPPORTED_BACKENDS = ("memory", "sqlite")
+SUPPORTED_BACKENDS = ("memory", "sqlite", "redis")
 
 
 def parse_server_config(config: dict[str, Any] | str) -> dict[str, str]:
@@ -70,16 +71,30 @@ def queue_url(settings: dict[str, str]) -> str:
     if backend == "sqlite":
         return f"sqlite:///{settings.get('path', 'chihuo.db')}"
     if backend == "redis":
-        return f"redis://{settings.get('ip', '127.0.0.1')}:{settings.get('port', '6379')}/0"
+        return redis_url(settings)
     raise ConfigurationError(
         f"chihuo backend {backend or '(none)'!r} is not supported: use one of "
-        f"{', '.join(SUPPORTED_BACKENDS)} (redis once conveyor's Redis backend is available)"
+        f"{', '.join(SUPPORTED_BACKENDS)}"
         + (
             "; Lodis servers cannot be installed from any package registry"
             if backend == "lodis"
             else ""
         )
     )
+
+
+def redis_url(settings: dict[str, str]) -> str:
+    """chihuo's ``ip``/``port`` (and our optional ``db``, ``user``, ``password``, ``prefix``)."""
+    from urllib.parse import quote
+
+    user = quote(settings.get("user", ""), safe="")
+    password = quote(settings.get("password", ""), safe="")
+    auth = f"{user}:{password}@" if user or password else ""
+    host = f"{settings.get('ip') or '127.0.0.1'}:{settings.get('port') or '6379'}"
+    url = f"redis://{auth}{host}/{settings.get('db') or '0'}"
+    if settings.get("prefix"):
+        url += "?prefix=" + quote(settings["prefix"], safe="")
+    return url
 
 
 class ChihuoLoop:

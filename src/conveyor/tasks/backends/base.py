@@ -104,6 +104,17 @@ class QueueCounts:
     """(job id, seconds left) of every running job, soonest to lapse first"""
 
 
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for logs and messages."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
+
+
 def replaceable(job: Job, now: float) -> bool:
     """Dead, or done with its result expired: the id may be enqueued afresh."""
     return job.state == DEAD or (

@@ -36,7 +36,7 @@ from redis.retry import Retry
 
 from ..._errors import BackendUnavailable, ConfigurationError
 from . import redis_lua as lua
-from .base import Backend, Job, Lease, NewJob, QueueCounts, fresh_job
+from .base import Backend, Job, Lease, NewJob, QueueCounts, fresh_job, redacted
 
 log = logging.getLogger("conveyor.tasks")
 
@@ -95,15 +95,6 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         else:
             theirs.append((name, value))
     return urlunparse(parsed._replace(query=urlencode(theirs))), ours
-
-
-def _where(url: str) -> str:
-    """The URL without its password, for messages."""
-    parsed = urlparse(url)
-    host = parsed.hostname or "localhost"
-    port = f":{parsed.port}" if parsed.port else ""
-    user = f"{parsed.username}@" if parsed.username else ""
-    return f"{parsed.scheme}://{user}{host}{port}{parsed.path}"
 
 
 class _Wakeups:
@@ -189,7 +180,7 @@ class RedisBackend(Backend):
     ) -> None:
         redis_url, ours = _split_url(url)
         self.url = url
-        self.where = _where(url)
+        self.where = redacted(url)
         self.prefix = prefix if prefix is not None else ours.get("prefix", "conveyor:")
         self.retry_s = retry_s if retry_s is not None else float(ours.get("retry_s", 20.0))
         try:
@@ -302,8 +293,8 @@ class RedisBackend(Backend):
     def claim(
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
     ) -> list[Lease]:
-        if self._wakeups is not None:
-            self._seen[queue] = self._wakeups.seen(queue)
+        # a wake-up notice counted after this point ends the next wait at once
+        self._seen[queue] = self._listener().seen(queue)
         base = f"{os.urandom(8).hex()}:"
         replies = self._script("CLAIM", [queue, _f(now), _f(now + lease_s), max(0, limit), base])
         return [Lease(job, job.token or "") for job in map(_job, replies)]
