@@ -11,9 +11,9 @@ A task that raises is tried again up to ``RETRIES`` times (3) with exponential b
 The server config (a dict, or a file of ``key=value`` lines: ``backend``, ``ip``, ``port``,
 and for SQLite ``path``; blank and ``#`` lines allowed) chooses ``backend=memory``,
 ``backend=sqlite`` or ``backend=redis`` (``ip`` and ``port``, and optionally ``db``, ``user``,
-``password`` and ``prefix``: many loops on many machines share the queue). Unlike the original, waiting for tasks does not poll once a second, and a
-task that raises is retried under the queue's policy (with backoff, then set aside as dead)
-instead of at once and forever.
+``password`` and ``prefix``: many loops on many machines share the queue). Unlike the
+original, waiting for tasks does not poll once a second, and a task that raises is retried
+under the queue's policy (with backoff, then set aside as dead) instead of at once and forever.
 """
 
 from __future__ import annotations
