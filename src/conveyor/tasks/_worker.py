@@ -130,6 +130,7 @@ class Worker:
         self._ack_wake: asyncio.Event | None = None
         # jobs whose outcome is being written: their lease is not renewed any more
         self._settling: set[str] = set()
+        self._freed: asyncio.Event | None = None
         self._next_expire = 0.0
 
     # -- running -----------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class Worker:
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
         self._threads = DaemonThreadPool(self.concurrency * 2, "conveyor:task")
         self._ack_wake = asyncio.Event()
+        self._freed = asyncio.Event()
         helpers = [
             asyncio.ensure_future(self._ack_loop()),
             asyncio.ensure_future(self._heartbeat_loop()),
@@ -213,10 +215,13 @@ class Worker:
         assert self._stopping is not None
         # claim in groups: while jobs run, wait until a quarter of the slots are free, so one
         # transaction hands out several jobs
-        group = max(1, self.concurrency // 4)
+        group = max(1, self.concurrency // 2)
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
-            if free <= 0 or (self._running and free < group):
+            # a job whose function has returned no longer takes a slot while its outcome is
+            # written (in batches); those writes may hold up to another ``concurrency`` jobs
+            active = len(self._running) - len(self._settling)
+            free = min(self.concurrency - active, 2 * self.concurrency - len(self._running))
+            if free <= 0 or (active and free < group):
                 await self._wait_any([t for t, _, _ in self._running.values()])
                 continue
             claimed = 0
@@ -275,10 +280,20 @@ class Worker:
         stop.cancel()
 
     async def _wait_any(self, tasks: list[asyncio.Task[None]]) -> None:
-        assert self._stopping is not None
+        """Until a job ends or settles (its function returned), or a stop is asked."""
+        assert self._stopping is not None and self._freed is not None
+        self._freed.clear()
         stop = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        freed = asyncio.ensure_future(self._freed.wait())
+        await asyncio.wait([*tasks, stop, freed], return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+        freed.cancel()
+
+    def _settle(self, job_id: str) -> None:
+        """The job's function is over; its outcome is being written (its lease not renewed)."""
+        assert self._freed is not None
+        self._settling.add(job_id)
+        self._freed.set()
 
     # -- one job -----------------------------------------------------------------------------
     def _start(self, queue: TaskQueue, lease: Lease) -> None:
@@ -322,7 +337,7 @@ class Worker:
     ) -> bool:
         """Complete the job in the next batch; True if the lease still held it."""
         assert self._loop is not None and self._ack_wake is not None
-        self._settling.add(lease.job.id)
+        self._settle(lease.job.id)
         done: asyncio.Future[bool] = self._loop.create_future()
         self._acks.setdefault(queue, []).append((lease, data, keep_s, done))
         self._ack_wake.set()
@@ -383,15 +398,6 @@ class Worker:
             await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
             return
         try:
-            task.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            await self._dead(
-                queue,
-                lease,
-                f"the job's arguments no longer match {task.name}{task.signature}: {exc}",
-            )
-            return
-        try:
             result = await self._call(task, args, kwargs)
         except RetryTask as signal_:
             await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
@@ -402,6 +408,16 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # arguments that no longer fit the function are not worth retrying; they are only
+            # checked on a TypeError, so the common case pays nothing for it
+            mismatch = isinstance(exc, TypeError) and _mismatch(task, args, kwargs)
+            if mismatch:
+                await self._dead(
+                    queue,
+                    lease,
+                    f"the job's arguments no longer match {task.name}{task.signature}: {mismatch}",
+                )
+                return
             text = "".join(traceback.format_exception(exc))
             await self._retry_or_dead(queue, lease, task, text, None)
             return
@@ -455,7 +471,7 @@ class Worker:
         delay_s: float | None,
     ) -> None:
         job = lease.job
-        self._settling.add(job.id)
+        self._settle(job.id)
         if job.attempts > task.options.retries:
             await self._dead(queue, lease, error)
             return
@@ -465,7 +481,7 @@ class Worker:
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> None:
         self.failed += 1
-        self._settling.add(lease.job.id)
+        self._settle(lease.job.id)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
         await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.clock())
 
@@ -498,6 +514,15 @@ class Worker:
             except BackendUnavailable as exc:
                 log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
         self._running.clear()
+
+
+def _mismatch(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> str:
+    """Why ``args`` and ``kwargs`` do not fit the task's signature; empty if they do."""
+    try:
+        task.signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return str(exc) or "they do not bind"
+    return ""
 
 
 def _call_with(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:

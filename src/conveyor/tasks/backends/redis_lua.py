@@ -6,8 +6,7 @@ Layout under the prefix ``P`` (``conveyor:`` by default)::
     P j:<id>              hash: the job (see ``FIELDS`` in redis.py)
     P seq                 counter: enqueue order
     P expiry              zset: done jobs by keep_until
-    P q:<q>:queued        zset: every queued job, by seq
-    P q:<q>:runat         zset: every queued job, by run_at (delayed counts, next_run_at)
+    P q:<q>:runat         zset: every queued job, by run_at (counts)
     P q:<q>:ready         zset, all scores 0: claimable jobs as "<priority><seq><id>" members,
                           so the first member is the next claim
     P q:<q>:delayed       zset: placed jobs waiting for run_at
@@ -75,20 +74,20 @@ end
 
 -- the job (its hash already says queued) joins the line, at the place its seq gives it
 local function to_queue(id, now)
-  local f = redis.call('HMGET', jk(id), 'queue', 'key', 'seq', 'run_at')
-  redis.call('ZADD', qk(f[1], 'queued'), f[3], id)
+  local f = redis.call('HMGET', jk(id), 'queue', 'key', 'seq', 'run_at', 'priority')
   redis.call('ZADD', qk(f[1], 'runat'), f[4], id)
   if f[2] then
     redis.call('ZADD', qk(f[1], 'k:' .. f[2]), f[3], id)
     settle_key(f[1], f[2], now)
+  elseif tonumber(f[4]) <= tonumber(now) then
+    redis.call('ZADD', qk(f[1], 'ready'), 0, member(id, f[5], f[3]))
   else
-    place(id, now)
+    redis.call('ZADD', qk(f[1], 'delayed'), f[4], id)
   end
 end
 
--- a queued job leaves the line (claimed, finished, forgotten); the caller settles its key
+-- a queued job leaves the line (finished, forgotten); the caller settles its key
 local function leave_queue(id, q, key)
-  redis.call('ZREM', qk(q, 'queued'), id)
   redis.call('ZREM', qk(q, 'runat'), id)
   unplace(id)
   if key then
@@ -164,11 +163,21 @@ for i = 3, #ARGV, 7 do
   end
   if keep then
     local seq = redis.call('INCR', P .. 'seq')
+    local run_at = ARGV[i + 6]
     redis.call('HSET', k, 'id', id, 'queue', q, 'task', ARGV[i + 2], 'payload', ARGV[i + 3],
       'state', 'queued', 'priority', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now,
-      'run_at', ARGV[i + 6], 'seq', seq)
-    if ARGV[i + 5] ~= '' then redis.call('HSET', k, 'key', ARGV[i + 5]) end
-    to_queue(id, now)
+      'run_at', run_at, 'seq', seq)
+    if ARGV[i + 5] ~= '' then
+      redis.call('HSET', k, 'key', ARGV[i + 5])
+      to_queue(id, now)
+    else
+      redis.call('ZADD', qk(q, 'runat'), run_at, id)
+      if tonumber(run_at) <= tonumber(now) then
+        redis.call('ZADD', qk(q, 'ready'), 0, member(id, ARGV[i + 4], seq))
+      else
+        redis.call('ZADD', qk(q, 'delayed'), run_at, id)
+      end
+    end
     woken[q] = true
     out[#out + 1] = 0
   else
@@ -197,13 +206,19 @@ for _, id in ipairs(due) do
   redis.call('ZADD', qk(q, 'ready'), 0, member(id, f[1], f[2]))
 end
 local taken = {}
-local firsts = redis.call('ZRANGE', qk(q, 'ready'), 0, limit - 1)
-for n, m in ipairs(firsts) do
-  local id = string.sub(m, 24)
+if limit < 1 then return taken end
+-- all scores are 0: ZPOPMIN takes the first members, which are the next claims
+local firsts = redis.call('ZPOPMIN', qk(q, 'ready'), limit)
+for n = 1, #firsts / 2 do
+  local id = string.sub(firsts[2 * n - 1], 24)
   local k = jk(id)
+  redis.call('ZREM', qk(q, 'runat'), id)
   local key = redis.call('HGET', k, 'key')
-  leave_queue(id, q, key)
-  if key then redis.call('SADD', qk(q, 'krun'), key) end
+  if key then
+    redis.call('ZREM', qk(q, 'k:' .. key), id)
+    redis.call('HDEL', qk(q, 'kplaced'), key)
+    redis.call('SADD', qk(q, 'krun'), key)
+  end
   redis.call('HSET', k, 'state', 'running', 'token', base .. n, 'lease_until', lease_until)
   redis.call('HINCRBY', k, 'attempts', 1)
   redis.call('ZADD', qk(q, 'leases'), lease_until, id)
@@ -239,18 +254,13 @@ for i = 4, #ARGV, 5 do
   local id, token = ARGV[i], ARGV[i + 1]
   local f = end_lease(id, token, now)
   if f then
+    -- a running job has neither a result nor a keep_until: only set what there is
     local k = jk(id)
     redis.call('HSET', k, 'state', 'done', 'finished_at', now)
-    if ARGV[i + 2] == '1' then
-      redis.call('HSET', k, 'result', ARGV[i + 3])
-    else
-      redis.call('HDEL', k, 'result')
-    end
+    if ARGV[i + 2] == '1' then redis.call('HSET', k, 'result', ARGV[i + 3]) end
     if ARGV[i + 4] ~= '' then
       redis.call('HSET', k, 'keep_until', ARGV[i + 4])
       redis.call('ZADD', P .. 'expiry', ARGV[i + 4], id)
-    else
-      redis.call('HDEL', k, 'keep_until')
     end
     redis.call('SADD', qk(f[3], 'done'), id)
     redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
@@ -364,7 +374,7 @@ PURGE = r"""
 local q = ARGV[2]
 local n = 0
 local parts = {
-  redis.call('ZRANGE', qk(q, 'queued'), 0, -1),
+  redis.call('ZRANGE', qk(q, 'runat'), 0, -1),
   redis.call('SMEMBERS', qk(q, 'done')),
   redis.call('SMEMBERS', qk(q, 'dead')),
 }
@@ -389,15 +399,14 @@ return #gone
 COUNTS = r"""
 local q, now = ARGV[2], ARGV[3]
 local oldest = ''
-local firsts = redis.call('ZRANGE', qk(q, 'queued'), 0, 999)
+-- the oldest among (at most) the thousand claimable jobs due first
+local firsts = redis.call('ZRANGEBYSCORE', qk(q, 'runat'), '-inf', now, 'LIMIT', 0, 1000)
 for _, id in ipairs(firsts) do
-  local f = redis.call('HMGET', jk(id), 'run_at', 'enqueued_at')
-  if tonumber(f[1]) <= tonumber(now) then
-    if oldest == '' or tonumber(f[2]) < tonumber(oldest) then oldest = f[2] end
-  end
+  local at = redis.call('HGET', jk(id), 'enqueued_at')
+  if oldest == '' or tonumber(at) < tonumber(oldest) then oldest = at end
 end
 return {
-  redis.call('ZCARD', qk(q, 'queued')),
+  redis.call('ZCARD', qk(q, 'runat')),
   redis.call('ZCOUNT', qk(q, 'runat'), '(' .. now, '+inf'),
   redis.call('ZCARD', qk(q, 'leases')),
   redis.call('SCARD', qk(q, 'done')),
