@@ -32,11 +32,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bench._harness import table
 from bench._runs import RUNS, mark, rq_noop
+
 
 def wait_for(n: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
@@ -69,9 +69,9 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.folder = tempfile.mkdtemp()
+        flags = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-            + ["--appendonly", "no", "--dir", self.folder],
+            [binary, "--port", str(self.port), "--dir", self.folder, *flags],
             stdout=subprocess.DEVNULL,
         )
         import redis
