@@ -1,0 +1,448 @@
+"""Channels between a parent process and its children.
+
+``open_channel("pipe")`` joins the parent and one child over a duplex pipe. ``open_channel
+("queue")`` joins the parent and any number of children: one pipe up (every child to the
+parent), one pipe down (the parent to the children), each shared under a process lock.
+
+Messages are ``Message(request, sender, recipient, data)``; the sender is the sending process's
+pid. Each message is pickled once, checked against ``max_message_bytes``, and written whole.
+
+How nothing hangs:
+
+* **Peers are watched.** The first time an end is used in a process it announces its pid; the
+  other side opens a pidfd (Linux; elsewhere, a liveness check every 0.2 s) and waits on it
+  together with the pipe, so a receive on a peer that died raises ``BrokenResourceError`` at
+  once. A child knows its parent's pid from the start.
+* **The parent always drains.** The parent's end reads on a thread of its own into memory, so a
+  child never blocks on a full pipe: joining a child before reading what it sent cannot
+  deadlock. (The child's end reads directly: a child's parent does not join it.)
+* **Locks have deadlines.** A child killed while it held a queue channel's lock leaves it held;
+  the others give up after ``lock_timeout_s`` with ``BrokenResourceError`` instead of waiting
+  forever.
+* **Addressed messages keep their order.** On a queue channel the parent numbers its messages
+  per recipient; a child that reads a message for another child writes it back, and a child
+  holds a message that came early until the ones before it arrive.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from .._errors import BrokenResourceError, ClosedResourceError, ItemNotSendable, WouldBlock
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_HELLO = "__conveyor:hello__"
+_BYE = "__conveyor:bye__"
+_LIVENESS_S = 0.2
+
+
+class Message(NamedTuple):
+    """A message: what is asked, by whom, for whom (None: for whoever takes it), and data."""
+
+    request: str
+    sender: int
+    recipient: int | None
+    data: Any = None
+
+
+class _Peer:
+    """A process on the other side, watched for its death."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self.fd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+
+    def alive(self) -> bool:
+        if self.fd is not None:
+            return not select.select([self.fd], [], [], 0)[0]
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _wait(conns: list[Any], peers: list[_Peer], timeout: float | None) -> list[Any]:
+    """Wait for a connection to be readable or a peer to die."""
+    fds = [p.fd for p in peers if p.fd is not None]
+    polled = len(fds) < len(peers)
+    if polled:
+        timeout = _LIVENESS_S if timeout is None else min(timeout, _LIVENESS_S)
+    return multiprocessing.connection.wait([*conns, *fds], timeout)
+
+
+class _End:
+    """What both kinds of end share: identity, size checks, closing, iteration."""
+
+    def __init__(self, role: str, parent_pid: int, max_message_bytes: int) -> None:
+        self.role = role
+        self.parent_pid = parent_pid
+        self.max_message_bytes = max_message_bytes
+        self._setup_local()
+
+    def _setup_local(self) -> None:
+        self._owner_pid: int | None = None  # the process this end was first used in
+        self._closed = False
+        self._peer_closed = False
+        self._backlog: collections.deque[Message] = collections.deque()
+        self._peers: dict[int, _Peer] = {}
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        local = ("_owner_pid", "_closed", "_peer_closed", "_backlog", "_peers", "_lock")
+        return {k: v for k, v in self.__dict__.items() if k not in local}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup_local()
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"this {self.role} end of the channel is closed")
+
+    def _dumps(self, msg: Message) -> bytes:
+        try:
+            data = pickle.dumps(tuple(msg), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise ItemNotSendable("message data", msg.data, exc) from None
+        if len(data) > self.max_message_bytes:
+            raise ItemNotSendable(
+                "message",
+                msg.data,
+                ValueError(
+                    f"{len(data):,} bytes pickled, over the channel's limit of "
+                    f"{self.max_message_bytes:,} (max_message_bytes)"
+                ),
+            )
+        return data
+
+    def _watch(self, pid: int) -> None:
+        if pid != os.getpid() and pid not in self._peers:
+            self._peers[pid] = _Peer(pid)
+
+    def _take_backlog(self, where: Callable[[Message], bool] | None) -> Message | None:
+        for i, msg in enumerate(self._backlog):
+            if where is None or where(msg):
+                del self._backlog[i]
+                return msg
+        return None
+
+    def receive_nowait(self, where: Callable[[Message], bool] | None = None) -> Message:
+        """A message that is there now, or ``WouldBlock``."""
+        try:
+            return self.receive(timeout_s=0, where=where)
+        except TimeoutError:
+            raise WouldBlock("no message now") from None
+
+    def receive(
+        self, timeout_s: float | None = None, where: Callable[[Message], bool] | None = None
+    ) -> Message:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Message]:
+        """Every message until the other side closes its end."""
+        while True:
+            try:
+                yield self.receive()
+            except ClosedResourceError:
+                if self._closed:
+                    raise
+                return
+
+    def __enter__(self) -> _End:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Inbox:
+    """The parent's reader: a thread moving messages from connections into memory, answering
+    hellos and goodbyes itself and watching every child that said hello. Connections can be
+    added while it runs (``add``); ``eof`` is set once every connection it had has ended."""
+
+    def __init__(self, conns: list[Any]) -> None:
+        self.conns = list(conns)
+        self.items: collections.deque[Message] = collections.deque()
+        self.cond = threading.Condition()
+        self.eof = False
+        self.dead: list[int] = []  # pids that died without saying goodbye, not yet reported
+        self.byes = 0
+        self._watched: dict[int, _Peer] = {}
+        self._polled: list[_Peer] = []
+        self._said_bye: set[int] = set()
+        self._new: list[tuple[Any, int | None]] = []
+        self._wake_r, self._wake_w = os.pipe()
+        self.thread = threading.Thread(target=self._run, name="conveyor:channel", daemon=True)
+        self.thread.start()
+
+    def add(self, conn: Any, pid: int | None) -> None:
+        """Read ``conn`` too, and watch ``pid``."""
+        with self.cond:
+            self._new.append((conn, pid))
+        os.write(self._wake_w, b"x")
+
+    def _watch(self, pid: int) -> None:
+        peer = _Peer(pid)
+        if peer.fd is not None:
+            self._watched[peer.fd] = peer
+        else:
+            self._polled.append(peer)
+
+    def _run(self) -> None:
+        had_any = bool(self.conns)
+        try:
+            while True:
+                timeout = _LIVENESS_S if self._polled else None
+                waits = [*self.conns, *self._watched, self._wake_r]
+                ready = multiprocessing.connection.wait(waits, timeout)
+                for peer in [p for p in self._polled if not p.alive()]:
+                    self._polled.remove(peer)
+                    self._died(peer.pid)
+                for r in ready:
+                    if r == self._wake_r:
+                        os.read(self._wake_r, 512)
+                        with self.cond:
+                            new, self._new = self._new, []
+                        for conn, pid in new:
+                            self.conns.append(conn)
+                            had_any = True
+                            if pid is not None:
+                                self._watch(pid)
+                        continue
+                    if isinstance(r, int):
+                        peer = self._watched.pop(r)
+                        if any(c.poll(0) for c in self.conns):
+                            self._polled.append(peer)  # read what it sent first; look again
+                        else:
+                            self._died(peer.pid)
+                        peer.close()
+                        continue
+                    try:
+                        msg = _decode(r.recv_bytes())  # type: ignore[union-attr]
+                    except (EOFError, OSError):
+                        self.conns.remove(r)
+                        continue
+                    if msg.request == _HELLO:
+                        self._watch(msg.sender)
+                        continue
+                    with self.cond:
+                        if msg.request == _BYE:
+                            self._said_bye.add(msg.sender)
+                            self.byes += 1
+                        else:
+                            self.items.append(msg)
+                        self.cond.notify_all()
+                if had_any and not self.conns:
+                    return
+        finally:
+            with self.cond:
+                self.eof = True
+                self.cond.notify_all()
+
+    def _died(self, pid: int) -> None:
+        if pid in self._said_bye:
+            return
+        with self.cond:
+            self.dead.append(pid)
+            self.cond.notify_all()
+
+
+class PipeEnd(_End):
+    """One end of a ``pipe`` channel (one parent, one child)."""
+
+    def __init__(self, conn: Any, role: str, parent_pid: int, max_message_bytes: int) -> None:
+        self._conn = conn
+        super().__init__(role, parent_pid, max_message_bytes)
+
+    def _setup_local(self) -> None:
+        super()._setup_local()
+        self._inbox: _Inbox | None = None
+        self._send_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_inbox", None)
+        state.pop("_send_lock", None)
+        return state
+
+    def _arrive(self) -> None:
+        """First use in this process: announce it, watch the peer, start reading if parent."""
+        if self._owner_pid == os.getpid():
+            return
+        with self._lock:
+            if self._owner_pid == os.getpid():
+                return
+            self._owner_pid = os.getpid()
+            if self.role == "child":
+                self._watch(self.parent_pid)
+                with self._send_lock:
+                    self._conn.send_bytes(self._dumps(Message(_HELLO, os.getpid(), None)))
+            else:
+                self._inbox = _Inbox([self._conn])
+
+    def send(self, request: str, data: Any = None, *, recipient: int | None = None) -> Message:
+        """Send a message to the other end; returns it."""
+        self._check_open()
+        self._arrive()
+        msg = Message(request, os.getpid(), recipient, data)
+        payload = self._dumps(msg)
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(payload)
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise BrokenResourceError(f"the {self._other()} end is gone: {exc}") from None
+        return msg
+
+    def _other(self) -> str:
+        return "child" if self.role == "parent" else "parent"
+
+    def _control(self, msg: Message) -> bool:
+        """Handle a hello or a goodbye; True if it was one."""
+        if msg.request == _HELLO:
+            self._watch(msg.sender)
+            return True
+        if msg.request == _BYE:
+            self._peer_closed = True
+            return True
+        return False
+
+    def receive(
+        self, timeout_s: float | None = None, where: Callable[[Message], bool] | None = None
+    ) -> Message:
+        """The first message for which ``where`` holds (any message without ``where``); the
+        others stay, in order. ``TimeoutError`` after ``timeout_s``; ``BrokenResourceError`` if
+        the other side died, ``ClosedResourceError`` once it has closed and nothing is left."""
+        self._check_open()
+        self._arrive()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            found = self._take_backlog(where)
+            if found is not None:
+                return found
+            if self._inbox is not None:
+                return self._receive_inbox(self._inbox, deadline, where)
+            return self._receive_direct(deadline, where)
+
+    def _gone(self) -> Exception:
+        if self._peer_closed:
+            return ClosedResourceError(f"the {self._other()} end closed the channel")
+        return BrokenResourceError(f"the {self._other()} process died")
+
+    def _receive_inbox(
+        self, inbox: _Inbox, deadline: float | None, where: Callable[[Message], bool] | None
+    ) -> Message:
+        while True:
+            with inbox.cond:
+                while not inbox.items:
+                    if inbox.dead:
+                        raise BrokenResourceError(
+                            f"the {self._other()} process {inbox.dead[0]} died"
+                        )
+                    if inbox.eof or inbox.byes:
+                        self._peer_closed = self._peer_closed or bool(inbox.byes)
+                        raise self._gone()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError("no message within timeout_s")
+                    inbox.cond.wait(left)
+                msg = inbox.items.popleft()
+            if where is None or where(msg):
+                return msg
+            self._backlog.append(msg)
+
+    def _receive_direct(
+        self, deadline: float | None, where: Callable[[Message], bool] | None
+    ) -> Message:
+        peers = list(self._peers.values())
+        while True:
+            if self._peer_closed:
+                raise self._gone()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = _wait([self._conn], peers, left)
+            if self._conn in ready or self._conn.poll(0):
+                try:
+                    msg = _decode(self._conn.recv_bytes())
+                except (EOFError, OSError):
+                    raise self._gone() from None
+                if self._control(msg):
+                    peers = list(self._peers.values())
+                    continue
+                if where is None or where(msg):
+                    return msg
+                self._backlog.append(msg)
+                continue
+            if any(not p.alive() for p in peers):
+                raise BrokenResourceError(f"the {self._other()} process died")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no message within timeout_s")
+
+    def close(self) -> None:
+        """Close this end; the other end's iteration stops after the messages already sent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner_pid == os.getpid():
+            with contextlib.suppress(Exception), self._send_lock:
+                self._conn.send_bytes(pickle.dumps((_BYE, os.getpid(), None, None)))
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        for peer in self._peers.values():
+            peer.close()
+
+
+def _decode(data: bytes) -> Message:
+    return Message(*pickle.loads(data))
+
+
+def open_channel(
+    kind: str = "pipe", *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[Any, Any]:
+    """``(parent_end, child_end)``: ``"pipe"`` for one child, ``"queue"`` for many.
+
+    Hand the child end to ``multiprocessing.Process`` (any start method); keep the parent end.
+    """
+    parent_pid = os.getpid()
+    if kind == "pipe":
+        a, b = multiprocessing.Pipe(duplex=True)
+        return (
+            PipeEnd(a, "parent", parent_pid, max_message_bytes),
+            PipeEnd(b, "child", parent_pid, max_message_bytes),
+        )
+    if kind == "queue":
+        from ._queue import open_queue_channel
+
+        return open_queue_channel(parent_pid, max_message_bytes)
+    from .._errors import ConfigurationError
+
+    raise ConfigurationError(f"channel kind {kind!r}: use 'pipe' or 'queue'")

@@ -1,0 +1,270 @@
+"""The ``queue`` channel: one parent, any number of children.
+
+Every child has two pipes of its own, one up and one down. On its first use a child makes them
+and hands the parent's ends to the parent over a Unix socket (``SCM_RIGHTS``), with its pid.
+Nothing is shared between children but that socket (a few bytes per child, once): no process
+lock that a killed child could leave held, no message that one child must skip or put back for
+another. The parent's end reads every child's pipe on a thread of its own (see ``_channel``)
+and watches every child; it writes a child's messages to that child's pipe only, so each child
+sees its own in the order they were sent. A message without a recipient goes to one child, in
+turn, among those that said hello. Messages for a child that has not said hello yet wait in the
+parent until it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._errors import BrokenResourceError, ClosedResourceError
+from ._channel import _BYE, Message, _decode, _End, _Inbox, _Peer, _wait
+
+
+class QueueEnd(_End):
+    """One end of a ``queue`` channel: the parent's, or the one every child shares."""
+
+    def __init__(
+        self,
+        role: str,
+        parent_pid: int,
+        max_message_bytes: int,
+        handshake: tuple[Any, Any],
+    ) -> None:
+        self._hs_parent, self._hs_child = handshake
+        super().__init__(role, parent_pid, max_message_bytes)
+
+    def _setup_local(self) -> None:
+        super()._setup_local()
+        self._inbox: _Inbox | None = None
+        self._parent: _Peer | None = None
+        self._down: Any = None  # child: its own pipes from and to the parent
+        self._up: Any = None
+        self._send_lock = threading.Lock()
+        # parent: each child's pipe, messages waiting for children not seen yet, turn order
+        self._children: dict[int, Any] = {}
+        self._waiting: dict[int | None, list[bytes]] = {}
+        self._turn = 0
+        self._route_lock = threading.Lock()
+        self._handshakes: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for k in (
+            "_inbox",
+            "_parent",
+            "_down",
+            "_children",
+            "_waiting",
+            "_turn",
+            "_route_lock",
+            "_handshakes",
+            "_up",
+            "_send_lock",
+        ):
+            state.pop(k, None)
+        return state
+
+    def _arrive(self) -> None:
+        if self._owner_pid == os.getpid():
+            return
+        with self._lock:
+            if self._owner_pid == os.getpid():
+                return
+            self._owner_pid = os.getpid()
+            if self.role == "parent":
+                self._inbox = _Inbox([])
+                self._handshakes = threading.Thread(
+                    target=self._accept, name="conveyor:channel-handshake", daemon=True
+                )
+                self._handshakes.start()
+            else:
+                self._parent = _Peer(self.parent_pid)
+                down_r, down_w = multiprocessing.Pipe(duplex=False)
+                up_r, up_w = multiprocessing.Pipe(duplex=False)
+                self._down, self._up = down_r, up_w
+                sock = socket.socket(fileno=os.dup(self._hs_child.fileno()))
+                try:
+                    # one small write with both descriptors: atomic, so children need no lock
+                    socket.send_fds(
+                        sock, [struct.pack("q", os.getpid())], [down_w.fileno(), up_r.fileno()]
+                    )
+                finally:
+                    sock.close()
+                    down_w.close()
+                    up_r.close()
+
+    # -- the parent's side of the handshake ------------------------------------------------------
+    def _accept(self) -> None:
+        sock = socket.socket(fileno=os.dup(self._hs_parent.fileno()))
+        with sock:
+            while True:
+                try:
+                    data, fds, _flags, _addr = socket.recv_fds(sock, 8, 2)
+                except OSError:
+                    return
+                if not data:
+                    return
+                if len(data) < 8 or len(fds) != 2:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                (pid,) = struct.unpack("q", data[:8])
+                writer = multiprocessing.connection.Connection(fds[0], readable=False)
+                reader = multiprocessing.connection.Connection(fds[1], writable=False)
+                assert self._inbox is not None
+                self._inbox.add(reader, pid)
+                with self._route_lock:
+                    self._children[pid] = writer
+                    waiting = self._waiting.pop(pid, []) + self._waiting.pop(None, [])
+                for payload in waiting:
+                    self._write_child(pid, payload)
+
+    def _write_child(self, pid: int, payload: bytes) -> None:
+        with self._route_lock:
+            conn = self._children.get(pid)
+        if conn is None:
+            return
+        try:
+            conn.send_bytes(payload)
+        except OSError:
+            with self._route_lock:
+                self._children.pop(pid, None)
+            raise BrokenResourceError(f"child process {pid} is gone") from None
+
+    def _write_up(self, payload: bytes) -> None:
+        with self._send_lock:
+            self._up.send_bytes(payload)
+
+    # -- sending --------------------------------------------------------------------------------
+    def send(self, request: str, data: Any = None, *, recipient: int | None = None) -> Message:
+        """Parent: to ``recipient`` (a child's pid), or to one child in turn (None).
+        Child: to the parent."""
+        self._check_open()
+        self._arrive()
+        msg = Message(request, os.getpid(), recipient, data)
+        payload = self._dumps(msg)
+        try:
+            if self.role == "child":
+                self._write_up(payload)
+                return msg
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise BrokenResourceError(f"the channel is broken: {exc}") from None
+        with self._route_lock:
+            pid = recipient
+            if pid is None and self._children:
+                pids = sorted(self._children)
+                pid = pids[self._turn % len(pids)]
+                self._turn += 1
+            if pid is None or pid not in self._children:
+                self._waiting.setdefault(pid, []).append(payload)
+                return msg
+        self._write_child(pid, payload)
+        return msg
+
+    # -- receiving ------------------------------------------------------------------------------
+    def receive(
+        self, timeout_s: float | None = None, where: Callable[[Message], bool] | None = None
+    ) -> Message:
+        """The first message for this end for which ``where`` holds; see ``PipeEnd.receive``.
+
+        On the parent's end, a child that died without closing its end is reported once, as
+        ``BrokenResourceError`` naming its pid, after the messages it sent."""
+        self._check_open()
+        self._arrive()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            found = self._take_backlog(where)
+            if found is not None:
+                return found
+            if self._inbox is not None:
+                return self._receive_parent(self._inbox, deadline, where)
+            return self._receive_child(deadline, where)
+
+    def _receive_parent(
+        self, inbox: _Inbox, deadline: float | None, where: Callable[[Message], bool] | None
+    ) -> Message:
+        while True:
+            with inbox.cond:
+                while not inbox.items:
+                    if inbox.dead:
+                        pid = inbox.dead.pop(0)  # each death is reported once
+                        raise BrokenResourceError(f"child process {pid} died")
+                    if inbox.eof or (inbox.byes and not inbox.conns):
+                        raise ClosedResourceError("every child closed the channel")
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError("no message within timeout_s")
+                    inbox.cond.wait(left)
+                msg = inbox.items.popleft()
+            if where is None or where(msg):
+                return msg
+            self._backlog.append(msg)
+
+    def _receive_child(
+        self, deadline: float | None, where: Callable[[Message], bool] | None
+    ) -> Message:
+        assert self._parent is not None
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = _wait([self._down], [self._parent], left)
+            if self._down in ready or self._down.poll(0):
+                try:
+                    msg = _decode(self._down.recv_bytes())
+                except (EOFError, OSError):
+                    raise BrokenResourceError("the parent closed or died") from None
+                if msg.request == _BYE:
+                    self._peer_closed = True
+                    raise ClosedResourceError("the parent closed the channel")
+                if where is None or where(msg):
+                    return msg
+                self._backlog.append(msg)
+                continue
+            if not self._parent.alive():
+                raise BrokenResourceError("the parent process died")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no message within timeout_s")
+
+    def pending(self) -> int:
+        """Parent: messages received and not taken yet."""
+        if self._inbox is None:
+            return len(self._backlog)
+        with self._inbox.cond:
+            return len(self._inbox.items) + len(self._backlog)
+
+    def close(self) -> None:
+        """Close this end. The parent's goodbye reaches every child that said hello."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner_pid == os.getpid():
+            bye = pickle.dumps((_BYE, os.getpid(), None, None))
+            with contextlib.suppress(Exception):
+                if self.role == "child":
+                    self._write_up(bye)
+                else:
+                    with self._route_lock:
+                        children = list(self._children.values())
+                        self._children.clear()
+                    for conn in children:
+                        with contextlib.suppress(OSError):
+                            conn.send_bytes(bye)
+                            conn.close()
+        if self._parent is not None:
+            self._parent.close()
+
+
+def open_queue_channel(parent_pid: int, max_message_bytes: int) -> tuple[QueueEnd, QueueEnd]:
+    handshake = multiprocessing.Pipe(duplex=True)  # a Unix socket pair: it can carry fds
+    return (
+        QueueEnd("parent", parent_pid, max_message_bytes, handshake),
+        QueueEnd("child", parent_pid, max_message_bytes, handshake),
+    )
