@@ -12,6 +12,7 @@ EXPECTED = {
     "ConfigurationError",
     "ConveyorError",
     "DeadLetter",
+    "Dispatcher",
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",

@@ -4,7 +4,8 @@ Layers, lowest first (a lower layer never imports a higher one; ``tests/test_lay
 
     conveyor.compat.*, conveyor.cli     thin: only the public API below
     conveyor                            this module: re-exports only
-    conveyor.pipeline                   the parts
+    conveyor.pipeline, .tasks,          the parts
+    .dispatch, .channels
     conveyor._engine                    worker kinds, buffers, clock, statistics, error policies
     conveyor._errors                    the exception tree (a leaf)
 """
@@ -33,6 +34,7 @@ from ._errors import TaskError as TaskError
 from ._errors import TaskFailed as TaskFailed
 from ._errors import WorkerCrashed as WorkerCrashed
 from ._errors import WouldBlock as WouldBlock
+from .dispatch import Dispatcher as Dispatcher
 from .pipeline import Pipeline as Pipeline
 from .pipeline import Run as Run
 from .pipeline import Stage as Stage
@@ -55,6 +57,7 @@ __all__ = [
     "ConfigurationError",
     "ConveyorError",
     "DeadLetter",
+    "Dispatcher",
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",

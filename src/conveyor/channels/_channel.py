@@ -206,6 +206,12 @@ class _Inbox:
         self.thread = threading.Thread(target=self._run, name="conveyor:channel", daemon=True)
         self.thread.start()
 
+    def pending(self) -> int:
+        """Messages here, plus one if any connection has unread bytes."""
+        with self.cond:
+            waiting = any(c.poll(0) for c in [*self.conns, *(c for c, _ in self._new)])
+            return len(self.items) + int(waiting)
+
     def add(self, conn: Any, pid: int | None) -> None:
         """Read ``conn`` too, and watch ``pid``."""
         with self.cond:
@@ -249,7 +255,8 @@ class _Inbox:
                         peer.close()
                         continue
                     try:
-                        msg = _decode(r.recv_bytes())  # type: ignore[union-attr]
+                        with self.cond:  # so that pending() never sees a message half-moved
+                            msg = _decode(r.recv_bytes())  # type: ignore[union-attr]
                     except (EOFError, OSError):
                         self.conns.remove(r)
                         continue

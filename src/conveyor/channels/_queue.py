@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -55,6 +56,7 @@ class QueueEnd(_End):
         self._turn = 0
         self._route_lock = threading.Lock()
         self._handshakes: threading.Thread | None = None
+        self._hs_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -67,6 +69,7 @@ class QueueEnd(_End):
             "_turn",
             "_route_lock",
             "_handshakes",
+            "_hs_lock",
             "_up",
             "_send_lock",
         ):
@@ -107,26 +110,32 @@ class QueueEnd(_End):
         sock = socket.socket(fileno=os.dup(self._hs_parent.fileno()))
         with sock:
             while True:
+                select.select([sock], [], [])
                 try:
-                    data, fds, _flags, _addr = socket.recv_fds(sock, 8, 2)
+                    with self._hs_lock:  # pending() sees the pipe handed over or still coming
+                        data, fds, _flags, _addr = socket.recv_fds(sock, 8, 2)
+                        self._adopt(data, fds)
                 except OSError:
                     return
                 if not data:
                     return
-                if len(data) < 8 or len(fds) != 2:
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                (pid,) = struct.unpack("q", data[:8])
-                writer = multiprocessing.connection.Connection(fds[0], readable=False)
-                reader = multiprocessing.connection.Connection(fds[1], writable=False)
-                assert self._inbox is not None
-                self._inbox.add(reader, pid)
-                with self._route_lock:
-                    self._children[pid] = writer
-                    waiting = self._waiting.pop(pid, []) + self._waiting.pop(None, [])
-                for payload in waiting:
-                    self._write_child(pid, payload)
+
+    def _adopt(self, data: bytes, fds: list[int]) -> None:
+        """Take a child's pipes: read one, write its waiting messages to the other."""
+        if len(data) < 8 or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            return
+        (pid,) = struct.unpack("q", data[:8])
+        writer = multiprocessing.connection.Connection(fds[0], readable=False)
+        reader = multiprocessing.connection.Connection(fds[1], writable=False)
+        assert self._inbox is not None
+        self._inbox.add(reader, pid)
+        with self._route_lock:
+            self._children[pid] = writer
+            waiting = self._waiting.pop(pid, []) + self._waiting.pop(None, [])
+        for payload in waiting:
+            self._write_child(pid, payload)
 
     def _write_child(self, pid: int, payload: bytes) -> None:
         with self._route_lock:
@@ -234,11 +243,15 @@ class QueueEnd(_End):
                 raise TimeoutError("no message within timeout_s")
 
     def pending(self) -> int:
-        """Parent: messages received and not taken yet."""
+        """Parent: whether messages are waiting to be taken (a count of at least that many).
+        Counts what children sent and the parent has not read yet, including a child's first
+        message whose pipe is still being handed over."""
+        self._arrive()
         if self._inbox is None:
             return len(self._backlog)
-        with self._inbox.cond:
-            return len(self._inbox.items) + len(self._backlog)
+        with self._hs_lock:
+            handing_over = bool(select.select([self._hs_parent], [], [], 0)[0])
+            return self._inbox.pending() + len(self._backlog) + int(handing_over)
 
     def close(self) -> None:
         """Close this end. The parent's goodbye reaches every child that said hello."""
