@@ -191,8 +191,10 @@ class _Inbox:
     hellos and goodbyes itself and watching every child that said hello. Connections can be
     added while it runs (``add``); ``eof`` is set once every connection it had has ended."""
 
-    def __init__(self, conns: list[Any]) -> None:
+    def __init__(self, conns: list[Any], *, more_coming: bool = False) -> None:
         self.conns = list(conns)
+        self.more_coming = more_coming  # connections will be added: never at an end
+        self._conn_pid: dict[Any, int] = {}
         self.items: collections.deque[Message] = collections.deque()
         self.cond = threading.Condition()
         self.eof = False
@@ -201,8 +203,10 @@ class _Inbox:
         self._watched: dict[int, _Peer] = {}
         self._polled: list[_Peer] = []
         self._said_bye: set[int] = set()
+        self._reported: set[int] = set()
         self._new: list[tuple[Any, int | None]] = []
         self._wake_r, self._wake_w = os.pipe()
+        self._stopping = False
         self.thread = threading.Thread(target=self._run, name="conveyor:channel", daemon=True)
         self.thread.start()
 
@@ -211,6 +215,14 @@ class _Inbox:
         with self.cond:
             waiting = any(c.poll(0) for c in [*self.conns, *(c for c, _ in self._new)])
             return len(self.items) + int(waiting)
+
+    def stop(self) -> None:
+        """End the thread (before the connections it reads are closed)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
 
     def add(self, conn: Any, pid: int | None) -> None:
         """Read ``conn`` too, and watch ``pid``."""
@@ -232,18 +244,23 @@ class _Inbox:
                 timeout = _LIVENESS_S if self._polled else None
                 waits = [*self.conns, *self._watched, self._wake_r]
                 ready = multiprocessing.connection.wait(waits, timeout)
-                for peer in [p for p in self._polled if not p.alive()]:
+                unread = any(c.poll(0) for c in self.conns)
+                for peer in [p for p in self._polled if not unread and not p.alive()]:
                     self._polled.remove(peer)
                     self._died(peer.pid)
+                    peer.close()
                 for r in ready:
                     if r == self._wake_r:
                         os.read(self._wake_r, 512)
+                        if self._stopping:
+                            return
                         with self.cond:
                             new, self._new = self._new, []
                         for conn, pid in new:
                             self.conns.append(conn)
                             had_any = True
                             if pid is not None:
+                                self._conn_pid[conn] = pid
                                 self._watch(pid)
                         continue
                     if isinstance(r, int):
@@ -252,15 +269,19 @@ class _Inbox:
                             self._polled.append(peer)  # read what it sent first; look again
                         else:
                             self._died(peer.pid)
-                        peer.close()
+                            peer.close()
                         continue
                     try:
                         with self.cond:  # so that pending() never sees a message half-moved
                             msg = _decode(r.recv_bytes())  # type: ignore[union-attr]
                     except (EOFError, OSError):
                         self.conns.remove(r)
+                        pid = self._conn_pid.pop(r, None)
+                        if pid is not None:
+                            self._died(pid)  # its pipe ended: it exited (said goodbye or not)
                         continue
                     if msg.request == _HELLO:
+                        self._conn_pid[r] = msg.sender
                         self._watch(msg.sender)
                         continue
                     with self.cond:
@@ -270,17 +291,20 @@ class _Inbox:
                         else:
                             self.items.append(msg)
                         self.cond.notify_all()
-                if had_any and not self.conns:
+                if had_any and not self.conns and not self.more_coming:
                     return
         finally:
+            for peer in [*self._watched.values(), *self._polled]:
+                peer.close()
             with self.cond:
                 self.eof = True
                 self.cond.notify_all()
 
     def _died(self, pid: int) -> None:
-        if pid in self._said_bye:
-            return
         with self.cond:
+            if pid in self._said_bye or pid in self._reported:
+                return
+            self._reported.add(pid)
             self.dead.append(pid)
             self.cond.notify_all()
 
@@ -422,6 +446,8 @@ class PipeEnd(_End):
         if self._owner_pid == os.getpid():
             with contextlib.suppress(Exception), self._send_lock:
                 self._conn.send_bytes(pickle.dumps((_BYE, os.getpid(), None, None)))
+        if self._inbox is not None:
+            self._inbox.stop()
         with contextlib.suppress(Exception):
             self._conn.close()
         for peer in self._peers.values():

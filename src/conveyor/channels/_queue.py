@@ -84,7 +84,7 @@ class QueueEnd(_End):
                 return
             self._owner_pid = os.getpid()
             if self.role == "parent":
-                self._inbox = _Inbox([])
+                self._inbox = _Inbox([], more_coming=True)
                 self._handshakes = threading.Thread(
                     target=self._accept, name="conveyor:channel-handshake", daemon=True
                 )
@@ -207,7 +207,7 @@ class QueueEnd(_End):
                     if inbox.dead:
                         pid = inbox.dead.pop(0)  # each death is reported once
                         raise BrokenResourceError(f"child process {pid} died")
-                    if inbox.eof or (inbox.byes and not inbox.conns):
+                    if inbox.byes and not inbox.conns and not inbox.pending():
                         raise ClosedResourceError("every child closed the channel")
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
@@ -271,8 +271,17 @@ class QueueEnd(_End):
                         with contextlib.suppress(OSError):
                             conn.send_bytes(bye)
                             conn.close()
+        if self._inbox is not None:
+            self._inbox.stop()
+            for conn in self._inbox.conns:
+                with contextlib.suppress(OSError):
+                    conn.close()
         if self._parent is not None:
             self._parent.close()
+        for conn in (self._down, self._up):
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.close()
 
 
 def open_queue_channel(parent_pid: int, max_message_bytes: int) -> tuple[QueueEnd, QueueEnd]:

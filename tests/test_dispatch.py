@@ -1,0 +1,198 @@
+"""The dispatcher: fan-out, deadlines, bounded buffers, and registration under traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from conveyor import ClosedResourceError, ConfigurationError, Dispatcher
+
+from .conftest import eventually
+
+
+def test_every_producer_answers_and_every_subscriber_hears() -> None:
+    heard: dict[str, list[Any]] = {"a": [], "b": []}
+    with Dispatcher() as d:
+        d.register_producer("price", lambda topic, sym: (topic, sym, 1), workers=2)
+        d.register_producer("price", lambda topic, sym: (topic, sym, 2))
+        d.subscribe("price", lambda topic, r: heard["a"].append(r))
+        d.subscribe("price", lambda topic, r: heard["b"].append(r))
+        req = d.request("price", "EURUSD", ttl_s=5)
+        assert req.wait(5)
+        assert sorted(req.results()) == [("price", "EURUSD", 1), ("price", "EURUSD", 2)]
+        assert (req.answered, req.expired, req.dropped, req.failed) == (2, 0, 0, 0)
+        eventually(lambda: len(heard["a"]) == 2 and len(heard["b"]) == 2)
+        assert sorted(heard["a"]) == sorted(heard["b"]) == sorted(req.results())
+        stats = d.stats()
+        assert (stats.requests, stats.answered, stats.delivered) == (1, 2, 4)
+        assert d.topics() == {"price": (2, 2)}
+
+
+def test_a_request_with_no_producer_is_done_at_once() -> None:
+    with Dispatcher() as d:
+        req = d.request("nobody", ttl_s=10)
+        assert req.done and req.results(timeout_s=0) == []
+
+
+def test_a_call_not_started_before_the_deadline_is_skipped(gate: threading.Event) -> None:
+    started: list[int] = []
+
+    def slow(topic: str, n: int) -> int:
+        started.append(n)
+        gate.wait(10)
+        return n
+
+    with Dispatcher() as d:
+        d.register_producer("t", slow, workers=1)
+        first = d.request("t", 1, ttl_s=30)
+        eventually(lambda: started == [1])
+        second = d.request("t", 2, ttl_s=0.05)  # waits behind the first
+        assert second.results() == []  # returns at its deadline
+        gate.set()
+        assert first.wait(5) and second.wait(5)
+        assert (second.expired, second.answered) == (1, 0)
+        assert started == [1]  # the skipped call never ran
+        assert d.stats().expired == 1
+
+
+def test_a_late_answer_is_dropped_and_no_listener_sees_it(gate: threading.Event) -> None:
+    heard: list[Any] = []
+    with Dispatcher() as d:
+        d.register_producer("t", lambda topic: gate.wait(10) and "late")
+        d.subscribe("t", lambda topic, r: heard.append(r))
+        req = d.request("t", ttl_s=0.05)
+        assert req.results() == []
+        gate.set()
+        assert req.wait(5)
+        assert (req.dropped, req.answered) == (1, 0)
+        # a later answer is delivered: the listener thread is alive, and still heard nothing late
+        d.register_producer("u", lambda topic: "on time")
+        d.subscribe("u", lambda topic, r: heard.append(r))
+        assert d.request("u").wait(5)
+        eventually(lambda: heard == ["on time"])
+        assert d.stats().dropped == 1
+
+
+def test_a_slow_or_failing_listener_neither_stalls_nor_breaks_the_others(
+    gate: threading.Event,
+) -> None:
+    fast: list[int] = []
+    slow: list[int] = []
+
+    def stuck(topic: str, r: int) -> None:
+        gate.wait(10)
+        slow.append(r)
+
+    def broken(topic: str, r: int) -> None:
+        raise RuntimeError("listener bug")
+
+    with Dispatcher() as d:
+        d.register_producer("t", lambda topic, n: n)
+        d.subscribe("t", stuck, maxsize=2)
+        d.subscribe("t", broken)
+        d.subscribe("t", lambda topic, r: fast.append(r))
+        requests = [d.request("t", i) for i in range(20)]
+        eventually(lambda: fast == list(range(20)))
+        assert all(r.wait(5) for r in requests)
+        eventually(lambda: d.stats().listener_failed == 20)
+        assert d.stats().overflowed >= 20 - 2 - 1  # 2 buffered, 1 in the stuck call
+        gate.set()
+        eventually(lambda: len(slow) == 20 - d.stats().overflowed)
+
+
+def test_async_producers_and_listeners() -> None:
+    heard: list[Any] = []
+
+    async def produce(topic: str, x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    async def listen(topic: str, r: int) -> None:
+        await asyncio.sleep(0)
+        heard.append(r)
+
+    with Dispatcher() as d:
+        d.register_producer("t", produce, workers=4)
+        d.subscribe("t", listen)
+        reqs = [d.request("t", i) for i in range(50)]
+        assert all(r.wait(5) for r in reqs)
+        eventually(lambda: sorted(heard) == [i * 2 for i in range(50)])
+
+
+def test_a_failing_producer_loses_only_its_answer() -> None:
+    def bad(topic: str) -> None:
+        raise ValueError("producer bug")
+
+    with Dispatcher() as d:
+        d.register_producer("t", bad)
+        d.register_producer("t", lambda topic: "ok")
+        req = d.request("t")
+        assert req.wait(5)
+        assert (req.failed, req.answered, req.results()) == (1, 1, ["ok"])
+
+
+def test_registration_and_removal_from_many_threads_under_traffic() -> None:
+    """Listeners come and go while requests fly: none hears an answer twice, and none is called
+    after its close() returned."""
+    stop = threading.Event()
+    problems: list[str] = []
+    counts: list[Counter[Any]] = []
+
+    with Dispatcher(maxsize=100_000) as d:
+        d.register_producer("t", lambda topic, n: n, workers=2)
+
+        def churn(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                heard: Counter[Any] = Counter()
+                closed = threading.Event()
+
+                def listen(topic: str, r: Any, heard: Any = heard, closed: Any = closed) -> None:
+                    if closed.is_set():
+                        problems.append("called after close")
+                    heard[r] += 1
+
+                sub = d.subscribe("t", listen)
+                extra = d.register_producer("t", lambda topic, n: ("extra", n))
+                for _ in range(rng.randint(1, 50)):
+                    d.request("t", rng.random())
+                d.deregister_producer("t", extra)
+                sub.close()
+                closed.set()
+                counts.append(heard)
+
+        def traffic() -> None:
+            i = 0
+            while not stop.is_set():
+                d.request("t", ("main", i))
+                i += 1
+
+        threads = [threading.Thread(target=churn, args=(s,)) for s in range(4)]
+        threads.append(threading.Thread(target=traffic))
+        for t in threads:
+            t.start()
+        eventually(lambda: len(counts) >= 200, timeout_s=30)
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert problems == []
+    assert all(max(c.values(), default=1) == 1 for c in counts)
+
+
+def test_stop_closes_it_and_options_are_checked() -> None:
+    d = Dispatcher()
+    with d:
+        pass
+    with pytest.raises(ClosedResourceError):
+        d.request("t")
+    with pytest.raises(ClosedResourceError):
+        d.subscribe("t", print)
+    with pytest.raises(ConfigurationError):
+        Dispatcher(ttl_s=0)
+    with Dispatcher() as d2, pytest.raises(ConfigurationError):
+        d2.register_producer("t", print, workers=0)
