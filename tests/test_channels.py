@@ -164,7 +164,7 @@ def test_a_message_over_the_limit_is_refused_at_send() -> None:
         parent.send("BIG", b"x" * 5000)
     parent.send("SMALL", b"x")  # the channel is still fine
     assert child.receive(timeout_s=5).data == b"x"
-    with pytest.raises(ItemNotSendable, match="lambda|function"):
+    with pytest.raises(ItemNotSendable, match=r"lambda|function"):
         parent.send("FN", lambda: 1)
     parent.close()
     child.close()

@@ -1,0 +1,135 @@
+"""ate-dispatcher's page on conveyor.compat.ate_dispatcher: its README scenario, as written
+(with the page's two typos mended: ``time.sleep(timeout)`` meant ``self.timeout``, and commas
+were missing in the expected dicts). The page's ``time.sleep`` waits become waits for the
+dispatcher's own counts, so the test does not depend on timing beyond the producers' work."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from conveyor.compat.ate_dispatcher import ATEDispatcher, Producer, ResultListener
+
+from .conftest import eventually
+
+
+class SpecificTopicProducer(Producer):
+    def __init__(self, _id: int, timeout: int, *topics: str) -> None:
+        super().__init__()
+        self.id = _id
+        self.timeout = timeout / 1000
+        self.topics = set(topics)
+
+    def produce_dispatcher_output(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.timeout)  # the producer's own work, as on the page
+        return {"id": self.id, "some_key": topic, "args": args, "kwargs": kwargs}
+
+
+class ResultListenerExample(ResultListener):
+    def __init__(self) -> None:
+        super().__init__()
+        self.responses: dict[str, list[Any]] = {}
+
+    def clear(self) -> None:
+        self.responses = {}
+
+    def process_dispatcher_result(self, topic: str, response: Any) -> None:
+        topic_responses = self.responses.get(topic, [])
+        topic_responses.append(response)
+        self.responses[topic] = topic_responses
+
+
+def reply(i: int, topic: str) -> dict[str, Any]:
+    return {"id": i, "some_key": topic, "args": (3, 4, 5), "kwargs": {"keyword": "b"}}
+
+
+def test_the_readme_scenario() -> None:
+    dispatcher = ATEDispatcher()
+    dispatcher.start()
+
+    producer1 = SpecificTopicProducer(0, 200, "topic1", "my_topic")
+    producer1.start()
+    producer2 = SpecificTopicProducer(1, 500, "topic1", "topic2", "my_topic")
+    producer2.start()
+    for topic in producer1.topics:
+        dispatcher.register_result_producer(producer1, topic)
+    for topic in producer2.topics:
+        dispatcher.register_result_producer(producer2, topic)
+
+    listener1 = ResultListenerExample()
+    listener1.start()
+    listener2 = ResultListenerExample()
+    listener2.start()
+    for topic in ["topic1", "topic2", "my_topic"]:
+        dispatcher.register_result_listener(listener1, topic)
+    for topic in ["topic1", "my_topic"]:
+        dispatcher.register_result_listener(listener2, topic)
+
+    # 4000 ms: both producers answer in time, the faster first
+    request = dispatcher.send_request("topic1", 3, 4, 5, ttl=4000, keyword="b")
+    assert request.wait(5)
+    expected = {"topic1": [reply(0, "topic1"), reply(1, "topic1")]}
+    eventually(lambda: listener1.responses == expected and listener2.responses == expected)
+    listener1.clear()
+    listener2.clear()
+
+    # 300 ms: only producer1 (200 ms) is in time; producer2's answer (500 ms) is discarded
+    request = dispatcher.send_request("my_topic", 3, 4, 5, ttl=300, keyword="b")
+    assert request.wait(5)
+    assert (request.answered, request.dropped) == (1, 1)
+    expected = {"my_topic": [reply(0, "my_topic")]}
+    eventually(lambda: listener1.responses == expected and listener2.responses == expected)
+    listener1.clear()
+
+    # 1000 ms on topic2: only producer2 answers, only listener1 listens
+    request = dispatcher.send_request("topic2", 3, 4, 5, ttl=1000, keyword="b")
+    assert request.wait(5)
+    expected = {"topic2": [reply(1, "topic2")]}
+    eventually(lambda: listener1.responses == expected)
+
+    dispatcher.deregister_result_listener(listener2, "my_topic")
+    dispatcher.deregister_result_producer(producer1, "topic1")
+    for topic in producer1.topics:
+        dispatcher.deregister_result_producer(producer1, topic)
+    for topic in producer2.topics:
+        dispatcher.deregister_result_producer(producer2, topic)
+    producer1.stop()
+    producer2.stop()
+    for topic in ["topic1", "topic2", "my_topic"]:
+        dispatcher.deregister_result_listener(listener1, topic)
+    for topic in ["topic1", "my_topic"]:
+        dispatcher.deregister_result_listener(listener2, topic)
+    dispatcher.stop()
+    assert dispatcher.dispatcher.stats().dropped == 1
+
+
+def test_a_producer_answers_one_request_at_a_time_and_failures_do_not_kill_it() -> None:
+    class Counting(Producer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside = 0
+            self.most = 0
+            self.calls = 0
+
+        def produce_dispatcher_output(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            self.calls += 1
+            try:
+                if args and args[0] == "boom":
+                    raise RuntimeError("boom")
+                return args
+            finally:
+                self.inside -= 1
+
+    dispatcher = ATEDispatcher()
+    producer = Counting()
+    for topic in ("a", "b", "c"):
+        dispatcher.register_result_producer(producer, topic)
+    dispatcher.register_result_producer(producer, "a")  # twice: still once, as in a set
+    failing = dispatcher.send_request("a", "boom")
+    requests = [dispatcher.send_request(t, i) for i in range(30) for t in ("a", "b", "c")]
+    assert failing.wait(5) and failing.failed == 1
+    assert all(r.wait(5) and r.answered == 1 for r in requests)
+    assert producer.most == 1 and producer.calls == 91
+    dispatcher.stop()
