@@ -30,6 +30,7 @@ import collections
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import select
@@ -210,11 +211,19 @@ class _Inbox:
         self.thread = threading.Thread(target=self._run, name="conveyor:channel", daemon=True)
         self.thread.start()
 
-    def pending(self) -> int:
-        """Messages here, plus one if any connection has unread bytes."""
+    def pending(self, settle_s: float = 2.0) -> int:
+        """Messages here. Bytes still unread on a connection (a message, a goodbye or the end)
+        are first left to the reader thread for up to ``settle_s``, so the count is exact."""
+        deadline = time.monotonic() + settle_s
         with self.cond:
-            waiting = any(c.poll(0) for c in [*self.conns, *(c for c, _ in self._new)])
-            return len(self.items) + int(waiting)
+            while True:
+                if self.items:
+                    return len(self.items)
+                unread = any(c.poll(0) for c in [*self.conns, *(c for c, _ in self._new)])
+                left = deadline - time.monotonic()
+                if not unread or left <= 0 or self.eof:
+                    return int(unread)
+                self.cond.wait(min(left, 0.01))
 
     def stop(self) -> None:
         """End the thread (before the connections it reads are closed)."""
@@ -254,10 +263,10 @@ class _Inbox:
                         os.read(self._wake_r, 512)
                         if self._stopping:
                             return
-                        with self.cond:
+                        with self.cond:  # pending() sees each connection in one list or other
                             new, self._new = self._new, []
+                            self.conns.extend(conn for conn, _ in new)
                         for conn, pid in new:
-                            self.conns.append(conn)
                             had_any = True
                             if pid is not None:
                                 self._conn_pid[conn] = pid
@@ -275,7 +284,9 @@ class _Inbox:
                         with self.cond:  # so that pending() never sees a message half-moved
                             msg = _decode(r.recv_bytes())  # type: ignore[union-attr]
                     except (EOFError, OSError):
-                        self.conns.remove(r)
+                        with self.cond:
+                            self.conns.remove(r)
+                            self.cond.notify_all()
                         pid = self._conn_pid.pop(r, None)
                         if pid is not None:
                             self._died(pid)  # its pipe ended: it exited (said goodbye or not)
@@ -337,6 +348,9 @@ class PipeEnd(_End):
             self._owner_pid = os.getpid()
             if self.role == "child":
                 self._watch(self.parent_pid)
+                # a child that ends normally says goodbye, even without close(): only a
+                # killed child is reported as broken
+                multiprocessing.util.Finalize(self, self.close, exitpriority=100)
                 with self._send_lock:
                     self._conn.send_bytes(self._dumps(Message(_HELLO, os.getpid(), None)))
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import select
@@ -57,6 +58,7 @@ class QueueEnd(_End):
         self._route_lock = threading.Lock()
         self._handshakes: threading.Thread | None = None
         self._hs_lock = threading.Lock()
+        self._adopting = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -70,6 +72,7 @@ class QueueEnd(_End):
             "_route_lock",
             "_handshakes",
             "_hs_lock",
+            "_adopting",
             "_up",
             "_send_lock",
         ):
@@ -91,6 +94,9 @@ class QueueEnd(_End):
                 self._handshakes.start()
             else:
                 self._parent = _Peer(self.parent_pid)
+                # a child that ends normally says goodbye, even without close(): only a
+                # killed child is reported as broken
+                multiprocessing.util.Finalize(self, self.close, exitpriority=100)
                 down_r, down_w = multiprocessing.Pipe(duplex=False)
                 up_r, up_w = multiprocessing.Pipe(duplex=False)
                 self._down, self._up = down_r, up_w
@@ -113,8 +119,12 @@ class QueueEnd(_End):
                 select.select([sock], [], [])
                 try:
                     with self._hs_lock:  # pending() sees the pipe handed over or still coming
-                        data, fds, _flags, _addr = socket.recv_fds(sock, 8, 2)
-                        self._adopt(data, fds)
+                        self._adopting = True
+                        try:
+                            data, fds, _flags, _addr = socket.recv_fds(sock, 8, 2)
+                            self._adopt(data, fds)
+                        finally:
+                            self._adopting = False
                 except OSError:
                     return
                 if not data:
@@ -208,6 +218,9 @@ class QueueEnd(_End):
                         pid = inbox.dead.pop(0)  # each death is reported once
                         raise BrokenResourceError(f"child process {pid} died")
                     if inbox.byes and not inbox.conns and not inbox.pending():
+                        if self._handing_over():
+                            inbox.cond.wait(0.01)  # a child's pipes are on their way in
+                            continue
                         raise ClosedResourceError("every child closed the channel")
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
@@ -242,6 +255,10 @@ class QueueEnd(_End):
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("no message within timeout_s")
 
+    def _handing_over(self) -> bool:
+        """A child's pipes are being handed over (sent, or being adopted)."""
+        return self._adopting or bool(select.select([self._hs_parent], [], [], 0)[0])
+
     def pending(self) -> int:
         """Parent: whether messages are waiting to be taken (a count of at least that many).
         Counts what children sent and the parent has not read yet, including a child's first
@@ -249,9 +266,14 @@ class QueueEnd(_End):
         self._arrive()
         if self._inbox is None:
             return len(self._backlog)
-        with self._hs_lock:
-            handing_over = bool(select.select([self._hs_parent], [], [], 0)[0])
-            return self._inbox.pending() + len(self._backlog) + int(handing_over)
+        deadline = time.monotonic() + 2.0
+        while self._handing_over() and time.monotonic() < deadline:
+            with self._hs_lock:  # wait for the adoption under way, if any
+                pass
+            if self._handing_over():
+                with self._inbox.cond:
+                    self._inbox.cond.wait(0.005)
+        return self._inbox.pending() + len(self._backlog) + int(self._handing_over())
 
     def close(self) -> None:
         """Close this end. The parent's goodbye reaches every child that said hello."""
