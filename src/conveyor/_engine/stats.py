@@ -75,12 +75,14 @@ class LatencyRing:
         self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
-        with self._lock:
-            if len(self._ring) < self._size:
-                self._ring.append(seconds)
-            else:
-                self._ring[self._i] = seconds
-                self._i = (self._i + 1) % self._size
+        # no lock: two threads adding at once may overwrite one sample, which a sample of
+        # the last 2048 latencies can afford; list operations themselves are atomic
+        if len(self._ring) < self._size:
+            self._ring.append(seconds)
+        else:
+            i = self._i
+            self._ring[i % self._size] = seconds
+            self._i = i + 1
 
     def percentiles(self) -> tuple[float | None, float | None, float | None]:
         with self._lock:

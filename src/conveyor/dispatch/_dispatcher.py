@@ -123,13 +123,17 @@ class Request:
             if outcome == "answered":
                 if _now() > self.deadline:
                     outcome = "dropped"
+                    self.dropped += 1
                 else:
                     self._results.append(result)
-            setattr(self, outcome, getattr(self, outcome) + 1)
+                    self.answered += 1
+            elif outcome == "expired":
+                self.expired += 1
+            else:
+                self.failed += 1
             self._settled += 1
-            done = self._settled >= self.expected
-            event = self._event
-        if done and event is not None:
+            event = self._event if self._settled >= self.expected else None
+        if event is not None:
             event.set()
         return outcome
 
@@ -405,14 +409,23 @@ class Subscription:
 
     def _work(self) -> None:
         get = self._buffer.get
+        get_nowait = self._buffer.get_nowait
         calling = self._calling
+        deliver = self._deliver
         while True:
             item = get()
-            if item is _STOP:
-                return
             with calling:
-                if not self._closed:
-                    self._deliver(*item)
+                # everything already buffered, under one hold of the lock
+                while True:
+                    if item is _STOP:
+                        return
+                    if self._closed:
+                        break
+                    deliver(*item)
+                    try:
+                        item = get_nowait()
+                    except queue.Empty:
+                        break
 
     async def _awork(self) -> None:
         assert self._abuffer is not None

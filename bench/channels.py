@@ -1,0 +1,250 @@
+"""Channels: parent <-> child messages, conveyor against pymulproc, multiprocessing and pyzmq.
+
+    bench/setup && .bench-venv/bin/python -m bench.channels [--quick]
+
+* round trips: the parent sends a small message, the child answers, N times;
+* one-way streaming: the child sends N small messages, the parent takes them all.
+
+The child runs under fork. CPU is the user + system time of parent and child together per
+message, to show who waits by polling. Peers: conveyor ``open_channel("pipe")`` and
+``("queue")``; pymulproc's ``PipeCommunication`` and ``QueueCommunication`` (non-blocking
+``receive`` in a loop, as its API offers); ``multiprocessing.Pipe`` (the raw floor);
+``multiprocessing.Queue``; pyzmq ``PAIR`` over ``ipc://``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench._harness import table
+
+CTX = multiprocessing.get_context("fork")
+
+
+def cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# -- each peer: child(conn, n, mode) and parent(conn, n, mode) ---------------------------------
+
+
+def conveyor_pair(kind: str) -> tuple[Any, Any, Callable[..., None], Callable[..., None]]:
+    from conveyor.channels import open_channel
+
+    parent, child = open_channel(kind)
+
+    def child_fn(end: Any, n: int, mode: str) -> None:
+        if mode == "rt":
+            for _ in range(n):
+                msg = end.receive()
+                end.send("R", msg.data)
+        else:
+            for i in range(n):
+                end.send("D", i)
+        end.receive()  # wait for the parent's "done"
+
+    def parent_fn(end: Any, n: int, mode: str, child_pid: int) -> None:
+        if mode == "rt":
+            for i in range(n):
+                end.send("Q", i, recipient=child_pid if kind == "queue" else None)
+                end.receive()
+        else:
+            for _ in range(n):
+                end.receive()
+        end.send("done", recipient=child_pid if kind == "queue" else None)
+
+    return parent, child, child_fn, parent_fn
+
+
+def pymulproc_pair(kind: str) -> tuple[Any, Any, Callable[..., None], Callable[..., None]]:
+    from pymulproc import factory
+
+    f = factory.PipeCommunication() if kind == "pipe" else factory.QueueCommunication()
+
+    def take(conn: Any) -> Any:
+        while True:  # pymulproc's receive does not block on a pipe: poll, as its users do
+            msg = conn.receive()
+            if msg is not False:
+                return msg
+
+    def child_fn(end: Any, n: int, mode: str) -> None:
+        conn = f.child() if kind == "queue" else end
+        if mode == "rt":
+            for _ in range(n):
+                msg = take(conn)
+                conn.send("R", data=msg[3])
+        else:
+            for i in range(n):
+                conn.send("D", data=i)
+        time.sleep(0.5)  # let the parent read before this end goes away
+
+    def parent_fn(end: Any, n: int, mode: str, child_pid: int) -> None:
+        if mode == "rt":
+            for i in range(n):
+                end.send("Q", data=i)
+                take(end)
+        else:
+            for _ in range(n):
+                take(end)
+
+    if kind == "pipe":
+        return f.parent(), f.child(), child_fn, parent_fn
+    return f.parent(), None, child_fn, parent_fn
+
+
+def mp_pipe_pair() -> tuple[Any, Any, Callable[..., None], Callable[..., None]]:
+    a, b = multiprocessing.Pipe()
+
+    def child_fn(conn: Any, n: int, mode: str) -> None:
+        if mode == "rt":
+            for _ in range(n):
+                conn.send(conn.recv())
+        else:
+            for i in range(n):
+                conn.send(i)
+        conn.recv()
+
+    def parent_fn(conn: Any, n: int, mode: str, child_pid: int) -> None:
+        if mode == "rt":
+            for i in range(n):
+                conn.send(i)
+                conn.recv()
+        else:
+            for _ in range(n):
+                conn.recv()
+        conn.send("done")
+
+    return a, b, child_fn, parent_fn
+
+
+def mp_queue_pair() -> tuple[Any, Any, Callable[..., None], Callable[..., None]]:
+    down, up = CTX.Queue(), CTX.Queue()
+
+    def child_fn(qs: Any, n: int, mode: str) -> None:
+        d, u = qs
+        if mode == "rt":
+            for _ in range(n):
+                u.put(d.get())
+        else:
+            for i in range(n):
+                u.put(i)
+        d.get()
+
+    def parent_fn(qs: Any, n: int, mode: str, child_pid: int) -> None:
+        d, u = qs
+        if mode == "rt":
+            for i in range(n):
+                d.put(i)
+                u.get()
+        else:
+            for _ in range(n):
+                u.get()
+        d.put("done")
+
+    return (down, up), (down, up), child_fn, parent_fn
+
+
+def zmq_pair() -> tuple[Any, Any, Callable[..., None], Callable[..., None]]:
+    import zmq
+
+    address = f"ipc://{tempfile.mkdtemp()}/pair"
+
+    def child_fn(_: Any, n: int, mode: str) -> None:
+        sock = zmq.Context().socket(zmq.PAIR)
+        sock.connect(address)
+        if mode == "rt":
+            for _ in range(n):
+                sock.send_pyobj(sock.recv_pyobj())
+        else:
+            for i in range(n):
+                sock.send_pyobj(i)
+        sock.recv_pyobj()
+
+    state: dict[str, Any] = {}
+
+    def parent_fn(_: Any, n: int, mode: str, child_pid: int) -> None:
+        sock = state["sock"]
+        if mode == "rt":
+            for i in range(n):
+                sock.send_pyobj(i)
+                sock.recv_pyobj()
+        else:
+            for _ in range(n):
+                sock.recv_pyobj()
+        sock.send_pyobj("done")
+
+    def make() -> None:
+        sock = zmq.Context().socket(zmq.PAIR)
+        sock.bind(address)
+        state["sock"] = sock
+
+    make()
+    return None, None, child_fn, parent_fn
+
+
+PEERS: dict[str, Callable[[], tuple[Any, Any, Callable[..., None], Callable[..., None]]]] = {
+    "conveyor pipe": lambda: conveyor_pair("pipe"),
+    "conveyor queue": lambda: conveyor_pair("queue"),
+    "pymulproc pipe": lambda: pymulproc_pair("pipe"),
+    "pymulproc queue": lambda: pymulproc_pair("queue"),
+    "multiprocessing.Pipe (floor)": mp_pipe_pair,
+    "multiprocessing.Queue": mp_queue_pair,
+    "pyzmq PAIR ipc://": zmq_pair,
+}
+
+
+def measure(make: Any, n: int, mode: str) -> tuple[float, float]:
+    parent_end, child_end, child_fn, parent_fn = make()
+    c0 = cpu()
+    p = CTX.Process(target=child_fn, args=(child_end, n, mode))
+    p.start()
+    t0 = time.perf_counter()
+    parent_fn(parent_end, n, mode, p.pid)
+    elapsed = time.perf_counter() - t0
+    p.join(60)
+    used = cpu() - c0
+    return n / elapsed, used / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n = 5_000 if args.quick else 20_000
+    results: dict[str, dict[str, tuple[float, float]] | str] = {}
+    for name, make in PEERS.items():
+        try:
+            results[name] = {
+                mode: max((measure(make, n, mode) for _ in range(3)), key=lambda r: r[0])
+                for mode in ("rt", "stream")
+            }
+        except Exception as exc:
+            results[name] = f"fails: {type(exc).__name__}: {exc}"[:80]
+    floor = results.get("multiprocessing.Pipe (floor)")
+    rows = []
+    for name, r in results.items():
+        if isinstance(r, str):
+            rows.append((name, r, ""))
+            continue
+        cells = []
+        for mode in ("rt", "stream"):
+            rate, cpu_per = r[mode]
+            ratio = f" {rate / floor[mode][0]:.2f}x" if isinstance(floor, dict) else ""
+            cells.append(f"{rate:,.0f}/s{ratio}, {cpu_per * 1e6:.0f} us CPU")
+        rows.append((name, cells[0], cells[1]))
+    table(
+        f"{n:,} small messages, best of 3 (ratios to multiprocessing.Pipe)",
+        rows,
+        ("peer", "round trips", "one-way stream"),
+    )
+
+
+if __name__ == "__main__":
+    main()
