@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
@@ -45,6 +46,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HELLO = "__conveyor:hello__"
 _BYE = "__conveyor:bye__"
 _LIVENESS_S = 0.2
+#: how long the parent's reader thread leaves reading to receivers after the last one
+_LINGER_S = 0.02
 
 
 class Message(NamedTuple):
@@ -82,13 +85,26 @@ class _Peer:
             self.fd = None
 
 
+def _ready(objects: list[Any], timeout: float | None) -> list[Any]:
+    """``multiprocessing.connection.wait`` for file descriptors and connections, with one
+    ``poll()`` call and none of its per-call selector set-up (it is on every receive)."""
+    poller = select.poll()
+    by_fd: dict[int, Any] = {}
+    for obj in objects:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        by_fd[fd] = obj
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [by_fd[fd] for fd, _events in poller.poll(ms)]
+
+
 def _wait(conns: list[Any], peers: list[_Peer], timeout: float | None) -> list[Any]:
     """Wait for a connection to be readable or a peer to die."""
     fds = [p.fd for p in peers if p.fd is not None]
     polled = len(fds) < len(peers)
     if polled:
         timeout = _LIVENESS_S if timeout is None else min(timeout, _LIVENESS_S)
-    return multiprocessing.connection.wait([*conns, *fds], timeout)
+    return _ready([*conns, *fds], timeout)
 
 
 class _End:
@@ -188,8 +204,13 @@ class _End:
 
 
 class _Inbox:
-    """The parent's reader: a thread moving messages from connections into memory, answering
-    hellos and goodbyes itself and watching every child that said hello. Connections can be
+    """Everything the parent's end receives goes through here.
+
+    A receiver that finds nothing waiting reads the connections itself (``read_direct``): no
+    thread hop on the way to it. When no receiver has come for a moment (``_LINGER_S``), a
+    thread of its own reads instead, into memory, so a child never blocks on a full pipe while
+    the parent is busy elsewhere (or joining it). Whoever reads holds ``rlock``; hellos,
+    goodbyes, ends of pipes and deaths are handled the same way by both. Connections can be
     added while it runs (``add``); ``eof`` is set once every connection it had has ended."""
 
     def __init__(self, conns: list[Any], *, more_coming: bool = False) -> None:
@@ -198,9 +219,13 @@ class _Inbox:
         self._conn_pid: dict[Any, int] = {}
         self.items: collections.deque[Message] = collections.deque()
         self.cond = threading.Condition()
+        self.rlock = threading.Lock()
+        self.active = 0  # receivers reading directly now
+        self.last_active = 0.0
         self.eof = False
         self.dead: list[int] = []  # pids that died without saying goodbye, not yet reported
         self.byes = 0
+        self._had_any = bool(conns)
         self._watched: dict[int, _Peer] = {}
         self._polled: list[_Peer] = []
         self._said_bye: set[int] = set()
@@ -213,21 +238,24 @@ class _Inbox:
 
     def pending(self, settle_s: float = 2.0) -> int:
         """Messages here. Bytes still unread on a connection (a message, a goodbye or the end)
-        are first left to the reader thread for up to ``settle_s``, so the count is exact."""
+        are first read (or left to the reader) for up to ``settle_s``, so the count is exact."""
         deadline = time.monotonic() + settle_s
-        with self.cond:
-            while True:
+        while True:
+            with self.cond:
                 if self.items:
                     return len(self.items)
-                unread = any(c.poll(0) for c in [*self.conns, *(c for c, _ in self._new)])
+                self._merge_new()
+                unread = any(c.poll(0) for c in self.conns)
                 left = deadline - time.monotonic()
                 if not unread or left <= 0 or self.eof:
                     return int(unread)
-                self.cond.wait(min(left, 0.01))
+            self.read_direct(min(left, 0.01))
 
     def stop(self) -> None:
         """End the thread (before the connections it reads are closed)."""
-        self._stopping = True
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         if threading.current_thread() is not self.thread:
@@ -237,7 +265,21 @@ class _Inbox:
         """Read ``conn`` too, and watch ``pid``."""
         with self.cond:
             self._new.append((conn, pid))
+            self.cond.notify_all()
         os.write(self._wake_w, b"x")
+
+    # -- reading (the caller holds rlock) ---------------------------------------------------------
+    def _merge_new(self) -> None:
+        """Take in added connections (cond held)."""
+        if not self._new:
+            return
+        new, self._new = self._new, []
+        for conn, pid in new:
+            self.conns.append(conn)
+            self._had_any = True
+            if pid is not None:
+                self._conn_pid[conn] = pid
+                self._watch(pid)
 
     def _watch(self, pid: int) -> None:
         peer = _Peer(pid)
@@ -246,64 +288,107 @@ class _Inbox:
         else:
             self._polled.append(peer)
 
-    def _run(self) -> None:
-        had_any = bool(self.conns)
-        try:
-            while True:
-                timeout = _LIVENESS_S if self._polled else None
-                waits = [*self.conns, *self._watched, self._wake_r]
-                ready = multiprocessing.connection.wait(waits, timeout)
-                unread = any(c.poll(0) for c in self.conns)
-                for peer in [p for p in self._polled if not unread and not p.alive()]:
-                    self._polled.remove(peer)
+    def _read(self, ready: list[Any], conns: list[Any]) -> None:
+        """Read every whole message waiting on the ready connections; note deaths."""
+        unread = False
+        for r in ready:
+            if isinstance(r, int) or r not in conns:
+                continue
+            while r.poll(0):
+                try:
+                    msg = _decode(r.recv_bytes())
+                except (EOFError, OSError):
+                    with self.cond:
+                        self.conns.remove(r)
+                        self.cond.notify_all()
+                    pid = self._conn_pid.pop(r, None)
+                    if pid is not None:
+                        self._died(pid)  # its pipe ended: it exited (said goodbye or not)
+                    break
+                self._take(r, msg)
+        for r in ready:
+            if isinstance(r, int) and r in self._watched:
+                unread = unread or any(c.poll(0) for c in self.conns)
+                peer = self._watched.pop(r)
+                if unread:
+                    self._polled.append(peer)  # read what it sent first; look again
+                else:
                     self._died(peer.pid)
                     peer.close()
-                for r in ready:
-                    if r == self._wake_r:
-                        os.read(self._wake_r, 512)
-                        if self._stopping:
-                            return
-                        with self.cond:  # pending() sees each connection in one list or other
-                            new, self._new = self._new, []
-                            self.conns.extend(conn for conn, _ in new)
-                        for conn, pid in new:
-                            had_any = True
-                            if pid is not None:
-                                self._conn_pid[conn] = pid
-                                self._watch(pid)
-                        continue
-                    if isinstance(r, int):
-                        peer = self._watched.pop(r)
-                        if any(c.poll(0) for c in self.conns):
-                            self._polled.append(peer)  # read what it sent first; look again
-                        else:
-                            self._died(peer.pid)
-                            peer.close()
-                        continue
-                    try:
-                        with self.cond:  # so that pending() never sees a message half-moved
-                            msg = _decode(r.recv_bytes())  # type: ignore[union-attr]
-                    except (EOFError, OSError):
-                        with self.cond:
-                            self.conns.remove(r)
-                            self.cond.notify_all()
-                        pid = self._conn_pid.pop(r, None)
-                        if pid is not None:
-                            self._died(pid)  # its pipe ended: it exited (said goodbye or not)
-                        continue
-                    if msg.request == _HELLO:
-                        self._conn_pid[r] = msg.sender
-                        self._watch(msg.sender)
-                        continue
+        if self._polled and not any(c.poll(0) for c in self.conns):
+            for peer in [p for p in self._polled if not p.alive()]:
+                self._polled.remove(peer)
+                self._died(peer.pid)
+                peer.close()
+
+    def _take(self, conn: Any, msg: Message) -> None:
+        if msg.request == _HELLO:
+            self._conn_pid[conn] = msg.sender
+            self._watch(msg.sender)
+            return
+        with self.cond:
+            if msg.request == _BYE:
+                self._said_bye.add(msg.sender)
+                self.byes += 1
+            else:
+                self.items.append(msg)
+            self.cond.notify_all()
+
+    def _wait_set(self) -> tuple[list[Any], list[Any], float | None]:
+        with self.cond:
+            self._merge_new()
+            conns = list(self.conns)
+        return conns, [*conns, *self._watched], _LIVENESS_S if self._polled else None
+
+    def read_direct(self, left: float | None) -> None:
+        """Wait up to ``left`` for something to read (or a death) and read it, here."""
+        with self.cond:
+            self.active += 1
+        try:
+            with self.rlock:
+                with self.cond:
+                    if self.items or self.dead or self.eof:
+                        return
+                conns, waits, liveness = self._wait_set()
+                timeout = left if liveness is None else min(left or liveness, liveness)
+                ready = _ready([*waits, self._wake_r], timeout)
+                if self._wake_r in ready:  # a connection was added: the caller looks again
+                    os.read(self._wake_r, 512)
+                    ready.remove(self._wake_r)
+                self._read(ready, conns)
+        finally:
+            with self.cond:
+                self.active -= 1
+                self.last_active = time.monotonic()
+                self.cond.notify_all()
+
+    # -- the reader thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self._stopping and (
+                        self.active or time.monotonic() - self.last_active < _LINGER_S
+                    ):
+                        self.cond.wait(_LINGER_S)  # a receiver reads: leave it to them
+                    if self._stopping:
+                        return
+                    if self._had_any and not self.conns and not self._new and not self.more_coming:
+                        return
+                conns, waits, liveness = self._wait_set()
+                ready = _ready([*waits, self._wake_r], liveness)
+                woken = self._wake_r in ready
+                if woken:
+                    os.read(self._wake_r, 512)
+                    ready.remove(self._wake_r)
+                with self.cond:
+                    if self.active and woken:
+                        os.write(self._wake_w, b"x")  # for the receiver waiting right now
+                with self.rlock:
                     with self.cond:
-                        if msg.request == _BYE:
-                            self._said_bye.add(msg.sender)
-                            self.byes += 1
-                        else:
-                            self.items.append(msg)
-                        self.cond.notify_all()
-                if had_any and not self.conns and not self.more_coming:
-                    return
+                        if self.active or self._stopping:
+                            continue
+                    self._read(ready, conns)
         finally:
             for peer in [*self._watched.values(), *self._polled]:
                 peer.close()
@@ -409,7 +494,8 @@ class PipeEnd(_End):
     ) -> Message:
         while True:
             with inbox.cond:
-                while not inbox.items:
+                msg = inbox.items.popleft() if inbox.items else None
+                if msg is None:
                     if inbox.dead:
                         raise BrokenResourceError(
                             f"the {self._other()} process {inbox.dead[0]} died"
@@ -417,11 +503,12 @@ class PipeEnd(_End):
                     if inbox.eof or inbox.byes:
                         self._peer_closed = self._peer_closed or bool(inbox.byes)
                         raise self._gone()
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError("no message within timeout_s")
-                    inbox.cond.wait(left)
-                msg = inbox.items.popleft()
+            if msg is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("no message within timeout_s")
+                inbox.read_direct(left)
+                continue
             if where is None or where(msg):
                 return msg
             self._backlog.append(msg)

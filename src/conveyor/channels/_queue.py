@@ -213,20 +213,19 @@ class QueueEnd(_End):
     ) -> Message:
         while True:
             with inbox.cond:
-                while not inbox.items:
-                    if inbox.dead:
-                        pid = inbox.dead.pop(0)  # each death is reported once
-                        raise BrokenResourceError(f"child process {pid} died")
-                    if inbox.byes and not inbox.conns and not inbox.pending():
-                        if self._handing_over():
-                            inbox.cond.wait(0.01)  # a child's pipes are on their way in
-                            continue
-                        raise ClosedResourceError("every child closed the channel")
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError("no message within timeout_s")
-                    inbox.cond.wait(left)
-                msg = inbox.items.popleft()
+                msg = inbox.items.popleft() if inbox.items else None
+                if msg is None and inbox.dead:
+                    pid = inbox.dead.pop(0)  # each death is reported once
+                    raise BrokenResourceError(f"child process {pid} died")
+                closing = msg is None and inbox.byes and not inbox.conns and not inbox._new
+            if msg is None:
+                if closing and not self._handing_over():
+                    raise ClosedResourceError("every child closed the channel")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("no message within timeout_s")
+                inbox.read_direct(left if not closing else min(left or 0.01, 0.01))
+                continue
             if where is None or where(msg):
                 return msg
             self._backlog.append(msg)
@@ -271,8 +270,7 @@ class QueueEnd(_End):
             with self._hs_lock:  # wait for the adoption under way, if any
                 pass
             if self._handing_over():
-                with self._inbox.cond:
-                    self._inbox.cond.wait(0.005)
+                self._inbox.read_direct(0.005)
         return self._inbox.pending() + len(self._backlog) + int(self._handing_over())
 
     def close(self) -> None:
