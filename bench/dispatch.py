@@ -94,10 +94,10 @@ def blinker_setup(sink: Sink) -> tuple[Callable[[float], None], Callable[[], Non
 
     request, answer = Signal(), Signal()
     for _ in range(2):
-        request.connect(lambda started: answer.send(started), weak=False)
+        request.connect(answer.send, weak=False)
     for _ in range(2):
-        answer.connect(lambda started: sink.hit(started), weak=False)
-    return (lambda started: request.send(started)), (lambda: None)
+        answer.connect(sink.hit, weak=False)
+    return (request.send), (lambda: None)
 
 
 def floor_setup(sink: Sink) -> tuple[Callable[[float], None], Callable[[], None]]:
