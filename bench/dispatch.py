@@ -94,9 +94,10 @@ def blinker_setup(sink: Sink) -> tuple[Callable[[float], None], Callable[[], Non
 
     request, answer = Signal(), Signal()
     for _ in range(2):
-        request.connect(answer.send, weak=False)
+        # distinct lambdas: blinker keeps one connection per receiver object
+        request.connect(lambda started: answer.send(started), weak=False)  # noqa: PLW0108
     for _ in range(2):
-        answer.connect(sink.hit, weak=False)
+        answer.connect(lambda started: sink.hit(started), weak=False)  # noqa: PLW0108
     return (request.send), (lambda: None)
 
 
