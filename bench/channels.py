@@ -179,11 +179,14 @@ def zmq_pair() -> tuple[Any, Any, Callable[..., None], Callable[..., None]]:
             for _ in range(n):
                 sock.recv_pyobj()
         sock.send_pyobj("done")
+        sock.close(linger=1000)
+        state["ctx"].term()  # no context (and its threads) left over for the next fork
 
     def make() -> None:
-        sock = zmq.Context().socket(zmq.PAIR)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PAIR)
         sock.bind(address)
-        state["sock"] = sock
+        state["sock"], state["ctx"] = sock, ctx
 
     make()
     return None, None, child_fn, parent_fn
