@@ -111,7 +111,7 @@ def test_a_killed_parent_makes_the_childs_receive_raise(tmp_path: Path) -> None:
     marker = tmp_path / "child.txt"
     script = textwrap.dedent(
         f"""
-        import multiprocessing, sys, time
+        import multiprocessing, sys, threading
         from conveyor import BrokenResourceError
         from conveyor.channels import open_channel
 
@@ -128,7 +128,7 @@ def test_a_killed_parent_makes_the_childs_receive_raise(tmp_path: Path) -> None:
             p.start()
             parent.receive()
             print("ready", flush=True)
-            time.sleep(600)  # killed by the test
+            threading.Event().wait()  # until the test kills this process
         """
     )
     path = tmp_path / "parent.py"  # a file, so that spawn can import the child's function

@@ -124,9 +124,31 @@ class _End:
         self._peers: dict[int, _Peer] = {}
         self._lock = threading.RLock()
 
+    #: attributes that belong to the process using the end, never pickled with it
+    _LOCAL: tuple[str, ...] = (
+        "_owner_pid",
+        "_closed",
+        "_peer_closed",
+        "_backlog",
+        "_peers",
+        "_lock",
+    )
+
     def __getstate__(self) -> dict[str, Any]:
-        local = ("_owner_pid", "_closed", "_peer_closed", "_backlog", "_peers", "_lock")
-        return {k: v for k, v in self.__dict__.items() if k not in local}
+        return {k: v for k, v in self.__dict__.items() if k not in self._LOCAL}
+
+    def _arrive(self) -> None:
+        """On the first use in each process, ``_first_use()`` (once, under the lock)."""
+        if self._owner_pid == os.getpid():
+            return
+        with self._lock:
+            if self._owner_pid == os.getpid():
+                return
+            self._owner_pid = os.getpid()
+            self._first_use()
+
+    def _first_use(self) -> None:
+        raise NotImplementedError
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -417,29 +439,19 @@ class PipeEnd(_End):
         self._inbox: _Inbox | None = None
         self._send_lock = threading.Lock()
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_inbox", None)
-        state.pop("_send_lock", None)
-        return state
+    _LOCAL = (*_End._LOCAL, "_inbox", "_send_lock")
 
-    def _arrive(self) -> None:
-        """First use in this process: announce it, watch the peer, start reading if parent."""
-        if self._owner_pid == os.getpid():
-            return
-        with self._lock:
-            if self._owner_pid == os.getpid():
-                return
-            self._owner_pid = os.getpid()
-            if self.role == "child":
-                self._watch(self.parent_pid)
-                # a child that ends normally says goodbye, even without close(): only a
-                # killed child is reported as broken
-                multiprocessing.util.Finalize(self, self.close, exitpriority=100)
-                with self._send_lock:
-                    self._conn.send_bytes(self._dumps(Message(_HELLO, os.getpid(), None)))
-            else:
-                self._inbox = _Inbox([self._conn])
+    def _first_use(self) -> None:
+        """Announce this process, watch the peer, start reading if parent."""
+        if self.role == "child":
+            self._watch(self.parent_pid)
+            # a child that ends normally says goodbye, even without close(): only a
+            # killed child is reported as broken
+            multiprocessing.util.Finalize(self, self.close, exitpriority=100)
+            with self._send_lock:
+                self._conn.send_bytes(self._dumps(Message(_HELLO, os.getpid(), None)))
+        else:
+            self._inbox = _Inbox([self._conn])
 
     def send(self, request: str, data: Any = None, *, recipient: int | None = None) -> Message:
         """Send a message to the other end; returns it."""

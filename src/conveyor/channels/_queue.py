@@ -60,56 +60,47 @@ class QueueEnd(_End):
         self._hs_lock = threading.Lock()
         self._adopting = False
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for k in (
-            "_inbox",
-            "_parent",
-            "_down",
-            "_children",
-            "_waiting",
-            "_turn",
-            "_route_lock",
-            "_handshakes",
-            "_hs_lock",
-            "_adopting",
-            "_up",
-            "_send_lock",
-        ):
-            state.pop(k, None)
-        return state
+    _LOCAL = (
+        *_End._LOCAL,
+        "_inbox",
+        "_parent",
+        "_down",
+        "_up",
+        "_send_lock",
+        "_children",
+        "_waiting",
+        "_turn",
+        "_route_lock",
+        "_handshakes",
+        "_hs_lock",
+        "_adopting",
+    )
 
-    def _arrive(self) -> None:
-        if self._owner_pid == os.getpid():
-            return
-        with self._lock:
-            if self._owner_pid == os.getpid():
-                return
-            self._owner_pid = os.getpid()
-            if self.role == "parent":
-                self._inbox = _Inbox([], more_coming=True)
-                self._handshakes = threading.Thread(
-                    target=self._accept, name="conveyor:channel-handshake", daemon=True
+    def _first_use(self) -> None:
+        if self.role == "parent":
+            self._inbox = _Inbox([], more_coming=True)
+            self._handshakes = threading.Thread(
+                target=self._accept, name="conveyor:channel-handshake", daemon=True
+            )
+            self._handshakes.start()
+        else:
+            self._parent = _Peer(self.parent_pid)
+            # a child that ends normally says goodbye, even without close(): only a
+            # killed child is reported as broken
+            multiprocessing.util.Finalize(self, self.close, exitpriority=100)
+            down_r, down_w = multiprocessing.Pipe(duplex=False)
+            up_r, up_w = multiprocessing.Pipe(duplex=False)
+            self._down, self._up = down_r, up_w
+            sock = socket.socket(fileno=os.dup(self._hs_child.fileno()))
+            try:
+                # one small write with both descriptors: atomic, so children need no lock
+                socket.send_fds(
+                    sock, [struct.pack("q", os.getpid())], [down_w.fileno(), up_r.fileno()]
                 )
-                self._handshakes.start()
-            else:
-                self._parent = _Peer(self.parent_pid)
-                # a child that ends normally says goodbye, even without close(): only a
-                # killed child is reported as broken
-                multiprocessing.util.Finalize(self, self.close, exitpriority=100)
-                down_r, down_w = multiprocessing.Pipe(duplex=False)
-                up_r, up_w = multiprocessing.Pipe(duplex=False)
-                self._down, self._up = down_r, up_w
-                sock = socket.socket(fileno=os.dup(self._hs_child.fileno()))
-                try:
-                    # one small write with both descriptors: atomic, so children need no lock
-                    socket.send_fds(
-                        sock, [struct.pack("q", os.getpid())], [down_w.fileno(), up_r.fileno()]
-                    )
-                finally:
-                    sock.close()
-                    down_w.close()
-                    up_r.close()
+            finally:
+                sock.close()
+                down_w.close()
+                up_r.close()
 
     # -- the parent's side of the handshake ------------------------------------------------------
     def _accept(self) -> None:
