@@ -174,7 +174,7 @@ def test_a_message_over_the_limit_is_refused_at_send() -> None:
 def test_queue_channel_full_duplex_with_addressed_messages(method: str) -> None:
     ctx = multiprocessing.get_context(method)
     parent, child = open_channel("queue")
-    procs = [ctx.Process(target=worker, args=(child,)) for _ in range(4)]
+    procs = [ctx.Process(target=worker, args=(child,), daemon=True) for _ in range(4)]
     for p in procs:
         p.start()
     n = 400
@@ -199,7 +199,8 @@ def test_queue_channel_full_duplex_with_addressed_messages(method: str) -> None:
 def test_queue_channel_unaddressed_messages_go_to_one_child_each() -> None:
     parent, child = open_channel("queue")
     procs = [
-        multiprocessing.get_context("fork").Process(target=worker, args=(child,)) for _ in range(3)
+        multiprocessing.get_context("fork").Process(target=worker, args=(child,), daemon=True)
+        for _ in range(3)
     ]
     for p in procs:
         p.start()

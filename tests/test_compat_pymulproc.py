@@ -108,7 +108,9 @@ def test_parent_full_duplex_communication_with_children_stress_test(method: str)
     ctx = multiprocessing.get_context(method)
     queue_factory = factory.QueueCommunication()
     parent = queue_factory.parent()
-    children = [ctx.Process(target=full_duplex_child, args=(queue_factory,)) for _ in range(4)]
+    children = [
+        ctx.Process(target=full_duplex_child, args=(queue_factory,), daemon=True) for _ in range(4)
+    ]
     for c in children:
         c.start()
     n = 1000

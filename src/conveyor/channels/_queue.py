@@ -132,22 +132,22 @@ class QueueEnd(_End):
         reader = multiprocessing.connection.Connection(fds[1], writable=False)
         assert self._inbox is not None
         self._inbox.add(reader, pid)
-        with self._route_lock:
+        with self._route_lock:  # messages that waited go first: no send can overtake them
             self._children[pid] = writer
-            waiting = self._waiting.pop(pid, []) + self._waiting.pop(None, [])
-        for payload in waiting:
-            self._write_child(pid, payload)
+            for payload in self._waiting.pop(pid, []) + self._waiting.pop(None, []):
+                with contextlib.suppress(BrokenResourceError):
+                    self._write_child(pid, payload)
 
     def _write_child(self, pid: int, payload: bytes) -> None:
-        with self._route_lock:
-            conn = self._children.get(pid)
+        """Write to a child's pipe; the caller holds ``_route_lock``, so that writes to one
+        child keep the order of the sends."""
+        conn = self._children.get(pid)
         if conn is None:
             return
         try:
             conn.send_bytes(payload)
         except OSError:
-            with self._route_lock:
-                self._children.pop(pid, None)
+            self._children.pop(pid, None)
             raise BrokenResourceError(f"child process {pid} is gone") from None
 
     def _write_up(self, payload: bytes) -> None:
@@ -177,7 +177,7 @@ class QueueEnd(_End):
             if pid is None or pid not in self._children:
                 self._waiting.setdefault(pid, []).append(payload)
                 return msg
-        self._write_child(pid, payload)
+            self._write_child(pid, payload)
         return msg
 
     # -- receiving ------------------------------------------------------------------------------
