@@ -98,6 +98,11 @@ def _ready(objects: list[Any], timeout: float | None) -> list[Any]:
     return [by_fd[fd] for fd, _events in poller.poll(ms)]
 
 
+def _readable(conn: Any) -> bool:
+    """``conn.poll(0)`` without the selector set-up of ``multiprocessing.connection.wait``."""
+    return bool(select.select([conn], [], [], 0)[0])
+
+
 def _wait(conns: list[Any], peers: list[_Peer], timeout: float | None) -> list[Any]:
     """Wait for a connection to be readable or a peer to die."""
     fds = [p.fd for p in peers if p.fd is not None]
@@ -267,7 +272,7 @@ class _Inbox:
                 if self.items:
                     return len(self.items)
                 self._merge_new()
-                unread = any(c.poll(0) for c in self.conns)
+                unread = any(_readable(c) for c in self.conns)
                 left = deadline - time.monotonic()
                 if not unread or left <= 0 or self.eof:
                     return int(unread)
@@ -316,7 +321,7 @@ class _Inbox:
         for r in ready:
             if isinstance(r, int) or r not in conns:
                 continue
-            while r.poll(0):
+            while _readable(r):
                 try:
                     msg = _decode(r.recv_bytes())
                 except (EOFError, OSError):
@@ -330,14 +335,14 @@ class _Inbox:
                 self._take(r, msg)
         for r in ready:
             if isinstance(r, int) and r in self._watched:
-                unread = unread or any(c.poll(0) for c in self.conns)
+                unread = unread or any(_readable(c) for c in self.conns)
                 peer = self._watched.pop(r)
                 if unread:
                     self._polled.append(peer)  # read what it sent first; look again
                 else:
                     self._died(peer.pid)
                     peer.close()
-        if self._polled and not any(c.poll(0) for c in self.conns):
+        if self._polled and not any(_readable(c) for c in self.conns):
             for peer in [p for p in self._polled if not p.alive()]:
                 self._polled.remove(peer)
                 self._died(peer.pid)
@@ -534,7 +539,7 @@ class PipeEnd(_End):
                 raise self._gone()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = _wait([self._conn], peers, left)
-            if self._conn in ready or self._conn.poll(0):
+            if self._conn in ready:
                 try:
                     msg = _decode(self._conn.recv_bytes())
                 except (EOFError, OSError):

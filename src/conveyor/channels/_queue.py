@@ -228,7 +228,7 @@ class QueueEnd(_End):
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = _wait([self._down], [self._parent], left)
-            if self._down in ready or self._down.poll(0):
+            if self._down in ready:
                 try:
                     msg = _decode(self._down.recv_bytes())
                 except (EOFError, OSError):
