@@ -208,7 +208,86 @@ class _End:
     def receive(
         self, timeout_s: float | None = None, where: Callable[[Message], bool] | None = None
     ) -> Message:
+        """The first message for which ``where`` holds (any message without ``where``); the
+        others stay, in order. ``TimeoutError`` after ``timeout_s``; ``BrokenResourceError`` if
+        the other side died (on a queue channel's parent end: once per dead child, after the
+        messages it sent), ``ClosedResourceError`` once it has closed and nothing is left."""
+        self._check_open()
+        self._arrive()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            found = self._take_backlog(where)
+            if found is not None:
+                return found
+            inbox = self._inbox_here()
+            if inbox is not None:
+                return self._receive_inbox(inbox, deadline, where)
+            conn, parent = self._from_parent()
+            return self._receive_direct(conn, parent, deadline, where)
+
+    # what each kind of end says about where its messages come from
+    def _inbox_here(self) -> _Inbox | None:
+        """The parent's inbox, on the parent's end in the process using it."""
         raise NotImplementedError
+
+    def _from_parent(self) -> tuple[Any, _Peer | None]:
+        """A child's connection from its parent, and the parent to watch."""
+        raise NotImplementedError
+
+    def _nothing_left(self, inbox: _Inbox) -> Exception | None:
+        """With the inbox empty (its lock held): the error to raise, or None to wait."""
+        raise NotImplementedError
+
+    def _receive_inbox(
+        self, inbox: _Inbox, deadline: float | None, where: Callable[[Message], bool] | None
+    ) -> Message:
+        while True:
+            failure = None
+            with inbox.cond:
+                msg = inbox.items.popleft() if inbox.items else None
+                if msg is None:
+                    failure = self._nothing_left(inbox)
+            if msg is None:
+                if failure is not None:
+                    raise failure
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("no message within timeout_s")
+                inbox.read_direct(left)
+                continue
+            if where is None or where(msg):
+                return msg
+            self._backlog.append(msg)
+
+    def _receive_direct(
+        self,
+        conn: Any,
+        parent: _Peer | None,
+        deadline: float | None,
+        where: Callable[[Message], bool] | None,
+    ) -> Message:
+        """A child reads its parent's connection itself, watching the parent."""
+        peers = [] if parent is None else [parent]
+        while True:
+            if self._peer_closed:
+                raise ClosedResourceError("the parent closed the channel")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if conn in _wait([conn], peers, left):
+                try:
+                    msg = _decode(conn.recv_bytes())
+                except (EOFError, OSError):
+                    raise BrokenResourceError("the parent closed the channel or died") from None
+                if msg.request == _BYE:
+                    self._peer_closed = True
+                elif where is None or where(msg):
+                    return msg
+                else:
+                    self._backlog.append(msg)
+                continue
+            if parent is not None and not parent.alive():
+                raise BrokenResourceError("the parent process died")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no message within timeout_s")
 
     def __iter__(self) -> Iterator[Message]:
         """Every message until the other side closes its end."""
@@ -474,87 +553,20 @@ class PipeEnd(_End):
     def _other(self) -> str:
         return "child" if self.role == "parent" else "parent"
 
-    def _control(self, msg: Message) -> bool:
-        """Handle a hello or a goodbye; True if it was one."""
-        if msg.request == _HELLO:
-            self._watch(msg.sender)
-            return True
-        if msg.request == _BYE:
-            self._peer_closed = True
-            return True
-        return False
+    def _inbox_here(self) -> _Inbox | None:
+        return self._inbox
 
-    def receive(
-        self, timeout_s: float | None = None, where: Callable[[Message], bool] | None = None
-    ) -> Message:
-        """The first message for which ``where`` holds (any message without ``where``); the
-        others stay, in order. ``TimeoutError`` after ``timeout_s``; ``BrokenResourceError`` if
-        the other side died, ``ClosedResourceError`` once it has closed and nothing is left."""
-        self._check_open()
-        self._arrive()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._lock:
-            found = self._take_backlog(where)
-            if found is not None:
-                return found
-            if self._inbox is not None:
-                return self._receive_inbox(self._inbox, deadline, where)
-            return self._receive_direct(deadline, where)
+    def _from_parent(self) -> tuple[Any, _Peer | None]:
+        return self._conn, self._peers.get(self.parent_pid)
 
-    def _gone(self) -> Exception:
-        if self._peer_closed:
-            return ClosedResourceError(f"the {self._other()} end closed the channel")
-        return BrokenResourceError(f"the {self._other()} process died")
-
-    def _receive_inbox(
-        self, inbox: _Inbox, deadline: float | None, where: Callable[[Message], bool] | None
-    ) -> Message:
-        while True:
-            with inbox.cond:
-                msg = inbox.items.popleft() if inbox.items else None
-                if msg is None:
-                    if inbox.dead:
-                        raise BrokenResourceError(
-                            f"the {self._other()} process {inbox.dead[0]} died"
-                        )
-                    if inbox.eof or inbox.byes:
-                        self._peer_closed = self._peer_closed or bool(inbox.byes)
-                        raise self._gone()
-            if msg is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError("no message within timeout_s")
-                inbox.read_direct(left)
-                continue
-            if where is None or where(msg):
-                return msg
-            self._backlog.append(msg)
-
-    def _receive_direct(
-        self, deadline: float | None, where: Callable[[Message], bool] | None
-    ) -> Message:
-        peers = list(self._peers.values())
-        while True:
-            if self._peer_closed:
-                raise self._gone()
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = _wait([self._conn], peers, left)
-            if self._conn in ready:
-                try:
-                    msg = _decode(self._conn.recv_bytes())
-                except (EOFError, OSError):
-                    raise self._gone() from None
-                if self._control(msg):
-                    peers = list(self._peers.values())
-                    continue
-                if where is None or where(msg):
-                    return msg
-                self._backlog.append(msg)
-                continue
-            if any(not p.alive() for p in peers):
-                raise BrokenResourceError(f"the {self._other()} process died")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("no message within timeout_s")
+    def _nothing_left(self, inbox: _Inbox) -> Exception | None:
+        if inbox.dead:
+            return BrokenResourceError(f"the child process {inbox.dead[0]} died")
+        if inbox.byes:
+            return ClosedResourceError("the child end closed the channel")
+        if inbox.eof:
+            return BrokenResourceError("the child process died")
+        return None
 
     def close(self) -> None:
         """Close this end; the other end's iteration stops after the messages already sent."""

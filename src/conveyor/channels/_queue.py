@@ -24,11 +24,10 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .._errors import BrokenResourceError, ClosedResourceError
-from ._channel import _BYE, Message, _decode, _End, _Inbox, _Peer, _wait
+from ._channel import _BYE, Message, _End, _Inbox, _Peer
 
 
 class QueueEnd(_End):
@@ -181,69 +180,19 @@ class QueueEnd(_End):
         return msg
 
     # -- receiving ------------------------------------------------------------------------------
-    def receive(
-        self, timeout_s: float | None = None, where: Callable[[Message], bool] | None = None
-    ) -> Message:
-        """The first message for this end for which ``where`` holds; see ``PipeEnd.receive``.
+    def _inbox_here(self) -> _Inbox | None:
+        return self._inbox
 
-        On the parent's end, a child that died without closing its end is reported once, as
-        ``BrokenResourceError`` naming its pid, after the messages it sent."""
-        self._check_open()
-        self._arrive()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._lock:
-            found = self._take_backlog(where)
-            if found is not None:
-                return found
-            if self._inbox is not None:
-                return self._receive_parent(self._inbox, deadline, where)
-            return self._receive_child(deadline, where)
+    def _from_parent(self) -> tuple[Any, _Peer | None]:
+        return self._down, self._parent
 
-    def _receive_parent(
-        self, inbox: _Inbox, deadline: float | None, where: Callable[[Message], bool] | None
-    ) -> Message:
-        while True:
-            with inbox.cond:
-                msg = inbox.items.popleft() if inbox.items else None
-                if msg is None and inbox.dead:
-                    pid = inbox.dead.pop(0)  # each death is reported once
-                    raise BrokenResourceError(f"child process {pid} died")
-                closing = msg is None and inbox.byes and not inbox.conns and not inbox._new
-            if msg is None:
-                if closing and not self._handing_over():
-                    raise ClosedResourceError("every child closed the channel")
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError("no message within timeout_s")
-                inbox.read_direct(left if not closing else min(left or 0.01, 0.01))
-                continue
-            if where is None or where(msg):
-                return msg
-            self._backlog.append(msg)
-
-    def _receive_child(
-        self, deadline: float | None, where: Callable[[Message], bool] | None
-    ) -> Message:
-        assert self._parent is not None
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = _wait([self._down], [self._parent], left)
-            if self._down in ready:
-                try:
-                    msg = _decode(self._down.recv_bytes())
-                except (EOFError, OSError):
-                    raise BrokenResourceError("the parent closed or died") from None
-                if msg.request == _BYE:
-                    self._peer_closed = True
-                    raise ClosedResourceError("the parent closed the channel")
-                if where is None or where(msg):
-                    return msg
-                self._backlog.append(msg)
-                continue
-            if not self._parent.alive():
-                raise BrokenResourceError("the parent process died")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("no message within timeout_s")
+    def _nothing_left(self, inbox: _Inbox) -> Exception | None:
+        if inbox.dead:
+            pid = inbox.dead.pop(0)  # each death is reported once; the others go on
+            return BrokenResourceError(f"child process {pid} died")
+        if inbox.byes and not inbox.conns and not inbox._new and not self._handing_over():
+            return ClosedResourceError("every child closed the channel")
+        return None  # a child's pipes on their way in wake the wait (``_Inbox.add``)
 
     def _handing_over(self) -> bool:
         """A child's pipes are being handed over (sent, or being adopted)."""
