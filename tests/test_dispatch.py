@@ -196,3 +196,30 @@ def test_stop_closes_it_and_options_are_checked() -> None:
         Dispatcher(ttl_s=0)
     with Dispatcher() as d2, pytest.raises(ConfigurationError):
         d2.register_producer("t", print, workers=0)
+
+
+def test_a_full_producer_queue_holds_requests_back_only_until_their_deadline(
+    gate: threading.Event,
+) -> None:
+    """Bounded memory: a producer's queue never grows past maxsize; a request that finds it
+    full waits for room, and at its deadline counts the call as expired instead of hanging."""
+    started: list[int] = []
+
+    def slow(topic: str, n: int) -> int:
+        started.append(n)
+        gate.wait(10)
+        return n
+
+    with Dispatcher() as d:
+        producer = d.register_producer("t", slow, workers=1, maxsize=2)
+        first = d.request("t", 0, ttl_s=30)
+        eventually(lambda: started == [0])  # the worker is busy with it
+        queued = [d.request("t", i, ttl_s=30) for i in (1, 2)]  # fill the queue
+        assert producer.pending() == 2
+        late = d.request("t", 3, ttl_s=0.05)  # returns at its deadline, not when room comes
+        assert late.done and late.expired == 1
+        assert producer.pending() == 2
+        gate.set()
+        assert all(r.wait(5) for r in [first, *queued])
+        assert started == [0, 1, 2]
+        assert d.stats().expired == 1
