@@ -238,9 +238,14 @@ class _End:
         """With the inbox empty (its lock held): the error to raise, or None to wait."""
         raise NotImplementedError
 
+    def _in_flight(self) -> bool:
+        """Something already sent to this end is on its way in (not yet readable)."""
+        return False
+
     def _receive_inbox(
         self, inbox: _Inbox, deadline: float | None, where: Callable[[Message], bool] | None
     ) -> Message:
+        looked = False
         while True:
             failure = None
             with inbox.cond:
@@ -251,9 +256,12 @@ class _End:
                 if failure is not None:
                     raise failure
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                # even with no time left, what was already sent counts as there: read it once
+                # (and let a child's pipes that are on their way in arrive)
+                if left is not None and left <= 0 and looked and not self._in_flight():
                     raise TimeoutError("no message within timeout_s")
-                inbox.read_direct(left)
+                inbox.read_direct(None if left is None else max(0.0, left))
+                looked = True
                 continue
             if where is None or where(msg):
                 return msg
@@ -398,7 +406,8 @@ class _Inbox:
         """Read every whole message waiting on the ready connections; note deaths."""
         unread = False
         for r in ready:
-            if isinstance(r, int) or r not in conns:
+            # ready may be stale (the other reader took what was there, or saw the end)
+            if isinstance(r, int) or r not in conns or r not in self.conns:
                 continue
             while _readable(r):
                 try:

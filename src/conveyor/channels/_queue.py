@@ -194,6 +194,9 @@ class QueueEnd(_End):
             return ClosedResourceError("every child closed the channel")
         return None  # a child's pipes on their way in wake the wait (``_Inbox.add``)
 
+    def _in_flight(self) -> bool:
+        return self._handing_over()
+
     def _handing_over(self) -> bool:
         """A child's pipes are being handed over (sent, or being adopted)."""
         return self._adopting or bool(select.select([self._hs_parent], [], [], 0)[0])

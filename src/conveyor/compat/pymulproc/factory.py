@@ -74,13 +74,8 @@ class _Api:
         """The first message for which ``func`` holds (any message without it), or False if
         there is none now (``block=True``: wait for one)."""
         where = None if func is None else (lambda m: bool(func(_as_list(m))))
-        timeout_s: float | None = None
-        if not block:
-            # a message already sent but still on its way in counts as there
-            pending = getattr(self.conn, "pending", None)
-            timeout_s = 1.0 if pending is not None and pending() else 0.0
         try:
-            msg = self.conn.receive(timeout_s=timeout_s, where=where)
+            msg = self.conn.receive(timeout_s=None if block else 0, where=where)
         except (TimeoutError, ClosedResourceError):
             return False
         return _as_list(msg)
