@@ -210,7 +210,6 @@ class Producer:
         if self.is_async:
             loop = dispatcher._event_loop()
             self._loop = loop
-            self._ainbox = None
 
             def start_tasks() -> None:
                 self._ainbox = asyncio.Queue()
