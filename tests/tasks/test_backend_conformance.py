@@ -377,3 +377,22 @@ def test_running_jobs_survive_reopening_and_lapse(tmp_path: Path, n: int) -> Non
     assert got is not None and got.state == RUNNING and got.token == lease.token
     assert claim_ids(again, 11) == ["a"]
     again.close()
+
+
+def test_closing_while_another_thread_waits_ends_the_wait_safely(backend: Backend) -> None:
+    """A stopped worker may leave a wait under way; closing the backend then must end it, not
+    pull a connection from under it."""
+    started = threading.Event()
+    finished = threading.Event()
+
+    def waiter() -> None:
+        started.set()
+        backend.wait_for_work(Q, timeout_s=30)
+        finished.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    started.wait(5)
+    backend.close()
+    assert finished.wait(10)
+    t.join(10)

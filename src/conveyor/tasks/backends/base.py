@@ -265,4 +265,6 @@ class Backend(ABC):
         time.sleep(max(0.0, timeout_s))
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to close
-        """Release connections and files."""
+        """Release connections and files. A wait under way on another thread returns (a
+        stopped worker does not wait for its last wait to end) and never sees a connection
+        closed under it."""

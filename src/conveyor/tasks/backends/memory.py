@@ -51,6 +51,7 @@ class MemoryBackend(Backend):
         self._seq: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._next_seq = 0
+        self._closed = False
 
     def _q(self, name: str) -> _Queue:
         q = self._queues.get(name)
@@ -335,7 +336,14 @@ class MemoryBackend(Backend):
 
     def wait_for_work(self, queue: str, timeout_s: float) -> None:
         with self._changed:
-            self._changed.wait(max(0.0, timeout_s))
+            if not self._closed:
+                self._changed.wait(max(0.0, timeout_s))
+
+    def close(self) -> None:
+        """Wake every wait; the jobs stay (a memory queue lives as long as the process)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
     def wait_for_job(self, job_id: str, timeout_s: float) -> None:
         with self._changed:

@@ -163,10 +163,14 @@ class _Wakeups:
             count = self.counts.setdefault(queue, 0)
             if since is not None and count != since:
                 return
-            self._cond.wait_for(lambda: self.counts[queue] != count, max(0.0, timeout_s))
+            self._cond.wait_for(
+                lambda: self.counts[queue] != count or self._closed.is_set(), max(0.0, timeout_s)
+            )
 
     def close(self) -> None:
         self._closed.set()
+        with self._cond:  # waits under way end now
+            self._cond.notify_all()
         with contextlib.suppress(*_BROKEN):  # wakes the listener now, not at its next timeout
             self._backend.client.publish(self._backend.prefix + "wake:", "")
         self._thread.join(2)
@@ -215,6 +219,7 @@ class RedisBackend(Backend):
         }
         self._wakeups: _Wakeups | None = None
         self._wakeups_lock = threading.Lock()
+        self._closed = False
         self._seen: dict[str, int] = {}
         self._call(self.client.ping)  # a wrong password or an unreachable server shows now
 
@@ -395,6 +400,8 @@ class RedisBackend(Backend):
         with self._wakeups_lock:
             if self._wakeups is None:
                 self._wakeups = _Wakeups(self)
+                if self._closed:  # closed meanwhile: a wait on it returns at once
+                    self._wakeups.close()
             return self._wakeups
 
     def wait_for_work(self, queue: str, timeout_s: float) -> None:
@@ -421,6 +428,9 @@ class RedisBackend(Backend):
             pubsub.close()
 
     def close(self) -> None:
-        if self._wakeups is not None:
-            self._wakeups.close()
+        with self._wakeups_lock:
+            self._closed = True
+            wakeups = self._wakeups
+        if wakeups is not None:
+            wakeups.close()
         self.client.close()

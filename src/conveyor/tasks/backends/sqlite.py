@@ -101,6 +101,9 @@ class SQLiteBackend(Backend):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._waits = threading.Condition()
+        self._waiting = 0  # waits under way (see _poll)
         # every statement of the schema is idempotent: many processes may open the file at once
         self._conn().executescript(_SCHEMA)
 
@@ -339,19 +342,30 @@ class SQLiteBackend(Backend):
         return None if at is None else float(at)
 
     def _poll(self, timeout_s: float) -> None:
-        db = self._conn()
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        (start,) = db.execute("PRAGMA data_version").fetchone()
-        pause = 0.005
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        # a wait may still be under way on another thread when the backend is closed (a
+        # stopped worker does not wait for its waiter): close() ends it and waits for it, so
+        # no connection is closed while a thread uses it
+        with self._waits:
+            if self._closing.is_set():
                 return
-            time.sleep(min(pause, left))
-            (now,) = db.execute("PRAGMA data_version").fetchone()
-            if now != start:
-                return
-            pause = min(pause * 2, 0.1)
+            self._waiting += 1
+        try:
+            db = self._conn()
+            deadline = time.monotonic() + max(0.0, timeout_s)
+            (start,) = db.execute("PRAGMA data_version").fetchone()
+            pause = 0.005
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing.wait(min(pause, left)):
+                    return
+                (now,) = db.execute("PRAGMA data_version").fetchone()
+                if now != start:
+                    return
+                pause = min(pause * 2, 0.1)
+        finally:
+            with self._waits:
+                self._waiting -= 1
+                self._waits.notify_all()
 
     def wait_for_work(self, queue: str, timeout_s: float) -> None:
         self._poll(timeout_s)
@@ -360,6 +374,9 @@ class SQLiteBackend(Backend):
         self._poll(timeout_s)
 
     def close(self) -> None:
+        self._closing.set()
+        with self._waits:
+            self._waits.wait_for(lambda: self._waiting == 0, timeout=5)
         with self._all_lock:
             conns, self._all = self._all, []
         for db in conns:
