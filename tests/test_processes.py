@@ -170,16 +170,93 @@ def test_a_result_that_cannot_be_sent_fails_its_item() -> None:
     assert isinstance(info.value.error, ItemNotSendable) and "lock" in str(info.value.error)
 
 
-def test_an_exception_in_a_worker_keeps_its_type_and_traceback() -> None:
+def _line_of(text: str) -> int:
+    """The line of this file that holds ``text`` (so the tests need no line numbers)."""
+    lines = Path(__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if text in line)
+
+
+def _shows_user_code(traceback_text: str, source: str, filename: str = __file__) -> None:
+    assert "in the worker process" in traceback_text
+    assert f'File "{filename}", line {_line_of(source)}' in traceback_text, traceback_text
+    assert source in traceback_text, traceback_text
+    assert "<dynamic-code>" not in traceback_text
+
+
+def _closure_parse() -> Any:
+    base = 10
+
     def parse(x: str) -> int:
-        return int(x)
+        return int(x, base)  # closure-line
+
+    return parse
+
+
+class _NestedStage:
+    """Holds a Stage subclass defined inside a function (so it travels by value)."""
+
+    @staticmethod
+    def make() -> type[Stage]:
+        class Parse(Stage):
+            def process(self, item: Any) -> Any:
+                return int(item)  # stage-line
+
+        return Parse
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_an_exception_in_a_worker_keeps_its_type_and_traceback(method: str) -> None:
+    def parse(x: str) -> int:
+        return int(x)  # nested-line
 
     with pytest.raises(StageFailed) as info:
-        Pipeline(["1", "x"]).map(parse, kind="process").run(timeout_s=30)
+        Pipeline(["1", "x"]).map(parse, kind="process", start_method=method).run(timeout_s=30)
     err = info.value
     assert (err.stage, err.item) == ("parse", "x")
     assert isinstance(err.error, ValueError)
-    assert "in the worker process" in err.traceback and "int(x)" in err.traceback
+    _shows_user_code(err.traceback, "return int(x)  # nested-line")
+
+
+@pytest.mark.parametrize(
+    ("make", "source"),
+    [
+        (lambda: (lambda x: int(x)), "(lambda: (lambda x: int(x))"),
+        (_closure_parse, "return int(x, base)  # closure-line"),
+        (lambda: _NestedStage.make(), "return int(item)  # stage-line"),
+        (lambda: _NestedStage.make()(), "return int(item)  # stage-line"),
+    ],
+    ids=["lambda", "closure", "stage-class", "stage-instance"],
+)
+def test_tracebacks_from_a_worker_point_at_the_users_line(make: Any, source: str) -> None:
+    with pytest.raises(StageFailed) as info:
+        Pipeline(["x"]).map(make(), kind="process", start_method="spawn").run(timeout_s=30)
+    _shows_user_code(info.value.traceback, source)
+
+
+def test_a_script_run_as_main_gets_its_own_lines_in_tracebacks(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """\
+            from conveyor import Pipeline, StageFailed
+
+            def parse(x):
+                return int(x)  # main-line
+
+            if __name__ == "__main__":
+                for method in ("spawn", "forkserver"):
+                    try:
+                        Pipeline(["x"]).map(parse, kind="process", start_method=method).run()
+                    except StageFailed as exc:
+                        print(exc.traceback)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.count(f'File "{script}", line 4, in parse') == 2, out
+    assert out.count("return int(x)  # main-line") == 2, out
 
 
 def test_retry_and_skip_in_processes() -> None:

@@ -7,7 +7,8 @@ child only runs the user's function over the units it is sent and answers with t
 What crosses the pipe
 ---------------------
 The stage's work (the function, or the ``Stage`` instance or class) is pickled once with
-cloudpickle, so lambdas and closures travel under ``spawn`` and ``forkserver`` too. Units and
+cloudpickle (:mod:`.shipping`), so lambdas and closures travel under ``spawn`` and
+``forkserver`` too, and a traceback from the child names the user's file and line. Units and
 results use the standard pickle. A unit is as large as about 50 ms of work (measured in the child
 and fed back), so tiny items are cheap and a slow item travels alone.
 
@@ -44,8 +45,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any, ClassVar
 
-import cloudpickle
-
 from .._errors import (
     ConfigurationError,
     ItemNotSendable,
@@ -55,6 +54,7 @@ from .._errors import (
     WorkerCrashed,
 )
 from .buffer import BufferShutdown
+from . import shipping
 from .pool import Slot, SlotPool, register_kind
 from .step import EACH, FILTER, MAP, WOKEN, StepSpec, Unit
 
@@ -208,7 +208,7 @@ def _child_main(
         inherited_writer.close()
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     try:
-        make_work, mode = cloudpickle.loads(payload)
+        make_work, mode = shipping.loads(payload)
         work = make_work()
         work.setup()
     except BaseException as exc:
@@ -385,7 +385,7 @@ class ProcessPool(SlotPool):
                 f"max_items_per_worker must be an int >= 1 or None, not {recycle!r}"
             )
         try:
-            cloudpickle.dumps((spec.make_work, spec.mode), _PROTOCOL)
+            shipping.dumps((spec.make_work, spec.mode))
         except Exception as exc:
             raise ConfigurationError(
                 f"stage {spec.name!r} cannot be sent to a worker process: {exc} "
@@ -396,7 +396,7 @@ class ProcessPool(SlotPool):
         spec = self.step.spec
         self.start_method: str = spec.option("start_method", DEFAULT_START_METHOD)
         self.ctx = multiprocessing.get_context(self.start_method)
-        self.payload = cloudpickle.dumps((spec.make_work, spec.mode), _PROTOCOL)
+        self.payload = shipping.dumps((spec.make_work, spec.mode))
         self.recycle_after: int | None = spec.option("max_items_per_worker")
         self.step.target_unit_s = UNIT_TARGET_S
         if self.start_method == "forkserver":
