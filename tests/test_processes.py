@@ -183,6 +183,10 @@ def _shows_user_code(traceback_text: str, source: str, filename: str = __file__)
     assert "<dynamic-code>" not in traceback_text
 
 
+def _lambda_parse() -> Any:
+    return lambda x: int(x, 16)  # lambda-line
+
+
 def _closure_parse() -> Any:
     base = 10
 
@@ -203,6 +207,10 @@ class _NestedStage:
 
         return Parse
 
+    @staticmethod
+    def instance() -> Stage:
+        return _NestedStage.make()()
+
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
 def test_an_exception_in_a_worker_keeps_its_type_and_traceback(method: str) -> None:
@@ -220,10 +228,10 @@ def test_an_exception_in_a_worker_keeps_its_type_and_traceback(method: str) -> N
 @pytest.mark.parametrize(
     ("make", "source"),
     [
-        (lambda: (lambda x: int(x)), "(lambda: (lambda x: int(x))"),
+        (_lambda_parse, "return lambda x: int(x, 16)  # lambda-line"),
         (_closure_parse, "return int(x, base)  # closure-line"),
-        (lambda: _NestedStage.make(), "return int(item)  # stage-line"),
-        (lambda: _NestedStage.make()(), "return int(item)  # stage-line"),
+        (_NestedStage.make, "return int(item)  # stage-line"),
+        (_NestedStage.instance, "return int(item)  # stage-line"),
     ],
     ids=["lambda", "closure", "stage-class", "stage-instance"],
 )

@@ -6,6 +6,8 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -112,11 +114,15 @@ def worker(
     click.echo(f"worker {w.id} stopped: {w.processed} done, {w.failed} dead", err=True)
 
 
-def _queue_at(url: str, name: str) -> TaskQueue:
+@contextmanager
+def _queue_at(url: str, name: str) -> Iterator[TaskQueue]:
+    """The queue at ``url``, closed when the command is done with it."""
     try:
-        return TaskQueue(url, name=name)
+        queue = TaskQueue(url, name=name)
     except Exception as exc:
         raise click.ClickException(str(exc)) from exc
+    with queue:
+        yield queue
 
 
 _QUEUE_OPTION = click.option(
@@ -134,8 +140,9 @@ _QUEUE_OPTION = click.option(
 @_QUEUE_OPTION
 def info(url: str, name: str) -> None:
     """Show a queue: jobs per state, the oldest waiting job, running leases."""
-    queue = _queue_at(url, name)
-    stats = queue.stats()
+    with _queue_at(url, name) as queue:
+        stats = queue.stats()
+        where = queue.where
     rows: list[tuple[str, Any]] = [
         ("queued (ready)", stats.queued - stats.delayed),
         ("queued (delayed)", stats.delayed),
@@ -147,7 +154,7 @@ def info(url: str, name: str) -> None:
             "-" if stats.oldest_waiting_s is None else f"{stats.oldest_waiting_s:.1f} s",
         ),
     ]
-    click.echo(f"queue {name!r} at {queue.where}")
+    click.echo(f"queue {name!r} at {where}")
     for label, value in rows:
         click.echo(f"  {label:<18} {value}")
     if stats.leases:
@@ -165,13 +172,13 @@ def requeue(url: str, name: str, dead: bool, ids: tuple[str, ...]) -> None:
     """Put dead jobs back in the queue, with their attempts reset."""
     if not dead and not ids:
         raise click.UsageError("say which jobs: --dead, or --id JOB_ID")
-    q = _queue_at(url, name)
-    count = q.requeue_dead() if dead else 0
-    for job_id in ids:
-        if q.requeue(job_id):
-            count += 1
-        else:
-            click.echo(f"{job_id}: not a dead job, left as it is", err=True)
+    with _queue_at(url, name) as q:
+        count = q.requeue_dead() if dead else 0
+        for job_id in ids:
+            if q.requeue(job_id):
+                count += 1
+            else:
+                click.echo(f"{job_id}: not a dead job, left as it is", err=True)
     click.echo(f"requeued {count} job(s)")
 
 
@@ -181,10 +188,10 @@ def requeue(url: str, name: str, dead: bool, ids: tuple[str, ...]) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge(url: str, name: str, yes: bool) -> None:
     """Delete every job of the queue that is not running (queued, done and dead)."""
-    queue = _queue_at(url, name)
-    if not yes and not click.confirm(f"Delete the jobs of queue {name!r} at {queue.where}?"):
-        raise click.Abort
-    click.echo(f"deleted {queue.purge()} job(s)")
+    with _queue_at(url, name) as queue:
+        if not yes and not click.confirm(f"Delete the jobs of queue {name!r} at {queue.where}?"):
+            raise click.Abort
+        click.echo(f"deleted {queue.purge()} job(s)")
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from conveyor import TaskQueue
 from conveyor.cli import main
 
 
-def make_queue(tmp_path: Path) -> tuple[str, TaskQueue]:
+def make_queue(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, TaskQueue]:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     q = TaskQueue(url)
+    request.addfinalizer(q.close)
 
     @q.task(name="boom", retries=0)
     def boom() -> None:
@@ -23,8 +25,8 @@ def make_queue(tmp_path: Path) -> tuple[str, TaskQueue]:
     return url, q
 
 
-def test_info_requeue_and_purge(tmp_path: Path) -> None:
-    url, q = make_queue(tmp_path)
+def test_info_requeue_and_purge(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url, q = make_queue(tmp_path, request)
     bad = q.enqueue("boom")
     q.enqueue("boom", _delay_s=3600)
     q.worker(burst=True, poll_s=0.05, burst_horizon_s=0).run()
@@ -41,8 +43,8 @@ def test_info_requeue_and_purge(tmp_path: Path) -> None:
     assert out.exit_code == 0 and "deleted 2 job(s)" in out.output
 
 
-def test_purge_asks_first(tmp_path: Path) -> None:
-    url, _ = make_queue(tmp_path)
+def test_purge_asks_first(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url, _ = make_queue(tmp_path, request)
     out = CliRunner().invoke(main, ["purge", url], input="n\n")
     assert out.exit_code != 0
 

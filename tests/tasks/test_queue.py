@@ -83,15 +83,15 @@ def test_json_payloads_are_checked_at_enqueue_naming_the_argument(q: TaskQueue) 
 
 
 def test_pickle_payloads_when_asked(tmp_path: Path) -> None:
-    q = TaskQueue(f"sqlite:///{tmp_path / 'p.db'}", serializer="pickle")
+    with TaskQueue(f"sqlite:///{tmp_path / 'p.db'}", serializer="pickle") as q:
 
-    @q.task
-    def size(s: set[int]) -> frozenset[int]:
-        return frozenset(s)
+        @q.task
+        def size(s: set[int]) -> frozenset[int]:
+            return frozenset(s)
 
-    job = size.enqueue({1, 2})
-    drain(q)
-    assert job.result() == frozenset({1, 2})
+        job = size.enqueue({1, 2})
+        drain(q)
+        assert job.result() == frozenset({1, 2})
 
 
 def test_ids_dedup_finish_and_unfinish(q: TaskQueue) -> None:
@@ -286,6 +286,7 @@ def test_several_queues_on_one_event_loop(tmp_path: Path) -> None:
         )
 
     asyncio.run(main())
+    qb.close()
     assert sorted(seen) == ["a0", "a1", "a2", "b0", "b1", "b2"]
 
 

@@ -53,8 +53,8 @@ from .._errors import (
     StageFailed,
     WorkerCrashed,
 )
-from .buffer import BufferShutdown
 from . import shipping
+from .buffer import BufferShutdown
 from .pool import Slot, SlotPool, register_kind
 from .step import EACH, FILTER, MAP, WOKEN, StepSpec, Unit
 

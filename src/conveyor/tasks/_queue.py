@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, Self, TypeVar
 from urllib.parse import urlparse
 
 from .._engine.policy import backoff_delay
@@ -427,8 +427,16 @@ class TaskQueue:
         return Worker([self], **options)
 
     def close(self) -> None:
+        """Release the queue's connections (a memory queue keeps its jobs: nothing else holds
+        them)."""
         if not isinstance(self.backend, MemoryBackend):
             self.backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<TaskQueue {self.name!r} at {self.where}>"

@@ -3,7 +3,8 @@
 The file is in WAL mode (readers never block the writer) with ``synchronous=NORMAL``: a commit
 survives the process being killed; a power cut may lose the last commits, never corrupt the
 file. Every change runs in a ``BEGIN IMMEDIATE`` transaction, which takes the write lock up
-front, so two workers can never claim the same job. Each thread uses its own connection.
+front, so two workers can never claim the same job. Connections are lent for one call at a
+time from a small shelf, so they never outlive the queue and no thread holds one when it ends.
 
 SQLite cannot notify another process of a commit, so waiting for work polls ``PRAGMA
 data_version`` (a cheap read that changes when another connection commits), backing off from
@@ -16,11 +17,13 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..._errors import ClosedResourceError
 from .base import (
     DEAD,
     DONE,
@@ -94,44 +97,74 @@ def _row(new: NewJob, now: float) -> tuple[Any, ...]:
 
 
 class SQLiteBackend(Backend):
+    #: idle connections kept for the next call; more are opened while more threads call at
+    #: once, and closed again when they come back to a full shelf
+    _IDLE = 4
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+        # connections are lent for one call at a time, never tied to a thread: a thread that
+        # ends holds none, and close() closes every one that is not in use (the others close
+        # when their call returns)
+        self._idle: list[sqlite3.Connection] = []
+        # a queue dropped without close() still closes what it holds
+        self._release = weakref.finalize(self, _close_all, self._idle)
+        self._lent = 0
+        self._lock = threading.Lock()
+        self._closed = False
         self._closing = threading.Event()
         self._waits = threading.Condition()
         self._waiting = 0  # waits under way (see _poll)
         # every statement of the schema is idempotent: many processes may open the file at once
-        self._conn().executescript(_SCHEMA)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
 
     # -- connections ----------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-            )
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-            with self._all_lock:
-                self._all.append(db)
+        except BaseException:
+            db.close()
+            raise
         return db
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one call, back on the shelf afterwards."""
+        with self._lock:
+            if self._closed:
+                raise ClosedResourceError(f"the queue at {self.path} was closed")
+            db = self._idle.pop() if self._idle else None
+            self._lent += 1
         try:
+            if db is None:
+                db = self._connect()
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        finally:
+            with self._lock:
+                self._lent -= 1
+                keep = db is not None and not self._closed and len(self._idle) < self._IDLE
+                if keep:
+                    assert db is not None
+                    self._idle.append(db)
+            if db is not None and not keep:
+                db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _read(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -143,7 +176,8 @@ class SQLiteBackend(Backend):
             # the common case: one statement, its own transaction (autocommit). seq is the
             # rowid, numbered past every row there is
             new = jobs[0]
-            cur = self._conn().execute(_INSERT + " ON CONFLICT (id) DO NOTHING", _row(new, now))
+            with self._db() as db:
+                cur = db.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", _row(new, now))
             if cur.rowcount == 1:
                 return [(fresh_job(new, now), True)]
         out: list[tuple[Job, bool]] = []
@@ -247,7 +281,8 @@ class SQLiteBackend(Backend):
         )[0]
 
     def get(self, job_id: str) -> Job | None:
-        return self._read(self._conn(), job_id)
+        with self._db() as db:
+            return self._read(db, job_id)
 
     def finish(self, job_id: str, now: float) -> None:
         with self._write() as db:
@@ -298,7 +333,15 @@ class SQLiteBackend(Backend):
             return cur.rowcount
 
     def counts(self, queue: str, now: float) -> QueueCounts:
-        db = self._conn()
+        # one read transaction, so the counts and the leases are one snapshot
+        with self._db() as db:
+            db.execute("BEGIN")
+            try:
+                return self._counts(db, queue, now)
+            finally:
+                db.execute("COMMIT")
+
+    def _counts(self, db: sqlite3.Connection, queue: str, now: float) -> QueueCounts:
         per_state = dict(
             db.execute("SELECT state, COUNT(*) FROM jobs WHERE queue = ? GROUP BY state", (queue,))
         )
@@ -330,15 +373,12 @@ class SQLiteBackend(Backend):
         )
 
     def next_run_at(self, queue: str) -> float | None:
-        (at,) = (
-            self._conn()
-            .execute(
+        with self._db() as db:
+            (at,) = db.execute(
                 "SELECT MIN(CASE WHEN state = 'queued' THEN run_at ELSE lease_until END) "
                 "FROM jobs WHERE queue = ? AND state IN ('queued', 'running')",
                 (queue,),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         return None if at is None else float(at)
 
     def _poll(self, timeout_s: float) -> None:
@@ -350,22 +390,26 @@ class SQLiteBackend(Backend):
                 return
             self._waiting += 1
         try:
-            db = self._conn()
-            deadline = time.monotonic() + max(0.0, timeout_s)
-            (start,) = db.execute("PRAGMA data_version").fetchone()
-            pause = 0.005
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closing.wait(min(pause, left)):
-                    return
-                (now,) = db.execute("PRAGMA data_version").fetchone()
-                if now != start:
-                    return
-                pause = min(pause * 2, 0.1)
+            with self._db() as db:
+                self._watch(db, timeout_s)
         finally:
             with self._waits:
                 self._waiting -= 1
                 self._waits.notify_all()
+
+    def _watch(self, db: sqlite3.Connection, timeout_s: float) -> None:
+        """Return when another connection commits, the backend closes, or time is up."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        (start,) = db.execute("PRAGMA data_version").fetchone()
+        pause = 0.005
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closing.wait(min(pause, left)):
+                return
+            (now,) = db.execute("PRAGMA data_version").fetchone()
+            if now != start:
+                return
+            pause = min(pause * 2, 0.1)
 
     def wait_for_work(self, queue: str, timeout_s: float) -> None:
         self._poll(timeout_s)
@@ -377,9 +421,11 @@ class SQLiteBackend(Backend):
         self._closing.set()
         with self._waits:
             self._waits.wait_for(lambda: self._waiting == 0, timeout=5)
-        with self._all_lock:
-            conns, self._all = self._all, []
-        for db in conns:
-            with suppress(sqlite3.ProgrammingError):
-                db.close()
-        self._local = threading.local()
+        with self._lock:
+            self._closed = True
+        self._release()
+
+
+def _close_all(connections: list[sqlite3.Connection]) -> None:
+    while connections:
+        connections.pop().close()
