@@ -366,21 +366,40 @@ class _Inbox:
             self.read_direct(min(left, 0.01))
 
     def stop(self) -> None:
-        """End the thread (before the connections it reads are closed)."""
+        """End the thread (before the connections it reads are closed) and close the wake-up
+        pipe once no receiver is reading."""
         with self.cond:
             self._stopping = True
             self.cond.notify_all()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        if threading.current_thread() is not self.thread:
-            self.thread.join(5)
+            self._wake()
+        if threading.current_thread() is self.thread:
+            return
+        self.thread.join(5)
+        # a receiver on another thread may still be inside a wait: it holds rlock until the
+        # wake-up above ends it
+        if self.thread.is_alive() or not self.rlock.acquire(timeout=5):
+            return
+        try:
+            with self.cond:
+                if self._wake_w >= 0:
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
+                    self._wake_r = self._wake_w = -1
+        finally:
+            self.rlock.release()
+
+    def _wake(self) -> None:
+        """Wake whoever waits on the connections (cond held)."""
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def add(self, conn: Any, pid: int | None) -> None:
         """Read ``conn`` too, and watch ``pid``."""
         with self.cond:
             self._new.append((conn, pid))
             self.cond.notify_all()
-        os.write(self._wake_w, b"x")
+            self._wake()
 
     # -- reading (the caller holds rlock) ---------------------------------------------------------
     def _merge_new(self) -> None:
@@ -462,7 +481,7 @@ class _Inbox:
         try:
             with self.rlock:
                 with self.cond:
-                    if self.items or self.dead or self.eof:
+                    if self.items or self.dead or self.eof or self._wake_r < 0:
                         return
                 conns, waits, liveness = self._wait_set()
                 timeout = left if liveness is None else min(left or liveness, liveness)
@@ -498,7 +517,7 @@ class _Inbox:
                     ready.remove(self._wake_r)
                 with self.cond:
                     if self.active and woken:
-                        os.write(self._wake_w, b"x")  # for the receiver waiting right now
+                        self._wake()  # for the receiver waiting right now
                 with self.rlock:
                     with self.cond:
                         if self.active or self._stopping:

@@ -234,6 +234,17 @@ class QueueEnd(_End):
                         with contextlib.suppress(OSError):
                             conn.send_bytes(bye)
                             conn.close()
+        if self._handshakes is not None:
+            # no child arrives after the parent left: end the hand-over thread (shutting the
+            # socket down wakes its select), then close the socket pair in this process
+            with (
+                contextlib.suppress(OSError),
+                socket.socket(fileno=os.dup(self._hs_parent.fileno())) as sock,
+            ):
+                sock.shutdown(socket.SHUT_RD)
+            self._handshakes.join(5)
+            for end in (self._hs_parent, self._hs_child):
+                end.close()
         if self._inbox is not None:
             self._inbox.stop()
             for conn in self._inbox.conns:
