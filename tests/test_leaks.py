@@ -135,6 +135,7 @@ def queues_and_workers(tmp: Path) -> None:
 def dispatchers(tmp: Path) -> None:
     heard: list[Any] = []
     with Dispatcher() as d:
+
         def quote(topic: str, x: int) -> int:
             return x * x
 
