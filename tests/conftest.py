@@ -33,7 +33,7 @@ class Counting:
 
 
 @pytest.fixture
-def gate() -> threading.Event:
+def gate() -> Iterator[threading.Event]:
     """An event a test opens to let blocked work go on; always opened at the end."""
     ev = threading.Event()
     yield ev

@@ -52,7 +52,7 @@ def worker(end: Any) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_pipe_round_trips_under_every_start_method(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)
     parent, child = open_channel("pipe")
     p = ctx.Process(target=echo, args=(child,))
     p.start()
@@ -95,7 +95,8 @@ def test_receive_times_out_and_nowait_would_block() -> None:
 @pytest.mark.parametrize("kind", ["pipe", "queue"])
 def test_a_child_killed_while_the_parent_waits_is_reported_within_a_second(kind: str) -> None:
     parent, child = open_channel(kind)
-    p = multiprocessing.get_context("forkserver").Process(target=announce_then_wait, args=(child,))
+    forkserver: Any = multiprocessing.get_context("forkserver")
+    p = forkserver.Process(target=announce_then_wait, args=(child,))
     p.start()
     assert parent.receive(timeout_s=30).request == "READY"
     t0 = time.monotonic()
@@ -172,7 +173,7 @@ def test_a_message_over_the_limit_is_refused_at_send() -> None:
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_queue_channel_full_duplex_with_addressed_messages(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)
     parent, child = open_channel("queue")
     procs = [ctx.Process(target=worker, args=(child,), daemon=True) for _ in range(4)]
     for p in procs:

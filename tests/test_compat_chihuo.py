@@ -216,7 +216,7 @@ def test_a_failing_task_follows_the_retry_policy(tmp_path: Path) -> None:
         NAME = "fails"
         RETRIES = 2
         BACKOFF_S = 0.01
-        SERVER_CONFIG: Any = {
+        SERVER_CONFIG = {
             "backend": "sqlite",
             "path": str(tmp_path / "x.db"),
             "ip": "",

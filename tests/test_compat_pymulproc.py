@@ -105,7 +105,7 @@ def full_duplex_child(q_factory: Any) -> None:
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_parent_full_duplex_communication_with_children_stress_test(method: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)
     queue_factory = factory.QueueCommunication()
     parent = queue_factory.parent()
     children = [

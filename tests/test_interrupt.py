@@ -45,7 +45,12 @@ def test_keyboard_interrupt_in_a_started_run_cancels_it(gate: threading.Event) -
         return x
 
     runs = []
-    threading.Thread(target=lambda: (started.wait(5), _thread.interrupt_main())).start()
+
+    def interrupt() -> None:
+        started.wait(5)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt).start()
     with pytest.raises(KeyboardInterrupt):
         runs.append(Pipeline(range(10)).map(stuck).start())
         runs[0].wait()

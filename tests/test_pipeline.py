@@ -110,7 +110,7 @@ def test_stage_instances_set_up_and_torn_down_once_per_worker(kind: str) -> None
             return item
 
     class AsyncCounter(Counter):
-        async def process(self, item: int) -> int:  # type: ignore[override]
+        async def process(self, item: int) -> int:
             await asyncio.sleep(0)
             self.n += 1
             return item
@@ -242,7 +242,7 @@ def test_retry_runs_an_item_again_until_it_succeeds(kind: str) -> None:
     async def aflaky(x: int) -> int:
         return flaky(x)
 
-    fn = flaky if kind == "thread" else aflaky
+    fn: Any = flaky if kind == "thread" else aflaky
     p = Pipeline(range(20)).map(
         fn, kind=kind, on_error=Retry(attempts=3, backoff_s=0.001, on=(ConnectionError,))
     )

@@ -200,15 +200,15 @@ class _NestedStage:
     """Holds a Stage subclass defined inside a function (so it travels by value)."""
 
     @staticmethod
-    def make() -> type[Stage]:
-        class Parse(Stage):
+    def make() -> type[Stage[Any, Any]]:
+        class Parse(Stage[Any, Any]):
             def process(self, item: Any) -> Any:
                 return int(item)  # stage-line
 
         return Parse
 
     @staticmethod
-    def instance() -> Stage:
+    def instance() -> Stage[Any, Any]:
         return _NestedStage.make()()
 
 
@@ -314,7 +314,7 @@ def test_sigkill_under_raise_reports_stage_item_and_signal_quickly() -> None:
 
 
 @pytest.mark.parametrize("how", ["sigkill", "exit", "segfault"])
-def test_a_dying_worker_under_retry_loses_and_repeats_nothing(how: str) -> None:
+def test_a_dying_worker_under_retry_loses_and_repeats_nothing(how: Any) -> None:
     fn = crash(square, when=lambda x: x in (5, 60), how=how, times=2)
     out = Counter(
         Pipeline(range(100)).map(

@@ -43,9 +43,9 @@ def _load_queue(target: str) -> TaskQueue:
 def main() -> None:
     """conveyor: run task workers and look after task queues.
 
-    A queue lives at a URL: memory:// (this process only), sqlite:///path/to/file.db, or
-    redis://host:6379/0 once available. Your code defines the queue and its tasks; a worker
-    imports that code and runs the jobs.
+    A queue lives at a URL: sqlite:///path/to/file.db (one machine, many processes) or
+    redis://[user:password@]host:6379/0 (many machines); memory:// lives in one process only.
+    Your code defines the queue and its tasks; a worker imports that code and runs the jobs.
     """
 
 

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,13 +118,14 @@ def test_a_lapsed_lease_is_claimed_again_and_the_old_token_is_refused(backend: B
     assert claim_ids(backend, 5) == []
     [new] = backend.claim(Q, "w2", lease_s=10, now=11)
     assert new.job.attempts == 2 and new.token != old.token
-    for call in (
+    stale: tuple[Callable[[], bool], ...] = (
         lambda: backend.heartbeat("a", old.token, 10, 12),
         lambda: backend.complete("a", old.token, b"late", None, 12),
         lambda: backend.retry("a", old.token, 20, "x", 12),
         lambda: backend.fail("a", old.token, "x", 12),
         lambda: backend.release("a", old.token, 12),
-    ):
+    )
+    for call in stale:
         assert call() is False
     assert backend.complete("a", new.token, b"ok", None, 13)
     got = backend.get("a")

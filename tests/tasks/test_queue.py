@@ -77,9 +77,9 @@ def test_json_payloads_are_checked_at_enqueue_naming_the_argument(q: TaskQueue) 
     with pytest.raises(ConfigurationError, match="argument 0"):
         f.enqueue(object())
     with pytest.raises(ConfigurationError, match="unknown enqueue option"):
-        f.enqueue(1, _delay=3)
+        f.enqueue(1, _delay=3)  # type: ignore[call-overload]
     with pytest.raises(ConfigurationError, match="missing a required argument"):
-        f.enqueue()
+        f.enqueue()  # type: ignore[call-overload]
 
 
 def test_pickle_payloads_when_asked(tmp_path: Path) -> None:
@@ -363,3 +363,22 @@ def test_results_are_kept_for_keep_result_s(q: TaskQueue) -> None:
     assert not q.enqueue("brief", _id="same").added  # its result is still kept
     now[0] += 10
     assert q.enqueue("brief", _id="same").added  # kept 10 s, then the id is free again
+
+
+@pytest.mark.timeout(30)
+def test_a_burst_worker_returns_when_its_last_job_ends_not_after_a_poll(q: TaskQueue) -> None:
+    """A job that ends while the worker is about to wait ends that wait: with poll_s an hour,
+    any round that missed the end would hang here until the timeout."""
+
+    @q.task
+    def one(x: int) -> int:
+        return x
+
+    @q.task
+    async def two(x: int) -> int:
+        return x
+
+    for i in range(30):
+        jobs = [one.enqueue(i), two.enqueue(i), one.enqueue(i + 1)]
+        q.worker(burst=True, poll_s=3600, concurrency=4, handle_signals=False).run()
+        assert [j.status() for j in jobs] == ["done"] * 3

@@ -189,13 +189,15 @@ def _pipeline(
     return pipeline
 
 
-def _fill_probe(probe: dict[str, Any], run_: Run, groups: list[_Group], keep_order: bool) -> None:
+def _fill_probe(
+    probe: dict[str, Any], run_: Run[Any], groups: list[_Group], keep_order: bool
+) -> None:
     probe["run"] = run_
     probe["groups"] = groups
     probe["keep_order"] = keep_order
 
 
-def _wait(run_: Run, timeout: float | None) -> None:
+def _wait(run_: Run[Any], timeout: float | None) -> None:
     # jobq's contract: after the timeout, return; workers quit after their current job
     with contextlib.suppress(RunTimeout):
         run_.wait(timeout)
@@ -219,7 +221,7 @@ def run(
 
 def stat(probe: dict[str, Any]) -> dict[str, Any]:
     """Counters of a running or finished session, read from the ``probe`` given to it."""
-    handle: Run = probe["run"]
+    handle: Run[Any] = probe["run"]
     stats = handle.stats()
     total_in = sum(s.received for s in stats.stages)
     total_out = sum(s.finished for s in stats.stages)

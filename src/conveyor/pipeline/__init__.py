@@ -1,4 +1,4 @@
-"""Pipelines: items flowing through stages of thread, async (and later process) workers."""
+"""Pipelines: items flowing through stages of thread, process and async workers."""
 
 from ._pipeline import Pipeline as Pipeline
 from ._pipeline import StageOptions as StageOptions

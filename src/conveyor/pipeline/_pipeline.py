@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Hashable,
+    Iterable,
+)
 from dataclasses import replace
-from typing import Any, Generic, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, TypedDict, TypeVar, Unpack, overload
 
 from .._engine import EACH, FILTER, FLAT, MAP, SYSTEM_CLOCK, Clock, RunStats, StepSpec
 from .._errors import ConfigurationError
 from ._batch import no_work
 from ._run import Progress, Run, _Layout
-from ._stage import DEFAULT_MAXSIZE, _positive_int, _positive_number, build_spec
+from ._stage import DEFAULT_MAXSIZE, Stage, _positive_int, _positive_number, build_spec
 
-T = TypeVar("T")
+#: what flows out of a pipeline (covariant: a Pipeline[bool] is a Pipeline[int])
+T_co = TypeVar("T_co", covariant=True)
 U = TypeVar("U")
 
 _NO_SOURCE = object()
@@ -50,7 +59,7 @@ class StageOptions(TypedDict, total=False):
 _OPTION_NAMES = frozenset(StageOptions.__annotations__)
 
 
-class Pipeline(Generic[T]):
+class Pipeline(Generic[T_co]):
     """Items flowing through stages, each stage a pool of workers, every boundary a bounded buffer.
 
     ``Pipeline(source)`` reads an iterable, iterator, generator or async iterable;
@@ -59,9 +68,21 @@ class Pipeline(Generic[T]):
     by the first run.
     """
 
+    @overload
+    def __init__(
+        self: Pipeline[Any], *, ordered: bool = False, clock: Clock = SYSTEM_CLOCK
+    ) -> None: ...
+    @overload
     def __init__(
         self,
-        source: Iterable[T] | Any = _NO_SOURCE,
+        source: Iterable[T_co] | AsyncIterable[T_co],
+        *,
+        ordered: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None: ...
+    def __init__(
+        self,
+        source: Any = _NO_SOURCE,
         *,
         ordered: bool = False,
         clock: Clock = SYSTEM_CLOCK,
@@ -132,21 +153,58 @@ class Pipeline(Generic[T]):
         return self._extend(_Layout(spec, cap, None))
 
     # -- stages -------------------------------------------------------------------------------
-    def map(self, fn: Callable[[T], U] | Any, **options: Unpack[StageOptions]) -> Pipeline[U]:
+    # The overloads give each stage's output type: a Stage subclass's ``Out``, what an ``async
+    # def`` returns once awaited, or what a plain function returns. A function that returns an
+    # awaitable also fits the plain form, so the async form comes first.
+    @overload
+    def map(
+        self, fn: type[Stage[T_co, U]] | Stage[T_co, U], **options: Unpack[StageOptions]
+    ) -> Pipeline[U]: ...
+    @overload
+    def map(
+        self, fn: Callable[[T_co], Awaitable[U]], **options: Unpack[StageOptions]
+    ) -> Pipeline[U]: ...
+    @overload
+    def map(self, fn: Callable[[T_co], U], **options: Unpack[StageOptions]) -> Pipeline[U]: ...
+    def map(self, fn: Any, **options: Unpack[StageOptions]) -> Pipeline[Any]:
         """Each item becomes ``fn(item)``. Options: see :class:`StageOptions`."""
         return self._stage(MAP, fn, options)
 
-    def filter(self, fn: Callable[[T], Any] | Any, **options: Unpack[StageOptions]) -> Pipeline[T]:
+    def filter(
+        self,
+        fn: Callable[[T_co], object] | type[Stage[T_co, Any]] | Stage[T_co, Any],
+        **options: Unpack[StageOptions],
+    ) -> Pipeline[T_co]:
         """Items for which ``fn(item)`` is true go on; the others are dropped."""
         return self._stage(FILTER, fn, options)
 
+    @overload
     def flat_map(
-        self, fn: Callable[[T], Iterable[U]] | Any, **options: Unpack[StageOptions]
-    ) -> Pipeline[U]:
+        self,
+        fn: type[Stage[T_co, Iterable[U]]] | Stage[T_co, Iterable[U]],
+        **options: Unpack[StageOptions],
+    ) -> Pipeline[U]: ...
+    @overload
+    def flat_map(
+        self, fn: Callable[[T_co], AsyncIterable[U]], **options: Unpack[StageOptions]
+    ) -> Pipeline[U]: ...
+    @overload
+    def flat_map(
+        self, fn: Callable[[T_co], Awaitable[Iterable[U]]], **options: Unpack[StageOptions]
+    ) -> Pipeline[U]: ...
+    @overload
+    def flat_map(
+        self, fn: Callable[[T_co], Iterable[U]], **options: Unpack[StageOptions]
+    ) -> Pipeline[U]: ...
+    def flat_map(self, fn: Any, **options: Unpack[StageOptions]) -> Pipeline[Any]:
         """``fn(item)`` returns an iterable (a list, a generator, ...); each element goes on."""
         return self._stage(FLAT, fn, options)
 
-    def each(self, fn: Callable[[T], Any] | Any, **options: Unpack[StageOptions]) -> Pipeline[None]:
+    def each(
+        self,
+        fn: Callable[[T_co], object] | type[Stage[T_co, Any]] | Stage[T_co, Any],
+        **options: Unpack[StageOptions],
+    ) -> Pipeline[None]:
         """A sink: ``fn(item)`` runs for its effect and nothing goes on."""
         return self._stage(EACH, fn, options)
 
@@ -157,7 +215,7 @@ class Pipeline(Generic[T]):
         within_s: float | None = None,
         name: str | None = None,
         maxsize: int | None = None,
-    ) -> Pipeline[list[T]]:
+    ) -> Pipeline[list[T_co]]:
         """Group items into lists of up to ``size``; a list waits at most ``within_s`` seconds
         after its first item before it goes on as it is. The last list may be shorter."""
         size = _positive_int("batch size", size)
@@ -172,15 +230,16 @@ class Pipeline(Generic[T]):
         return self._extend(_Layout(spec, cap, (size, within)))
 
     # -- running ------------------------------------------------------------------------------
-    def start(self) -> Run:
+    def start(self) -> Run[T_co]:
         """Start every worker and return the run's handle (a context manager)."""
         return Run(self, clock=self._clock)
 
-    def __iter__(self) -> Iterator[T]:
-        return Run(self, clock=self._clock)._outputs(None, owner=True)
+    def __iter__(self) -> Generator[T_co]:
+        run: Run[T_co] = Run(self, clock=self._clock)
+        return run._outputs(None, owner=True)
 
-    def __aiter__(self) -> AsyncIterator[T]:
-        run = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
+    def __aiter__(self) -> AsyncIterator[T_co]:
+        run: Run[T_co] = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
         return run._aoutputs(None)
 
     def run(self, timeout_s: float | None = None, progress: Progress = False) -> RunStats:
@@ -190,7 +249,7 @@ class Pipeline(Generic[T]):
         progress bar, and a callable is called with :class:`RunStats` about ten times a second.
         """
         timeout_s = _positive_number("timeout_s", timeout_s)
-        handle = Run(self, clock=self._clock)
+        handle: Run[T_co] = Run(self, clock=self._clock)
         for _ in handle._outputs(timeout_s, progress):
             pass
         return handle.stats()
@@ -198,7 +257,7 @@ class Pipeline(Generic[T]):
     async def arun(self, timeout_s: float | None = None) -> RunStats:
         """``run()`` for async code: async stages run on the running event loop."""
         timeout_s = _positive_number("timeout_s", timeout_s)
-        handle = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
+        handle: Run[T_co] = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
         async for _ in handle._aoutputs(timeout_s):
             pass
         return handle.stats()

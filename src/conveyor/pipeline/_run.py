@@ -6,11 +6,11 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from .._engine import (
     KINDS,
@@ -51,6 +51,9 @@ _SLICE_S = 0.2
 
 Progress = bool | Callable[[RunStats], Any]
 
+#: what comes out of the run (its pipeline's last stage)
+T_co = TypeVar("T_co", covariant=True)
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -62,7 +65,7 @@ class _Layout:
 class StageHandle:
     """One stage of a running pipeline: its statistics and its size."""
 
-    def __init__(self, run: Run, index: int) -> None:
+    def __init__(self, run: Run[Any], index: int) -> None:
         self._run = run
         self._index = index
         self.name = run._steps[index].name
@@ -82,7 +85,7 @@ class StageHandle:
         return self._run._pools[self._index].pids()
 
 
-class Run:
+class Run(Generic[T_co]):
     """The handle of a started pipeline (``with pipeline.start() as run:``).
 
     Leaving the ``with`` block waits for the end: a source-fed run reads its whole source, a
@@ -288,7 +291,7 @@ class Run:
         return self.stats()
 
     # -- outputs ------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[T_co]:
         """The last stage's outputs. Leaving the loop early keeps the run going (and the outputs
         not yet seen stay for the next loop); ``pipeline.__iter__`` instead owns its run and
         stops it when the loop is left."""
@@ -296,7 +299,7 @@ class Run:
 
     def _outputs(
         self, timeout_s: float | None, progress: Progress = False, *, owner: bool = True
-    ) -> Iterator[Any]:
+    ) -> Generator[T_co]:
         final = self._buffers[-1]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _ProgressBar(self, progress) if progress else None
@@ -342,7 +345,7 @@ class Run:
                 bar.close()
         self._raise_if_failed()
 
-    async def _aoutputs(self, timeout_s: float | None) -> AsyncIterator[Any]:
+    async def _aoutputs(self, timeout_s: float | None) -> AsyncIterator[T_co]:
         loop = asyncio.get_running_loop()
         final = self._buffers[-1]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -399,7 +402,7 @@ class Run:
         return self._state
 
     # -- context manager ------------------------------------------------------------------------
-    def __enter__(self) -> Run:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -425,7 +428,7 @@ class _ProgressBar:
     it has one; what the last stage has finished and any failures show beside it.
     """
 
-    def __init__(self, run: Run, progress: Progress) -> None:
+    def __init__(self, run: Run[Any], progress: Progress) -> None:
         self.run = run
         self.callback = progress if callable(progress) else None
         self.bar: Any = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 from .._engine import KINDS, StepSpec, check_policy, kind_names
@@ -30,7 +30,7 @@ class Stage(Generic[In, Out]):
     def setup(self) -> Any:
         """Runs in the worker before its first item."""
 
-    def process(self, item: In) -> Out:
+    def process(self, item: In) -> Out | Awaitable[Out]:
         raise NotImplementedError(f"{type(self).__name__} must define process(item)")
 
     def teardown(self) -> Any:

@@ -8,10 +8,22 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, Self, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    cast,
+    overload,
+)
 from urllib.parse import urlparse
 
 from .._engine.policy import backoff_delay
@@ -170,7 +182,10 @@ class TaskOptions:
 
 
 class Task(Generic[P, R]):
-    """A function registered with a queue; call it directly, or ``enqueue`` it."""
+    """A function registered with a queue; call it directly, or ``enqueue`` it.
+
+    ``R`` is what a job's result is: the function's return value (awaited, for ``async def``).
+    """
 
     def __init__(
         self, queue: TaskQueue, fn: Callable[P, Any], name: str, options: TaskOptions
@@ -187,7 +202,47 @@ class Task(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         return self.fn(*args, **kwargs)
 
-    def enqueue(self, *args: Any, **kwargs: Any) -> JobHandle:
+    # A type checker sees the function's own parameters in the first form. The enqueue options
+    # cannot be added to a ParamSpec, so a call that gives one is typed by the other forms:
+    # the options are checked, the arguments are checked when the job is enqueued.
+    @overload
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]: ...
+    @overload
+    def enqueue(
+        self,
+        *args: Any,
+        _id: str,
+        _delay_s: float | None = None,
+        _eta: datetime | float | None = None,
+        _priority: int | None = None,
+        _key: str | None = None,
+        **kwargs: Any,
+    ) -> JobHandle[R]: ...
+    @overload
+    def enqueue(
+        self,
+        *args: Any,
+        _delay_s: float,
+        _priority: int | None = None,
+        _key: str | None = None,
+        **kwargs: Any,
+    ) -> JobHandle[R]: ...
+    @overload
+    def enqueue(
+        self,
+        *args: Any,
+        _eta: datetime | float,
+        _priority: int | None = None,
+        _key: str | None = None,
+        **kwargs: Any,
+    ) -> JobHandle[R]: ...
+    @overload
+    def enqueue(
+        self, *args: Any, _priority: int, _key: str | None = None, **kwargs: Any
+    ) -> JobHandle[R]: ...
+    @overload
+    def enqueue(self, *args: Any, _key: str, **kwargs: Any) -> JobHandle[R]: ...
+    def enqueue(self, *args: Any, **kwargs: Any) -> JobHandle[R]:
         """Add a job; options start with an underscore: ``_id``, ``_delay_s``, ``_eta``,
         ``_priority``, ``_key``. An id that is queued, running or done returns the existing
         job and adds nothing."""
@@ -195,7 +250,7 @@ class Task(Generic[P, R]):
 
     def enqueue_many(
         self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
-    ) -> list[JobHandle]:
+    ) -> list[JobHandle[R]]:
         """Add many jobs in one transaction: ``calls`` are ``(args, kwargs)`` pairs."""
         return self.queue.enqueue_many(self, calls)
 
@@ -203,8 +258,39 @@ class Task(Generic[P, R]):
         return f"<Task {self.name!r} of {self.queue.where}>"
 
 
-class JobHandle:
-    """A job enqueued (or found) by id."""
+class TaskSettings(TypedDict, total=False):
+    """The options of ``@q.task(...)`` (all keyword-only, all optional)."""
+
+    #: the name jobs carry (default ``module.qualname``); workers find the function by it
+    name: str | None
+    #: attempts after the first that fails (default 3)
+    retries: int
+    #: the first wait before a retry, doubling each time up to ``max_backoff_s``
+    backoff_s: float
+    max_backoff_s: float
+    #: a random share of each wait added or taken off (0.1: up to 10%)
+    jitter: float
+    #: time limit per attempt, in seconds
+    timeout_s: float | None
+    #: the default ``_priority`` of its jobs (higher first)
+    priority: int
+    #: "thread" (default for plain functions), "process", "async" or "inline"
+    executor: str
+    #: how long results are kept (default: the queue's)
+    keep_result_s: float | None
+
+
+class TaskDecorator(Protocol):
+    """What ``@q.task(...)`` with options returns: it registers the function it decorates."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+class JobHandle(Generic[R]):
+    """A job enqueued (or found) by id; ``R`` is its result's type."""
 
     def __init__(self, queue: TaskQueue, job_id: str, task: str, added: bool = True) -> None:
         self.queue = queue
@@ -225,7 +311,7 @@ class JobHandle:
         job = self.queue.backend.get(self.id)
         return "unknown" if job is None else job.state
 
-    def result(self, timeout_s: float | None = None) -> Any:
+    def result(self, timeout_s: float | None = None) -> R:
         """Wait for the job to end and return its result; raise :class:`TaskFailed` if it is
         dead, ``TimeoutError`` after ``timeout_s``. Waits without polling where the backend
         can be woken (memory; Redis); SQLite is polled with back-off."""
@@ -236,7 +322,8 @@ class JobHandle:
             if job is None:
                 raise JobNotFound(f"no job with id {self.id!r}")
             if job.state == DONE:
-                return None if job.result is None else self.queue.serializer.loads(job.result)
+                value = None if job.result is None else self.queue.serializer.loads(job.result)
+                return cast(R, value)
             if job.state == DEAD:
                 raise TaskFailed(self.id, job.task, job.error or "")
             left = 0.5 if deadline is None else deadline - time.monotonic()
@@ -244,7 +331,7 @@ class JobHandle:
                 raise TimeoutError(f"job {self.id!r} did not end within {timeout_s} s")
             backend.wait_for_job(self.id, min(left, 0.5))
 
-    async def aresult(self, timeout_s: float | None = None) -> Any:
+    async def aresult(self, timeout_s: float | None = None) -> R:
         """``result()`` for async code (waits on a thread)."""
         import asyncio
 
@@ -287,9 +374,18 @@ class TaskQueue:
         self.tasks: dict[str, Task[Any, Any]] = {}
 
     # -- registering -------------------------------------------------------------------------
+    @overload
+    def task(
+        self, fn: Callable[P, Awaitable[R]], /, **options: Unpack[TaskSettings]
+    ) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /, **options: Unpack[TaskSettings]) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: None = None, /, **options: Unpack[TaskSettings]) -> TaskDecorator: ...
     def task(
         self,
         fn: Callable[..., Any] | None = None,
+        /,
         *,
         name: str | None = None,
         retries: int = 3,
@@ -377,7 +473,11 @@ class TaskQueue:
             run_at=run_at,
         )
 
-    def enqueue(self, task: Task[Any, Any] | str, *args: Any, **kwargs: Any) -> JobHandle:
+    @overload
+    def enqueue(self, task: Task[Any, R], /, *args: Any, **kwargs: Any) -> JobHandle[R]: ...
+    @overload
+    def enqueue(self, task: str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]: ...
+    def enqueue(self, task: Task[Any, Any] | str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]:
         """Enqueue ``task`` (a registered task, or a task name) with its arguments."""
         new = self._new_job(task, args, kwargs)
         [(job, added)] = self.backend.enqueue([new], self.clock())
@@ -387,13 +487,13 @@ class TaskQueue:
         self,
         task: Task[Any, Any] | str,
         calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
-    ) -> list[JobHandle]:
+    ) -> list[JobHandle[Any]]:
         """Enqueue many calls of one task in one transaction."""
         news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
         stored = self.backend.enqueue(news, self.clock())
         return [JobHandle(self, job.id, job.task, added) for job, added in stored]
 
-    def job(self, job_id: str) -> JobHandle:
+    def job(self, job_id: str) -> JobHandle[Any]:
         """A handle for an existing job."""
         found = self.backend.get(job_id)
         return JobHandle(self, job_id, found.task if found else "", added=False)

@@ -131,6 +131,8 @@ class Worker:
         # jobs whose outcome is being written: their lease is not renewed any more
         self._settling: set[str] = set()
         self._freed: asyncio.Event | None = None
+        #: set when a job ends: a burst worker waiting for work looks again at once
+        self._ended: asyncio.Event | None = None
         self._next_expire = 0.0
 
     # -- running -----------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class Worker:
         self._threads = DaemonThreadPool(self.concurrency * 2, "conveyor:task")
         self._ack_wake = asyncio.Event()
         self._freed = asyncio.Event()
+        self._ended = asyncio.Event()
         helpers = [
             asyncio.ensure_future(self._ack_loop()),
             asyncio.ensure_future(self._heartbeat_loop()),
@@ -216,7 +219,10 @@ class Worker:
         # claim in groups: while jobs run, wait until a quarter of the slots are free, so one
         # transaction hands out several jobs
         group = max(1, self.concurrency // 2)
+        assert self._ended is not None
         while not self._stopping.is_set():
+            # a job that ends from here on ends the next wait for work at once
+            self._ended.clear()
             # a job whose function has returned no longer takes a slot while its outcome is
             # written (in batches); those writes may hold up to another ``concurrency`` jobs
             active = len(self._running) - len(self._settling)
@@ -273,11 +279,13 @@ class Worker:
             )
         else:
             woken = asyncio.ensure_future(asyncio.sleep(min(wait_s, 0.05)))
+        assert self._ended is not None
         stop = asyncio.ensure_future(self._stopping.wait())
-        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(woken), stop]
-        waits += [t for t, _, _ in self._running.values()]
+        ended = asyncio.ensure_future(self._ended.wait())
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(woken), stop, ended]
         await asyncio.wait(waits, timeout=wait_s + 0.1, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+        ended.cancel()
 
     async def _wait_any(self, tasks: list[asyncio.Task[None]]) -> None:
         """Until a job ends or settles (its function returned), or a stop is asked."""
@@ -304,6 +312,8 @@ class Worker:
         def forget(_: asyncio.Task[None]) -> None:
             self._running.pop(job_id, None)
             self._settling.discard(job_id)
+            if self._ended is not None:
+                self._ended.set()
 
         task.add_done_callback(forget)
 

@@ -68,11 +68,10 @@ class _Api:
             raise QueuesCommunicationError(f"process {self.pid} could not send: {exc}") from exc
         return [request, sender_pid or self.pid, recipient_pid, data]
 
-    def receive(
-        self, func: Callable[[list[Any]], bool] | None = None, block: bool = False
-    ) -> list[Any] | bool:
+    def receive(self, func: Callable[[list[Any]], bool] | None = None, block: bool = False) -> Any:
         """The first message for which ``func`` holds (any message without it), or False if
-        there is none now (``block=True``: wait for one)."""
+        there is none now (``block=True``: wait for one). Typed ``Any``, as the code written
+        for pymulproc indexes what it gets."""
         where = None if func is None else (lambda m: bool(func(_as_list(m))))
         try:
             msg = self.conn.receive(timeout_s=None if block else 0, where=where)

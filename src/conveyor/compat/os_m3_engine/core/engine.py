@@ -58,7 +58,7 @@ class Engine:
         self._started = False
         self._stopped = False
         self._stopping = False
-        self._run: Run | None = None
+        self._run: Run[Any] | None = None
 
     def started(self) -> bool:
         return self._started
