@@ -100,7 +100,7 @@ def echo(end: Any) -> None:
     end.close()
 
 
-def pipelines(tmp: Path) -> None:
+def pipelines(tmp: Path, redis_url: str) -> None:
     out = list(
         Pipeline(range(200))
         .map(square, workers=2)
@@ -115,24 +115,31 @@ def pipelines(tmp: Path) -> None:
         run.wait()
 
 
-def queues_and_workers(tmp: Path) -> None:
-    for url in ("memory://leaks", f"sqlite:///{tmp / 'leaks.db'}"):
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+def queues_and_workers(tmp: Path, redis_url: str) -> None:
+    for url in ("memory://leaks", f"sqlite:///{tmp / 'leaks.db'}", redis_url):
         with TaskQueue(url) as q:
+            # process tasks on one backend: each worker's processes cost a start-up
+            executor = "process" if url.startswith("memory") else "thread"
+            padd = q.task(add, name="padd", executor=executor)
 
             @q.task
-            def add(x: int, y: int) -> int:
+            def tadd(x: int, y: int) -> int:
                 return x + y
 
             @q.task
             async def aadd(x: int, y: int) -> int:
                 return x + y
 
-            jobs = [add.enqueue(i, 1) for i in range(5)] + [aadd.enqueue(i, 2) for i in range(5)]
+            jobs = [t.enqueue(i, 1) for t in (tadd, aadd, padd) for i in range(4)]
             q.worker(burst=True, concurrency=4, handle_signals=False).run()
-            assert [j.result(timeout_s=5) for j in jobs][:2] == [1, 2]
+            assert [j.result(timeout_s=5) for j in jobs] == [1, 2, 3, 4] * 3
 
 
-def dispatchers(tmp: Path) -> None:
+def dispatchers(tmp: Path, redis_url: str) -> None:
     heard: list[Any] = []
     with Dispatcher() as d:
 
@@ -147,7 +154,7 @@ def dispatchers(tmp: Path) -> None:
         d.deregister_producer("sq", quote)
 
 
-def channels(tmp: Path) -> None:
+def channels(tmp: Path, redis_url: str) -> None:
     ctx = multiprocessing.get_context("fork")
     for kind in ("pipe", "queue"):
         parent, child = open_channel(kind)
@@ -167,11 +174,13 @@ def channels(tmp: Path) -> None:
 @pytest.mark.parametrize(
     "part", [pipelines, queues_and_workers, dispatchers, channels], ids=lambda f: f.__name__
 )
-def test_fifty_rounds_leave_nothing_behind(part: Callable[[Path], None], tmp_path: Path) -> None:
-    part(tmp_path)  # warm-up: what starts once per process
+def test_fifty_rounds_leave_nothing_behind(
+    part: Callable[[Path, str], None], tmp_path: Path, redis_url: str
+) -> None:
+    part(tmp_path, redis_url)  # warm-up: what starts once per process
     before = held()
     for _ in range(ROUNDS):
-        part(tmp_path)
+        part(tmp_path, redis_url)
 
     try:
         eventually(lambda: held().within(before), timeout_s=10)

@@ -134,3 +134,25 @@ def test_workers_racing_run_each_job_once(env: Env) -> None:
     ends = Counter(line.split()[1] for line in env.lines() if line.startswith("end "))
     assert ends == Counter({str(i): 1 for i in range(300)})
     assert env.queue.stats().done == 300
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_a_script_exits_soon_after_its_worker_stops(tmp_path: Path, executor: str) -> None:
+    """A stopped worker's last wait on its storage (an hour here) and its pools do not hold
+    up the interpreter's exit: the subprocess timeout catches a hang."""
+    script = tmp_path / "burst.py"
+    script.write_text(
+        "from conveyor import TaskQueue\n"
+        "q = TaskQueue('memory://')\n"
+        "def hello(x):\n"
+        "    return x\n"
+        f"task = q.task(hello, executor={executor!r})\n"
+        "if __name__ == '__main__':\n"
+        "    jobs = [task.enqueue(i) for i in range(5)]\n"
+        "    q.worker(burst=True, poll_s=3600, handle_signals=False).run()\n"
+        "    print(sum(j.result() for j in jobs))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.strip() == "10"

@@ -41,6 +41,8 @@ _EXPIRE_EVERY_S = 60.0
 #: pauses between attempts while the backend is unavailable
 _OUTAGE_FIRST_PAUSE_S = 0.5
 _OUTAGE_MAX_PAUSE_S = 10.0
+#: the longest a worker waits on its storage in one call (see _wait_for_work)
+_WAIT_SLICE_S = 1.0
 
 
 class _SignalHub:
@@ -274,8 +276,10 @@ class Worker:
                 wait_s = min(wait_s, max(0.0, at - queue.clock()) + 0.001)
         if len(self.queues) == 1:
             queue = self.queues[0]
+            # a stopped worker does not wait for its last wait to end: keeping each one short
+            # bounds how long that thread outlives the worker (and holds up interpreter exit)
             woken = self._loop.run_in_executor(
-                self._waiter, queue.backend.wait_for_work, queue.name, wait_s
+                self._waiter, queue.backend.wait_for_work, queue.name, min(wait_s, _WAIT_SLICE_S)
             )
         else:
             woken = asyncio.ensure_future(asyncio.sleep(min(wait_s, 0.05)))
