@@ -13,7 +13,12 @@ from .conftest import Counting, eventually
 
 
 def conveyor_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("conveyor")]
+    """conveyor's threads, but the control thread, which lives as long as the process."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("conveyor") and t.name != "conveyor:control"
+    ]
 
 
 def test_every_thread_leaves_after_a_failure() -> None:

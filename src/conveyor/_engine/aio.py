@@ -1,13 +1,19 @@
 """The async worker kind: ``workers`` long-lived coroutines on an event loop.
 
-The step's blocking calls never run on the loop. One *intake* thread takes units from the step
-and hands their items to the loop, keeping at most ``workers`` items queued ahead of the
-coroutines; one *outlet* thread hands finished units to the step, which may block on a full
-buffer. The loop only runs the user's coroutines and a little bookkeeping, so a full downstream
-buffer slows intake instead of freezing the loop.
+A source's blocking calls never run on the loop. For a source that blocks (a pipeline's step),
+one *intake* thread takes units from it and hands their items to the loop, keeping at most
+``workers`` items queued ahead of the coroutines, and one *outlet* thread hands finished units
+back to it, which may block on a full buffer. The loop only runs the user's coroutines and a
+little bookkeeping, so a full downstream buffer slows intake instead of freezing the loop.
 
-Each worker coroutine owns one instance of the stage's work: ``setup`` before its first item,
-``teardown`` after its last (also when the stage shrinks or the run stops).
+A source that lives on the loop itself (``loop_native``: a task worker's claimed jobs) needs no
+threads: it hands units over with :meth:`AsyncPool.submit` on the loop and is told of their
+outcomes there, so a job pays no thread hop at all.
+
+Each worker coroutine owns one instance of the work: ``setup`` before its first item,
+``teardown`` after its last (also when the pool shrinks or stops). Anything the user's code
+raises fails its item, ``BaseException`` included; a ``CancelledError`` counts as the user's
+own unless this worker is the one being cancelled.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from typing import Any
 from .._errors import ItemTimeout, StageFailed
 from .buffer import BufferShutdown
 from .pool import WorkerPool, register_kind
-from .step import FLAT, WOKEN, Unit, Work
+from .source import FLAT, WOKEN, Unit, Work, timeout_of
 
 log = logging.getLogger("conveyor")
 
 _EOF = object()
 _STOP = object()
+#: stands for an item's index when a coroutine runs all the items of a unit, in order
+_IN_ORDER = -1
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -42,10 +50,11 @@ async def _maybe_await(value: Any) -> Any:
 class _Pending:
     """A unit whose items are running; it completes when the last one is done."""
 
-    __slots__ = ("remaining", "results", "unit")
+    __slots__ = ("remaining", "results", "timeout_s", "unit")
 
-    def __init__(self, unit: Unit) -> None:
+    def __init__(self, unit: Unit, timeout_s: float | None) -> None:
         self.unit = unit
+        self.timeout_s = timeout_s
         self.results: list[list[Any]] = [[] for _ in unit.items]
         self.remaining = len(unit.items)
 
@@ -57,10 +66,10 @@ class AsyncPool(WorkerPool):
 
     def start(self) -> None:
         get_loop = self.context.get_loop
-        assert get_loop is not None, "an async stage needs an event loop"
+        assert get_loop is not None, "an async pool needs an event loop"
         self.loop = get_loop()
         self._cv = threading.Condition()
-        self._target = self.step.spec.workers
+        self._target = self.source.spec.workers
         # items handed to the loop and not yet picked up by a worker coroutine
         self._queued = 0
         self._inflight_units = 0
@@ -68,13 +77,18 @@ class AsyncPool(WorkerPool):
         self._live = 0
         self._closing = False
         self._aborted = False
+        self._eof = False
         self._local: deque[tuple[_Pending, int, Any]] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers_gone = threading.Event()
         self._outlet: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._native = bool(getattr(self.source, "loop_native", False))
+        if self._native:
+            self._grow()  # a native source starts the pool on its loop
+            return
         self.loop.call_soon_threadsafe(self._grow)
-        name = f"{self.context.thread_name}:{self.step.name}"
+        name = f"{self.context.thread_name}:{self.source.name}"
         threading.Thread(target=self._intake, name=f"{name}:intake", daemon=True).start()
         threading.Thread(target=self._drain, name=f"{name}:outlet", daemon=True).start()
 
@@ -98,8 +112,41 @@ class AsyncPool(WorkerPool):
             self._aborted = True
             self._cv.notify_all()
         self._outlet.put(_STOP)
+        if self._native and self._on_loop():
+            self._cancel_all()
+            return
         with contextlib.suppress(RuntimeError):  # the loop may be closed already
             self.loop.call_soon_threadsafe(self._cancel_all)
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    # -- a source on the loop -------------------------------------------------------------------
+    def submit(self, unit: Unit) -> None:
+        """Run ``unit`` (on the loop, for a ``loop_native`` source)."""
+        self._inflight_units += 1
+        with self._cv:
+            self._queued += len(unit.items)
+        self._accept(_Pending(unit, timeout_of(self.source, unit)))
+
+    def end_input(self) -> None:
+        """No more units (on the loop): the workers leave once the units given are done."""
+        self._eof = True
+        if self._inflight_units == 0:
+            self._close_workers()
+
+    def _settle_native(self, unit: Unit, outputs: list[Any]) -> None:
+        source = self.source
+        self._inflight_units -= 1
+        source.complete(unit, outputs)
+        nxt = source.release(unit)
+        if nxt is not None:
+            self.submit(nxt)
+        elif self._eof and self._inflight_units == 0:
+            self._close_workers()
 
     # -- on the loop: the worker coroutines -----------------------------------------------------
     def _grow(self) -> None:
@@ -121,13 +168,20 @@ class AsyncPool(WorkerPool):
     def _cancel_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if not self._tasks:
+            self._all_left()
 
     def _accept(self, pending: _Pending) -> None:
         local = self._local
-        for i, item in enumerate(pending.unit.items):
-            local.append((pending, i, item))
+        items = pending.unit.items
+        if pending.unit.keys and len(items) > 1:
+            # a unit that holds keys runs in order, on one coroutine
+            local.append((pending, _IN_ORDER, items))
+        else:
+            for i, item in enumerate(items):
+                local.append((pending, i, item))
         idle = self._idle
-        for _ in range(min(len(idle), len(pending.unit.items))):
+        for _ in range(min(len(idle), len(items))):
             fut = idle.popleft()
             if not fut.done():
                 fut.set_result(None)
@@ -136,15 +190,15 @@ class AsyncPool(WorkerPool):
         self._closing = True
         self._wake_all()
         if self._live == 0:
-            self._workers_gone.set()
+            self._all_left()
 
     async def _worker(self) -> None:
-        step = self.step
-        work: Work = step.spec.make_work()
+        source = self.source
+        work: Work = source.spec.make_work()
         try:
             await _maybe_await(work.setup())
         except Exception as exc:
-            step.fatal(StageFailed(step.name, None, 0, exc))
+            source.fatal(StageFailed(source.name, None, 0, exc))
             self._leave()
             return
         local = self._local
@@ -161,41 +215,60 @@ class AsyncPool(WorkerPool):
                     break
                 pending, index, item = local.popleft()
                 with self._cv:
-                    self._queued -= 1
+                    self._queued -= len(item) if index is _IN_ORDER else 1
                     self._cv.notify()
                 self._busy += 1
                 out: list[Any] = []
                 t0 = time.perf_counter()
                 try:
-                    await self._run_item(work, item, out, pending.unit.attempt)
+                    if index is _IN_ORDER:
+                        for one in item:
+                            await self._run_item(
+                                work, one, out, pending.unit.attempt, pending.timeout_s
+                            )
+                        index, done = 0, len(item)
+                    else:
+                        await self._run_item(
+                            work, item, out, pending.unit.attempt, pending.timeout_s
+                        )
+                        done = 1
                 finally:
                     self._busy -= 1
-                step.latency.add(time.perf_counter() - t0)
+                source.latency.add((time.perf_counter() - t0) / done)
                 pending.results[index] = out
-                pending.remaining -= 1
+                pending.remaining -= done
                 if pending.remaining == 0:
                     results = pending.results
                     flat = results[0] if len(results) == 1 else [x for r in results for x in r]
-                    self._outlet.put((pending.unit, flat))
+                    if self._native:
+                        self._settle_native(pending.unit, flat)
+                    else:
+                        self._outlet.put((pending.unit, flat))
         except (BufferShutdown, asyncio.CancelledError):
             pass
         except BaseException as exc:
-            step.fatal(exc)
+            source.fatal(exc)
         finally:
             try:
                 await _maybe_await(work.teardown())
             except Exception:
-                log.exception("teardown of a worker of stage %r failed", step.name)
+                log.exception("teardown of a worker of %r failed", source.name)
             self._leave()
 
     def _leave(self) -> None:
         self._live -= 1
         if self._live == 0 and (self._closing or self._aborted):
-            self._workers_gone.set()
+            self._all_left()
 
-    async def _run_item(self, work: Work, item: Any, out: list[Any], attempt: int) -> None:
-        step = self.step
-        timeout = step.spec.timeout_s
+    def _all_left(self) -> None:
+        self._workers_gone.set()
+        if self._native:
+            self.gone.set()
+
+    async def _run_item(
+        self, work: Work, item: Any, out: list[Any], attempt: int, timeout: float | None
+    ) -> None:
+        source = self.source
         while True:
             try:
                 if timeout is None:
@@ -209,23 +282,30 @@ class AsyncPool(WorkerPool):
                             res = await _maybe_await(work.call(item))
                     except TimeoutError:
                         if limit.expired():
-                            raise ItemTimeout(step.name, timeout) from None
+                            raise ItemTimeout(source.name, timeout) from None
                         raise
-                if step.mode == FLAT and hasattr(res, "__aiter__"):
+                if source.mode == FLAT and hasattr(res, "__aiter__"):
                     res = [x async for x in res]
-                step.apply(item, res, out)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this worker is being cancelled: not the item's failure
+                error: BaseException = exc
+            except BaseException as exc:
+                error = exc
+            else:
+                source.apply(item, res, out)
                 return
-            except Exception as exc:
-                delay = step.on_failure(item, exc, attempt)
-                if delay is None:
-                    return
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                attempt += 1
+            delay = source.on_failure(item, error, attempt)
+            if delay is None:
+                return
+            if delay > 0:
+                await asyncio.sleep(delay)
+            attempt += 1
 
-    # -- threads ----------------------------------------------------------------------------
+    # -- threads, for a source that blocks ------------------------------------------------------
     def _intake(self) -> None:
-        step = self.step
+        source = self.source
         try:
             while True:
                 with self._cv:
@@ -234,7 +314,7 @@ class AsyncPool(WorkerPool):
                     if self._aborted:
                         return
                     room = self._target - self._queued
-                unit = step.take(limit=room)
+                unit = source.take(limit=room)
                 if unit is None:
                     break
                 if unit is WOKEN:
@@ -243,7 +323,7 @@ class AsyncPool(WorkerPool):
         except BufferShutdown:
             return
         except BaseException as exc:
-            step.fatal(exc)
+            source.fatal(exc)
             return
         self._outlet.put(_EOF)
 
@@ -251,10 +331,11 @@ class AsyncPool(WorkerPool):
         with self._cv:
             self._queued += len(unit.items)
             self._inflight_units += 1
-        self.loop.call_soon_threadsafe(self._accept, _Pending(unit))
+        pending = _Pending(unit, timeout_of(self.source, unit))
+        self.loop.call_soon_threadsafe(self._accept, pending)
 
     def _drain(self) -> None:
-        step = self.step
+        source = self.source
         eof = False
         try:
             while True:
@@ -267,8 +348,8 @@ class AsyncPool(WorkerPool):
                     eof = True
                     continue
                 unit, outs = msg
-                step.complete(unit, outs)
-                nxt = step.release(unit)
+                source.complete(unit, outs)
+                nxt = source.release(unit)
                 with self._cv:
                     self._inflight_units -= 1
                 if nxt is not None:
@@ -276,7 +357,7 @@ class AsyncPool(WorkerPool):
         except BufferShutdown:
             return
         except BaseException as exc:
-            step.fatal(exc)
+            source.fatal(exc)
             return
         finally:
             self._finish(eof)
@@ -286,7 +367,7 @@ class AsyncPool(WorkerPool):
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._close_workers)
             if not self._workers_gone.wait(10):
-                log.warning("workers of async stage %r did not leave in time", self.step.name)
+                log.warning("workers of async %r did not leave in time", self.source.name)
         if eof and not self._aborted:
-            self.step.close_output()
+            self.source.close_output()
         self.gone.set()

@@ -1,8 +1,8 @@
 """The worker-kind interface.
 
-A worker kind runs the workers of one :class:`~conveyor._engine.step.Step`. It knows how to start
+A worker kind runs the workers of one :class:`~conveyor._engine.source.Step`. It knows how to start
 them, grow and shrink them, tear them down and count them; everything about *what* a step does
-(units, order, keys, failures, statistics) lives in the step. A new kind is one module with one
+(units, order, keys, failures, statistics) lives in the source. A new kind is one module with one
 subclass of :class:`WorkerPool`, registered under its name; nothing above the engine changes.
 """
 
@@ -13,10 +13,10 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .._errors import ConfigurationError
-from .step import Step, StepSpec, Unit
+from .source import Source, StepSpec, Unit
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PoolContext:
 
 
 class WorkerPool(ABC):
-    """The workers of one step, of one kind."""
+    """The workers of one source, of one kind."""
 
     kind: ClassVar[str]
     #: True if the user's callable must be an ``async def`` (False: must not be)
@@ -42,7 +42,8 @@ class WorkerPool(ABC):
 
     @classmethod
     def validate(cls, spec: StepSpec) -> None:
-        """Refuse, when the pipeline is built, a step this kind cannot run."""
+        """Refuse, when the work is defined (a pipeline built, a task registered), what this
+        kind cannot run."""
         for name, _value in spec.options:
             if name not in cls.own_options:
                 owners = sorted(k for k, c in KINDS.items() if name in c.own_options)
@@ -51,15 +52,15 @@ class WorkerPool(ABC):
                     f"stage {spec.name!r}: option {name!r} is for {where}, not kind={cls.kind!r}"
                 )
 
-    def __init__(self, step: Step, context: PoolContext) -> None:
-        self.step = step
+    def __init__(self, source: Source, context: PoolContext) -> None:
+        self.source = source
         self.context = context
         #: set once every worker has left (after the end of the input, or a teardown)
         self.gone = threading.Event()
 
     @abstractmethod
     def start(self) -> None:
-        """Start ``step.spec.workers`` workers."""
+        """Start ``source.spec.workers`` workers."""
 
     @abstractmethod
     def resize(self, n: int) -> None:
@@ -87,12 +88,17 @@ class WorkerPool(ABC):
 class Slot:
     """One worker's place in a :class:`SlotPool`."""
 
-    __slots__ = ("abandoned", "index", "retired", "started", "unit")
+    __slots__ = ("abandoned", "index", "mark", "out", "pos", "retired", "started", "unit")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.unit: Unit | None = None
+        #: for timed work: when the current item started, where it is in its unit, and how
+        #: many outputs the unit had before it (``out``)
         self.started = 0.0
+        self.pos = 0
+        self.mark = 0
+        self.out: list[Any] = []
         self.abandoned = False
         self.retired = False
 
@@ -104,7 +110,7 @@ class SlotPool(WorkerPool):
 
     def _begin(self) -> None:
         self._lock = threading.Lock()
-        self._target = self.step.spec.workers
+        self._target = self.source.spec.workers
         self._live = 0
         self._slots: set[Slot] = set()
         self._count = 0
@@ -114,10 +120,11 @@ class SlotPool(WorkerPool):
                 self._spawn(None)
 
     @abstractmethod
-    def _launch(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
-        """Start the worker of ``slot``; ``first`` is a unit it must settle before any other."""
+    def _launch(self, slot: Slot, first: Any) -> None:
+        """Start the worker of ``slot``; ``first`` (if not None) is the work of a worker it
+        replaces, to finish before any other."""
 
-    def _spawn(self, first: tuple[Unit, BaseException] | None) -> None:
+    def _spawn(self, first: Any) -> None:
         # called with self._lock held
         slot = Slot(self._count)
         self._count += 1
@@ -142,8 +149,8 @@ class SlotPool(WorkerPool):
                 self._spawn(None)
             shrinking = self._live > n
         if shrinking:
-            # idle workers wait in the inbox; wake them so the extra ones can retire now
-            self.step.inbox.kick()
+            # idle workers wait in take(); wake them so the extra ones can retire now
+            self.source.kick()
 
     def _should_retire(self, slot: Slot) -> bool:
         with self._lock:
@@ -154,11 +161,12 @@ class SlotPool(WorkerPool):
                 return True
             return False
 
-    def _replace(self, slot: Slot, first: tuple[Unit, BaseException]) -> bool:
+    def _replace(self, slot: Slot, unit: Unit, first: Any) -> bool:
         """Give up on the worker of ``slot`` (stuck or dead) and start another in its place,
-        unless the worker has finished ``first``'s unit meanwhile (then return False)."""
+        handing it ``first``, unless the worker has finished ``unit`` meanwhile (then return
+        False)."""
         with self._lock:
-            if slot.abandoned or slot.unit is not first[0]:
+            if slot.abandoned or slot.unit is not unit:
                 return False
             slot.abandoned = True
             self._slots.discard(slot)
@@ -185,7 +193,7 @@ class SlotPool(WorkerPool):
             last = self._live == 0
         if last:
             if self._eof:
-                self.step.close_output()
+                self.source.close_output()
             self.gone.set()
 
 

@@ -7,7 +7,13 @@ since 3.1 it replaces each code object's file name with ``"<dynamic-code>"`` so 
 is the same wherever the code was defined. A traceback from the worker then names no file and
 shows no source line, which is the one thing a user needs when their function fails there.
 
-So code objects do not go through cloudpickle's reducer: they travel as :mod:`marshal` data,
+A function that a decorator replaced in its module (``@q.task`` leaves a ``Task`` where the
+function was) cannot be found by name, and pickle refuses it ("not the same object"). When the
+object found there says it wraps the function (``__wrapped__``, as ``functools.wraps`` sets),
+the function travels as that name and is unwrapped on arrival: the worker imports the module
+as any worker would.
+
+Code objects do not go through cloudpickle's reducer: they travel as :mod:`marshal` data,
 the form the interpreter itself stores them in (``.pyc`` files). That keeps every field (file
 name, first line, the line table, nested code) exactly as compiled, whichever cloudpickle is
 installed. marshal's format belongs to the interpreter's version, which is no loss: a worker
@@ -16,9 +22,11 @@ process always runs the same interpreter as its parent.
 
 from __future__ import annotations
 
+import importlib
 import io
 import marshal
 import pickle
+import sys
 import types
 from typing import Any
 
@@ -29,12 +37,41 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is types.CodeType:
+        kind = type(obj)
+        if kind is types.CodeType:
             try:
                 return marshal.loads, (marshal.dumps(obj),)
             except ValueError:  # code built by hand with constants marshal cannot hold
                 return NotImplemented
+        if kind is types.FunctionType and _wrapped_at_its_name(obj):
+            return unwrap_global, (obj.__module__, obj.__qualname__)
         return super().reducer_override(obj)
+
+
+def _lookup(module: Any, qualname: str) -> Any:
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _wrapped_at_its_name(fn: types.FunctionType) -> bool:
+    """``fn``'s module holds, at ``fn``'s name, an object that wraps ``fn``."""
+    if fn.__module__ in (None, "__main__", "__mp_main__") or "<locals>" in fn.__qualname__:
+        return False
+    module = sys.modules.get(fn.__module__)
+    if module is None:
+        return False
+    try:
+        found = _lookup(module, fn.__qualname__)
+    except AttributeError:
+        return False
+    return found is not fn and getattr(found, "__wrapped__", None) is fn
+
+
+def unwrap_global(module: str, qualname: str) -> Any:
+    """The function that the object at ``module.qualname`` wraps (in a worker process)."""
+    return _lookup(importlib.import_module(module), qualname).__wrapped__
 
 
 def dumps(obj: Any) -> bytes:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .._errors import StageFailed
 from .buffer import Buffer, BufferShutdown
@@ -43,73 +42,40 @@ from .policy import (
     log_skip,
     make_failure,
 )
+from .source import (
+    EACH,
+    FILTER,
+    FLAT,
+    FLUSH_OUTPUTS,
+    MAP,
+    MODES,
+    WOKEN,
+    StepSpec,
+    Unit,
+    Work,
+    apply_result,
+)
 from .stats import Counters, LatencyRing, StageStats
 
-MAP = "map"
-FILTER = "filter"
-FLAT = "flat_map"
-EACH = "each"
-MODES = (MAP, FILTER, FLAT, EACH)
+__all__ = [
+    "EACH",
+    "FILTER",
+    "FLAT",
+    "FLUSH_OUTPUTS",
+    "MAP",
+    "MODES",
+    "WOKEN",
+    "Step",
+    "StepSpec",
+    "Unit",
+    "Work",
+]
 
 #: how long one unit of work should take; units of fast items grow until they take about this
 TARGET_UNIT_S = 0.002
 MAX_UNIT = 2048
-#: unordered flat_map outputs are handed on in pieces of this size
-FLUSH_OUTPUTS = 1024
-
-
-class Work(Protocol):
-    """What one worker runs: ``setup`` before its first item, ``call`` per item, ``teardown``."""
-
-    def setup(self) -> Any: ...
-
-    def call(self, item: Any) -> Any: ...
-
-    def teardown(self) -> Any: ...
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    name: str
-    kind: str
-    mode: str
-    workers: int
-    make_work: Callable[[], Work]
-    ordered: bool = False
-    key: Callable[[Any], Hashable] | None = None
-    policy: Any = "raise"
-    timeout_s: float | None = None
-    rate: float | None = None
-    window: int = 1024
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def option(self, name: str, default: Any = None) -> Any:
-        return dict(self.options).get(name, default)
-
-
-class Unit:
-    """Items taken together; ``seq`` orders units of an ordered step."""
-
-    __slots__ = ("attempt", "items", "key", "seq", "started")
-
-    def __init__(self, seq: int, items: list[Any]) -> None:
-        self.seq = seq
-        self.items = items
-        self.key: Hashable = _NO_KEY
-        self.attempt = 1
-        self.started = 0.0
-
-
-class _NoKey:
-    def __repr__(self) -> str:
-        return "<no key>"
-
-
-_NO_KEY: Hashable = _NoKey()
-# returned by _take_serial when the unit it took waits behind another unit of its key
+#: returned by _take_serial when every item it took waits behind another unit of its key
 _PARKED = Unit(-1, [])
-#: returned by Step.take when the inbox was kicked
-WOKEN = Unit(-2, [])
 
 
 class Step:
@@ -145,9 +111,11 @@ class Step:
         self._in_window = 0
         self._done: dict[int, tuple[list[Any], int]] = {}
         self._flushing = False
-        # per-key order
+        # per-key order: the units parked behind the holder of each key, and units that hold
+        # their keys and wait for any worker
         self._keys: dict[Hashable, deque[Unit]] = {}
         self._parked = 0
+        self._ready: deque[Unit] = deque()
         # adaptive unit size: seconds per item, smoothed; a worker kind whose handoff costs
         # more (a process) raises the target
         self._item_s: float | None = None
@@ -157,8 +125,6 @@ class Step:
     # -- sizing -----------------------------------------------------------------------------
     def unit_limit(self) -> int:
         spec = self.spec
-        if spec.key is not None or spec.timeout_s is not None:
-            return 1
         item_s = self._item_s
         target = self.target_unit_s
         n = 1 if item_s is None else max(1, min(MAX_UNIT, int(target / max(item_s, 1e-9))))
@@ -178,17 +144,19 @@ class Step:
         self.latency.add(per)
 
     # -- taking -----------------------------------------------------------------------------
+    def kick(self) -> None:
+        self.inbox.kick()
+
     def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
         """Wait for the next unit; ``None`` once the input has ended, :data:`WOKEN` when the
-        inbox was kicked (the pool wants its workers to look at their orders).
+        inbox was kicked (the pool wants its workers to look at their orders) or, with
+        ``wait=False``, when nothing could be taken at once.
 
         Raises :class:`BufferShutdown` when the run is being torn down.
         """
         while True:
             n = self.unit_limit() if limit is None else max(1, min(limit, MAX_UNIT))
-            if self.spec.key is not None:
-                n = 1
-            elif self.limiter is not None:
+            if self.limiter is not None:
                 n = min(n, self.limiter.max_batch())
             if self.serial_take:
                 unit = self._take_serial(n, wait)
@@ -212,9 +180,17 @@ class Step:
             return unit
 
     def _take_serial(self, n: int, wait: bool) -> Unit | None:
+        """Take a unit for an ordered or keyed step. The take lock keeps the numbering in
+        inbox order; a taker that must not wait never waits for it either, because its
+        holder may be waiting for room in the window that only that taker's own units can
+        make (a process driver with units in flight takes with ``wait=False``)."""
         spec = self.spec
-        with self._take_lock:
+        if not self._take_lock.acquire(blocking=wait):
+            return WOKEN
+        try:
             with self._cond:
+                if self._ready:
+                    return self._ready.popleft()
                 if spec.ordered:
                     while self._in_window >= spec.window:
                         if not wait:
@@ -228,69 +204,122 @@ class Step:
                             return WOKEN
                         self._check_stop()
                         self._cond.wait(0.25)
+                    n = min(n, spec.window - self._parked)
             items = self.inbox.get_many(n, None if wait else 0)
             if items is None:
                 return None
             if not items:
                 return WOKEN
-            with self._cond:
-                unit = Unit(self._seq, items)
-                self._seq += 1
-                if spec.ordered:
-                    self._in_window += len(items)
             with self.counters.lock:
                 self.counters.received += len(items)
-            if spec.key is not None:
-                try:
-                    unit.key = spec.key(items[0])
-                    hash(unit.key)
-                except Exception as exc:
-                    self.fatal(StageFailed(self.name, items[0], 1, exc))
-                    raise BufferShutdown from exc
-                if not self._claim_key(unit):
+            if spec.key is None:
+                with self._cond:
+                    unit = Unit(self._seq, items)
+                    self._seq += 1
+                    if spec.ordered:
+                        self._in_window += len(items)
+                return unit
+            keys = self._keys_of(items)
+            with self._cond:
+                units = self._gate(items, keys)
+                if spec.ordered:
+                    self._in_window += len(items)
+                if not units:
                     return _PARKED
-        return unit
+                first = units[0]
+                self._ready.extend(units[1:])
+            return first
+        finally:
+            self._take_lock.release()
+
+    def _keys_of(self, items: list[Any]) -> list[Hashable]:
+        key = self.spec.key
+        assert key is not None
+        keys = []
+        for item in items:
+            try:
+                k = key(item)
+                hash(k)
+            except Exception as exc:
+                self.fatal(StageFailed(self.name, item, 1, exc))
+                raise BufferShutdown from exc
+            keys.append(k)
+        return keys
+
+    def _gate(self, items: list[Any], keys: list[Hashable]) -> list[Unit]:
+        """Split items just taken into units that may run now (holding their keys) and
+        single-item units parked behind the unit that holds their key (cond held).
+
+        Items of one unit run in order on one worker, so a unit may hold several items of
+        one key. In an ordered step each unit is a run of consecutive items (units are
+        emitted in ``seq`` order), so a parked item ends the run before it."""
+        ordered = self.spec.ordered
+        runnable: list[Unit] = []
+        run_items: list[Any] = []
+        run_keys: dict[Hashable, None] = {}
+
+        def close_run() -> None:
+            nonlocal run_items, run_keys
+            if run_items:
+                unit = Unit(self._seq, run_items)
+                self._seq += 1
+                unit.keys = tuple(run_keys)
+                for k in unit.keys:
+                    self._keys[k] = deque()
+                runnable.append(unit)
+                run_items, run_keys = [], {}
+
+        for item, k in zip(items, keys, strict=True):
+            if k in run_keys or k not in self._keys:
+                run_items.append(item)
+                run_keys[k] = None
+                continue
+            if ordered:
+                close_run()
+            single = Unit(self._seq, [item])
+            self._seq += 1
+            single.keys = (k,)
+            self._keys[k].append(single)
+            self._parked += 1
+        close_run()
+        return runnable
 
     def _check_stop(self) -> None:
         if self.stop.is_set() or self.inbox.is_shutdown:
             raise BufferShutdown
 
-    def _claim_key(self, unit: Unit) -> bool:
-        """Take the unit's key, or park the unit behind the holder of that key (False)."""
-        with self._cond:
-            waiting = self._keys.get(unit.key)
-            if waiting is None:
-                self._keys[unit.key] = deque()
-                return True
-            waiting.append(unit)
-            self._parked += 1
-            return False
-
     def release(self, unit: Unit) -> Unit | None:
-        """Give back the key of a finished unit: the next unit of that key, if any, comes back
-        to the caller, which keeps the key and runs it next."""
-        if unit.key is _NO_KEY:
+        """Give back the keys of a finished unit. The next parked unit of each key now holds
+        that key; one comes back to the caller, which runs it next (the others wait for any
+        worker)."""
+        if not unit.keys:
             return None
         with self._cond:
-            waiting = self._keys[unit.key]
-            if waiting:
-                self._parked -= 1
-                self._cond.notify_all()
-                return waiting.popleft()
-            del self._keys[unit.key]
-            return None
+            nxt: list[Unit] = []
+            for k in unit.keys:
+                waiting = self._keys[k]
+                if waiting:
+                    self._parked -= 1
+                    nxt.append(waiting.popleft())
+                else:
+                    del self._keys[k]
+            if not nxt:
+                return None
+            self._cond.notify_all()
+            if not self.spec.ordered and len(nxt) > 1:
+                # unordered: items of different keys may share a unit
+                merged = Unit(nxt[0].seq, [u.items[0] for u in nxt])
+                merged.keys = tuple(u.keys[0] for u in nxt)
+                return merged
+            self._ready.extend(nxt[1:])
+        if len(nxt) > 1:
+            self.inbox.kick()  # a worker waiting in the inbox takes the rest from _ready
+        return nxt[0]
 
     # -- results ----------------------------------------------------------------------------
     def apply(self, item: Any, result: Any, out: list[Any]) -> None:
         """Add what ``result`` (of the user's function on ``item``) means to ``out``."""
-        mode = self.mode
-        if mode == MAP:
-            out.append(result)
-        elif mode == FILTER:
-            if result:
-                out.append(item)
-        elif mode == FLAT and result is not None:
-            out.extend(result)
+        apply_result(self.mode, item, result, out)
 
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
         """Hand on the outputs of a finished unit (in order, for an ordered step)."""

@@ -1,9 +1,13 @@
 """The thread worker kind: each worker is a daemon thread calling the user's function.
 
-A thread cannot be interrupted. When an item runs past the stage's ``timeout_s`` the watchdog
-*abandons* its thread: the item is settled by the stage's policy on a fresh replacement thread,
-and whatever the old thread returns later is thrown away. The old thread is a daemon, so it never
-keeps the interpreter alive.
+A thread cannot be interrupted. When an item runs past its time limit the watchdog *abandons*
+its thread: a fresh thread takes the worker's place, settles the late item by the source's
+decision and runs the rest of the unit; whatever the old thread does later is thrown away. The
+old thread is a daemon, so it never keeps the interpreter alive.
+
+Time limits are per item, so a timed source keeps the same adaptive units as any other: each
+item notes when it started (and how many outputs its unit had by then), which is all the
+watchdog and a replacement need.
 """
 
 from __future__ import annotations
@@ -16,9 +20,26 @@ from typing import Any
 from .._errors import ItemTimeout, StageFailed
 from .buffer import BufferShutdown
 from .pool import Slot, SlotPool, register_kind
-from .step import EACH, FILTER, FLAT, FLUSH_OUTPUTS, MAP, WOKEN, Unit, Work
+from .source import EACH, FILTER, FLAT, FLUSH_OUTPUTS, MAP, WOKEN, Unit, Work, timeout_of
 
 log = logging.getLogger("conveyor")
+
+
+class _Abandoned(Exception):
+    """The watchdog gave this thread's unit to another thread: stop, drop everything."""
+
+
+class _Resume:
+    """What a replacement thread picks up: the unit, the item at ``pos`` that ran late, and
+    the outputs of the items before it."""
+
+    __slots__ = ("error", "outputs", "pos", "unit")
+
+    def __init__(self, unit: Unit, pos: int, error: BaseException, outputs: list[Any]) -> None:
+        self.unit = unit
+        self.pos = pos
+        self.error = error
+        self.outputs = outputs
 
 
 @register_kind
@@ -26,109 +47,136 @@ class ThreadPool(SlotPool):
     kind = "thread"
 
     def start(self) -> None:
+        self._timed = self.source.spec.timed
         self._begin()
-        if self.step.spec.timeout_s is not None:
+        if self._timed:
             threading.Thread(
                 target=self._watch, name=f"{self.context.thread_name}:watchdog", daemon=True
             ).start()
 
-    def _launch(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
+    def _launch(self, slot: Slot, first: Any) -> None:
         threading.Thread(
             target=self._run,
             args=(slot, first),
-            name=f"{self.context.thread_name}:{self.step.name}:{slot.index}",
+            name=f"{self.context.thread_name}:{self.source.name}:{slot.index}",
             daemon=True,
         ).start()
 
     def abort(self) -> None:
-        # threads unwind through their buffers; nothing else to reach
+        # threads unwind through the source (its buffers shut down); nothing else to reach
         pass
 
     # -- the worker -------------------------------------------------------------------------
-    def _run(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
-        step = self.step
+    def _run(self, slot: Slot, first: _Resume | None) -> None:
+        source = self.source
         eof = False
         work: Work | None = None
         try:
-            work = step.spec.make_work()
+            work = source.spec.make_work()
             try:
                 work.setup()
             except Exception as exc:
-                step.fatal(StageFailed(step.name, None, 0, exc))
+                source.fatal(StageFailed(source.name, None, 0, exc))
                 work = None
                 return
             unit: Unit | None = None
             if first is not None:
-                unit, error = first
-                out: list[Any] = []
-                slot.unit = unit
-                self._recover(work, slot, unit.items[0], error, out, unit.attempt)
+                unit = first.unit
+                out = first.outputs
+                item = unit.items[first.pos]
+                self._recover(work, slot, item, first.error, out, unit.attempt)
+                outs = self._run_items(work, slot, unit, first.pos + 1, out)
                 if not self._done_with(slot):
                     return
-                step.complete(unit, out)
-                unit = step.release(unit)
+                source.complete(unit, outs)
+                unit = source.release(unit)
             while True:
                 while unit is not None:
-                    outs = self._run_unit(work, slot, unit)
+                    outs = self._run_items(work, slot, unit, 0, [])
                     if not self._done_with(slot):
                         return
-                    step.complete(unit, outs)
-                    unit = step.release(unit)
+                    source.complete(unit, outs)
+                    unit = source.release(unit)
                 if self._should_retire(slot):
                     return
-                unit = step.take()
+                unit = source.take()
                 if unit is None:
                     eof = True
                     return
                 if unit is WOKEN:
                     unit = None
-        except BufferShutdown:
+        except (BufferShutdown, _Abandoned):
             pass
-        except BaseException as exc:  # a bug of ours, or KeyboardInterrupt in a worker
-            step.fatal(exc)
+        except BaseException as exc:  # a bug of ours
+            source.fatal(exc)
         finally:
             if work is not None and not slot.abandoned:
                 try:
                     work.teardown()
                 except Exception:
-                    log.exception("teardown of a worker of stage %r failed", step.name)
+                    log.exception("teardown of a worker of %r failed", source.name)
             if not slot.abandoned:
                 self._leave(slot, eof)
 
-    def _run_unit(self, work: Work, slot: Slot, unit: Unit) -> list[Any]:
-        step = self.step
+    def _run_items(
+        self, work: Work, slot: Slot, unit: Unit, start: int, out: list[Any]
+    ) -> list[Any]:
+        """Run ``unit.items[start:]``, adding their outputs to ``out``."""
+        source = self.source
         call = work.call
-        items = unit.items
-        out: list[Any] = []
+        items = unit.items if start == 0 else unit.items[start:]
         append = out.append
-        mode = step.mode
-        slot.unit = unit
-        timed = step.spec.timeout_s is not None
-        if timed:
-            slot.started = step.clock.now()
+        mode = source.mode
+        timed = self._timed
         t0 = time.perf_counter()
+        if timed:
+            # one lock per item: the watchdog must see where the unit is, and a thread it
+            # gave up on must stop before its next item
+            with self._lock:
+                if slot.abandoned:
+                    raise _Abandoned
+                slot.started = source.clock.now()
+                slot.pos, slot.mark, slot.out = start, len(out), out
+                slot.unit = unit
+            pos = start
+            for item in items:
+                self._begin_item(slot, pos, len(out))
+                pos += 1
+                try:
+                    res = call(item)
+                    if mode == FLAT and res is not None:
+                        res = list(res)
+                except BaseException as exc:
+                    self._recover(work, slot, item, exc, out, unit.attempt)
+                    continue
+                if slot.abandoned:
+                    raise _Abandoned
+                source.apply(item, res, out)
+            source.measured(len(items), time.perf_counter() - t0)
+            return out
+        slot.unit = unit
         if mode == MAP:
             for item in items:
                 try:
                     append(call(item))
-                except Exception as exc:
+                except BaseException as exc:
                     self._recover(work, slot, item, exc, out, unit.attempt)
         elif mode == FILTER:
             for item in items:
                 try:
                     if call(item):
                         append(item)
-                except Exception as exc:
+                except BaseException as exc:
                     self._recover(work, slot, item, exc, out, unit.attempt)
         elif mode == EACH:
             for item in items:
                 try:
                     call(item)
-                except Exception as exc:
+                except BaseException as exc:
                     self._recover(work, slot, item, exc, out, unit.attempt)
         else:
             assert mode == FLAT
-            early = not step.spec.ordered
+            early = not source.spec.ordered
             for item in items:
                 try:
                     res = call(item)
@@ -136,17 +184,25 @@ class ThreadPool(SlotPool):
                         for r in res:
                             append(r)
                             if early and len(out) >= FLUSH_OUTPUTS:
-                                step.emit_early(out)
+                                source.emit_early(out)
                                 out = []
                                 append = out.append
-                except Exception as exc:
+                except BaseException as exc:
                     self._recover(work, slot, item, exc, out, unit.attempt)
-        step.measured(len(items), time.perf_counter() - t0)
+        source.measured(len(items), time.perf_counter() - t0)
         return out
+
+    def _begin_item(self, slot: Slot, pos: int, mark: int) -> None:
+        with self._lock:
+            if slot.abandoned:
+                raise _Abandoned
+            slot.pos = pos
+            slot.mark = mark
+            slot.started = self.source.clock.now()
 
     def _done_with(self, slot: Slot) -> bool:
         """Clear the slot's unit; False if the watchdog gave the unit to another thread."""
-        if self.step.spec.timeout_s is None:
+        if not self._timed:
             slot.unit = None
             return True
         return self._finished_unit(slot)
@@ -160,48 +216,57 @@ class ThreadPool(SlotPool):
         out: list[Any],
         attempt: int,
     ) -> None:
-        """Settle a failed item by the stage's policy, retrying it here if the policy says so."""
-        step = self.step
+        """Settle a failed item by the source's decision, trying it again here while the
+        source says so. Anything the user's code raises counts, ``BaseException`` included:
+        a ``SystemExit`` or ``KeyboardInterrupt`` raised by a function fails its item."""
+        source = self.source
+        timed = self._timed
         while True:
-            delay = step.on_failure(item, error, attempt)
+            if slot.abandoned:
+                raise _Abandoned
+            delay = source.on_failure(item, error, attempt)
             if delay is None:
                 return
-            if step.spec.timeout_s is not None:
+            if timed:
                 # the backoff is not part of the next try's time limit
-                slot.started = step.clock.now() + delay
-            if delay > 0 and step.clock.wait(step.stop, delay):
+                slot.started = source.clock.now() + delay
+            if delay > 0 and source.clock.wait(source.stop, delay):
                 raise BufferShutdown
             attempt += 1
-            if step.spec.timeout_s is not None:
-                # the unit holds this one item: a watchdog replacement resumes the count
+            if timed:
+                # a replacement resumes the count of tries from here
                 if slot.unit is not None:
                     slot.unit.attempt = attempt
-                slot.started = step.clock.now()
+                slot.started = source.clock.now()
             try:
                 res = work.call(item)
-                if step.mode == FLAT and res is not None:
+                if source.mode == FLAT and res is not None:
                     res = list(res)
-                if slot.abandoned:
-                    return
-                step.apply(item, res, out)
-                return
-            except Exception as exc:
+            except BaseException as exc:
                 error = exc
+                continue
+            if slot.abandoned:
+                raise _Abandoned
+            source.apply(item, res, out)
+            return
 
-    # -- timeouts ---------------------------------------------------------------------------
+    # -- time limits ------------------------------------------------------------------------
     def _watch(self) -> None:
-        step = self.step
-        timeout = step.spec.timeout_s
-        assert timeout is not None
-        tick = max(0.005, min(timeout / 4, 0.1))
-        while not step.stop.wait(tick) and not self.gone.is_set():
-            now = step.clock.now()
+        source = self.source
+        default = source.spec.timeout_s
+        tick = 0.02 if default is None else max(0.005, min(default / 4, 0.1))
+        while not source.stop.wait(tick) and not self.gone.is_set():
+            now = source.clock.now()
+            late: list[tuple[Slot, _Resume]] = []
             with self._lock:
-                late = [
-                    (slot, slot.unit)
-                    for slot in self._slots
-                    if slot.unit is not None and not slot.abandoned and now - slot.started > timeout
-                ]
-            for slot, unit in late:
-                if unit is not None:
-                    self._replace(slot, (unit, ItemTimeout(step.name, timeout)))
+                for slot in self._slots:
+                    unit = slot.unit
+                    if unit is None or slot.abandoned:
+                        continue
+                    limit = timeout_of(source, unit)
+                    if limit is not None and now - slot.started > limit:
+                        kept = list(slot.out[: slot.mark])
+                        error = ItemTimeout(source.name, limit)
+                        late.append((slot, _Resume(unit, slot.pos, error, kept)))
+            for slot, resume in late:
+                self._replace(slot, resume.unit, resume)

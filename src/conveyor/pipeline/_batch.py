@@ -32,6 +32,7 @@ class BatchPool(WorkerPool):
 
     def __init__(self, step: Any, context: Any, size: int, within_s: float | None) -> None:
         super().__init__(step, context)
+        self.step = step
         self.size = size
         self.within_s = within_s
         self._busy = 0

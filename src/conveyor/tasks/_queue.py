@@ -26,6 +26,7 @@ from typing import (
 )
 from urllib.parse import urlparse
 
+from .._engine import shipping
 from .._engine.policy import backoff_delay
 from .._errors import BackendUnavailable, ConfigurationError, JobNotFound, TaskFailed
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
@@ -198,6 +199,8 @@ class Task(Generic[P, R]):
         self.signature = inspect.signature(fn)
         self.__name__ = getattr(fn, "__name__", name)
         self.__doc__ = fn.__doc__
+        # as functools.wraps does: tools (and a process worker's unpickling) find the function
+        self.__wrapped__ = fn
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         return self.fn(*args, **kwargs)
@@ -407,8 +410,30 @@ class TaskQueue:
                 raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
             if executor not in EXECUTORS:
                 raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
-            if timeout_s is not None and timeout_s <= 0:
+            if timeout_s is not None and (
+                isinstance(timeout_s, bool)
+                or not isinstance(timeout_s, int | float)
+                or not timeout_s > 0
+            ):
                 raise ConfigurationError(f"timeout_s must be positive or None, not {timeout_s!r}")
+            is_async = inspect.iscoroutinefunction(f)
+            if is_async and executor in ("process", "inline"):
+                raise ConfigurationError(
+                    f"executor={executor!r} is for plain functions; an async def runs on the "
+                    "worker's event loop"
+                )
+            if executor == "inline" and timeout_s is not None:
+                raise ConfigurationError(
+                    "an inline task runs on the worker's event loop, where nothing can stop "
+                    "it: use executor='thread' (or 'process') for a time limit"
+                )
+            if executor == "process":
+                try:
+                    shipping.dumps(f)
+                except Exception as exc:
+                    raise ConfigurationError(
+                        f"task {f!r} cannot be sent to a worker process: {exc}"
+                    ) from exc
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")

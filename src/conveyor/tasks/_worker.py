@@ -25,13 +25,18 @@ import signal
 import socket
 import traceback
 import uuid
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .._errors import BackendUnavailable, ConfigurationError
+from .._errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    ItemNotSendable,
+    ItemTimeout,
+    WorkerCrashed,
+)
+from ._jobs import KIND_OF_EXECUTOR, JobSource
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
-from ._threads import DaemonThreadPool
 from .backends import Lease
 
 log = logging.getLogger("conveyor.worker")
@@ -87,7 +92,9 @@ class Worker:
     Options: ``concurrency`` (jobs at once, default 10), ``burst`` (return once the queues are
     drained: nothing claimable, nothing running, nothing due within ``burst_horizon_s``),
     ``lease_s`` (30), ``shutdown_grace_s`` (10), ``poll_s`` (the longest wait between two looks
-    at a queue that cannot wake us; default 1), ``handle_signals`` (True).
+    at a queue that cannot wake us; default 1), ``handle_signals`` (True); for process tasks,
+    ``start_method`` (as for process stages: ``forkserver`` on Linux) and
+    ``max_items_per_worker`` (replace a worker process after that many jobs).
     """
 
     def __init__(
@@ -102,6 +109,8 @@ class Worker:
         poll_s: float = 1.0,
         handle_signals: bool = True,
         name: str | None = None,
+        start_method: str | None = None,
+        max_items_per_worker: int | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
@@ -117,6 +126,10 @@ class Worker:
         self.burst_horizon_s = burst_horizon_s
         self.poll_s = poll_s
         self.handle_signals = handle_signals
+        self.process_options = {
+            "start_method": start_method,
+            "max_items_per_worker": max_items_per_worker,
+        }
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.processed = 0
         self.failed = 0
@@ -124,7 +137,10 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._hard: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._procs: ProcessPoolExecutor | None = None
+        #: where jobs run: one source (and pool) per kind, made with the first job of it
+        self._sources: dict[str, JobSource] = {}
+        #: jobs handed to a source, by run key, until the source reports their outcome
+        self._outcomes: dict[str, asyncio.Future[tuple[bool, Any]]] = {}
         # completions waiting to be written, per queue, with the futures their jobs await
         self._acks: dict[
             TaskQueue, list[tuple[Lease, bytes | None, float | None, asyncio.Future[bool]]]
@@ -150,7 +166,6 @@ class Worker:
         self._hard = asyncio.Event()
         self._io = ThreadPoolExecutor(2, thread_name_prefix="conveyor:queue-io")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
-        self._threads = DaemonThreadPool(self.concurrency * 2, "conveyor:task")
         self._ack_wake = asyncio.Event()
         self._freed = asyncio.Event()
         self._ended = asyncio.Event()
@@ -168,11 +183,9 @@ class Worker:
                 helper.cancel()
             if signals:
                 _HUB.remove(self)
+            await self._close_sources()
             self._io.shutdown(wait=False)
             self._waiter.shutdown(wait=False)
-            self._threads.shutdown(wait=False)
-            if self._procs is not None:
-                self._procs.shutdown(wait=False, cancel_futures=True)
 
     def stop(self, *, now: bool = False) -> None:
         """Ask the worker to stop (thread-safe); ``now=True`` skips the grace period."""
@@ -412,7 +425,7 @@ class Worker:
             await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
             return
         try:
-            result = await self._call(task, args, kwargs)
+            result = await self._call(task, lease.token, args, kwargs)
         except RetryTask as signal_:
             await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
             return
@@ -421,7 +434,19 @@ class Worker:
             return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except ItemNotSendable as exc:
+            # the job cannot cross to its process, or its result cannot come back: no retry
+            # can change that
+            await self._dead(queue, lease, f"{exc}")
+            return
+        except ItemTimeout:
+            error = f"task {task.name!r} ran past timeout_s={task.options.timeout_s}"
+            await self._retry_or_dead(queue, lease, task, error, None)
+            return
+        except WorkerCrashed as exc:
+            await self._retry_or_dead(queue, lease, task, f"{exc}", None)
+            return
+        except BaseException as exc:
             # arguments that no longer fit the function are not worth retrying; they are only
             # checked on a TypeError, so the common case pays nothing for it
             mismatch = isinstance(exc, TypeError) and _mismatch(task, args, kwargs)
@@ -445,36 +470,78 @@ class Worker:
         if await self._ack(queue, lease, data, task.options.keep_result_s):
             self.processed += 1
 
-    async def _call(self, task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    async def _call(
+        self, task: Task[Any, Any], run_key: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run the job on its kind's pool and wait for what it returned (or raise what it
+        raised)."""
         assert self._loop is not None
-        timeout = task.options.timeout_s
-        if task.is_async:
-            run: Any = task.fn(*args, **kwargs)
-        elif task.options.executor == "inline":
-            return task.fn(*args, **kwargs)
-        else:
-            executor: Executor = self._threads
-            if task.options.executor == "process":
-                executor = self._process_pool()
-            run = self._loop.run_in_executor(executor, _call_with, task.fn, args, kwargs)
+        source = self._source_for(task)
+        outcome: asyncio.Future[tuple[bool, Any]] = self._loop.create_future()
+        self._outcomes[run_key] = outcome
         try:
-            if timeout is None:
-                return await run
-            return await asyncio.wait_for(run, timeout)
-        except TimeoutError:
-            raise TimeoutError(f"task {task.name!r} ran past timeout_s={timeout}") from None
-        except BrokenProcessPool:
-            self._procs = None  # a worker process died: a fresh pool for the next job
-            raise
+            source.feed(run_key, _task_key(task), args, kwargs, task.options.timeout_s)
+            returned, value = await outcome
+        finally:
+            self._outcomes.pop(run_key, None)
+        if returned:
+            return value
+        raise value
 
-    def _process_pool(self) -> ProcessPoolExecutor:
-        if self._procs is None:
-            import multiprocessing
-
-            self._procs = ProcessPoolExecutor(
-                self.concurrency, mp_context=multiprocessing.get_context("forkserver")
+    def _source_for(self, task: Task[Any, Any]) -> JobSource:
+        kind = "async" if task.is_async else KIND_OF_EXECUTOR[task.options.executor]
+        source = self._sources.get(kind)
+        if source is None:
+            assert self._loop is not None
+            tasks = [
+                t
+                for q in self.queues
+                for t in q.tasks.values()
+                if ("async" if t.is_async else KIND_OF_EXECUTOR[t.options.executor]) == kind
+            ]
+            source = JobSource(
+                kind,
+                name=f"conveyor:task:{kind}",
+                workers=self.concurrency,
+                functions={_task_key(t): t.fn for t in tasks},
+                timed=any(t.options.timeout_s is not None for t in tasks),
+                options=self.process_options if kind == "process" else {},
+                outcomes=self,
+                loop=self._loop,
             )
-        return self._procs
+            self._sources[kind] = source
+        return source
+
+    # -- outcomes, from the sources (on the loop) ------------------------------------------------
+    def job_returned(self, run_key: str, value: Any) -> None:
+        outcome = self._outcomes.get(run_key)
+        if outcome is not None and not outcome.done():
+            outcome.set_result((True, value))
+
+    def job_raised(self, run_key: str, error: BaseException) -> None:
+        outcome = self._outcomes.get(run_key)
+        if outcome is not None and not outcome.done():
+            outcome.set_result((False, error))
+
+    def pool_failed(self, kind: str, error: BaseException) -> None:
+        """The pool of ``kind`` cannot go on (a fault of conveyor's, or a process task whose
+        worker cannot start): its jobs fail with the reason, and it is made again."""
+        log.error("worker %s: the %s pool failed: %r", self.id, kind, error)
+        source = self._sources.pop(kind, None)
+        if source is not None:
+            source.abort()
+        for outcome in list(self._outcomes.values()):
+            if not outcome.done():
+                outcome.set_result((False, error))
+
+    async def _close_sources(self) -> None:
+        sources = list(self._sources.values())
+        self._sources.clear()
+        for source in sources:
+            source.close()
+        for source in sources:
+            if not await asyncio.to_thread(source.pool.gone.wait, 5):
+                source.abort()
 
     async def _retry_or_dead(
         self,
@@ -517,6 +584,12 @@ class Worker:
         await self._flush_acks()
         await asyncio.sleep(0)
         left = list(self._running.values())
+        if left:
+            # what still runs is stopped where it runs: processes killed, coroutines
+            # cancelled, threads abandoned (they cannot be stopped; their outcome is dropped)
+            for source in list(self._sources.values()):
+                source.abort()
+            self._sources.clear()
         for task, _, _ in left:
             task.cancel()
         for task, queue, lease in left:
@@ -539,5 +612,6 @@ def _mismatch(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> 
     return ""
 
 
-def _call_with(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    return fn(*args, **kwargs)
+def _task_key(task: Task[Any, Any]) -> str:
+    """How a job names its function to the pool (queues may share task names)."""
+    return f"{task.queue.name}\x00{task.name}"

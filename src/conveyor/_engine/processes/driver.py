@@ -1,31 +1,33 @@
 """The process worker kind: each worker is a child process fed by a driver thread.
 
 The parent keeps everything that must be shared or decided in one place: taking units from the
-step (so ``rate``, order and keys work as for any kind), the failure policy, the statistics. A
-child only runs the user's function over the units it is sent and answers with their outputs.
+source (so ``rate``, order and keys work as for any kind), what a failure leads to, the
+statistics. A child only runs the user's code over the units it is sent and answers with their
+outputs (:mod:`.child`; the messages are in :mod:`.wire`).
 
 What crosses the pipe
 ---------------------
-The stage's work (the function, or the ``Stage`` instance or class) is pickled once with
-cloudpickle (:mod:`.shipping`), so lambdas and closures travel under ``spawn`` and
+The source's work (the function, the ``Stage`` instance or class, a task registry) is pickled
+once with cloudpickle (:mod:`..shipping`), so lambdas and closures travel under ``spawn`` and
 ``forkserver`` too, and a traceback from the child names the user's file and line. Units and
-results use the standard pickle. A unit is as large as about 50 ms of work (measured in the child
-and fed back), so tiny items are cheap and a slow item travels alone.
+results use the standard pickle. A unit is as large as about 50 ms of work (measured in the
+child and fed back), so tiny items are cheap and a slow item travels alone.
 
 When things go wrong
 --------------------
-* An item raises in the child: the exception (with its traceback text) comes back and the
-  parent applies the stage's policy; a retry runs on the same child.
-* An item cannot be pickled, or its result cannot: that item fails with
-  :class:`ItemNotSendable`, naming its type; the other items of the unit go on.
-* The child dies (a signal, ``os._exit``, a segfault) or runs past ``timeout_s`` (then the parent
-  kills it): a fresh child replaces it, and the item it was on fails with
-  :class:`WorkerCrashed` or :class:`ItemTimeout`. The unit is sent again to the new child unless
-  the policy settles that item otherwise; results the dead child had not sent are recomputed, so
-  every item's outputs are emitted exactly once.
+* An item raises in the child (anything, ``BaseException`` included): the exception (with its
+  traceback text) comes back and the source decides; a retry runs on the same child.
+* An item cannot be pickled, or its result cannot, or either pickles but cannot be unpickled
+  on the other side: that item fails with :class:`ItemNotSendable`, naming its type; the other
+  items of the unit go on.
+* The child dies (a signal, ``os._exit``, a segfault) or an item runs past its time limit (then
+  the parent kills it): a fresh child replaces it, and the item it was on fails with
+  :class:`WorkerCrashed` or :class:`ItemTimeout`. The unit is sent again to the new child
+  unless the source settles that item otherwise; results the dead child had not sent are
+  recomputed, so every item's outputs are emitted exactly once.
 * The parent dies: every child holds the read end of a *lifeline* pipe whose only writer is the
   parent, and exits as soon as it reads end-of-file there.
-* The run is torn down (a failure, Ctrl-C): every child is killed at once.
+* The work is torn down (a failure, Ctrl-C): every child is killed at once.
 """
 
 from __future__ import annotations
@@ -33,19 +35,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import pickle
-import signal
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any, ClassVar
 
-from .._errors import (
+from ..._errors import (
     ConfigurationError,
     ItemNotSendable,
     ItemTimeout,
@@ -53,10 +52,25 @@ from .._errors import (
     StageFailed,
     WorkerCrashed,
 )
-from . import shipping
-from .buffer import BufferShutdown
-from .pool import Slot, SlotPool, register_kind
-from .step import EACH, FILTER, MAP, WOKEN, StepSpec, Unit
+from .. import shipping
+from ..buffer import BufferShutdown
+from ..pool import Slot, SlotPool, register_kind
+from ..source import WOKEN, StepSpec, Unit, timeout_of
+from . import child as child_side
+from .wire import (
+    UNSENDABLE,
+    Answer,
+    Bye,
+    Explain,
+    Failure,
+    Leave,
+    Ready,
+    Run,
+    SetupFailed,
+    Unreadable,
+    dumps,
+    pickles,
+)
 
 log = logging.getLogger("conveyor")
 
@@ -69,26 +83,11 @@ UNIT_TARGET_S = 0.05
 _PIPELINE_BYTES = 32 * 1024
 #: a unit of large items stops growing at about this many pickled bytes
 _UNIT_BYTES = 4 * 1024 * 1024
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: how long a child may take to start, set up, or tear down and leave
 _START_TIMEOUT_S = 60.0
 _LEAVE_TIMEOUT_S = 10.0
-#: how often a waiting driver looks at the run's stop event
+#: how often a waiting driver looks at the stop event (and at a timed item's clock)
 _SLICE_S = 0.25
-
-
-class _Unsendable:
-    """Stands in a unit for an item that could not be pickled; the child skips it."""
-
-    def __reduce__(self) -> str:
-        # unpickles as the module's one instance, so the child can test with `is`
-        return "_UNSENDABLE"
-
-
-_UNSENDABLE = _Unsendable()
-
-
-# -- the child side -----------------------------------------------------------------------------
 
 
 class _RemoteTraceback(Exception):
@@ -102,151 +101,8 @@ class _RemoteTraceback(Exception):
         return f"\n\nin the worker process:\n{self.text}"
 
 
-def _portable(exc: BaseException) -> tuple[Any, str]:
-    """The exception itself if it pickles, else a RemoteError; plus its traceback text."""
-    text = "".join(traceback.format_exception(exc))
-    try:
-        pickle.dumps(exc, _PROTOCOL)
-        return exc, text
-    except Exception:
-        return RemoteError(type(exc).__name__, str(exc)), text
-
-
-def _run_items(
-    work: Any, mode: str, items: list[Any], progress: Any
-) -> tuple[list[Any], list[tuple[int, int, Any, str]], list[int]]:
-    """Run ``items``; return the outputs, the failures ``(index, position in outputs, error,
-    traceback)`` and where each item's outputs start."""
-    call = work.call
-    out: list[Any] = []
-    append = out.append
-    failures: list[tuple[int, int, Any, str]] = []
-    starts: list[int] = []
-    for i, item in enumerate(items):
-        progress[1] = i
-        starts.append(len(out))
-        if item is _UNSENDABLE:
-            continue
-        try:
-            if mode == MAP:
-                append(call(item))
-            elif mode == FILTER:
-                if call(item):
-                    append(item)
-            elif mode == EACH:
-                call(item)
-            else:
-                res = call(item)
-                if res is not None:
-                    out.extend(res)
-        except Exception as exc:
-            error, text = _portable(exc)
-            failures.append((i, len(out), error, text))
-    return out, failures, starts
-
-
-def _answer(
-    unit_id: int,
-    out: list[Any],
-    failures: list[tuple[int, int, Any, str]],
-    starts: list[int],
-    seconds: float,
-) -> bytes:
-    try:
-        return pickle.dumps(("ok", unit_id, out, failures, seconds), _PROTOCOL)
-    except Exception:
-        pass
-    # some result does not pickle: find whose, and turn those items into failures
-    kept: list[Any] = []
-    bad: list[tuple[int, int, Any, str]] = []
-    failed = {f[0] for f in failures}
-    for i, start in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(out)
-        outputs = out[start:end]
-        try:
-            pickle.dumps(outputs, _PROTOCOL)
-        except Exception as exc:
-            culprit = next((o for o in outputs if not _pickles(o)), outputs)
-            if i not in failed:
-                error = ItemNotSendable("a result", culprit, exc)
-                bad.append((i, len(kept), error, ""))
-            continue
-        # an item's failure position moves with the outputs removed before it
-        for f in failures:
-            if f[0] == i:
-                bad.append((i, len(kept), f[2], f[3]))
-        kept.extend(outputs)
-    bad.sort(key=lambda f: f[0])
-    return pickle.dumps(("ok", unit_id, kept, bad, seconds), _PROTOCOL)
-
-
-def _pickles(value: Any) -> bool:
-    try:
-        pickle.dumps(value, _PROTOCOL)
-        return True
-    except Exception:
-        return False
-
-
-def _watch_lifeline(lifeline: Connection) -> None:
-    # the parent never writes here: end-of-file means it is gone
-    with contextlib.suppress(EOFError, OSError):
-        lifeline.recv_bytes()
-    os._exit(70)
-
-
-def _child_main(
-    payload: bytes,
-    conn: Connection,
-    lifeline: Connection,
-    inherited_writer: Connection | None,
-    progress: Any,
-) -> None:
-    # the parent decides when its workers stop: Ctrl-C in a terminal reaches the whole group
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if inherited_writer is not None:  # under fork, our copy of the parent's end
-        inherited_writer.close()
-    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
-    try:
-        make_work, mode = shipping.loads(payload)
-        work = make_work()
-        work.setup()
-    except BaseException as exc:
-        conn.send_bytes(pickle.dumps(("setup_failed", *_portable(exc)), _PROTOCOL))
-        return
-    conn.send_bytes(pickle.dumps(("ready", os.getpid()), _PROTOCOL))
-    try:
-        while True:
-            try:
-                msg = pickle.loads(conn.recv_bytes())
-            except EOFError:
-                break
-            if msg is None:
-                break
-            unit_id, items = msg
-            progress[0] = unit_id
-            t0 = time.perf_counter()
-            out, failures, starts = _run_items(work, mode, items, progress)
-            seconds = time.perf_counter() - t0
-            conn.send_bytes(_answer(unit_id, out, failures, starts, seconds))
-    finally:
-        try:
-            work.teardown()
-        except Exception:
-            traceback.print_exc()
-        with contextlib.suppress(OSError):
-            conn.send_bytes(pickle.dumps(("bye",), _PROTOCOL))
-        if inherited_writer is not None:
-            # a forked child of a threaded parent can hang in interpreter shutdown on a lock
-            # some parent thread held at the fork; its work is done, so leave directly
-            os._exit(0)
-
-
-# -- the parent side ----------------------------------------------------------------------------
-
-
 class _Lost(Exception):
-    """The child died, or ran past its time."""
+    """The child died, or an item ran past its time."""
 
     def __init__(self, late: bool) -> None:
         self.late = late
@@ -255,17 +111,33 @@ class _Lost(Exception):
 class _Flight:
     """Items sent to a child as one message, and, once it came back, the child's answer."""
 
-    __slots__ = ("answer", "attempt", "data", "id", "items", "owner", "unit", "unsendable")
+    __slots__ = (
+        "answer",
+        "attempt",
+        "data",
+        "explained",
+        "id",
+        "items",
+        "owner",
+        "timeout_s",
+        "unit",
+        "unsendable",
+    )
 
-    def __init__(self, items: list[Any], unit: Unit | None, attempt: int) -> None:
+    def __init__(
+        self, items: list[Any], unit: Unit | None, attempt: int, timeout_s: float | None
+    ) -> None:
         self.items = items
         self.unit = unit
         self.attempt = attempt
+        self.timeout_s = timeout_s
         self.id = -1
         self.owner: object = None
         self.data = b""
         self.unsendable: list[int] = []
-        self.answer: Any = None
+        self.answer: Answer | None = None
+        #: the child was asked to check its answer (it could not be read here)
+        self.explained = False
 
     def unit_item(self, index: int) -> Any:
         """The item as the user gave it (``items`` may hold a stand-in)."""
@@ -277,9 +149,10 @@ class _Child:
         ctx = pool.ctx
         parent_end, child_end = ctx.Pipe(duplex=True)
         life_reader, life_writer = ctx.Pipe(duplex=False)
-        self.progress = ctx.RawArray("q", 2)
+        self.progress = ctx.RawArray("q", child_side.PROGRESS_SLOTS)
+        self.progress[child_side.UNIT] = -1
         self.proc = ctx.Process(
-            target=_child_main,
+            target=child_side.child_main,
             args=(
                 pool.payload,
                 child_end,
@@ -287,7 +160,7 @@ class _Child:
                 life_writer if pool.start_method == "fork" else None,
                 self.progress,
             ),
-            name=f"conveyor:{pool.step.name}",
+            name=f"conveyor:{pool.source.name}",
             daemon=True,
         )
         self.proc.start()
@@ -298,34 +171,52 @@ class _Child:
         self.pid: int | None = self.proc.pid
         self.items_posted = 0
         self.next_id = 0
-        #: flights sent and not yet answered, oldest first (the child answers in order)
-        self.fifo: deque[_Flight] = deque()
+        #: flights sent and not yet answered, by id, oldest first
+        self.flights: dict[int, _Flight] = {}
+        #: whose answer comes next: the ids of the messages sent, in order (the child answers
+        #: each Run and Explain once, in the order it got them)
+        self.expect: deque[int] = deque()
 
     def send(self, msg: Any) -> None:
-        self.conn.send_bytes(pickle.dumps(msg, _PROTOCOL))
+        self.conn.send_bytes(dumps(msg))
 
-    def receive(self, stop: threading.Event, deadline: float | None) -> Any:
-        """The child's next message; raises :class:`_Lost` if it died or ran out of time."""
+    def receive(self, stop: threading.Event, timeout_s: float | None) -> Any:
+        """The child's next message (raw bytes are unpickled; one that cannot be is returned
+        as ``None``); raises :class:`_Lost` if it died or its current item ran past
+        ``timeout_s`` (of that flight's own, see ``late_by``)."""
         while True:
             if stop.is_set():
                 raise BufferShutdown
             wait_s = _SLICE_S
-            if deadline is not None:
-                wait_s = min(wait_s, deadline - time.monotonic())
-                if wait_s <= 0:
+            if timeout_s is not None:
+                wait_s = min(wait_s, max(0.005, timeout_s / 4))
+                if self.late():
                     raise _Lost(late=True)
             ready = wait_any([self.conn, self.proc.sentinel], wait_s)
             if self.conn in ready:
                 try:
-                    return pickle.loads(self.conn.recv_bytes())
+                    data = self.conn.recv_bytes()
                 except (EOFError, OSError):
                     pass  # the child is gone: its sentinel says how
+                else:
+                    try:
+                        return pickle.loads(data)
+                    except Exception:
+                        return None
             elif not ready:
                 continue
             if stop.is_set():
                 raise BufferShutdown
             self.proc.join(1.0)
             raise _Lost(late=False)
+
+    def late(self) -> bool:
+        """The item the child is on has run past its flight's time limit."""
+        flight = self.flights.get(self.progress[child_side.UNIT])
+        if flight is None or flight.timeout_s is None:
+            return False
+        started = self.progress[child_side.STARTED]
+        return bool(time.monotonic_ns() - started > flight.timeout_s * 1e9)
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
@@ -341,14 +232,15 @@ class _Child:
     def leave(self) -> None:
         """Ask the child to tear down and exit; kill it if it does not in time."""
         try:
-            self.send(None)
+            self.send(Leave())
             deadline = time.monotonic() + _LEAVE_TIMEOUT_S
             while time.monotonic() < deadline:
                 if not wait_any([self.conn, self.proc.sentinel], deadline - time.monotonic()):
                     break
                 if self.conn.poll():
-                    if pickle.loads(self.conn.recv_bytes())[0] == "bye":
-                        break
+                    with contextlib.suppress(Exception):
+                        if isinstance(pickle.loads(self.conn.recv_bytes()), Bye):
+                            break
                 else:
                     break
             self.proc.join(max(0.0, deadline - time.monotonic()))
@@ -388,17 +280,17 @@ class ProcessPool(SlotPool):
             shipping.dumps((spec.make_work, spec.mode))
         except Exception as exc:
             raise ConfigurationError(
-                f"stage {spec.name!r} cannot be sent to a worker process: {exc} "
-                "(everything a process stage's function refers to must pickle)"
+                f"{spec.name!r} cannot be sent to a worker process: {exc} "
+                "(everything its function refers to must pickle)"
             ) from exc
 
     def start(self) -> None:
-        spec = self.step.spec
+        spec = self.source.spec
         self.start_method: str = spec.option("start_method", DEFAULT_START_METHOD)
         self.ctx = multiprocessing.get_context(self.start_method)
         self.payload = shipping.dumps((spec.make_work, spec.mode))
         self.recycle_after: int | None = spec.option("max_items_per_worker")
-        self.step.target_unit_s = UNIT_TARGET_S
+        self.source.target_unit_s = max(self.source.target_unit_s, UNIT_TARGET_S)
         if self.start_method == "forkserver":
             # the server imports conveyor once; every worker it forks then starts at once
             self.ctx.set_forkserver_preload(["conveyor._engine.processes"])
@@ -409,11 +301,11 @@ class ProcessPool(SlotPool):
         self._aborted = False
         self._begin()
 
-    def _launch(self, slot: Slot, first: tuple[Unit, BaseException] | None) -> None:
+    def _launch(self, slot: Slot, first: Any) -> None:
         threading.Thread(
             target=self._drive,
             args=(slot,),
-            name=f"{self.context.thread_name}:{self.step.name}:{slot.index}",
+            name=f"{self.context.thread_name}:{self.source.name}:{slot.index}",
             daemon=True,
         ).start()
 
@@ -432,30 +324,38 @@ class ProcessPool(SlotPool):
 
     # -- children -----------------------------------------------------------------------------
     def _new_child(self) -> _Child:
-        """Start a child and wait until its ``setup`` ran; a failing setup fails the run."""
-        step = self.step
+        """Start a child and wait until its ``setup`` ran; a failing setup is fatal."""
+        source = self.source
         child = _Child(self)
         with self._children_lock:
             self._children.add(child)
         if self._aborted:
             child.kill()
             raise BufferShutdown
-        try:
-            msg = child.receive(step.stop, time.monotonic() + _START_TIMEOUT_S)
-        except _Lost as lost:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        msg: Any = None
+        lost: _Lost | None = None
+        while msg is None and lost is None:
+            try:
+                msg = child.receive(source.stop, None)
+            except _Lost as exc:
+                lost = exc
+            if msg is None and time.monotonic() > deadline:
+                lost = _Lost(late=True)
+        if lost is not None or not isinstance(msg, Ready | SetupFailed):
             self._forget(child)
-            error = WorkerCrashed(step.name, child.pid, child.proc.exitcode)
+            error = WorkerCrashed(source.name, child.pid, child.proc.exitcode)
             if self.start_method != "fork":
                 error.add_note(
                     "the worker died while starting; under spawn and forkserver it imports "
                     "the main module, so a script must keep its top level under "
                     "if __name__ == '__main__':"
                 )
-            step.fatal(StageFailed(step.name, None, 0, error))
+            source.fatal(StageFailed(source.name, None, 0, error))
             raise BufferShutdown from lost
-        if msg[0] == "setup_failed":
+        if isinstance(msg, SetupFailed):
             self._forget(child)
-            step.fatal(StageFailed(step.name, None, 0, _revive(msg[1], msg[2])))
+            source.fatal(StageFailed(source.name, None, 0, _revive(msg.error, msg.text)))
             raise BufferShutdown
         return child
 
@@ -474,14 +374,15 @@ class ProcessPool(SlotPool):
     # -- the driver thread ----------------------------------------------------------------------
     def _drive(self, slot: Slot) -> None:
         """Take units, keep up to two in flight to the child, complete them in order."""
-        step = self.step
+        source = self.source
         eof = False
         child: _Child | None = None
-        depth = 1 if step.spec.timeout_s is not None else 2
+        depth = 1 if source.spec.timed else 2
         pending: deque[_Flight] = deque()  # posted to the child, not yet completed
         later: deque[Unit] = deque()  # handed back by release(): same key, runs next
         held: _Flight | None = None  # too large to post while another flight runs
         ended = False
+        retiring = False
         try:
             child = self._new_child()
             while True:
@@ -493,9 +394,12 @@ class ProcessPool(SlotPool):
                     if later:
                         unit: Unit | None = later.popleft()
                     else:
-                        if not pending and self._should_retire(slot):
-                            return
-                        unit = step.take(limit=budget, wait=not pending)
+                        # a shrink takes effect within one unit: stop taking, finish what
+                        # is in flight, then leave
+                        if retiring or self._should_retire(slot):
+                            retiring = True
+                            break
+                        unit = source.take(limit=budget, wait=not pending)
                     if unit is None:
                         ended = True
                     elif unit is WOKEN:
@@ -503,7 +407,9 @@ class ProcessPool(SlotPool):
                             break
                         continue
                     else:
-                        flight = _Flight(list(unit.items), unit, unit.attempt)
+                        flight = _Flight(
+                            list(unit.items), unit, unit.attempt, timeout_of(source, unit)
+                        )
                         self._prepare(child, flight)
                         if pending and len(flight.data) > _PIPELINE_BYTES:
                             held = flight
@@ -516,6 +422,8 @@ class ProcessPool(SlotPool):
                         pending.append(held)
                         held = None
                         continue
+                    if retiring:
+                        return
                     if ended:
                         eof = True
                         return
@@ -529,24 +437,27 @@ class ProcessPool(SlotPool):
                 child, outs = self._finish(child, flight, pending)
                 slot.unit = None
                 assert flight.unit is not None
-                step.complete(flight.unit, outs)
-                nxt = step.release(flight.unit)
+                source.complete(flight.unit, outs)
+                nxt = source.release(flight.unit)
                 if nxt is not None:
                     later.append(nxt)
         except BufferShutdown:
             pass
         except BaseException as exc:  # a bug of ours
-            step.fatal(exc)
+            source.fatal(exc)
         finally:
             slot.unit = None
             if child is not None:
-                self._forget(child, gracefully=not self._aborted and not step.stop.is_set())
-            self._leave(slot, eof)
+                self._forget(child, gracefully=not self._aborted and not source.stop.is_set())
+            if not retiring:
+                self._leave(slot, eof)
+            else:
+                self._leave(slot, False)
 
     def _budget(self, child: _Child) -> int | None:
-        """How many items the next unit may hold: what the step's timing allows, no more than
-        about ``_UNIT_BYTES`` pickled, and (0 when) the child is due to be recycled."""
-        limit = self.step.unit_limit()
+        """How many items the next unit may hold: what the source's timing allows, no more
+        than about ``_UNIT_BYTES`` pickled, and (0 when) the child is due to be recycled."""
+        limit = self.source.unit_limit()
         if self._item_bytes is not None:
             limit = max(1, min(limit, int(_UNIT_BYTES / max(self._item_bytes, 1.0))))
         if self.recycle_after is not None:
@@ -565,64 +476,100 @@ class ProcessPool(SlotPool):
         flight.owner = child
         child.next_id += 1
         try:
-            flight.data = pickle.dumps((flight.id, flight.items), _PROTOCOL)
-            flight.unsendable = []
+            flight.data = dumps(Run(flight.id, flight.items))
         except Exception:  # pickling fails in many ways: find the items at fault
-            flight.unsendable = [i for i, x in enumerate(flight.items) if not _pickles(x)]
-            for i in flight.unsendable:
-                flight.items[i] = _UNSENDABLE
-            flight.data = pickle.dumps((flight.id, flight.items), _PROTOCOL)
+            self._stand_in(flight, [i for i, x in enumerate(flight.items) if not pickles(x)])
         per_item = len(flight.data) / max(1, len(flight.items))
         seen = self._item_bytes
         self._item_bytes = per_item if seen is None else seen * 0.7 + per_item * 0.3
+
+    def _stand_in(self, flight: _Flight, bad: list[int]) -> None:
+        """Replace the items at ``bad`` by a stand-in the child skips (they fail here)."""
+        flight.unsendable = sorted(set(flight.unsendable) | set(bad))
+        for i in flight.unsendable:
+            flight.items[i] = UNSENDABLE
+        flight.data = dumps(Run(flight.id, flight.items))
 
     def _post(self, child: _Child, flight: _Flight) -> None:
         if flight.owner is not child:  # numbered for a child that was replaced since
             self._prepare(child, flight)
         child.conn.send_bytes(flight.data)
-        child.fifo.append(flight)
+        child.flights[flight.id] = flight
+        child.expect.append(flight.id)
         child.items_posted += len(flight.items)
         flight.answer = None
 
     def _await(self, child: _Child, flight: _Flight) -> _Child:
-        """Receive answers, in order, until ``flight`` has its own; replace the child (and send
-        its unanswered flights again) as often as it dies on the way."""
-        timeout = self.step.spec.timeout_s
+        """Receive answers until ``flight`` has its own; replace the child (and send its
+        unanswered flights again) as often as it dies on the way."""
         while flight.answer is None:
-            first = child.fifo[0]
-            deadline = None
-            if timeout is not None:
-                deadline = time.monotonic() + timeout * max(1, len(first.items))
+            limits = [f.timeout_s for f in child.flights.values() if f.timeout_s is not None]
             try:
-                msg = child.receive(self.step.stop, deadline)
+                msg = child.receive(self.source.stop, min(limits) if limits else None)
             except _Lost as lost:
                 child = self._recover(child, lost)
                 continue
-            child.fifo.popleft()
-            if msg[0] != "ok" or msg[1] != first.id:
-                raise RuntimeError(f"worker answered out of turn: {msg[:2]!r}")
-            first.answer = msg
+            whose = child.flights.get(child.expect.popleft()) if child.expect else None
+            if whose is None:
+                raise RuntimeError(f"worker {child.pid} answered when nothing was asked")
+            if isinstance(msg, Answer) and msg.unit_id == whose.id:
+                del child.flights[whose.id]
+                whose.answer = msg
+            elif msg is None and not whose.explained:
+                # the answer pickled there but cannot be read here: ask for it again, with
+                # every item's outputs checked there
+                whose.explained = True
+                child.send(Explain(whose.id))
+                child.expect.append(whose.id)
+            elif msg is None or (isinstance(msg, Unreadable) and whose.explained):
+                # even checked, it cannot be read here: every item of the unit fails
+                del child.flights[whose.id]
+                whose.answer = Answer(whose.id, [], self._all_fail(whose, msg), 0.0)
+            elif isinstance(msg, Unreadable):
+                self._unreadable(child, whose)
+            else:
+                raise RuntimeError(f"worker {child.pid} answered out of turn: {msg!r:.200}")
         return child
 
+    def _all_fail(self, flight: _Flight, msg: Any) -> list[Failure]:
+        reason = TypeError(msg.reason if isinstance(msg, Unreadable) else "it does not unpickle")
+        return [
+            Failure(i, 0, ItemNotSendable("a result", flight.unit_item(i), reason), "")
+            for i in range(len(flight.items))
+            if flight.items[i] is not UNSENDABLE
+        ]
+
+    def _unreadable(self, child: _Child, flight: _Flight) -> None:
+        """The child could not unpickle the flight: find the items that do not survive a
+        round trip, stand them in, and send the flight again."""
+        bad = [i for i, x in enumerate(flight.items) if x is not UNSENDABLE and not pickles(x)]
+        if not bad:  # nothing to blame here: every item fails alike
+            bad = list(range(len(flight.items)))
+        del child.flights[flight.id]
+        self._stand_in(flight, bad)
+        self._post(child, flight)
+
     def _recover(self, child: _Child, lost: _Lost) -> _Child:
-        """The child died (or was late): blame the item it was on, let the policy decide, and
+        """The child died (or was late): blame the item it was on, let the source decide, and
         send every unanswered flight to a fresh child."""
-        step = self.step
-        unit_id, index = child.progress[0], child.progress[1]
+        source = self.source
+        unit_id, index = child.progress[child_side.UNIT], child.progress[child_side.INDEX]
+        flights = sorted(child.flights.values(), key=lambda f: f.id)
+        blamed = child.flights.get(unit_id)
         if lost.late:
-            error: BaseException = ItemTimeout(step.name, step.spec.timeout_s or 0.0)
+            limit = (blamed.timeout_s if blamed is not None else None) or 0.0
+            error: BaseException = ItemTimeout(source.name, limit)
         else:
-            error = WorkerCrashed(step.name, child.pid, child.proc.exitcode)
-        flights = list(child.fifo)
-        child.fifo.clear()
+            error = WorkerCrashed(source.name, child.pid, child.proc.exitcode)
+        child.flights.clear()
+        child.expect.clear()
         new = self._replace_child(child)
         # the flight it was on; if it died before starting any, the first one's first item
-        blamed = next((f for f in flights if f.id == unit_id), None)
         if blamed is None or not 0 <= index < len(blamed.items):
             blamed, index = flights[0], 0
-        delay = step.on_failure(blamed.items[index], error, blamed.attempt)
-        if delay is None:  # skipped or dead-lettered: the others go again
-            blamed.items[index] = _UNSENDABLE
+        delay = source.on_failure(blamed.unit_item(index), error, blamed.attempt)
+        if delay is None:  # settled: the others go again
+            blamed.items[index] = UNSENDABLE
         else:
             blamed.attempt += 1
             self._pause(delay)
@@ -635,12 +582,15 @@ class ProcessPool(SlotPool):
         self, child: _Child, flight: _Flight, pending: deque[_Flight]
     ) -> tuple[_Child, list[Any]]:
         """The outputs of an answered flight, its failed items settled in their places."""
-        _, _, outs, failures, seconds = flight.answer
-        self.step.measured(len(flight.items), seconds)
-        settled = [(i, pos, _revive(error, text)) for i, pos, error, text in failures]
+        answer = flight.answer
+        assert answer is not None
+        outs = answer.outputs
+        self.source.measured(len(flight.items), answer.seconds)
+        settled = [(f.which, f.position, _revive(f.error, f.text)) for f in answer.failures]
         for i in flight.unsendable:
             start = next((pos for j, pos, _ in settled if j > i), len(outs))
-            settled.append((i, start, ItemNotSendable("an item", flight.unit_item(i), TypeError())))
+            why = TypeError("it does not pickle")
+            settled.append((i, start, ItemNotSendable("an item", flight.unit_item(i), why)))
         if not settled:
             return child, outs
         settled.sort(key=lambda f: f[0])
@@ -649,36 +599,46 @@ class ProcessPool(SlotPool):
             child = self._await(child, other)
         shift = 0
         for index, position, error in settled:
-            child, extra = self._settle(child, flight.unit_item(index), error, flight.attempt)
+            child, extra = self._settle(
+                child, flight.unit_item(index), error, flight.attempt, flight.timeout_s
+            )
             outs[position + shift : position + shift] = extra
             shift += len(extra)
         return child, outs
 
     def _settle(
-        self, child: _Child, item: Any, error: BaseException, attempt: int
+        self,
+        child: _Child,
+        item: Any,
+        error: BaseException,
+        attempt: int,
+        timeout_s: float | None,
     ) -> tuple[_Child, list[Any]]:
-        """Apply the policy to one failed item, retrying it on a child while it says so."""
-        step = self.step
+        """Let the source decide about one failed item, trying it again on a child while it
+        says so."""
+        source = self.source
         while True:
-            delay = step.on_failure(item, error, attempt)
+            delay = source.on_failure(item, error, attempt)
             if delay is None:
                 return child, []
             self._pause(delay)
             attempt += 1
-            retry = _Flight([item], None, attempt)
+            retry = _Flight([item], None, attempt, timeout_s)
             self._prepare(child, retry)
             self._post(child, retry)
             child = self._await(child, retry)
-            _, _, outs, failures, _seconds = retry.answer
+            answer = retry.answer
+            assert answer is not None
             if retry.unsendable:
-                error = ItemNotSendable("an item", item, TypeError())
-            elif failures:
-                error = _revive(failures[0][2], failures[0][3])
+                error = ItemNotSendable("an item", item, TypeError("it does not pickle"))
+            elif answer.failures:
+                f = answer.failures[0]
+                error = _revive(f.error, f.text)
             else:
-                return child, outs
+                return child, answer.outputs
 
     def _pause(self, delay: float) -> None:
-        if delay > 0 and self.step.clock.wait(self.step.stop, delay):
+        if delay > 0 and self.source.clock.wait(self.source.stop, delay):
             raise BufferShutdown
 
 

@@ -1,0 +1,180 @@
+"""Jobs as a source of work for the engine's worker kinds.
+
+A worker claims jobs on its event loop; their functions run on the same thread, process and
+async kinds that run pipeline stages, so a task gets what a stage gets: a time limit that
+abandons and replaces a stuck thread or kills and replaces a process, a crash that fails only
+the job it was running, cloudpickle and the start method for processes, recycling.
+
+There is one :class:`JobSource` per kind a worker uses (made when its first job of that kind
+comes). A job is a unit of one item, ``(run_key, task_key, args, kwargs)``; the kind reports
+its outcome, and the source hands it to the worker on its loop. A job is never tried again in
+place: a failure goes back to the worker, which retries it through its queue (with backoff,
+counted as an attempt) or makes it dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .._engine import KINDS, SYSTEM_CLOCK, Buffer, BufferShutdown, Clock, PoolContext, StepSpec
+from .._engine.source import MAP, WOKEN, Unit
+from .._engine.stats import LatencyRing
+
+#: an executor name (as in ``@q.task(executor=...)``) to the kind that runs it; ``inline``
+#: functions are called on the worker's own loop, as async ones are
+KIND_OF_EXECUTOR = {"thread": "thread", "process": "process", "async": "async", "inline": "async"}
+
+
+class Outcomes(Protocol):
+    """What a source tells its worker, on the worker's loop."""
+
+    def job_returned(self, run_key: str, value: Any) -> None: ...
+
+    def job_raised(self, run_key: str, error: BaseException) -> None: ...
+
+    def pool_failed(self, kind: str, error: BaseException) -> None: ...
+
+
+class JobWork:
+    """What one worker of a kind runs: the call a job stands for."""
+
+    __slots__ = ("functions",)
+
+    def __init__(self, functions: dict[str, Callable[..., Any]]) -> None:
+        self.functions = functions
+
+    def setup(self) -> None:
+        return None
+
+    def teardown(self) -> None:
+        return None
+
+    def call(self, item: tuple[str, str, list[Any], dict[str, Any]]) -> Any:
+        _, task_key, args, kwargs = item
+        return self.functions[task_key](*args, **kwargs)
+
+
+class JobSource:
+    """The jobs of one worker that run on one kind."""
+
+    mode = MAP
+    target_unit_s = 0.0
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        name: str,
+        workers: int,
+        functions: dict[str, Callable[..., Any]],
+        timed: bool,
+        options: dict[str, Any],
+        outcomes: Outcomes,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.loop_native = kind == "async"
+        self.spec = StepSpec(
+            name=name,
+            kind=kind,
+            mode=MAP,
+            workers=workers,
+            make_work=functools.partial(JobWork, functions),
+            timed_units=timed,
+            options=tuple(sorted((k, v) for k, v in options.items() if v is not None)),
+        )
+        self.stop = threading.Event()
+        self.clock: Clock = SYSTEM_CLOCK
+        self.latency = LatencyRing()
+        self._outcomes = outcomes
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        # units waiting for a thread or a process; the worker never has more jobs out than
+        # its concurrency, so this never fills
+        self._inbox: Buffer[Unit] = Buffer(max(16, 4 * workers), name=name)
+        pool_class = KINDS[kind]
+        pool_class.validate(self.spec)
+        self.pool = pool_class(self, PoolContext(get_loop=lambda: loop, thread_name=name))
+        self.pool.start()
+
+    # -- from the worker (on its loop) ----------------------------------------------------------
+    def feed(self, run_key: str, task_key: str, args: list[Any], kwargs: dict[str, Any],
+             timeout_s: float | None) -> None:  # fmt: skip
+        unit = Unit(0, [(run_key, task_key, args, kwargs)])
+        unit.ref = run_key
+        unit.timeout_s = timeout_s
+        if self.loop_native:
+            self.pool.submit(unit)  # type: ignore[attr-defined]
+        elif not self._inbox.put(unit, 0):
+            raise RuntimeError(f"{self.name}: more jobs handed over than it has room for")
+
+    def close(self) -> None:
+        """No more jobs: the workers leave once those given are done."""
+        if self.loop_native:
+            self.pool.end_input()  # type: ignore[attr-defined]
+        else:
+            self._inbox.close()
+
+    def abort(self) -> None:
+        """Stop now: threads are abandoned, processes killed, coroutines cancelled."""
+        self.stop.set()
+        self._inbox.shutdown()
+        self.pool.abort()
+
+    # -- the source protocol (from the kind's workers) -------------------------------------------
+    def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
+        got = self._inbox.get_many(1, None if wait else 0)
+        if got is None:
+            return None
+        if not got:
+            return WOKEN
+        return got[0]
+
+    def unit_limit(self) -> int:
+        return 1
+
+    def kick(self) -> None:
+        self._inbox.kick()
+
+    def apply(self, item: Any, result: Any, out: list[Any]) -> None:
+        out.append(result)
+
+    def on_failure(self, item: Any, error: BaseException, attempt: int) -> float | None:
+        if isinstance(error, BufferShutdown):
+            raise error
+        self._tell(self._outcomes.job_raised, item[0], error)
+        return None  # settled: the worker retries it through the queue, or makes it dead
+
+    def complete(self, unit: Unit, outputs: list[Any]) -> None:
+        if outputs:  # no output: the job failed, and on_failure said so
+            self._tell(self._outcomes.job_returned, unit.ref, outputs[0])
+
+    def emit_early(self, outputs: list[Any]) -> None:
+        raise AssertionError("jobs map: nothing is emitted early")
+
+    def release(self, unit: Unit) -> Unit | None:
+        return None
+
+    def measured(self, n_items: int, seconds: float) -> None:
+        if n_items:
+            self.latency.add(seconds / n_items)
+
+    def fatal(self, error: BaseException) -> None:
+        self._tell(self._outcomes.pool_failed, self.kind, error)
+
+    def close_output(self) -> None:
+        return None
+
+    def _tell(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            # a closed loop: the worker is gone, and its leases will lapse
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fn, *args)
