@@ -298,6 +298,59 @@ def test_thread_item_timeout_retried_on_a_fresh_thread(gate: threading.Event) ->
     assert calls[1] == 2
 
 
+@pytest.mark.parametrize("kind", ["thread", "process", "async"])
+def test_timed_stages_of_every_kind_pass_every_item_once(kind: str) -> None:
+    p = Pipeline(range(20_000)).map(_identity_for(kind), kind=kind, timeout_s=5)
+    with p.start() as run:
+        assert sorted(run) == list(range(20_000))
+        assert run.stats().stages[0].finished == 20_000
+
+
+def _ident(x: int) -> int:
+    return x
+
+
+async def _aident(x: int) -> int:
+    return x
+
+
+def _identity_for(kind: str) -> Any:
+    return _aident if kind == "async" else _ident
+
+
+def test_a_late_item_in_the_middle_of_a_unit_is_settled_and_the_rest_go_on(
+    gate: threading.Event,
+) -> None:
+    """Fast items share a unit; one of them hangs: it alone times out, the items after it in
+    its unit run on the replacement thread, and every other output comes out once."""
+
+    def stuck_on(x: int) -> int:
+        if x == 700:
+            gate.wait()
+        return x
+
+    dead: list[Failure] = []
+    p = Pipeline(range(5000), ordered=True).map(
+        stuck_on, timeout_s=0.3, on_error=DeadLetter(dead)
+    )
+    assert list(p) == [x for x in range(5000) if x != 700]
+    assert [f.item for f in dead] == [700] and isinstance(dead[0].error, ItemTimeout)
+
+
+def test_a_cancelled_error_raised_by_an_async_stage_fails_its_item() -> None:
+    async def cancels(x: int) -> int:
+        if x == 2:
+            raise asyncio.CancelledError
+        return x
+
+    dead: list[Failure] = []
+    p = Pipeline(range(5), ordered=True).map(cancels, kind="async", on_error=DeadLetter(dead))
+    assert list(p) == [0, 1, 3, 4]
+    assert isinstance(dead[0].error, asyncio.CancelledError)
+    with pytest.raises(StageFailed):
+        Pipeline(range(5)).map(cancels, kind="async").run(timeout_s=30)
+
+
 def test_async_item_timeout_cancels_the_coroutine() -> None:
     cancelled = threading.Event()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -426,3 +427,107 @@ def test_full_buffers_hold_back_a_process_stage_and_the_source(tmp_path: Path) -
         assert taken <= 8 + 8 + 2 * 8 + 1 + 1
         gate.touch()
     assert source.taken == 5000
+
+
+class TwoArgError(Exception):
+    """Pickles (its args are kept) but cannot be rebuilt: __init__ wants two arguments."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(f"{code}: {why}")
+
+
+class Unloadable:
+    """Pickles, and raises when unpickled."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse, ())
+
+
+def _refuse() -> Any:
+    raise ValueError("this object cannot be unpickled")
+
+
+def raise_two_arg(x: int) -> int:
+    if x == 3:
+        raise TwoArgError(x, "no")
+    return x
+
+
+def unloadable_result(x: int) -> Any:
+    return Unloadable() if x == 3 else x
+
+
+def raise_base(x: int, what: str) -> int:
+    if x == 3:
+        if what == "exit":
+            raise SystemExit(4)
+        if what == "interrupt":
+            raise KeyboardInterrupt
+        raise GeneratorExit
+    return x
+
+
+def test_an_exception_that_cannot_be_rebuilt_fails_its_item_naming_its_type() -> None:
+    dead: list[Failure] = []
+    p = Pipeline(range(8), ordered=True).map(raise_two_arg, kind="process", on_error=DeadLetter(dead))
+    assert list(p) == [0, 1, 2, 4, 5, 6, 7]
+    assert "TwoArgError" in str(dead[0].error) and dead[0].item == 3
+
+
+def test_a_result_that_cannot_be_unpickled_fails_its_item_alone() -> None:
+    dead: list[Failure] = []
+    p = Pipeline(range(8), ordered=True).map(
+        unloadable_result, kind="process", on_error=DeadLetter(dead)
+    )
+    assert list(p) == [0, 1, 2, 4, 5, 6, 7]
+    assert isinstance(dead[0].error, ItemNotSendable) and dead[0].item == 3
+    assert "Unloadable" in str(dead[0].error)
+
+
+def test_an_item_that_cannot_be_unpickled_in_the_worker_fails_alone() -> None:
+    items: list[Any] = [0, 1, Unloadable(), 3]
+    dead: list[Failure] = []
+    p = Pipeline(items, ordered=True).map(str, kind="process", on_error=DeadLetter(dead))
+    assert list(p) == ["0", "1", "3"]
+    assert isinstance(dead[0].error, ItemNotSendable) and dead[0].item is items[2]
+
+
+@pytest.mark.parametrize("what", ["exit", "interrupt", "generator-exit"])
+def test_a_base_exception_from_the_users_function_fails_only_its_item(what: str) -> None:
+    dead: list[Failure] = []
+    fn = functools.partial(raise_base, what=what)
+    p = Pipeline(range(6), ordered=True).map(fn, kind="process", on_error=DeadLetter(dead))
+    assert list(p) == [0, 1, 2, 4, 5]
+    kinds = {"exit": SystemExit, "interrupt": KeyboardInterrupt, "generator-exit": GeneratorExit}
+    assert isinstance(dead[0].error, kinds[what])
+    with pytest.raises(StageFailed) as info:
+        Pipeline(range(6)).map(fn, kind="process").run(timeout_s=30)
+    assert isinstance(info.value.error, kinds[what])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_ordered_process_stage_with_two_workers_never_deadlocks() -> None:
+    for _ in range(3):
+        out = list(
+            Pipeline(range(200_000), ordered=True).map(square, kind="process", workers=2)
+        )
+        assert out == [x * x for x in range(200_000)]
+
+
+def slow_square(x: int) -> int:
+    time.sleep(0.01)
+    return x * x
+
+
+def test_shrinking_a_busy_process_stage_takes_effect_before_its_input_ends() -> None:
+    with Pipeline(range(2000)).map(slow_square, kind="process", workers=3).start() as run:
+        stage = run.stage("slow_square")
+        eventually(lambda: len(stage.pids()) == 3 and run.stats().stages[0].finished > 30, 30)
+        at_resize = run.stats().stages[0].finished
+        stage.resize(1)
+        eventually(lambda: len(stage.pids()) == 1, 10)
+        # the retiring workers finished what they had in flight (a unit or two of ~5 items
+        # each), not everything they could take meanwhile
+        assert run.stats().stages[0].finished - at_resize < 150
+        run.cancel()

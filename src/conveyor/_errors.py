@@ -173,7 +173,9 @@ class WorkerCrashed(BrokenResourceError):
             how = f"exited with code {exitcode}"
         else:
             how = "stopped answering"
-        super().__init__(f"worker process {pid} of stage {stage!r} {how}")
+        #: what happened to it, in words ("was killed by SIGKILL", "exited with code 1")
+        self.how = how
+        super().__init__(f"worker process {pid} of {stage!r} {how}")
 
 
 class WouldBlock(ConveyorError):

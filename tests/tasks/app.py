@@ -26,3 +26,9 @@ def record(job: str, hold: bool = False) -> str:
         time.sleep(0.01)  # the test opens the gate by creating the file
     note(f"end {job} {os.getpid()}")
     return job
+
+
+@queue.task(name="precord", retries=0, executor="process")
+def precord(job: str, hold: bool = False) -> str:
+    """``record``, in a worker process (and registered with the decorator, at module level)."""
+    return record.fn(job, hold)

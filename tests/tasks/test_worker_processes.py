@@ -156,3 +156,34 @@ def test_a_script_exits_soon_after_its_worker_stops(tmp_path: Path, executor: st
         [sys.executable, str(script)], capture_output=True, text=True, timeout=30, check=True
     )
     assert done.stdout.strip() == "10"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_a_running_process_task_and_hands_it_back(env: Env) -> None:
+    job = env.queue.enqueue("precord", "p", hold=True)
+    first = env.worker("--lease-s", "60", "--shutdown-grace-s", "0.2")
+    eventually(lambda: len(env.started("p")) == 1, timeout_s=30)
+    (child,) = env.started("p")
+    assert child != str(first.pid)  # it runs in a worker process of the worker
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+    assert not _alive(int(child))  # killed with its worker, not left running the job
+    assert job.status() == "queued"  # handed back at once, not after the 60 s lease
+    assert job.info().attempts == 0
+
+
+def test_a_killed_worker_takes_its_worker_processes_with_it(env: Env) -> None:
+    env.queue.enqueue("precord", "k", hold=True)
+    first = env.worker("--lease-s", "60")
+    eventually(lambda: len(env.started("k")) == 1, timeout_s=30)
+    (child,) = env.started("k")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    eventually(lambda: not _alive(int(child)), timeout_s=10)

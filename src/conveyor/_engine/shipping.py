@@ -55,9 +55,22 @@ def _lookup(module: Any, qualname: str) -> Any:
     return obj
 
 
+def travels_by_name(fn: Any) -> bool:
+    """Whether a worker process will find ``fn`` by importing its module: a function at the
+    top of an importable module, or of the script being run (worker processes import it as
+    their main module). Others travel by value, with what they refer to."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if module is None or "<locals>" in qualname or "<lambda>" in qualname:
+        return False
+    if module == "__main__":
+        return getattr(sys.modules.get("__main__"), "__file__", None) is not None
+    return module in sys.modules
+
+
 def _wrapped_at_its_name(fn: types.FunctionType) -> bool:
     """``fn``'s module holds, at ``fn``'s name, an object that wraps ``fn``."""
-    if fn.__module__ in (None, "__main__", "__mp_main__") or "<locals>" in fn.__qualname__:
+    if not travels_by_name(fn):
         return False
     module = sys.modules.get(fn.__module__)
     if module is None:

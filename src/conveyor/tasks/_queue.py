@@ -427,7 +427,7 @@ class TaskQueue:
                     "an inline task runs on the worker's event loop, where nothing can stop "
                     "it: use executor='thread' (or 'process') for a time limit"
                 )
-            if executor == "process":
+            if executor == "process" and not shipping.travels_by_name(f):
                 try:
                     shipping.dumps(f)
                 except Exception as exc:

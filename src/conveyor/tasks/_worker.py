@@ -86,6 +86,11 @@ class _SignalHub:
 _HUB = _SignalHub()
 
 
+class _RaisedCancelled(Exception):
+    """A task's own code raised ``CancelledError``: the job failed; the worker was not
+    cancelled."""
+
+
 class Worker:
     """Runs the jobs of ``queues``.
 
@@ -444,7 +449,8 @@ class Worker:
             await self._retry_or_dead(queue, lease, task, error, None)
             return
         except WorkerCrashed as exc:
-            await self._retry_or_dead(queue, lease, task, f"{exc}", None)
+            error = f"the worker process running it (pid {exc.pid}) {exc.how}"
+            await self._retry_or_dead(queue, lease, task, error, None)
             return
         except BaseException as exc:
             # arguments that no longer fit the function are not worth retrying; they are only
@@ -486,6 +492,9 @@ class Worker:
             self._outcomes.pop(run_key, None)
         if returned:
             return value
+        if isinstance(value, asyncio.CancelledError):
+            # raised by the task's own code: its job's failure, not this worker's cancellation
+            raise _RaisedCancelled("the task raised CancelledError") from value
         raise value
 
     def _source_for(self, task: Task[Any, Any]) -> JobSource:

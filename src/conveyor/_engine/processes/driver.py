@@ -178,7 +178,13 @@ class _Child:
         self.expect: deque[int] = deque()
 
     def send(self, msg: Any) -> None:
-        self.conn.send_bytes(dumps(msg))
+        self.send_bytes(dumps(msg))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Send; a child that died meanwhile is noticed by the next receive, which says how
+        (and its flights go to a fresh child)."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.conn.send_bytes(data)
 
     def receive(self, stop: threading.Event, timeout_s: float | None) -> Any:
         """The child's next message (raw bytes are unpickled; one that cannot be is returned
@@ -232,7 +238,7 @@ class _Child:
     def leave(self) -> None:
         """Ask the child to tear down and exit; kill it if it does not in time."""
         try:
-            self.send(Leave())
+            self.conn.send_bytes(dumps(Leave()))
             deadline = time.monotonic() + _LEAVE_TIMEOUT_S
             while time.monotonic() < deadline:
                 if not wait_any([self.conn, self.proc.sentinel], deadline - time.monotonic()):
@@ -493,7 +499,7 @@ class ProcessPool(SlotPool):
     def _post(self, child: _Child, flight: _Flight) -> None:
         if flight.owner is not child:  # numbered for a child that was replaced since
             self._prepare(child, flight)
-        child.conn.send_bytes(flight.data)
+        child.send_bytes(flight.data)
         child.flights[flight.id] = flight
         child.expect.append(flight.id)
         child.items_posted += len(flight.items)
