@@ -330,9 +330,7 @@ def test_a_late_item_in_the_middle_of_a_unit_is_settled_and_the_rest_go_on(
         return x
 
     dead: list[Failure] = []
-    p = Pipeline(range(5000), ordered=True).map(
-        stuck_on, timeout_s=0.3, on_error=DeadLetter(dead)
-    )
+    p = Pipeline(range(5000), ordered=True).map(stuck_on, timeout_s=0.3, on_error=DeadLetter(dead))
     assert list(p) == [x for x in range(5000) if x != 700]
     assert [f.item for f in dead] == [700] and isinstance(dead[0].error, ItemTimeout)
 

@@ -469,7 +469,9 @@ def raise_base(x: int, what: str) -> int:
 
 def test_an_exception_that_cannot_be_rebuilt_fails_its_item_naming_its_type() -> None:
     dead: list[Failure] = []
-    p = Pipeline(range(8), ordered=True).map(raise_two_arg, kind="process", on_error=DeadLetter(dead))
+    p = Pipeline(range(8), ordered=True).map(
+        raise_two_arg, kind="process", on_error=DeadLetter(dead)
+    )
     assert list(p) == [0, 1, 2, 4, 5, 6, 7]
     assert "TwoArgError" in str(dead[0].error) and dead[0].item == 3
 
@@ -509,9 +511,7 @@ def test_a_base_exception_from_the_users_function_fails_only_its_item(what: str)
 @pytest.mark.timeout(120)
 def test_an_ordered_process_stage_with_two_workers_never_deadlocks() -> None:
     for _ in range(3):
-        out = list(
-            Pipeline(range(200_000), ordered=True).map(square, kind="process", workers=2)
-        )
+        out = list(Pipeline(range(200_000), ordered=True).map(square, kind="process", workers=2))
         assert out == [x * x for x in range(200_000)]
 
 
