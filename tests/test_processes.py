@@ -32,20 +32,11 @@ from conveyor import (
 )
 from conveyor.testing import crash
 
-from .conftest import eventually
+from .conftest import alive, eventually
 
 
 def square(x: int) -> int:
     return x * x
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie is not running)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def test_map_filter_flat_map_each_over_processes() -> None:

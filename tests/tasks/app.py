@@ -31,4 +31,4 @@ def record(job: str, hold: bool = False) -> str:
 @queue.task(name="precord", retries=0, executor="process")
 def precord(job: str, hold: bool = False) -> str:
     """``record``, in a worker process (and registered with the decorator, at module level)."""
-    return record.fn(job, hold)
+    return str(record.fn(job, hold))

@@ -16,7 +16,7 @@ import pytest
 
 from conveyor import TaskQueue
 
-from ..conftest import eventually
+from ..conftest import alive, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,14 +158,6 @@ def test_a_script_exits_soon_after_its_worker_stops(tmp_path: Path, executor: st
     assert done.stdout.strip() == "10"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 def test_sigterm_stops_a_running_process_task_and_hands_it_back(env: Env) -> None:
     job = env.queue.enqueue("precord", "p", hold=True)
     first = env.worker("--lease-s", "60", "--shutdown-grace-s", "0.2")
@@ -174,7 +166,7 @@ def test_sigterm_stops_a_running_process_task_and_hands_it_back(env: Env) -> Non
     assert child != str(first.pid)  # it runs in a worker process of the worker
     first.send_signal(signal.SIGTERM)
     assert first.wait(10) == 0
-    assert not _alive(int(child))  # killed with its worker, not left running the job
+    assert not alive(int(child))  # killed with its worker, not left running the job
     assert job.status() == "queued"  # handed back at once, not after the 60 s lease
     assert job.info().attempts == 0
 
@@ -186,4 +178,4 @@ def test_a_killed_worker_takes_its_worker_processes_with_it(env: Env) -> None:
     (child,) = env.started("k")
     first.send_signal(signal.SIGKILL)
     first.wait(10)
-    eventually(lambda: not _alive(int(child)), timeout_s=10)
+    eventually(lambda: not alive(int(child)), timeout_s=10)
