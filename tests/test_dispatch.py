@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
+import weakref
 from collections import Counter
 from typing import Any
 
 import pytest
 
-from conveyor import ClosedResourceError, ConfigurationError, Dispatcher
+from conveyor import ClosedResourceError, ConfigurationError, Dispatcher, ManualClock
 
 from .conftest import eventually
 
@@ -158,7 +160,9 @@ def test_registration_and_removal_from_many_threads_under_traffic() -> None:
                     heard[r] += 1
 
                 sub = d.subscribe("t", listen)
-                extra = d.register_producer("t", lambda topic, n: ("extra", n))
+                # each churning thread's extra producer answers its own way: two producers
+                # giving equal answers would look like one answer heard twice
+                extra = d.register_producer("t", lambda topic, n, s=seed: ("extra", s, n))
                 for _ in range(rng.randint(1, 50)):
                     d.request("t", rng.random())
                 d.deregister_producer("t", extra)
@@ -223,3 +227,145 @@ def test_a_full_producer_queue_holds_requests_back_only_until_their_deadline(
         assert all(r.wait(5) for r in [first, *queued])
         assert started == [0, 1, 2]
         assert d.stats().expired == 1
+
+
+def test_an_async_producers_queue_never_grows_past_maxsize(gate: threading.Event) -> None:
+    async def slow(topic: str, n: int) -> int:
+        while not gate.is_set():
+            await asyncio.sleep(0.001)
+        return n
+
+    with Dispatcher() as d:
+        producer = d.register_producer("t", slow, maxsize=10)
+        requests = [d.request("t", i, ttl_s=0.05) for i in range(30)]
+        assert producer.pending() <= 10
+        gate.set()
+        assert all(r.wait(5) for r in requests)
+        stats = d.stats()
+        assert stats.expired >= 19 and stats.answered + stats.expired + stats.dropped == 30
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit, KeyboardInterrupt])
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_producer_raising_a_base_exception_fails_that_call_only(
+    raised: type[BaseException], kind: str
+) -> None:
+    def bad(topic: str, n: int) -> int:
+        if n == 1:
+            raise raised
+        return n
+
+    async def abad(topic: str, n: int) -> int:
+        return bad(topic, n)
+
+    with Dispatcher() as d:
+        d.register_producer("t", bad if kind == "thread" else abad)
+        reqs = [d.request("t", n, ttl_s=10) for n in range(4)]
+        assert all(r.wait(5) for r in reqs)
+        assert [r.failed for r in reqs] == [0, 1, 0, 0]
+        assert [r.results() for r in reqs] == [[0], [], [2], [3]]
+
+
+def test_requests_racing_a_deregistration_all_settle() -> None:
+    stop = threading.Event()
+    requests: list[Any] = []
+
+    with Dispatcher(maxsize=100_000) as d:
+
+        def churn() -> None:
+            while not stop.is_set():
+                p = d.register_producer("t", lambda topic, n: n)
+                d.deregister_producer("t", p)
+
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            for i in range(5000):
+                requests.append(d.request("t", i, ttl_s=5))
+        finally:
+            stop.set()
+            t.join(10)
+        assert all(r.wait(5) for r in requests)
+
+
+def test_stop_returns_even_when_a_listener_never_does(gate: threading.Event) -> None:
+    entered = threading.Event()
+
+    def stuck(topic: str, result: Any) -> None:
+        entered.set()
+        gate.wait()
+
+    d = Dispatcher()
+    d.register_producer("t", lambda topic: 1)
+    d.subscribe("t", stuck)
+    d.request("t")
+    assert entered.wait(5)
+    d.stop(timeout_s=0.2)  # returns: the stuck listener thread is left behind
+
+
+def test_removed_producers_and_subscriptions_are_not_kept() -> None:
+    refs: list[weakref.ref[Any]] = []
+    with Dispatcher() as d:
+        d.register_producer("t", lambda topic: 1)
+        for _ in range(300):
+            heard = threading.Event()
+            sub = d.subscribe("t", lambda topic, r, heard=heard: heard.set())
+            producer = d.register_producer("u", lambda topic: 2)
+            refs += [weakref.ref(sub), weakref.ref(producer)]
+            d.request("t")
+            assert heard.wait(5)
+            sub.close()
+            d.deregister_producer("u", producer)
+        del sub, producer
+
+        def kept() -> int:
+            gc.collect()
+            return sum(r() is not None for r in refs)
+
+        eventually(lambda: kept() <= 4, timeout_s=10)
+        assert d.stats().delivered == 300
+
+
+def test_deadlines_follow_the_dispatchers_clock(gate: threading.Event) -> None:
+    clock = ManualClock()
+    started: list[int] = []
+
+    def slow(topic: str, n: int) -> int:
+        started.append(n)
+        gate.wait(10)
+        return n
+
+    with Dispatcher(clock=clock) as d:
+        d.register_producer("t", slow)
+        first = d.request("t", 1, ttl_s=10)
+        eventually(lambda: started == [1])
+        second = d.request("t", 2, ttl_s=1)
+        clock.advance(20)  # both deadlines pass while the first call runs
+        gate.set()
+        assert first.wait(5) and second.wait(5)
+        assert (first.dropped, second.expired) == (1, 1)  # late answer dropped; call skipped
+        assert started == [1]
+
+
+def test_one_listener_on_several_topics_hears_in_arrival_order_one_at_a_time() -> None:
+    heard: list[tuple[str, int]] = []
+    inside = threading.Lock()
+    overlaps: list[int] = []
+
+    def listen(topic: str, n: int) -> None:
+        if not inside.acquire(blocking=False):
+            overlaps.append(n)
+            return
+        try:
+            heard.append((topic, n))
+        finally:
+            inside.release()
+
+    with Dispatcher() as d:
+        d.register_producer("a", lambda topic, n: n)
+        d.register_producer("b", lambda topic, n: n)
+        d.subscribe(["a", "b"], listen)
+        for i in range(200):
+            d.request("a" if i % 2 else "b", i, ttl_s=10).wait(5)
+        eventually(lambda: len(heard) == 200)
+    assert heard == [("a" if i % 2 else "b", i) for i in range(200)] and overlaps == []

@@ -46,6 +46,8 @@ class Buffer(Generic[T]):
         "_not_full",
         "_open_tail",
         "_shutdown",
+        "_waiting_in",
+        "_waiting_out",
         "accepted",
         "capacity",
         "name",
@@ -68,6 +70,10 @@ class Buffer(Generic[T]):
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
+        # how many consumers wait for items, and producers for room: a notify is a dozen
+        # Python-level steps, paid only when someone is there to hear it
+        self._waiting_out = 0
+        self._waiting_in = 0
 
     # -- inspection -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -84,7 +90,7 @@ class Buffer(Generic[T]):
     # -- producing --------------------------------------------------------------------------
     def put(self, item: T, timeout_s: float | None = None) -> bool:
         """Add one item, waiting for room. Returns False if ``timeout_s`` passed first."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline: float | None = None
         with self._lock:
             while True:
                 if self._shutdown:
@@ -93,13 +99,15 @@ class Buffer(Generic[T]):
                     raise ClosedResourceError(f"buffer {self.name!r} is closed")
                 if self._count < self.capacity:
                     break
-                if deadline is None:
-                    self._not_full.wait()
+                if timeout_s is None:
+                    self._wait_for_room(None)
                     continue
+                if deadline is None:  # the clock is read only when there is a wait
+                    deadline = time.monotonic() + timeout_s
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._not_full.wait(left)
+                self._wait_for_room(left)
             if self._open_tail and len(self._chunks[-1]) < _CHUNK:
                 self._chunks[-1].append(item)
             else:
@@ -107,8 +115,34 @@ class Buffer(Generic[T]):
                 self._open_tail = True
             self._count += 1
             self.accepted += 1
-            self._not_empty.notify()
+            if self._waiting_out:
+                self._not_empty.notify()
         return True
+
+    def offer_many(self, items: list[T]) -> int:
+        """Add what fits of ``items`` now, never waiting; return how many were added (the
+        rest are not kept). For buffers whose overflow is dropped rather than waited for."""
+        with self._lock:
+            if self._shutdown:
+                raise BufferShutdown
+            if self._closed:
+                raise ClosedResourceError(f"buffer {self.name!r} is closed")
+            n = min(len(items), self.capacity - self._count)
+            if n <= 0:
+                return 0
+            self._chunks.append(items if n == len(items) else items[:n])
+            self._open_tail = False
+            self._count += n
+            self.accepted += n
+            self._wake_consumers(n)
+            return n
+
+    def _wait_for_room(self, timeout_s: float | None) -> None:
+        self._waiting_in += 1
+        try:
+            self._not_full.wait(timeout_s)
+        finally:
+            self._waiting_in -= 1
 
     def put_many(self, items: list[T]) -> None:
         """Add every item of ``items``, waiting for room; the buffer takes ownership of the list."""
@@ -135,9 +169,11 @@ class Buffer(Generic[T]):
                     self.accepted += free
                     items = items[free:]
                     self._wake_consumers(free)
-                self._not_full.wait()
+                self._wait_for_room(None)
 
     def _wake_consumers(self, n: int) -> None:
+        if not self._waiting_out:
+            return
         if n == 1:
             self._not_empty.notify()
         else:
@@ -159,7 +195,12 @@ class Buffer(Generic[T]):
                     raise BufferShutdown
                 if self._closed:
                     return None
-                if not self._not_empty.wait(timeout_s) and timeout_s is not None:
+                self._waiting_out += 1
+                try:
+                    woken = self._not_empty.wait(timeout_s)
+                finally:
+                    self._waiting_out -= 1
+                if not woken and timeout_s is not None:
                     if self._shutdown:
                         raise BufferShutdown
                     return [] if not self._count else self._take(max_n)
@@ -187,10 +228,11 @@ class Buffer(Generic[T]):
                 self._open_tail = False
         taken = len(out)
         self._count -= taken
-        if taken == 1:
-            self._not_full.notify()
-        else:
-            self._not_full.notify_all()
+        if self._waiting_in:
+            if taken == 1:
+                self._not_full.notify()
+            else:
+                self._not_full.notify_all()
         return out
 
     def kick(self) -> None:

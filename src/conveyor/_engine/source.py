@@ -44,6 +44,9 @@ EACH = "each"
 MODES = (MAP, FILTER, FLAT, EACH)
 #: unordered flat_map outputs are handed on in pieces of this size
 FLUSH_OUTPUTS = 1024
+#: how long one unit of work should take; units of fast items grow until they take about this
+TARGET_UNIT_S = 0.002
+MAX_UNIT = 2048
 
 
 class Work(Protocol):
@@ -145,6 +148,34 @@ class Source(Protocol):
     def fatal(self, error: BaseException) -> None: ...
 
     def close_output(self) -> None: ...
+
+
+class UnitSizer:
+    """How many items a unit should hold so that it takes about ``target_unit_s``: many fast
+    items, or one slow one. It learns from the time each finished unit took (smoothed), so a
+    hand-off's cost is paid once per unit while a slow item never waits behind many."""
+
+    __slots__ = ("item_s", "target_unit_s")
+
+    def __init__(self, target_unit_s: float = TARGET_UNIT_S) -> None:
+        self.target_unit_s = target_unit_s
+        #: seconds per item, smoothed; None until a unit has finished
+        self.item_s: float | None = None
+
+    def limit(self) -> int:
+        item_s = self.item_s
+        if item_s is None:
+            return 1
+        return max(1, min(MAX_UNIT, int(self.target_unit_s / max(item_s, 1e-9))))
+
+    def measured(self, n_items: int, seconds: float) -> float | None:
+        """Learn from a finished unit; returns its seconds per item (None for no items)."""
+        if n_items <= 0:
+            return None
+        per = seconds / n_items
+        prev = self.item_s
+        self.item_s = per if prev is None else prev * 0.7 + per * 0.3
+        return per
 
 
 def apply_result(mode: str, item: Any, result: Any, out: list[Any]) -> None:

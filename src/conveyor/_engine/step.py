@@ -48,10 +48,12 @@ from .source import (
     FLAT,
     FLUSH_OUTPUTS,
     MAP,
+    MAX_UNIT,
     MODES,
     WOKEN,
     StepSpec,
     Unit,
+    UnitSizer,
     Work,
     apply_result,
 )
@@ -71,9 +73,6 @@ __all__ = [
     "Work",
 ]
 
-#: how long one unit of work should take; units of fast items grow until they take about this
-TARGET_UNIT_S = 0.002
-MAX_UNIT = 2048
 #: returned by _take_serial when every item it took waits behind another unit of its key
 _PARKED = Unit(-1, [])
 
@@ -116,32 +115,33 @@ class Step:
         self._keys: dict[Hashable, deque[Unit]] = {}
         self._parked = 0
         self._ready: deque[Unit] = deque()
-        # adaptive unit size: seconds per item, smoothed; a worker kind whose handoff costs
-        # more (a process) raises the target
-        self._item_s: float | None = None
-        self.target_unit_s = TARGET_UNIT_S
+        # adaptive unit size; a worker kind whose hand-off costs more (a process) raises the
+        # target (``target_unit_s``)
+        self.sizer = UnitSizer()
         self._closed_output = False
 
     # -- sizing -----------------------------------------------------------------------------
+    @property
+    def target_unit_s(self) -> float:
+        return self.sizer.target_unit_s
+
+    @target_unit_s.setter
+    def target_unit_s(self, seconds: float) -> None:
+        self.sizer.target_unit_s = seconds
+
     def unit_limit(self) -> int:
-        spec = self.spec
-        item_s = self._item_s
-        target = self.target_unit_s
-        n = 1 if item_s is None else max(1, min(MAX_UNIT, int(target / max(item_s, 1e-9))))
+        n = self.sizer.limit()
         if self.limiter is not None:
             n = min(n, self.limiter.max_batch())
         # what workers hold counts against memory like what buffers hold: a stage's workers
         # together hold at most about one inbox's worth
-        return max(1, min(n, self.inbox.capacity // spec.workers))
+        return max(1, min(n, self.inbox.capacity // self.spec.workers))
 
     def measured(self, n_items: int, seconds: float) -> None:
         """Feed the unit-size estimate and the latency samples with one finished unit."""
-        if n_items <= 0:
-            return
-        per = seconds / n_items
-        prev = self._item_s
-        self._item_s = per if prev is None else prev * 0.7 + per * 0.3
-        self.latency.add(per)
+        per = self.sizer.measured(n_items, seconds)
+        if per is not None:
+            self.latency.add(per)
 
     # -- taking -----------------------------------------------------------------------------
     def kick(self) -> None:

@@ -1,10 +1,13 @@
 """The dispatcher: topics, producers that answer requests, subscribers that receive answers.
 
-Threads. Each producer has ``workers`` threads (or, for ``async def``, tasks on one event loop
-the dispatcher runs in a thread of its own) fed by a queue of calls; each subscription has one
-thread (or task) fed by its own bounded buffer. A request puts one call on the queue of every
-producer of its topic and returns at once; a producer's answer goes to every subscription of the
-topic, each through its own buffer, so one slow or failing listener delays nobody else.
+Workers. Producers and subscriptions are sources of work for the engine's worker kinds, like a
+pipeline's stages: each producer has a bounded buffer of calls and ``workers`` threads (or, for
+``async def``, coroutines on one event loop the dispatcher runs in a thread of its own); each
+subscription has its own bounded buffer and one worker. A request puts one call in the buffer of
+every producer of its topic and returns at once; a producer's answer goes to every subscription
+of the topic, each through its own buffer, so one slow or failing listener delays nobody else.
+What a worker does when the user's code raises (anything, ``BaseException`` included) is the
+kind's, written once: the call fails, is counted and logged, and the worker goes on.
 
 Deadlines. A call that has not started when its request's deadline passes is skipped
 (``expired``); an answer that comes after it is thrown away (``dropped``) and no listener sees it.
@@ -14,34 +17,48 @@ lock; a request or an answer reads the tuple once, so registering and removing f
 never blocks the traffic, and a closed subscription's listener is never called after ``close()``
 returns.
 
-Bounds. A producer's queue holds up to ``maxsize`` calls: a request waits for room until its own
-deadline, then counts the call as expired. A subscription's buffer holds up to ``maxsize``
-answers: an answer for a full buffer is not stored and is counted as ``overflowed`` for that
-subscription (a listener that cannot keep up loses answers instead of stalling the others).
+Bounds. A producer's queue holds up to ``maxsize`` calls (the engine's buffer: the bound is
+exact, under one lock): a request waits for room until its own deadline, then counts the call as
+expired. A subscription's buffer holds up to ``maxsize`` answers: an answer for a full buffer is
+not stored and is counted as ``overflowed`` for that subscription (a listener that cannot keep up
+loses answers instead of stalling the others).
+
+Time. Deadlines are read from the dispatcher's clock (the engine's, injectable).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._engine import LoopThread
+from .._engine import (
+    KINDS,
+    SYSTEM_CLOCK,
+    Buffer,
+    BufferShutdown,
+    Clock,
+    LoopThread,
+    PoolContext,
+    StepSpec,
+    WorkerPool,
+)
+from .._engine.source import EACH, MAP, TARGET_UNIT_S, WOKEN, Unit, UnitSizer, apply_result
 from .._engine.stats import LatencyRing
 from .._errors import ClosedResourceError, ConfigurationError
 
 log = logging.getLogger("conveyor.dispatch")
 
-_STOP = object()
-_now = time.monotonic
+_EXPIRED = object()
 OUTCOMES = ("answered", "expired", "dropped", "failed")
+_DELIVERIES = ("delivered", "listener_failed", "overflowed")
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,7 @@ class Request:
         "_settled",
         "answered",
         "args",
+        "clock",
         "deadline",
         "dropped",
         "expected",
@@ -99,12 +117,18 @@ class Request:
     )
 
     def __init__(
-        self, topic: str, args: tuple[Any, ...], kwargs: dict[str, Any], ttl_s: float
+        self,
+        topic: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ttl_s: float,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.topic = topic
         self.args = args
         self.kwargs = kwargs
-        self.started = _now()
+        self.clock = clock
+        self.started = clock.now()
         self.deadline = self.started + ttl_s
         self.expected = 0
         self.answered = 0
@@ -121,7 +145,7 @@ class Request:
         Returns the outcome counted (``answered``: in time, to be delivered)."""
         with self._lock:
             if outcome == "answered":
-                if _now() > self.deadline:
+                if self.clock.now() > self.deadline:
                     outcome = "dropped"
                     self.dropped += 1
                 else:
@@ -159,7 +183,7 @@ class Request:
     def results(self, timeout_s: float | None = None) -> list[Any]:
         """The answers that came before the deadline, once every producer has settled or the
         deadline has passed (or after ``timeout_s``, whichever is first)."""
-        left = max(0.0, self.deadline - _now())
+        left = max(0.0, self.deadline - self.clock.now())
         if timeout_s is not None:
             left = min(left, timeout_s)
         if not self.done:
@@ -174,170 +198,235 @@ class Request:
         )
 
 
-class _Counts:
-    """Counters written by one thread only (its owner), read by ``stats()``."""
+class _Lane:
+    """A bounded buffer and a pool of the engine's workers (threads, or coroutines for
+    ``async def``), as a source of work: what producers and subscriptions have in common."""
 
-    __slots__ = ("delivered", "listener_failed", "overflowed")
+    target_unit_s = TARGET_UNIT_S
 
-    def __init__(self) -> None:
-        self.delivered = 0
-        self.listener_failed = 0
-        self.overflowed = 0
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        workers: int,
+        maxsize: int,
+        mode: str,
+        make_work: Callable[[], Any],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.name = name
+        self.mode = mode
+        self.is_async = inspect.iscoroutinefunction(fn)
+        kind = "async" if self.is_async else "thread"
+        self.spec = StepSpec(name=name, kind=kind, mode=mode, workers=workers, make_work=make_work)
+        self.stop = threading.Event()
+        self.clock = dispatcher.clock
+        self.latency = LatencyRing()
+        self.inbox: Buffer[Any] = Buffer(maxsize, name=name)
+        self._sizer = UnitSizer()
+        self._lock = threading.Lock()
+        context = PoolContext(get_loop=dispatcher._event_loop, thread_name=name)
+        self.pool: WorkerPool = KINDS[kind](self, context)
+        self.pool.start()
+
+    # -- the source protocol --------------------------------------------------------------------
+    def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
+        n = self._sizer.limit() if limit is None else max(1, min(limit, self._sizer.limit()))
+        items = self.inbox.get_many(n, None if wait else 0)
+        if items is None:
+            return None
+        if not items:
+            return WOKEN
+        return Unit(0, items)
+
+    def unit_limit(self) -> int:
+        return self._sizer.limit()
+
+    def kick(self) -> None:
+        self.inbox.kick()
+
+    def apply(self, item: Any, result: Any, out: list[Any]) -> None:
+        apply_result(self.mode, item, result, out)
+
+    def on_failure(self, item: Any, error: BaseException, attempt: int) -> float | None:
+        raise NotImplementedError
+
+    def complete(self, unit: Unit, outputs: list[Any]) -> None:
+        raise NotImplementedError
+
+    def emit_early(self, outputs: list[Any]) -> None:
+        raise AssertionError("nothing is emitted early here")
+
+    def release(self, unit: Unit) -> Unit | None:
+        return None
+
+    def measured(self, n_items: int, seconds: float) -> None:
+        self._sizer.measured(n_items, seconds)
+
+    def fatal(self, error: BaseException) -> None:
+        log.error("%s: %r", self.name, error, exc_info=error)
+
+    def close_output(self) -> None:
+        return None
+
+    def pending(self) -> int:
+        return len(self.inbox)
+
+    def _end(self, *, now: bool) -> None:
+        """Serve what is buffered and end (``now``: drop it and end at once)."""
+        if now:
+            self.stop.set()
+            self.inbox.shutdown()
+            self.pool.abort()
+        else:
+            self.inbox.close()
 
 
-class Producer:
-    """A registered producer: ``fn(topic, *args, **kwargs)`` on ``workers`` threads or tasks."""
+class _Call:
+    """A producer's work: its function on one request, unless the request's deadline has
+    passed (then the call is skipped)."""
+
+    __slots__ = ("clock", "fn")
+
+    def __init__(self, fn: Callable[..., Any], clock: Clock) -> None:
+        self.fn = fn
+        self.clock = clock
+
+    def setup(self) -> None:
+        return None
+
+    def teardown(self) -> None:
+        return None
+
+    def call(self, req: Request) -> tuple[Request, Any]:
+        if self.clock.now() > req.deadline:
+            return req, _EXPIRED
+        return req, self.fn(req.topic, *req.args, **req.kwargs)
+
+
+class _AsyncCall(_Call):
+    __slots__ = ()
+
+    async def call(self, req: Request) -> tuple[Request, Any]:  # type: ignore[override]
+        if self.clock.now() > req.deadline:
+            return req, _EXPIRED
+        return req, await self.fn(req.topic, *req.args, **req.kwargs)
+
+
+class Producer(_Lane):
+    """A registered producer: ``fn(topic, *args, **kwargs)`` on ``workers`` threads (or
+    coroutines, for ``async def``), fed by a queue of at most ``maxsize`` calls."""
 
     def __init__(
         self, dispatcher: Dispatcher, topic: str, fn: Callable[..., Any], workers: int, maxsize: int
     ) -> None:
-        self.dispatcher = dispatcher
         self.topic = topic
         self.fn = fn
         self.workers = workers
         self.maxsize = maxsize
-        self.is_async = inspect.iscoroutinefunction(fn)
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # outcome counts, one row per worker thread (each written by its thread only; the
-        # async tasks share row 0, all on the loop thread); the last row is written under
-        # ``_room`` by requests that found the queue full until their deadline
-        self._counts = [dict.fromkeys(OUTCOMES, 0) for _ in range(workers + 1)]
-        self._room = threading.Condition()
-        self._waiting = 0
-        self._stopped = False
-        self._threads: list[threading.Thread] = []
-        self._ainbox: asyncio.Queue[Any] | None = None
-        if self.is_async:
-            loop = dispatcher._event_loop()
-            self._loop = loop
-
-            def start_tasks() -> None:
-                self._ainbox = asyncio.Queue()
-                for _ in range(workers):
-                    loop.create_task(self._awork(self._counts[0]))
-
-            asyncio.run_coroutine_threadsafe(_call(start_tasks), loop).result()
-        else:
-            for i in range(workers):
-                t = threading.Thread(
-                    target=self._work,
-                    args=(self._counts[i],),
-                    name=f"conveyor:producer:{topic}:{i}",
-                    daemon=True,
-                )
-                t.start()
-                self._threads.append(t)
+        work = _AsyncCall if inspect.iscoroutinefunction(fn) else _Call
+        self._counts = dict.fromkeys(OUTCOMES, 0)
+        super().__init__(
+            dispatcher,
+            f"conveyor:producer:{topic}",
+            fn,
+            workers=workers,
+            maxsize=maxsize,
+            mode=MAP,
+            make_work=functools.partial(work, fn, dispatcher.clock),
+        )
 
     def _submit(self, req: Request) -> None:
-        if self._inbox.qsize() >= self.maxsize and not self._wait_for_room(req):
-            with self._room:
-                self._counts[-1][req._settle("expired")] += 1
-            return
-        if self.is_async:
-            self._loop.call_soon_threadsafe(self._put_async, req)
-        else:
-            self._inbox.put(req)
+        """Queue a call; a full queue makes the request wait for room until its deadline."""
+        try:
+            accepted = self.inbox.put(req, max(0.0, req.deadline - self.clock.now()))
+        except (ClosedResourceError, BufferShutdown):
+            accepted = False  # deregistered meanwhile: this producer will not answer
+        if not accepted:
+            self._count(req._settle("expired"))
 
-    def _put_async(self, req: Request) -> None:
-        assert self._ainbox is not None
-        self._inbox.put(None)  # counts toward qsize(): one per call waiting on the loop
-        self._ainbox.put_nowait(req)
-
-    def _wait_for_room(self, req: Request) -> bool:
-        with self._room:
-            self._waiting += 1
-            try:
-                while self._inbox.qsize() >= self.maxsize and not self._stopped:
-                    left = req.deadline - _now()
-                    if left <= 0:
-                        return False
-                    self._room.wait(left)
-                return not self._stopped
-            finally:
-                self._waiting -= 1
-
-    def _took(self) -> None:
-        with self._room:
-            self._room.notify()
+    def _count(self, outcome: str) -> None:
+        self.dispatcher._tally(self._counts, outcome)
 
     def outcomes(self) -> dict[str, int]:
         """Answered, expired, dropped and failed calls of this producer so far."""
-        return {k: sum(row[k] for row in self._counts) for k in OUTCOMES}
+        with self.dispatcher._tally_lock:
+            return dict(self._counts)
 
-    def _work(self, counts: dict[str, int]) -> None:
-        get = self._inbox.get
-        fn = self.fn
-        fan_out = self.dispatcher._fan_out
-        while True:
-            req = get()
-            if req is _STOP:
-                return
-            if self._waiting:
-                self._took()
-            if _now() > req.deadline:
-                counts[req._settle("expired")] += 1
-                continue
-            try:
-                result = fn(req.topic, *req.args, **req.kwargs)
-            except Exception:
-                log.exception("producer %r of topic %r failed", fn, req.topic)
-                counts[req._settle("failed")] += 1
+    def on_failure(self, item: Any, error: BaseException, attempt: int) -> float | None:
+        if isinstance(error, BufferShutdown):
+            raise error
+        log.error("producer %r of topic %r failed", self.fn, item.topic, exc_info=error)
+        self._count(item._settle("failed"))
+        return None
+
+    def complete(self, unit: Unit, outputs: list[Any]) -> None:
+        answers: dict[str, list[tuple[str, Any, float]]] = {}
+        counted = dict.fromkeys(OUTCOMES, 0)
+        for req, result in outputs:
+            if result is _EXPIRED:
+                counted[req._settle("expired")] += 1
                 continue
             outcome = req._settle("answered", result)
-            counts[outcome] += 1
+            counted[outcome] += 1
             if outcome == "answered":
-                fan_out(req, result)
+                answers.setdefault(req.topic, []).append((req.topic, result, req.started))
+        self.dispatcher._tally_many(self._counts, counted)
+        for topic, items in answers.items():
+            self.dispatcher._fan_out(topic, items)
 
-    async def _awork(self, counts: dict[str, int]) -> None:
-        assert self._ainbox is not None
-        while True:
-            req = await self._ainbox.get()
-            if req is _STOP:
+
+class _Deliver:
+    """A subscription's work: one call of its listener, unless it was closed meanwhile. Its
+    one worker is the only writer of the subscription's delivery counts."""
+
+    __slots__ = ("latency", "listener", "now", "sub")
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.listener = sub.listener
+        self.latency = sub.dispatcher._latency
+        self.now = sub.clock.now
+
+    def setup(self) -> None:
+        self.sub._worker = threading.get_ident()
+
+    def teardown(self) -> None:
+        return None
+
+    def call(self, item: tuple[str, Any, float]) -> None:
+        sub = self.sub
+        with sub._calling:
+            if sub._closed:
                 return
-            self._inbox.get_nowait()
-            if self._waiting:
-                self._took()
-            if _now() > req.deadline:
-                counts[req._settle("expired")] += 1
-                continue
-            try:
-                result = await self.fn(req.topic, *req.args, **req.kwargs)
-            except Exception:
-                log.exception("producer %r of topic %r failed", self.fn, req.topic)
-                counts[req._settle("failed")] += 1
-                continue
-            outcome = req._settle("answered", result)
-            counts[outcome] += 1
-            if outcome == "answered":
-                self.dispatcher._fan_out(req, result)
-
-    def _stop(self) -> None:
-        """Serve what was accepted, then end."""
-        with self._room:
-            self._stopped = True
-            self._room.notify_all()
-        if self.is_async:
-            for _ in range(self.workers):
-                self._loop.call_soon_threadsafe(_put_nowait, self, _STOP)
-        else:
-            for _ in self._threads:
-                self._inbox.put(_STOP)
-
-    def pending(self) -> int:
-        return self._inbox.qsize()
+            topic, result, started = item
+            self.latency.add(self.now() - started)
+            self.listener(topic, result)
+            sub.delivered += 1
 
 
-def _put_nowait(producer: Producer, item: Any) -> None:
-    assert producer._ainbox is not None
-    producer._ainbox.put_nowait(item)
+class _AsyncDeliver(_Deliver):
+    __slots__ = ()
+
+    async def call(self, item: tuple[str, Any, float]) -> None:  # type: ignore[override]
+        sub = self.sub
+        sub._idle.clear()  # before looking at _closed: close() waits for _idle
+        try:
+            if sub._closed:
+                return
+            topic, result, started = item
+            self.latency.add(self.now() - started)
+            await self.listener(topic, result)
+            sub.delivered += 1
+        finally:
+            sub._idle.set()
 
 
-async def _call(fn: Callable[[], None]) -> None:
-    fn()
-
-
-class Subscription:
-    """A listener ``listener(topic, result)`` behind its own bounded buffer.
+class Subscription(_Lane):
+    """A listener ``listener(topic, result)`` behind its own bounded buffer, called one call at
+    a time, in the order answers came (on every topic it listens to).
 
     ``close()`` removes it: once it returns, the listener is not called again (a call under way
     when ``close()`` is called finishes first, unless ``close()`` is called by that call).
@@ -346,110 +435,63 @@ class Subscription:
     def __init__(
         self,
         dispatcher: Dispatcher,
-        topic: str,
+        topics: tuple[str, ...],
         listener: Callable[[str, Any], Any],
         maxsize: int,
     ) -> None:
-        self.dispatcher = dispatcher
-        self.topic = topic
+        self.topics = topics
+        self.topic = topics[0]
         self.listener = listener
         self.maxsize = maxsize
-        self.is_async = inspect.iscoroutinefunction(listener)
-        self.counts = _Counts()
-        self._overflow_lock = threading.Lock()
-        self._buffer: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._calling = threading.Lock()
+        #: listener calls made, and those that raised (written by its one worker only)
+        self.delivered = 0
+        self.listener_failed = 0
+        self._counts = dict.fromkeys(_DELIVERIES, 0)  # overflowed, under the tally lock
+        self._folded = False
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._calling = threading.Lock()
+        self._worker: int | None = None
         self._idle = threading.Event()
         self._idle.set()
-        if self.is_async:
-            self._loop = dispatcher._event_loop()
-            self._abuffer: asyncio.Queue[Any] | None = None
-
-            def start_task() -> None:
-                self._abuffer = asyncio.Queue()
-                self._loop.create_task(self._awork())
-
-            asyncio.run_coroutine_threadsafe(_call(start_task), self._loop).result()
-        else:
-            self._thread = threading.Thread(
-                target=self._work, name=f"conveyor:listener:{topic}", daemon=True
-            )
-            self._thread.start()
+        work = _AsyncDeliver if inspect.iscoroutinefunction(listener) else _Deliver
+        super().__init__(
+            dispatcher,
+            f"conveyor:listener:{','.join(topics)}",
+            listener,
+            workers=1,
+            maxsize=maxsize,
+            mode=EACH,
+            make_work=functools.partial(work, self),
+        )
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _offer(self, item: tuple[str, Any, float]) -> None:
+    def _offer(self, items: list[tuple[str, Any, float]]) -> None:
         if self._closed:
             return
-        if self._buffer.qsize() >= self.maxsize:
-            with self._overflow_lock:
-                self.counts.overflowed += 1
-            return
-        self._buffer.put(item)
-        if self.is_async:
-            self._loop.call_soon_threadsafe(self._wake_async)
-
-    def _wake_async(self) -> None:
-        assert self._abuffer is not None
-        self._abuffer.put_nowait(None)
-
-    def _deliver(self, topic: str, result: Any, started: float) -> None:
-        self.dispatcher._latency.add(_now() - started)
         try:
-            self.listener(topic, result)
-            self.counts.delivered += 1
-        except Exception:
-            self.counts.listener_failed += 1
-            log.exception("listener %r of topic %r failed", self.listener, topic)
+            kept = self.inbox.offer_many(list(items))
+        except (ClosedResourceError, BufferShutdown):
+            return  # closed meanwhile
+        for _ in range(len(items) - kept):
+            self.dispatcher._tally(self._counts, "overflowed")
 
-    def _work(self) -> None:
-        get = self._buffer.get
-        get_nowait = self._buffer.get_nowait
-        calling = self._calling
-        deliver = self._deliver
-        while True:
-            item = get()
-            with calling:
-                # everything already buffered, under one hold of the lock
-                while True:
-                    if item is _STOP:
-                        return
-                    if self._closed:
-                        break
-                    deliver(*item)
-                    try:
-                        item = get_nowait()
-                    except queue.Empty:
-                        break
+    @property
+    def overflowed(self) -> int:
+        """Answers not kept because the buffer was full."""
+        return self._counts["overflowed"]
 
-    async def _awork(self) -> None:
-        assert self._abuffer is not None
-        while True:
-            await self._abuffer.get()
-            item = self._buffer.get_nowait()
-            if item is _STOP:
-                return
-            topic, result, started = item
-            self._idle.clear()  # before looking at _closed: close() waits for _idle
-            try:
-                if self._closed:
-                    continue
-                self.dispatcher._latency.add(_now() - started)
-                try:
-                    await self.listener(topic, result)
-                    self.counts.delivered += 1
-                except Exception:
-                    self.counts.listener_failed += 1
-                    log.exception("listener %r of topic %r failed", self.listener, topic)
-            finally:
-                self._idle.set()
+    def on_failure(self, item: Any, error: BaseException, attempt: int) -> float | None:
+        if isinstance(error, BufferShutdown):
+            raise error
+        self.listener_failed += 1
+        log.error("listener %r of topic %r failed", self.listener, item[0], exc_info=error)
+        return None
 
-    def pending(self) -> int:
-        return self._buffer.qsize()
+    def complete(self, unit: Unit, outputs: list[Any]) -> None:
+        return None
 
     def close(self) -> None:
         """Unsubscribe; answers still in the buffer are not delivered."""
@@ -457,14 +499,23 @@ class Subscription:
             return
         self._closed = True
         self.dispatcher._remove_subscription(self)
-        self._buffer.put(_STOP)
+        self._end(now=False)
+        self._settled()
+
+    def _settled(self, timeout_s: float | None = None) -> bool:
+        """Wait for a call under way (unless it is the caller) for up to ``timeout_s``, then
+        fold this subscription's deliveries into the dispatcher's totals: no listener call
+        comes after. False if the call was still under way."""
         if self.is_async:
-            self._loop.call_soon_threadsafe(self._wake_async)
-            if threading.current_thread() is not self.dispatcher._loop_thread_obj():
-                self._idle.wait()
-        elif threading.current_thread() is not self._thread:
-            with self._calling:  # a call under way ends before close() returns
-                pass
+            if not self.dispatcher._on_loop() and not self._idle.wait(timeout_s):
+                return False
+        elif self._worker != threading.get_ident():
+            # a call under way ends before close() returns
+            if not self._calling.acquire(timeout=-1 if timeout_s is None else timeout_s):
+                return False
+            self._calling.release()
+        self.dispatcher._fold(self)
+        return True
 
     def __enter__(self) -> Subscription:
         return self
@@ -477,19 +528,30 @@ class Dispatcher:
     """Topics, producers and subscriptions; requests with deadlines.
 
     ``ttl_s`` is the default deadline of a request (5 s); ``maxsize`` the default bound of a
-    producer's queue of calls and of a subscription's buffer (1024). Use it as a context manager,
-    or call ``start()`` and ``stop()``.
+    producer's queue of calls and of a subscription's buffer (1024); ``clock`` the time that
+    deadlines are read from (the engine's clock; tests pass a manual one). Use it as a
+    context manager, or call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, *, ttl_s: float = 5.0, maxsize: int = 1024) -> None:
-        if ttl_s <= 0 or maxsize < 1:
-            raise ConfigurationError("ttl_s must be positive and maxsize at least 1")
+    def __init__(
+        self, *, ttl_s: float = 5.0, maxsize: int = 1024, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        if not ttl_s > 0 or isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise ConfigurationError("ttl_s must be positive and maxsize an int of at least 1")
+        if maxsize < 1:
+            raise ConfigurationError("ttl_s must be positive and maxsize an int of at least 1")
         self.ttl_s = ttl_s
         self.maxsize = maxsize
+        self.clock = clock
         self._lock = threading.Lock()
         self._producers: dict[str, tuple[Producer, ...]] = {}
         self._subscriptions: dict[str, tuple[Subscription, ...]] = {}
-        self._retired: list[Producer | Subscription] = []
+        # every count, for stats(): producers and subscriptions add to these as they go, so
+        # one that is removed need not be kept for its numbers
+        self._tally_lock = threading.Lock()
+        self._totals = dict.fromkeys((*OUTCOMES, *_DELIVERIES), 0)
+        #: removed producers and subscriptions whose workers may not have ended yet
+        self._ending: list[_Lane] = []
         self._closed = False
         self._loop_thread: LoopThread | None = None
         self._requests = itertools.count()
@@ -502,19 +564,34 @@ class Dispatcher:
             raise ClosedResourceError("this dispatcher was stopped; make a new one")
         return self
 
-    def stop(self) -> None:
-        """Stop taking requests; producers serve the calls already accepted, then every thread
-        and task ends. Subscriptions are closed."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop taking requests; producers serve the calls already accepted, subscriptions are
+        closed, and every worker ends. Workers still busy after ``timeout_s`` (a listener or
+        producer that never returns) are left behind: threads abandoned, coroutines
+        cancelled; ``stop`` itself always returns."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             producers = [p for ps in self._producers.values() for p in ps]
-            subscriptions = [s for ss in self._subscriptions.values() for s in ss]
+            subscriptions = {id(s): s for ss in self._subscriptions.values() for s in ss}
         for p in producers:
             self.deregister_producer(p.topic, p)
-        for s in subscriptions:
-            s.close()
+        for s in subscriptions.values():
+            s._closed = True  # no listener call from here on
+            self._remove_subscription(s)
+            s._end(now=False)
+        deadline = time.monotonic() + timeout_s
+        for s in subscriptions.values():
+            if not s._settled(max(0.0, deadline - time.monotonic())):
+                log.warning("a listener of %s did not return within %.1f s", s.topics, timeout_s)
+        with self._lock:
+            ending, self._ending = self._ending, []
+        for lane in ending:
+            left = max(0.0, deadline - time.monotonic())
+            if not lane.pool.gone.wait(left):
+                log.warning("%s did not end within %.1f s: left behind", lane.name, timeout_s)
+                lane._end(now=True)
         if self._loop_thread is not None:
             self._loop_thread.stop()
 
@@ -530,8 +607,36 @@ class Dispatcher:
                 self._loop_thread = LoopThread("conveyor:dispatch-loop")
             return self._loop_thread.loop
 
-    def _loop_thread_obj(self) -> threading.Thread | None:
-        return None if self._loop_thread is None else self._loop_thread._thread
+    def _on_loop(self) -> bool:
+        thread = None if self._loop_thread is None else self._loop_thread._thread
+        return threading.current_thread() is thread
+
+    def _retire(self, lane: _Lane) -> None:
+        """Forget a removed producer or subscription, but for ``stop``, which waits for its
+        workers to end: it is kept only until they have."""
+        with self._lock:
+            self._ending = [x for x in self._ending if not x.pool.gone.is_set()]
+            self._ending.append(lane)
+
+    def _tally(self, counts: dict[str, int], what: str) -> None:
+        with self._tally_lock:
+            counts[what] += 1
+            self._totals[what] += 1
+
+    def _fold(self, sub: Subscription) -> None:
+        with self._tally_lock:
+            if sub._folded:
+                return
+            sub._folded = True
+            self._totals["delivered"] += sub.delivered
+            self._totals["listener_failed"] += sub.listener_failed
+
+    def _tally_many(self, counts: dict[str, int], counted: dict[str, int]) -> None:
+        with self._tally_lock:
+            for what, n in counted.items():
+                if n:
+                    counts[what] += n
+                    self._totals[what] += n
 
     # -- registration ---------------------------------------------------------------------------
     def register_producer(
@@ -543,46 +648,54 @@ class Dispatcher:
         maxsize: int | None = None,
     ) -> Producer:
         """``fn(topic, *args, **kwargs)`` answers every request on ``topic``, ``workers`` calls at
-        a time (threads; tasks for ``async def``). Returns the registration."""
+        a time (threads; coroutines for ``async def``). Returns the registration."""
         if not callable(fn):
             raise ConfigurationError(f"a producer must be callable, not {fn!r}")
-        if workers < 1:
-            raise ConfigurationError(f"workers must be at least 1, not {workers}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigurationError(f"workers must be an int of at least 1, not {workers!r}")
         self._check_open()
-        producer = Producer(self, topic, fn, workers, maxsize or self.maxsize)
+        producer = Producer(self, topic, fn, workers, self._maxsize(maxsize))
         with self._lock:
             self._producers[topic] = (*self._producers.get(topic, ()), producer)
         return producer
 
     def deregister_producer(self, topic: str, producer: Producer | Callable[..., Any]) -> bool:
         """Remove a producer (the registration, or every registration of that function) from
-        ``topic``. Calls it already accepted are still served. False if it was not there."""
+        ``topic``. Calls it already accepted are still served; a request racing the removal
+        counts that producer's call as expired. False if it was not there."""
         with self._lock:
             current = self._producers.get(topic, ())
             gone = [p for p in current if p is producer or p.fn == producer]
             if not gone:
                 return False
             self._producers[topic] = tuple(p for p in current if p not in gone)
-            self._retired.extend(gone)
+            if not self._producers[topic]:
+                del self._producers[topic]
         for p in gone:
-            p._stop()
+            p._end(now=False)
+            self._retire(p)
         return True
 
     def subscribe(
         self,
-        topic: str,
+        topic: str | Iterable[str],
         listener: Callable[[str, Any], Any],
         *,
         maxsize: int | None = None,
     ) -> Subscription:
-        """``listener(topic, result)`` receives every answer on ``topic`` that came in time, in
-        the order they came, one call at a time. Returns the subscription (``close()`` it)."""
+        """``listener(topic, result)`` receives every answer on ``topic`` (one topic, or several:
+        a list of them) that came in time, in the order they came, one call at a time.
+        Returns the subscription (``close()`` it)."""
         if not callable(listener):
             raise ConfigurationError(f"a listener must be callable, not {listener!r}")
+        topics = (topic,) if isinstance(topic, str) else tuple(dict.fromkeys(topic))
+        if not topics or not all(isinstance(t, str) for t in topics):
+            raise ConfigurationError(f"a topic is a string (or several), not {topic!r}")
         self._check_open()
-        sub = Subscription(self, topic, listener, maxsize or self.maxsize)
+        sub = Subscription(self, topics, listener, self._maxsize(maxsize))
         with self._lock:
-            self._subscriptions[topic] = (*self._subscriptions.get(topic, ()), sub)
+            for t in topics:
+                self._subscriptions[t] = (*self._subscriptions.get(t, ()), sub)
         return sub
 
     def unsubscribe(self, topic: str, listener: Subscription | Callable[..., Any]) -> bool:
@@ -599,9 +712,20 @@ class Dispatcher:
 
     def _remove_subscription(self, sub: Subscription) -> None:
         with self._lock:
-            current = self._subscriptions.get(sub.topic, ())
-            self._subscriptions[sub.topic] = tuple(s for s in current if s is not sub)
-            self._retired.append(sub)
+            for t in sub.topics:
+                current = tuple(s for s in self._subscriptions.get(t, ()) if s is not sub)
+                if current:
+                    self._subscriptions[t] = current
+                else:
+                    self._subscriptions.pop(t, None)
+        self._retire(sub)
+
+    def _maxsize(self, maxsize: int | None) -> int:
+        if maxsize is None:
+            return self.maxsize
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigurationError(f"maxsize must be an int of at least 1, not {maxsize!r}")
+        return maxsize
 
     def _check_open(self) -> None:
         if self._closed:
@@ -614,20 +738,21 @@ class Dispatcher:
         if self._closed:
             raise ClosedResourceError("this dispatcher was stopped")
         ttl = self.ttl_s if ttl_s is None else ttl_s
-        if ttl <= 0:
+        if not ttl > 0:
             raise ConfigurationError(f"ttl_s must be positive, not {ttl}")
         next(self._requests)
-        req = Request(topic, args, kwargs, ttl)
+        req = Request(topic, args, kwargs, ttl, self.clock)
         producers = self._producers.get(topic, ())
         req.expected = len(producers)
         for p in producers:
             p._submit(req)
         return req
 
-    def _fan_out(self, req: Request, result: Any) -> None:
-        item = (req.topic, result, req.started)
-        for sub in self._subscriptions.get(req.topic, ()):
-            sub._offer(item)
+    def _fan_out(self, topic: str, items: list[tuple[str, Any, float]]) -> None:
+        """Give the answers of one unit of a producer to every subscription of ``topic``: one
+        hand-over per subscription, whatever the number of answers."""
+        for sub in self._subscriptions.get(topic, ()):
+            sub._offer(items)
 
     # -- statistics -----------------------------------------------------------------------------
     def topics(self) -> dict[str, tuple[int, int]]:
@@ -637,20 +762,18 @@ class Dispatcher:
             return {
                 t: (len(self._producers.get(t, ())), len(self._subscriptions.get(t, ())))
                 for t in sorted(names)
-                if self._producers.get(t) or self._subscriptions.get(t)
             }
 
     def stats(self) -> DispatcherStats:
         with self._lock:
             producers = [p for ps in self._producers.values() for p in ps]
-            subs = [s for ss in self._subscriptions.values() for s in ss]
-            retired = list(self._retired)
-        everyone_subs = subs + [s for s in retired if isinstance(s, Subscription)]
-        everyone_producers = producers + [p for p in retired if isinstance(p, Producer)]
-        totals = dict.fromkeys(OUTCOMES, 0)
-        for p in everyone_producers:
-            for k, v in p.outcomes().items():
-                totals[k] += v
+            subs = list({id(s): s for ss in self._subscriptions.values() for s in ss}.values())
+        with self._tally_lock:
+            totals = dict(self._totals)
+            for s in subs:
+                if not s._folded:
+                    totals["delivered"] += s.delivered
+                    totals["listener_failed"] += s.listener_failed
         p50, _p95, p99 = self._latency.percentiles()
         return DispatcherStats(
             requests=_value(self._requests),
@@ -658,9 +781,9 @@ class Dispatcher:
             expired=totals["expired"],
             dropped=totals["dropped"],
             failed=totals["failed"],
-            delivered=sum(s.counts.delivered for s in everyone_subs),
-            listener_failed=sum(s.counts.listener_failed for s in everyone_subs),
-            overflowed=sum(s.counts.overflowed for s in everyone_subs),
+            delivered=totals["delivered"],
+            listener_failed=totals["listener_failed"],
+            overflowed=totals["overflowed"],
             pending=sum(p.pending() for p in producers) + sum(s.pending() for s in subs),
             producers=len(producers),
             subscriptions=len(subs),
