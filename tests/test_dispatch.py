@@ -309,7 +309,11 @@ def test_removed_producers_and_subscriptions_are_not_kept() -> None:
         d.register_producer("t", lambda topic: 1)
         for _ in range(300):
             heard = threading.Event()
-            sub = d.subscribe("t", lambda topic, r, heard=heard: heard.set())
+
+            def listen(topic: str, r: Any, heard: threading.Event = heard) -> None:
+                heard.set()
+
+            sub = d.subscribe("t", listen)
             producer = d.register_producer("u", lambda topic: 2)
             refs += [weakref.ref(sub), weakref.ref(producer)]
             d.request("t")
