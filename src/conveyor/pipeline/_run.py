@@ -33,15 +33,13 @@ from .._errors import (
     PipelineClosed,
     PipelineError,
     RunTimeout,
-    StageFailed,
 )
 from ._batch import BatchPool
+from ._feed import Feed
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
 
-#: source items are handed to the first buffer in slices of this size when the source is a list
-_SOURCE_SLICE = 512
 #: how often a waiting caller wakes to draw the progress bar
 _PROGRESS_TICK_S = 0.1
 #: the longest a caller's thread waits in one go. A signal (Ctrl-C) that the kernel hands to
@@ -150,7 +148,18 @@ class Run(Generic[T_co]):
         for pool in self._pools:
             pool.start()
         if self._has_source:
-            threading.Thread(target=self._feed, name="conveyor:source", daemon=True).start()
+            # the source is the user's code too: it is read on a worker of the thread kind
+            feed = Feed(
+                self._source,
+                self._buffers[0],
+                stop=self._stop,
+                stopped=lambda: self._stop_feeding,
+                on_fatal=self._fail,
+                get_loop=self._get_loop,
+                clock=clock,
+            )
+            self._feeder: WorkerPool | None = KINDS["thread"](feed, context)
+            self._feeder.start()
 
     # -- the loop for async stages ------------------------------------------------------------
     def _get_loop(self) -> asyncio.AbstractEventLoop:
@@ -160,46 +169,6 @@ class Run(Generic[T_co]):
             if self._loop_thread is None:
                 self._loop_thread = LoopThread()
             return self._loop_thread.loop
-
-    # -- the source ---------------------------------------------------------------------------
-    def _feed(self) -> None:
-        first = self._buffers[0]
-        source = self._source
-        try:
-            if isinstance(source, list | tuple | range):
-                for i in range(0, len(source), _SOURCE_SLICE):
-                    if self._stop_feeding:
-                        break
-                    chunk = list(source[i : i + _SOURCE_SLICE])
-                    first.put_many(chunk)
-            elif hasattr(source, "__aiter__"):
-                self._feed_async(source, first)
-            else:
-                for item in source:
-                    if self._stop_feeding:
-                        break
-                    first.put(item)
-            first.close()
-        except (BufferShutdown, ClosedResourceError):
-            return
-        except BaseException as exc:
-            self._fail(StageFailed("source", None, 1, exc))
-
-    def _feed_async(self, source: Any, first: Buffer[Any]) -> None:
-        loop = self._get_loop()
-        iterator = source.__aiter__()
-
-        async def next_item() -> tuple[bool, Any]:
-            try:
-                return True, await iterator.__anext__()
-            except StopAsyncIteration:
-                return False, None
-
-        while not self._stop_feeding:
-            more, item = asyncio.run_coroutine_threadsafe(next_item(), loop).result()
-            if not more:
-                break
-            first.put(item)
 
     # -- ending -------------------------------------------------------------------------------
     def _end(self, state: str, error: BaseException | None = None) -> bool:
