@@ -281,6 +281,6 @@ def test_sigint_sends_running_tasks_back_to_the_head(tmp_path: Path) -> None:
     q = TaskQueue(f"sqlite:///{db}", name="hold")
     job = q.backend.get("hold:first")
     assert job is not None and job.state == "queued" and job.attempts == 0
-    leases = q.backend.claim("hold", "w", 30, q.clock(), limit=2)
+    leases = q.backend.claim("hold", "w", 30, q.now(), limit=2)
     assert [lease.job.id for lease in leases] == ["hold:first", "hold:second"]  # at the head
     q.close()

@@ -26,7 +26,7 @@ from typing import (
 )
 from urllib.parse import urlparse
 
-from .._engine import shipping
+from .._engine import SYSTEM_CLOCK, Clock, SystemClock, shipping
 from .._engine.policy import backoff_delay
 from .._errors import BackendUnavailable, ConfigurationError, JobNotFound, TaskFailed
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
@@ -161,6 +161,20 @@ def open_backend(url: str) -> Backend:
     raise ConfigurationError(
         f"unknown queue URL {url!r}: use memory://, sqlite:///path or redis://host:port/db"
     )
+
+
+class _WallClock(SystemClock):
+    """A clock made of a function giving seconds since the epoch (the older way to give a
+    queue its time); it waits in real time."""
+
+    def __init__(self, fn: Callable[[], float]) -> None:
+        self._fn = fn
+
+    def now(self) -> float:
+        return self._fn()
+
+    def time(self) -> float:
+        return self._fn()
 
 
 # -- tasks and jobs ------------------------------------------------------------------------------
@@ -349,8 +363,8 @@ class TaskQueue:
 
     ``TaskQueue("sqlite:///tasks.db")``; options: ``name`` (several queues can share a
     backend), ``serializer`` (``"json"``, the default, or ``"pickle"``), ``keep_result_s``
-    (how long results are kept; default one day), ``clock`` (seconds since the epoch; tests
-    replace it).
+    (how long results are kept; default one day), ``clock`` (the engine's :class:`Clock`, or a
+    function giving seconds since the epoch; tests pass a ``ManualClock``).
     """
 
     def __init__(
@@ -360,7 +374,7 @@ class TaskQueue:
         name: str = "default",
         serializer: str = "json",
         keep_result_s: float | None = 86400.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
     ) -> None:
         if serializer not in SERIALIZERS:
             raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
@@ -372,9 +386,17 @@ class TaskQueue:
         self.name = name
         self.serializer: Serializer = SERIALIZERS[serializer]()
         self.keep_result_s = keep_result_s
-        self.clock = clock
+        self.clock: Clock = (
+            cast(Clock, clock)
+            if hasattr(clock, "now")
+            else _WallClock(clock)
+        )
         self.backend = open_backend(url)
         self.tasks: dict[str, Task[Any, Any]] = {}
+
+    def now(self) -> float:
+        """The queue's time: seconds since the epoch, on its clock."""
+        return self.clock.time()
 
     # -- registering -------------------------------------------------------------------------
     @overload
@@ -474,7 +496,7 @@ class TaskQueue:
                 task.signature.bind(*args, **kwargs)
             except TypeError as exc:
                 raise ConfigurationError(f"task {task_name!r}: {exc}") from None
-        now = self.clock()
+        now = self.now()
         run_at = now
         if delay_s is not None and eta is not None:
             raise ConfigurationError("give _delay_s or _eta, not both")
@@ -505,7 +527,7 @@ class TaskQueue:
     def enqueue(self, task: Task[Any, Any] | str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]:
         """Enqueue ``task`` (a registered task, or a task name) with its arguments."""
         new = self._new_job(task, args, kwargs)
-        [(job, added)] = self.backend.enqueue([new], self.clock())
+        [(job, added)] = self.backend.enqueue([new], self.now())
         return JobHandle(self, job.id, job.task, added)
 
     def enqueue_many(
@@ -515,7 +537,7 @@ class TaskQueue:
     ) -> list[JobHandle[Any]]:
         """Enqueue many calls of one task in one transaction."""
         news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
-        stored = self.backend.enqueue(news, self.clock())
+        stored = self.backend.enqueue(news, self.now())
         return [JobHandle(self, job.id, job.task, added) for job, added in stored]
 
     def job(self, job_id: str) -> JobHandle[Any]:
@@ -526,20 +548,20 @@ class TaskQueue:
     # -- state -------------------------------------------------------------------------------
     def finish(self, job_id: str) -> None:
         """Mark ``job_id`` done (kept): it cannot be enqueued again until :meth:`unfinish`."""
-        self.backend.finish(job_id, self.clock())
+        self.backend.finish(job_id, self.now())
 
     def unfinish(self, job_id: str) -> bool:
         """Make a done id enqueueable again; False if it was not done."""
         return self.backend.unfinish(job_id)
 
     def stats(self) -> QueueCounts:
-        return self.backend.counts(self.name, self.clock())
+        return self.backend.counts(self.name, self.now())
 
     def requeue(self, job_id: str) -> bool:
-        return self.backend.requeue(job_id, self.clock())
+        return self.backend.requeue(job_id, self.now())
 
     def requeue_dead(self) -> int:
-        return self.backend.requeue_dead(self.name, self.clock())
+        return self.backend.requeue_dead(self.name, self.now())
 
     def purge(self) -> int:
         return self.backend.purge(self.name)

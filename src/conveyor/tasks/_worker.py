@@ -124,6 +124,8 @@ class Worker:
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
         self.queues = queues
+        #: the time leases, heartbeats and pauses follow: the first queue's clock
+        self.clock = queues[0].clock
         self.concurrency = concurrency
         self.burst = burst
         self.lease_s = lease_s
@@ -216,6 +218,15 @@ class Worker:
         if now:
             self._hard.set()
 
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep on the worker's clock, waking early if a stop is asked."""
+        assert self._stopping is not None
+        stop = asyncio.ensure_future(self._stopping.wait())
+        nap = asyncio.ensure_future(self.clock.sleep(seconds))
+        await asyncio.wait([stop, nap], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        nap.cancel()
+
     async def _io_call(self, fn: Any, *args: Any) -> Any:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._io, fn, *args)
@@ -229,8 +240,7 @@ class Worker:
                 pause = _OUTAGE_FIRST_PAUSE_S
             except BackendUnavailable as exc:
                 log.error("worker %s: %s; trying again in %.1f s", self.id, exc, pause)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
+                await self._sleep(pause)
                 pause = min(pause * 2, _OUTAGE_MAX_PAUSE_S)
 
     async def _claim_and_run(self) -> None:
@@ -255,13 +265,13 @@ class Worker:
                 if free <= 0:
                     break
                 leases = await self._io_call(
-                    queue.backend.claim, queue.name, self.id, self.lease_s, queue.clock(), free
+                    queue.backend.claim, queue.name, self.id, self.lease_s, queue.now(), free
                 )
                 for lease in leases:
                     self._start(queue, lease)
                 claimed += len(leases)
                 free -= len(leases)
-            now = self.queues[0].clock()
+            now = self.queues[0].now()
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY_S
                 for queue in self.queues:
@@ -275,7 +285,7 @@ class Worker:
 
     async def _drained(self) -> bool:
         for queue in self.queues:
-            now = queue.clock()
+            now = queue.now()
             counts = await self._io_call(queue.backend.counts, queue.name, now)
             if counts.queued - counts.delayed > 0 or counts.running > 0:
                 return False
@@ -291,7 +301,7 @@ class Worker:
         for queue in self.queues:
             at = await self._io_call(queue.backend.next_run_at, queue.name)
             if at is not None:
-                wait_s = min(wait_s, max(0.0, at - queue.clock()) + 0.001)
+                wait_s = min(wait_s, max(0.0, at - queue.now()) + 0.001)
         if len(self.queues) == 1:
             queue = self.queues[0]
             # a stopped worker does not wait for its last wait to end: keeping each one short
@@ -342,7 +352,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         """Renew every running job's lease each third of ``lease_s``, one call per queue."""
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await self.clock.sleep(self.lease_s / 3)
             per_queue: dict[TaskQueue, list[Lease]] = {}
             for _, queue, lease in list(self._running.values()):
                 if lease.job.id not in self._settling:
@@ -353,7 +363,7 @@ class Worker:
                         queue.backend.heartbeat_many,
                         [(lease.job.id, lease.token) for lease in leases],
                         self.lease_s,
-                        queue.clock(),
+                        queue.now(),
                     )
                 except BackendUnavailable as exc:
                     log.error("worker %s: leases not renewed: %s", self.id, exc)
@@ -389,7 +399,7 @@ class Worker:
                 results = await self._io_call(
                     queue.backend.complete_many,
                     [(lease.job.id, lease.token, data, keep) for lease, data, keep, _ in batch],
-                    queue.clock(),
+                    queue.now(),
                 )
             except BaseException as exc:
                 for *_, done in batch:
@@ -566,14 +576,14 @@ class Worker:
             await self._dead(queue, lease, error)
             return
         wait = task.options.delay_s(job.attempts) if delay_s is None else delay_s
-        now = queue.clock()
+        now = queue.now()
         await self._io_call(queue.backend.retry, job.id, lease.token, now + wait, error, now)
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> None:
         self.failed += 1
         self._settle(lease.job.id)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
-        await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.clock())
+        await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.now())
 
     # -- shutdown ----------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -606,7 +616,7 @@ class Worker:
                 await task
             # hand it back at once: another worker may start it now, not after the lease
             try:
-                await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.clock())
+                await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.now())
             except BackendUnavailable as exc:
                 log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
         self._running.clear()
