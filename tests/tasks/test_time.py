@@ -16,7 +16,9 @@ START = 1_000_000.0
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
-def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TaskQueue, ManualClock]]:
+def clocked(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[TaskQueue, ManualClock]]:
     clock = ManualClock(START)
     if request.param == "memory":
         url = f"memory://{tmp_path.name}"

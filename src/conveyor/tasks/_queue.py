@@ -386,11 +386,7 @@ class TaskQueue:
         self.name = name
         self.serializer: Serializer = SERIALIZERS[serializer]()
         self.keep_result_s = keep_result_s
-        self.clock: Clock = (
-            cast(Clock, clock)
-            if hasattr(clock, "now")
-            else _WallClock(clock)
-        )
+        self.clock: Clock = cast(Clock, clock) if hasattr(clock, "now") else _WallClock(clock)
         self.backend = open_backend(url)
         self.tasks: dict[str, Task[Any, Any]] = {}
 
