@@ -53,7 +53,11 @@ def test_a_heartbeat_renews_the_lease_each_third_of_it(
             eventually(lambda: clock.sleepers() >= 1)  # the heartbeat waits for its time
             clock.advance(10)
             expected = START + 10 * beat + 30
-            eventually(lambda expected=expected: job.info().lease_until == expected)
+
+            def renewed(expected: float = expected) -> bool:
+                return job.info().lease_until == expected
+
+            eventually(renewed)
     finally:
         gate.set()
         worker.stop()
