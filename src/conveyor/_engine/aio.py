@@ -37,7 +37,8 @@ log = logging.getLogger("conveyor")
 
 _EOF = object()
 _STOP = object()
-#: stands for an item's index when a coroutine runs all the items of a unit, in order
+#: stands for an item's index when a coroutine runs several items of a unit (one key's), in
+#: order: the entry then holds ``(index, item)`` pairs
 _IN_ORDER = -1
 
 
@@ -70,8 +71,11 @@ class AsyncPool(WorkerPool):
         self.loop = get_loop()
         self._cv = threading.Condition()
         self._target = self.source.spec.workers
-        # items handed to the loop and not yet picked up by a worker coroutine
-        self._queued = 0
+        # items handed to the loop, and items picked up there by a worker coroutine: each has
+        # one writer (the side that hands over, the loop), so neither needs a lock; what waits
+        # is their difference
+        self._handed = 0
+        self._picked = 0
         self._inflight_units = 0
         self._busy = 0
         self._live = 0
@@ -128,8 +132,7 @@ class AsyncPool(WorkerPool):
     def submit(self, unit: Unit) -> None:
         """Run ``unit`` (on the loop, for a ``loop_native`` source)."""
         self._inflight_units += 1
-        with self._cv:
-            self._queued += len(unit.items)
+        self._handed += len(unit.items)
         self._accept(_Pending(unit, timeout_of(self.source, unit)))
 
     def end_input(self) -> None:
@@ -173,10 +176,16 @@ class AsyncPool(WorkerPool):
 
     def _accept(self, pending: _Pending) -> None:
         local = self._local
-        items = pending.unit.items
-        if pending.unit.keys and len(items) > 1:
-            # a unit that holds keys runs in order, on one coroutine
-            local.append((pending, _IN_ORDER, items))
+        unit = pending.unit
+        items = unit.items
+        if unit.keys and len(items) > 1:
+            # the items of one key run in order, on one coroutine; keys run at once
+            by_key: dict[Any, list[tuple[int, Any]]] = {}
+            item_keys = unit.item_keys or [unit.keys[0]] * len(items)
+            for i, (item, k) in enumerate(zip(items, item_keys, strict=True)):
+                by_key.setdefault(k, []).append((i, item))
+            for group in by_key.values():
+                local.append((pending, _IN_ORDER, group))
         else:
             for i, item in enumerate(items):
                 local.append((pending, i, item))
@@ -214,28 +223,35 @@ class AsyncPool(WorkerPool):
                 if self._live > self._target:
                     break
                 pending, index, item = local.popleft()
-                with self._cv:
-                    self._queued -= len(item) if index is _IN_ORDER else 1
-                    self._cv.notify()
+                before = self._handed - self._picked
+                self._picked += len(item) if index is _IN_ORDER else 1
+                half = self._target // 2
+                if before > half >= before - (len(item) if index is _IN_ORDER else 1):
+                    # just crossed half the room: the intake may be waiting for this. Under
+                    # the lock, so a wait that checked before the crossing is already waiting
+                    with self._cv:
+                        self._cv.notify()
                 self._busy += 1
                 out: list[Any] = []
                 t0 = time.perf_counter()
                 try:
                     if index is _IN_ORDER:
-                        for one in item:
+                        for i, one in item:
+                            one_out: list[Any] = []
                             await self._run_item(
-                                work, one, out, pending.unit.attempt, pending.timeout_s
+                                work, one, one_out, pending.unit.attempt, pending.timeout_s
                             )
-                        index, done = 0, len(item)
+                            pending.results[i] = one_out
+                        done = len(item)
                     else:
                         await self._run_item(
                             work, item, out, pending.unit.attempt, pending.timeout_s
                         )
+                        pending.results[index] = out
                         done = 1
                 finally:
                     self._busy -= 1
-                source.latency.add((time.perf_counter() - t0) / done)
-                pending.results[index] = out
+                source.measured(done, time.perf_counter() - t0)
                 pending.remaining -= done
                 if pending.remaining == 0:
                     results = pending.results
@@ -273,7 +289,7 @@ class AsyncPool(WorkerPool):
             try:
                 if timeout is None:
                     res = work.call(item)
-                    if inspect.iscoroutine(res) or inspect.isawaitable(res):
+                    if hasattr(res, "__await__"):
                         res = await res
                 else:
                     limit = asyncio.timeout(timeout)
@@ -309,11 +325,13 @@ class AsyncPool(WorkerPool):
         try:
             while True:
                 with self._cv:
-                    while self._queued >= self._target and not self._aborted:
+                    # wait for half the room, not the first free place: units of many items
+                    # cross to the loop, instead of one item per wake-up
+                    while self._handed - self._picked > self._target // 2 and not self._aborted:
                         self._cv.wait()
                     if self._aborted:
                         return
-                    room = self._target - self._queued
+                    room = self._target - (self._handed - self._picked)
                 unit = source.take(limit=room)
                 if unit is None:
                     break
@@ -329,7 +347,7 @@ class AsyncPool(WorkerPool):
 
     def _hand_over(self, unit: Unit) -> None:
         with self._cv:
-            self._queued += len(unit.items)
+            self._handed += len(unit.items)
             self._inflight_units += 1
         pending = _Pending(unit, timeout_of(self.source, unit))
         self.loop.call_soon_threadsafe(self._accept, pending)

@@ -92,16 +92,18 @@ class Unit:
     """Items taken together, run one after another on one worker.
 
     ``seq`` orders the units of an ordered step; ``keys`` are the keys the unit holds (a keyed
-    step); ``timeout_s`` overrides the spec's time limit for each of its items; ``ref`` is the
-    source's own (the job a unit stands for, say): kinds never look at it and never send it to
-    another process."""
+    step) and ``item_keys`` each item's key (items of one key must run in order; items of
+    different keys may run at once, as the async kind does); ``timeout_s`` overrides the spec's
+    time limit for each of its items; ``ref`` is the source's own (the job a unit stands for,
+    say): kinds never look at it and never send it to another process."""
 
-    __slots__ = ("attempt", "items", "keys", "ref", "seq", "started", "timeout_s")
+    __slots__ = ("attempt", "item_keys", "items", "keys", "ref", "seq", "started", "timeout_s")
 
     def __init__(self, seq: int, items: list[Any]) -> None:
         self.seq = seq
         self.items = items
         self.keys: tuple[Hashable, ...] = ()
+        self.item_keys: list[Hashable] | None = None
         self.attempt = 1
         self.started = 0.0
         self.timeout_s: float | None = None

@@ -207,7 +207,7 @@ class Step:
                     n = min(n, spec.window - self._parked)
             items = self.inbox.get_many(n, None if wait else 0)
             if items is None:
-                return None
+                return self._after_the_input(wait)
             if not items:
                 return WOKEN
             with self.counters.lock:
@@ -231,6 +231,21 @@ class Step:
             return first
         finally:
             self._take_lock.release()
+
+    def _after_the_input(self, wait: bool) -> Unit | None:
+        """The inbox is closed and drained. Items may still be parked behind units in flight:
+        they come out (through ``_ready``) when those units release their keys, so the input
+        has ended only once no unit holds a key."""
+        with self._cond:
+            while True:
+                if self._ready:
+                    return self._ready.popleft()
+                if not self._keys:
+                    return None
+                if not wait:
+                    return WOKEN
+                self._check_stop()
+                self._cond.wait(0.25)
 
     def _keys_of(self, items: list[Any]) -> list[Hashable]:
         key = self.spec.key
@@ -256,22 +271,25 @@ class Step:
         ordered = self.spec.ordered
         runnable: list[Unit] = []
         run_items: list[Any] = []
+        run_item_keys: list[Hashable] = []
         run_keys: dict[Hashable, None] = {}
 
         def close_run() -> None:
-            nonlocal run_items, run_keys
+            nonlocal run_items, run_item_keys, run_keys
             if run_items:
                 unit = Unit(self._seq, run_items)
                 self._seq += 1
                 unit.keys = tuple(run_keys)
+                unit.item_keys = run_item_keys
                 for k in unit.keys:
                     self._keys[k] = deque()
                 runnable.append(unit)
-                run_items, run_keys = [], {}
+                run_items, run_item_keys, run_keys = [], [], {}
 
         for item, k in zip(items, keys, strict=True):
             if k in run_keys or k not in self._keys:
                 run_items.append(item)
+                run_item_keys.append(k)
                 run_keys[k] = None
                 continue
             if ordered:
@@ -289,32 +307,70 @@ class Step:
             raise BufferShutdown
 
     def release(self, unit: Unit) -> Unit | None:
-        """Give back the keys of a finished unit. The next parked unit of each key now holds
-        that key; one comes back to the caller, which runs it next (the others wait for any
-        worker)."""
+        """Give back the keys of a finished unit; the items parked behind them run next.
+
+        Ordered: the next parked unit of each key now holds that key; one comes back to the
+        caller, which runs it next, and the others wait for any worker. Unordered: the parked
+        items of the released keys are gathered into units of up to ``unit_limit()`` items,
+        as many units as there are workers (each holding its own keys, with every key's items
+        in order), so a few busy keys do not tie all the work to one worker; one comes back
+        to the caller, the others wait for any worker."""
         if not unit.keys:
             return None
         with self._cond:
-            nxt: list[Unit] = []
-            for k in unit.keys:
-                waiting = self._keys[k]
-                if waiting:
-                    self._parked -= 1
-                    nxt.append(waiting.popleft())
-                else:
-                    del self._keys[k]
+            gather = self._next_parked_units if self.spec.ordered else self._gather_parked
+            nxt = gather(unit)
             if not nxt:
                 return None
             self._cond.notify_all()
-            if not self.spec.ordered and len(nxt) > 1:
-                # unordered: items of different keys may share a unit
-                merged = Unit(nxt[0].seq, [u.items[0] for u in nxt])
-                merged.keys = tuple(u.keys[0] for u in nxt)
-                return merged
             self._ready.extend(nxt[1:])
         if len(nxt) > 1:
-            self.inbox.kick()  # a worker waiting in the inbox takes the rest from _ready
+            self.inbox.kick()  # workers waiting in the inbox take the rest from _ready
         return nxt[0]
+
+    def _next_parked_units(self, unit: Unit) -> list[Unit]:
+        nxt: list[Unit] = []
+        for k in unit.keys:
+            waiting = self._keys[k]
+            if waiting:
+                self._parked -= 1
+                nxt.append(waiting.popleft())
+            else:
+                del self._keys[k]
+        return nxt
+
+    def _gather_parked(self, unit: Unit) -> list[Unit]:
+        # parked items are already out of the inbox (they count against the window): their
+        # units are sized by time alone, not by a worker's share of the inbox
+        cap = self.sizer.limit()
+        groups: list[list[tuple[Hashable, list[Any]]]] = [[] for _ in range(self.spec.workers)]
+        sizes = [0] * len(groups)
+        turn = 0
+        for k in unit.keys:
+            waiting = self._keys[k]
+            if not waiting:
+                del self._keys[k]
+                continue
+            g = turn % len(groups)
+            turn += 1
+            # at least one item each: a key with parked items must be held by a new unit, or
+            # nothing would ever release them
+            items: list[Any] = [waiting.popleft().items[0]]
+            sizes[g] += 1
+            while waiting and sizes[g] < cap:
+                items.append(waiting.popleft().items[0])
+                sizes[g] += 1
+            self._parked -= len(items)
+            groups[g].append((k, items))
+            # a key whose parked items did not all fit stays held by the new unit
+        units = []
+        for group in groups:
+            if group:
+                merged = Unit(0, [x for _, items in group for x in items])
+                merged.keys = tuple(k for k, _ in group)
+                merged.item_keys = [k for k, items in group for _ in items]
+                units.append(merged)
+        return units
 
     # -- results ----------------------------------------------------------------------------
     def apply(self, item: Any, result: Any, out: list[Any]) -> None:

@@ -80,11 +80,16 @@ class JobSource:
         self.kind = kind
         self.name = name
         self.loop_native = kind == "async"
+        # the pool starts with one worker and grows with the jobs handed to it, up to
+        # ``workers``: a worker that runs one process task a minute starts one process
+        self._most = workers
+        self._size = 1
+        self._busy = 0
         self.spec = StepSpec(
             name=name,
             kind=kind,
             mode=MAP,
-            workers=workers,
+            workers=1,
             make_work=functools.partial(JobWork, functions),
             timed_units=timed,
             options=tuple(sorted((k, v) for k, v in options.items() if v is not None)),
@@ -109,6 +114,10 @@ class JobSource:
         unit = Unit(0, [(run_key, task_key, args, kwargs)])
         unit.ref = run_key
         unit.timeout_s = timeout_s
+        self._busy += 1
+        if self._busy > self._size and self._size < self._most:
+            self._size = min(self._most, self._busy)
+            self.pool.resize(self._size)
         if self.loop_native:
             self.pool.submit(unit)  # type: ignore[attr-defined]
         elif not self._inbox.put(unit, 0):
@@ -148,12 +157,17 @@ class JobSource:
     def on_failure(self, item: Any, error: BaseException, attempt: int) -> float | None:
         if isinstance(error, BufferShutdown):
             raise error
-        self._tell(self._outcomes.job_raised, item[0], error)
+        self._tell(self._settled, self._outcomes.job_raised, item[0], error)
         return None  # settled: the worker retries it through the queue, or makes it dead
 
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
         if outputs:  # no output: the job failed, and on_failure said so
-            self._tell(self._outcomes.job_returned, unit.ref, outputs[0])
+            self._tell(self._settled, self._outcomes.job_returned, unit.ref, outputs[0])
+
+    def _settled(self, tell: Callable[..., None], *args: Any) -> None:
+        """A job's outcome, on the worker's loop."""
+        self._busy -= 1
+        tell(*args)
 
     def emit_early(self, outputs: list[Any]) -> None:
         raise AssertionError("jobs map: nothing is emitted early")
