@@ -82,6 +82,7 @@ class AsyncPool(WorkerPool):
         self._closing = False
         self._aborted = False
         self._eof = False
+        self._topping_up = False
         self._local: deque[tuple[_Pending, int, Any]] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -189,11 +190,31 @@ class AsyncPool(WorkerPool):
         else:
             for i, item in enumerate(items):
                 local.append((pending, i, item))
+        self._wake(1)
+        self._top_up_later()
+
+    def _wake(self, n: int) -> None:
         idle = self._idle
-        for _ in range(min(len(idle), len(items))):
+        while n > 0 and idle:
             fut = idle.popleft()
             if not fut.done():
                 fut.set_result(None)
+                n -= 1
+
+    def _top_up_later(self) -> None:
+        """Wake more workers on the loop's next turn, for the items still waiting then.
+
+        Waking a worker per item costs a future and a scheduling each; a worker whose items
+        never suspend gets through them all on its own. So one worker is woken, and the rest
+        only if items are still waiting when the loop comes round again: when the running
+        workers have suspended (their items wait on I/O), and the others are needed."""
+        if not self._topping_up:
+            self._topping_up = True
+            self.loop.call_soon(self._top_up)
+
+    def _top_up(self) -> None:
+        self._topping_up = False
+        self._wake(len(self._local))
 
     def _close_workers(self) -> None:
         self._closing = True
@@ -223,6 +244,8 @@ class AsyncPool(WorkerPool):
                 if self._live > self._target:
                     break
                 pending, index, item = local.popleft()
+                if local:
+                    self._top_up_later()
                 before = self._handed - self._picked
                 self._picked += len(item) if index is _IN_ORDER else 1
                 half = self._target // 2
