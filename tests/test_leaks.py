@@ -135,7 +135,7 @@ def queues_and_workers(tmp: Path, redis_url: str) -> None:
                 return x + y
 
             jobs = [t.enqueue(i, 1) for t in (tadd, aadd, padd) for i in range(4)]
-            q.worker(burst=True, concurrency=4, handle_signals=False).run()
+            q.worker(burst=True, concurrency=2, handle_signals=False).run()
             assert [j.result(timeout_s=5) for j in jobs] == [1, 2, 3, 4] * 3
 
 
