@@ -182,7 +182,10 @@ class AsyncPool(WorkerPool):
         if unit.keys and len(items) > 1:
             # the items of one key run in order, on one coroutine; keys run at once
             by_key: dict[Any, list[tuple[int, Any]]] = {}
-            item_keys = unit.item_keys or [unit.keys[0]] * len(items)
+            key = self.source.spec.key
+            item_keys = unit.item_keys or (
+                [unit.keys[0]] * len(items) if key is None else [key(x) for x in items]
+            )
             for i, (item, k) in enumerate(zip(items, item_keys, strict=True)):
                 by_key.setdefault(k, []).append((i, item))
             for group in by_key.values():

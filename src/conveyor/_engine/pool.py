@@ -88,16 +88,17 @@ class WorkerPool(ABC):
 class Slot:
     """One worker's place in a :class:`SlotPool`."""
 
-    __slots__ = ("abandoned", "index", "mark", "out", "pos", "retired", "started", "unit")
+    __slots__ = ("abandoned", "index", "lock", "out", "progress", "retired", "unit")
 
     def __init__(self, index: int) -> None:
         self.index = index
+        #: guards giving the worker up against the worker finishing its unit
+        self.lock = threading.Lock()
         self.unit: Unit | None = None
-        #: for timed work: when the current item started, where it is in its unit, and how
-        #: many outputs the unit had before it (``out``)
-        self.started = 0.0
-        self.pos = 0
-        self.mark = 0
+        #: for timed work: ``(item index in the unit, outputs the unit had before it, not
+        #: before)``, a new tuple at each item, so that a watchdog sees progress by identity
+        #: (``not before``: a retry's backoff, which is not part of its time limit)
+        self.progress: tuple[int, int, float] = (0, 0, 0.0)
         self.out: list[Any] = []
         self.abandoned = False
         self.retired = False
@@ -161,23 +162,18 @@ class SlotPool(WorkerPool):
                 return True
             return False
 
-    def _replace(self, slot: Slot, unit: Unit, first: Any) -> bool:
-        """Give up on the worker of ``slot`` (stuck or dead) and start another in its place,
-        handing it ``first``, unless the worker has finished ``unit`` meanwhile (then return
-        False)."""
+    def _replace(self, slot: Slot, first: Any) -> None:
+        """Start a worker in the place of ``slot``'s, which the caller has just marked
+        abandoned (under ``slot.lock``), handing it ``first``."""
         with self._lock:
-            if slot.abandoned or slot.unit is not unit:
-                return False
-            slot.abandoned = True
             self._slots.discard(slot)
             self._live -= 1
             self._spawn(first)
-            return True
 
     def _finished_unit(self, slot: Slot) -> bool:
-        """The worker of ``slot`` is done with its unit: False if it was replaced meanwhile (its
-        result must then be dropped). Atomic with :meth:`_replace`."""
-        with self._lock:
+        """The worker of ``slot`` is done with its unit: False if it was abandoned meanwhile
+        (its result must then be dropped). Atomic with the abandoning, under ``slot.lock``."""
+        with slot.lock:
             if slot.abandoned:
                 return False
             slot.unit = None

@@ -110,11 +110,13 @@ class Step:
         self._in_window = 0
         self._done: dict[int, tuple[list[Any], int]] = {}
         self._flushing = False
-        # per-key order: the units parked behind the holder of each key, and units that hold
-        # their keys and wait for any worker
-        self._keys: dict[Hashable, deque[Unit]] = {}
+        # per-key order: each key held by a unit, with what is parked behind it (ordered:
+        # one-item units, which keep their place in the output; unordered: the items; None:
+        # nothing yet), and units that hold their keys and wait for any worker
+        self._keys: dict[Hashable, deque[Any] | None] = {}
         self._parked = 0
         self._ready: deque[Unit] = deque()
+        self._cond_waiters = 0
         # adaptive unit size; a worker kind whose hand-off costs more (a process) raises the
         # target (``target_unit_s``)
         self.sizer = UnitSizer()
@@ -196,14 +198,14 @@ class Step:
                         if not wait:
                             return WOKEN
                         self._check_stop()
-                        self._cond.wait(0.25)
+                        self._wait_on_cond()
                     n = min(n, spec.window - self._in_window)
                 if spec.key is not None:
                     while self._parked >= spec.window:
                         if not wait:
                             return WOKEN
                         self._check_stop()
-                        self._cond.wait(0.25)
+                        self._wait_on_cond()
                     n = min(n, spec.window - self._parked)
             items = self.inbox.get_many(n, None if wait else 0)
             if items is None:
@@ -221,7 +223,11 @@ class Step:
                 return unit
             keys = self._keys_of(items)
             with self._cond:
-                units = self._gate(items, keys)
+                try:
+                    units = self._gate(items, keys)
+                except TypeError:  # an unhashable key: find whose, and fail the stage
+                    self._culprit(items)
+                    raise
                 if spec.ordered:
                     self._in_window += len(items)
                 if not units:
@@ -245,21 +251,28 @@ class Step:
                 if not wait:
                     return WOKEN
                 self._check_stop()
-                self._cond.wait(0.25)
+                self._wait_on_cond()
 
     def _keys_of(self, items: list[Any]) -> list[Hashable]:
         key = self.spec.key
         assert key is not None
-        keys = []
+        try:
+            return list(map(key, items))  # an unhashable key fails in _gate, which comes back
+        except Exception:
+            pass
+        self._culprit(items)
+        raise AssertionError("a key failed once and not again")
+
+    def _culprit(self, items: list[Any]) -> None:
+        """Fail the stage with the first item whose key cannot be made or hashed."""
+        key = self.spec.key
+        assert key is not None
         for item in items:
             try:
-                k = key(item)
-                hash(k)
+                hash(key(item))
             except Exception as exc:
                 self.fatal(StageFailed(self.name, item, 1, exc))
                 raise BufferShutdown from exc
-            keys.append(k)
-        return keys
 
     def _gate(self, items: list[Any], keys: list[Hashable]) -> list[Unit]:
         """Split items just taken into units that may run now (holding their keys) and
@@ -268,7 +281,8 @@ class Step:
         Items of one unit run in order on one worker, so a unit may hold several items of
         one key. In an ordered step each unit is a run of consecutive items (units are
         emitted in ``seq`` order), so a parked item ends the run before it."""
-        ordered = self.spec.ordered
+        if not self.spec.ordered:
+            return self._gate_unordered(items, keys)
         runnable: list[Unit] = []
         run_items: list[Any] = []
         run_item_keys: list[Hashable] = []
@@ -282,7 +296,7 @@ class Step:
                 unit.keys = tuple(run_keys)
                 unit.item_keys = run_item_keys
                 for k in unit.keys:
-                    self._keys[k] = deque()
+                    self._keys[k] = None
                 runnable.append(unit)
                 run_items, run_item_keys, run_keys = [], [], {}
 
@@ -292,15 +306,60 @@ class Step:
                 run_item_keys.append(k)
                 run_keys[k] = None
                 continue
-            if ordered:
-                close_run()
+            close_run()
             single = Unit(self._seq, [item])
             self._seq += 1
             single.keys = (k,)
-            self._keys[k].append(single)
+            self._park(k, single)
             self._parked += 1
         close_run()
         return runnable
+
+    def _gate_unordered(self, items: list[Any], keys: list[Hashable]) -> list[Unit]:
+        """``_gate`` where order matters only within a key: every item whose key is free (or
+        taken by an earlier item of this batch) joins one unit (cond held)."""
+        held = self._keys
+        mine: dict[Hashable, None] = {}
+        run_items: list[Any] = []
+        run = run_items.append
+        parked = 0
+        for item, k in zip(items, keys, strict=True):
+            if k in mine or k not in held:
+                mine[k] = None
+                run(item)
+            else:
+                waiting = held[k]  # unordered: a parked item needs no unit of its own
+                if waiting is None:
+                    held[k] = waiting = deque()
+                waiting.append(item)
+                parked += 1
+        self._parked += parked
+        if not run_items:
+            return []
+        unit = Unit(0, run_items)
+        unit.keys = tuple(mine)
+        for k in mine:
+            held[k] = None
+        return [unit]
+
+    def _park(self, key: Hashable, what: Any) -> None:
+        waiting = self._keys[key]
+        if waiting is None:
+            self._keys[key] = waiting = deque()
+        waiting.append(what)
+
+    def _wait_on_cond(self) -> None:
+        """Wait (cond held) for a change of the window, the parked items or the keys."""
+        self._cond_waiters += 1
+        try:
+            self._cond.wait(0.25)
+        finally:
+            self._cond_waiters -= 1
+
+    def _notify(self) -> None:
+        """Wake what waits on cond (cond held); a notify costs only when someone listens."""
+        if self._cond_waiters:
+            self._cond.notify_all()
 
     def _check_stop(self) -> None:
         if self.stop.is_set() or self.inbox.is_shutdown:
@@ -322,7 +381,7 @@ class Step:
             nxt = gather(unit)
             if not nxt:
                 return None
-            self._cond.notify_all()
+            self._notify()
             self._ready.extend(nxt[1:])
         if len(nxt) > 1:
             self.inbox.kick()  # workers waiting in the inbox take the rest from _ready
@@ -355,10 +414,10 @@ class Step:
             turn += 1
             # at least one item each: a key with parked items must be held by a new unit, or
             # nothing would ever release them
-            items: list[Any] = [waiting.popleft().items[0]]
+            items: list[Any] = [waiting.popleft()]
             sizes[g] += 1
             while waiting and sizes[g] < cap:
-                items.append(waiting.popleft().items[0])
+                items.append(waiting.popleft())
                 sizes[g] += 1
             self._parked -= len(items)
             groups[g].append((k, items))
@@ -368,7 +427,6 @@ class Step:
             if group:
                 merged = Unit(0, [x for _, items in group for x in items])
                 merged.keys = tuple(k for k, _ in group)
-                merged.item_keys = [k for k, items in group for _ in items]
                 units.append(merged)
         return units
 
@@ -409,7 +467,7 @@ class Step:
                     self.outbox.put_many(batch)
                 with self._cond:
                     self._in_window -= released
-                    self._cond.notify_all()
+                    self._notify()
         except BaseException:
             with self._cond:
                 self._flushing = False

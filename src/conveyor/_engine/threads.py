@@ -130,17 +130,21 @@ class ThreadPool(SlotPool):
         timed = self._timed
         t0 = time.perf_counter()
         if timed:
-            # one lock per item: the watchdog must see where the unit is, and a thread it
-            # gave up on must stop before its next item
-            with self._lock:
+            # each item publishes where it is (one new tuple; no lock, no clock): the
+            # watchdog times an item by how long the same tuple stays; a thread it gave up
+            # on stops before its next item
+            apply = source.apply
+            with slot.lock:
                 if slot.abandoned:
                     raise _Abandoned
-                slot.started = source.clock.now()
-                slot.pos, slot.mark, slot.out = start, len(out), out
+                slot.out = out
+                slot.progress = (start, len(out), 0.0)
                 slot.unit = unit
             pos = start
             for item in items:
-                self._begin_item(slot, pos, len(out))
+                if slot.abandoned:
+                    raise _Abandoned
+                slot.progress = (pos, len(out), 0.0)
                 pos += 1
                 try:
                     res = call(item)
@@ -151,7 +155,10 @@ class ThreadPool(SlotPool):
                     continue
                 if slot.abandoned:
                     raise _Abandoned
-                source.apply(item, res, out)
+                if mode == MAP:
+                    append(res)
+                else:
+                    apply(item, res, out)
             source.measured(len(items), time.perf_counter() - t0)
             return out
         slot.unit = unit
@@ -192,14 +199,6 @@ class ThreadPool(SlotPool):
         source.measured(len(items), time.perf_counter() - t0)
         return out
 
-    def _begin_item(self, slot: Slot, pos: int, mark: int) -> None:
-        with self._lock:
-            if slot.abandoned:
-                raise _Abandoned
-            slot.pos = pos
-            slot.mark = mark
-            slot.started = self.source.clock.now()
-
     def _done_with(self, slot: Slot) -> bool:
         """Clear the slot's unit; False if the watchdog gave the unit to another thread."""
         if not self._timed:
@@ -229,7 +228,8 @@ class ThreadPool(SlotPool):
                 return
             if timed:
                 # the backoff is not part of the next try's time limit
-                slot.started = source.clock.now() + delay
+                pos, mark, _ = slot.progress
+                slot.progress = (pos, mark, source.clock.now() + delay)
             if delay > 0 and source.clock.wait(source.stop, delay):
                 raise BufferShutdown
             attempt += 1
@@ -237,7 +237,8 @@ class ThreadPool(SlotPool):
                 # a replacement resumes the count of tries from here
                 if slot.unit is not None:
                     slot.unit.attempt = attempt
-                slot.started = source.clock.now()
+                pos, mark, _ = slot.progress
+                slot.progress = (pos, mark, 0.0)
             try:
                 res = work.call(item)
                 if source.mode == FLAT and res is not None:
@@ -255,18 +256,31 @@ class ThreadPool(SlotPool):
         source = self.source
         default = source.spec.timeout_s
         tick = 0.02 if default is None else max(0.005, min(default / 4, 0.1))
+        # each slot's progress as last seen, and since when
+        seen: dict[Slot, tuple[tuple[int, int, float], float]] = {}
         while not source.stop.wait(tick) and not self.gone.is_set():
             now = source.clock.now()
-            late: list[tuple[Slot, _Resume]] = []
             with self._lock:
-                for slot in self._slots:
+                slots = list(self._slots)
+            for slot in [s for s in seen if s not in slots]:
+                del seen[slot]
+            for slot in slots:
+                progress = slot.progress
+                last = seen.get(slot)
+                if last is None or last[0] is not progress:
+                    seen[slot] = (progress, max(now, progress[2]))
+                    continue
+                with slot.lock:
                     unit = slot.unit
-                    if unit is None or slot.abandoned:
+                    if unit is None or slot.abandoned or slot.progress is not progress:
                         continue
                     limit = timeout_of(source, unit)
-                    if limit is not None and now - slot.started > limit:
-                        kept = list(slot.out[: slot.mark])
-                        error = ItemTimeout(source.name, limit)
-                        late.append((slot, _Resume(unit, slot.pos, error, kept)))
-            for slot, resume in late:
-                self._replace(slot, resume.unit, resume)
+                    if limit is None or now - last[1] <= limit:
+                        continue
+                    # late: the thread is given up on here; it stops before its next item
+                    slot.abandoned = True
+                    pos, mark, _ = progress
+                    kept = list(slot.out[:mark])
+                    resume = _Resume(unit, pos, ItemTimeout(source.name, limit), kept)
+                del seen[slot]
+                self._replace(slot, resume)
