@@ -35,6 +35,54 @@ class BufferShutdown(Exception):
     """Raised inside the engine to unwind a worker whose buffer was shut down."""
 
 
+class _Waiters:
+    """Threads waiting, under the buffer's lock, for one thing (items, or room), and a way to
+    wake some of them: what ``threading.Condition`` does, without its checks on every call. A
+    buffer pays this for each item that finds a consumer asleep; ``len()`` is the number of
+    threads asleep and not yet woken, so a put wakes no one twice and skips the work when no
+    one sleeps."""
+
+    __slots__ = ("_lock", "_waiters")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._waiters: deque[threading.Lock] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Sleep (the caller holds the lock) until woken, or ``timeout_s``; False if timed
+        out. The lock is held again on return, whatever happens."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        woken = False
+        try:
+            if timeout_s is None:
+                woken = waiter.acquire()
+            elif timeout_s > 0:
+                woken = waiter.acquire(True, timeout_s)
+        finally:
+            self._lock.acquire()
+            if not woken:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    woken = True  # woken just as its time ran out
+        return woken
+
+    def notify(self, n: int = 1) -> None:
+        waiters = self._waiters
+        while n > 0 and waiters:
+            waiters.popleft().release()
+            n -= 1
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))
+
+
 class Buffer(Generic[T]):
     __slots__ = (
         "_chunks",
@@ -46,8 +94,6 @@ class Buffer(Generic[T]):
         "_not_full",
         "_open_tail",
         "_shutdown",
-        "_waiting_in",
-        "_waiting_out",
         "accepted",
         "capacity",
         "name",
@@ -68,12 +114,8 @@ class Buffer(Generic[T]):
         #: items ever admitted, for statistics
         self.accepted = 0
         self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
-        self._not_full = threading.Condition(self._lock)
-        # how many consumers wait for items, and producers for room: a notify is a dozen
-        # Python-level steps, paid only when someone is there to hear it
-        self._waiting_out = 0
-        self._waiting_in = 0
+        self._not_empty = _Waiters(self._lock)
+        self._not_full = _Waiters(self._lock)
 
     # -- inspection -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -92,13 +134,12 @@ class Buffer(Generic[T]):
         """Add one item, waiting for room. Returns False if ``timeout_s`` passed first."""
         deadline: float | None = None
         with self._lock:
-            while True:
+            # the common case first: open (a shut-down buffer is closed too) and with room
+            while self._closed or self._count >= self.capacity:
                 if self._shutdown:
                     raise BufferShutdown
                 if self._closed:
                     raise ClosedResourceError(f"buffer {self.name!r} is closed")
-                if self._count < self.capacity:
-                    break
                 if timeout_s is None:
                     self._wait_for_room(None)
                     continue
@@ -115,7 +156,7 @@ class Buffer(Generic[T]):
                 self._open_tail = True
             self._count += 1
             self.accepted += 1
-            if self._waiting_out:
+            if self._not_empty:
                 self._not_empty.notify()
         return True
 
@@ -138,11 +179,7 @@ class Buffer(Generic[T]):
             return n
 
     def _wait_for_room(self, timeout_s: float | None) -> None:
-        self._waiting_in += 1
-        try:
-            self._not_full.wait(timeout_s)
-        finally:
-            self._waiting_in -= 1
+        self._not_full.wait(timeout_s)
 
     def put_many(self, items: list[T]) -> None:
         """Add every item of ``items``, waiting for room; the buffer takes ownership of the list."""
@@ -172,11 +209,7 @@ class Buffer(Generic[T]):
                 self._wait_for_room(None)
 
     def _wake_consumers(self, n: int) -> None:
-        if not self._waiting_out:
-            return
-        if n == 1:
-            self._not_empty.notify()
-        else:
+        if self._not_empty:
             self._not_empty.notify(n)
 
     # -- consuming --------------------------------------------------------------------------
@@ -195,11 +228,7 @@ class Buffer(Generic[T]):
                     raise BufferShutdown
                 if self._closed:
                     return None
-                self._waiting_out += 1
-                try:
-                    woken = self._not_empty.wait(timeout_s)
-                finally:
-                    self._waiting_out -= 1
+                woken = self._not_empty.wait(timeout_s)
                 if not woken and timeout_s is not None:
                     if self._shutdown:
                         raise BufferShutdown
@@ -228,7 +257,7 @@ class Buffer(Generic[T]):
                 self._open_tail = False
         taken = len(out)
         self._count -= taken
-        if self._waiting_in:
+        if self._not_full:
             if taken == 1:
                 self._not_full.notify()
             else:

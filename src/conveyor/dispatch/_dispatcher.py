@@ -288,11 +288,11 @@ class _Call:
     """A producer's work: its function on one request, unless the request's deadline has
     passed (then the call is skipped)."""
 
-    __slots__ = ("clock", "fn")
+    __slots__ = ("fn", "now")
 
     def __init__(self, fn: Callable[..., Any], clock: Clock) -> None:
         self.fn = fn
-        self.clock = clock
+        self.now = clock.now
 
     def setup(self) -> None:
         return None
@@ -301,7 +301,7 @@ class _Call:
         return None
 
     def call(self, req: Request) -> tuple[Request, Any]:
-        if self.clock.now() > req.deadline:
+        if self.now() > req.deadline:
             return req, _EXPIRED
         return req, self.fn(req.topic, *req.args, **req.kwargs)
 
@@ -310,7 +310,7 @@ class _AsyncCall(_Call):
     __slots__ = ()
 
     async def call(self, req: Request) -> tuple[Request, Any]:  # type: ignore[override]
-        if self.clock.now() > req.deadline:
+        if self.now() > req.deadline:
             return req, _EXPIRED
         return req, await self.fn(req.topic, *req.args, **req.kwargs)
 
@@ -340,8 +340,10 @@ class Producer(_Lane):
 
     def _submit(self, req: Request) -> None:
         """Queue a call; a full queue makes the request wait for room until its deadline."""
+        put = self.inbox.put
         try:
-            accepted = self.inbox.put(req, max(0.0, req.deadline - self.clock.now()))
+            # the deadline is read only when the queue is full
+            accepted = put(req, 0) or put(req, max(0.0, req.deadline - self.clock.now()))
         except (ClosedResourceError, BufferShutdown):
             accepted = False  # deregistered meanwhile: this producer will not answer
         if not accepted:
@@ -363,7 +365,8 @@ class Producer(_Lane):
         return None
 
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
-        answers: dict[str, list[tuple[str, Any, float]]] = {}
+        topic = self.topic  # a producer answers the requests of its one topic
+        answers: list[tuple[str, Any, float]] = []
         counted = dict.fromkeys(OUTCOMES, 0)
         for req, result in outputs:
             if result is _EXPIRED:
@@ -372,10 +375,10 @@ class Producer(_Lane):
             outcome = req._settle("answered", result)
             counted[outcome] += 1
             if outcome == "answered":
-                answers.setdefault(req.topic, []).append((req.topic, result, req.started))
+                answers.append((topic, result, req.started))
         self.dispatcher._tally_many(self._counts, counted)
-        for topic, items in answers.items():
-            self.dispatcher._fan_out(topic, items)
+        if answers:
+            self.dispatcher._fan_out(topic, answers)
 
 
 class _Deliver:
@@ -398,13 +401,18 @@ class _Deliver:
 
     def call(self, item: tuple[str, Any, float]) -> None:
         sub = self.sub
-        with sub._calling:
+        # say "calling" before looking at "closed": close() says "closed" before it waits
+        # for "calling" to clear, so whichever comes first, no call starts after close()
+        sub._calling_now = True
+        try:
             if sub._closed:
                 return
             topic, result, started = item
             self.latency.add(self.now() - started)
             self.listener(topic, result)
             sub.delivered += 1
+        finally:
+            sub._calling_now = False
 
 
 class _AsyncDeliver(_Deliver):
@@ -449,7 +457,7 @@ class Subscription(_Lane):
         self._counts = dict.fromkeys(_DELIVERIES, 0)  # overflowed, under the tally lock
         self._folded = False
         self._closed = False
-        self._calling = threading.Lock()
+        self._calling_now = False
         self._worker: int | None = None
         self._idle = threading.Event()
         self._idle.set()
@@ -511,9 +519,13 @@ class Subscription(_Lane):
                 return False
         elif self._worker != threading.get_ident():
             # a call under way ends before close() returns
-            if not self._calling.acquire(timeout=-1 if timeout_s is None else timeout_s):
-                return False
-            self._calling.release()
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            pause = 0.0001
+            while self._calling_now:
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
         self.dispatcher._fold(self)
         return True
 
