@@ -35,52 +35,39 @@ class BufferShutdown(Exception):
     """Raised inside the engine to unwind a worker whose buffer was shut down."""
 
 
-class _Waiters:
-    """Threads waiting, under the buffer's lock, for one thing (items, or room), and a way to
-    wake some of them: what ``threading.Condition`` does, without its checks on every call. A
-    buffer pays this for each item that finds a consumer asleep; ``len()`` is the number of
-    threads asleep and not yet woken, so a put wakes no one twice and skips the work when no
-    one sleeps."""
+def _sleep(lock: threading.Lock, waiters: deque[threading.Lock], timeout_s: float | None) -> bool:
+    """Sleep on ``waiters`` (the caller holds ``lock``) until woken by :func:`_wake`, or
+    ``timeout_s``; False if timed out. ``lock`` is held again on return, whatever happens.
 
-    __slots__ = ("_lock", "_waiters")
+    What ``threading.Condition`` does, without its checks on every call: a buffer pays this
+    for each item that finds a consumer asleep. A waiter leaves the deque when it is woken,
+    so the deque holds the threads asleep and not yet woken: a put wakes no one twice, and
+    skips the work when the deque is empty."""
+    waiter = threading.Lock()
+    waiter.acquire()
+    waiters.append(waiter)
+    lock.release()
+    woken = False
+    try:
+        if timeout_s is None:
+            woken = waiter.acquire()
+        elif timeout_s > 0:
+            woken = waiter.acquire(True, timeout_s)
+    finally:
+        lock.acquire()
+        if not woken:
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                woken = True  # woken just as its time ran out
+    return woken
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-        self._waiters: deque[threading.Lock] = deque()
 
-    def __len__(self) -> int:
-        return len(self._waiters)
-
-    def wait(self, timeout_s: float | None) -> bool:
-        """Sleep (the caller holds the lock) until woken, or ``timeout_s``; False if timed
-        out. The lock is held again on return, whatever happens."""
-        waiter = threading.Lock()
-        waiter.acquire()
-        self._waiters.append(waiter)
-        self._lock.release()
-        woken = False
-        try:
-            if timeout_s is None:
-                woken = waiter.acquire()
-            elif timeout_s > 0:
-                woken = waiter.acquire(True, timeout_s)
-        finally:
-            self._lock.acquire()
-            if not woken:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    woken = True  # woken just as its time ran out
-        return woken
-
-    def notify(self, n: int = 1) -> None:
-        waiters = self._waiters
-        while n > 0 and waiters:
-            waiters.popleft().release()
-            n -= 1
-
-    def notify_all(self) -> None:
-        self.notify(len(self._waiters))
+def _wake(waiters: deque[threading.Lock], n: int) -> None:
+    """Wake up to ``n`` of the threads asleep on ``waiters`` (the caller holds the lock)."""
+    while n > 0 and waiters:
+        waiters.popleft().release()
+        n -= 1
 
 
 class Buffer(Generic[T]):
@@ -114,8 +101,9 @@ class Buffer(Generic[T]):
         #: items ever admitted, for statistics
         self.accepted = 0
         self._lock = threading.Lock()
-        self._not_empty = _Waiters(self._lock)
-        self._not_full = _Waiters(self._lock)
+        #: consumers asleep until there are items, producers asleep until there is room
+        self._not_empty: deque[threading.Lock] = deque()
+        self._not_full: deque[threading.Lock] = deque()
 
     # -- inspection -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -157,7 +145,7 @@ class Buffer(Generic[T]):
             self._count += 1
             self.accepted += 1
             if self._not_empty:
-                self._not_empty.notify()
+                self._not_empty.popleft().release()
         return True
 
     def offer_many(self, items: list[T]) -> int:
@@ -179,7 +167,7 @@ class Buffer(Generic[T]):
             return n
 
     def _wait_for_room(self, timeout_s: float | None) -> None:
-        self._not_full.wait(timeout_s)
+        _sleep(self._lock, self._not_full, timeout_s)
 
     def put_many(self, items: list[T]) -> None:
         """Add every item of ``items``, waiting for room; the buffer takes ownership of the list."""
@@ -209,8 +197,7 @@ class Buffer(Generic[T]):
                 self._wait_for_room(None)
 
     def _wake_consumers(self, n: int) -> None:
-        if self._not_empty:
-            self._not_empty.notify(n)
+        _wake(self._not_empty, n)
 
     # -- consuming --------------------------------------------------------------------------
     def get_many(self, max_n: int, timeout_s: float | None = None) -> list[T] | None:
@@ -228,7 +215,7 @@ class Buffer(Generic[T]):
                     raise BufferShutdown
                 if self._closed:
                     return None
-                woken = self._not_empty.wait(timeout_s)
+                woken = _sleep(self._lock, self._not_empty, timeout_s)
                 if not woken and timeout_s is not None:
                     if self._shutdown:
                         raise BufferShutdown
@@ -258,25 +245,22 @@ class Buffer(Generic[T]):
         taken = len(out)
         self._count -= taken
         if self._not_full:
-            if taken == 1:
-                self._not_full.notify()
-            else:
-                self._not_full.notify_all()
+            _wake(self._not_full, 1 if taken == 1 else len(self._not_full))
         return out
 
     def kick(self) -> None:
         """Wake every waiting consumer with an empty answer (so it can look at its own state)."""
         with self._lock:
             self._kicks += 1
-            self._not_empty.notify_all()
+            _wake(self._not_empty, len(self._not_empty))
 
     # -- ending -----------------------------------------------------------------------------
     def close(self) -> None:
         """No more puts; consumers drain the rest and then see the end."""
         with self._lock:
             self._closed = True
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
+            _wake(self._not_empty, len(self._not_empty))
+            _wake(self._not_full, len(self._not_full))
 
     def shutdown(self) -> int:
         """Stop now: wake every waiter with :class:`BufferShutdown`; return the items dropped."""
@@ -286,6 +270,6 @@ class Buffer(Generic[T]):
             self._closed = True
             self._chunks.clear()
             self._count = 0
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
+            _wake(self._not_empty, len(self._not_empty))
+            _wake(self._not_full, len(self._not_full))
             return dropped

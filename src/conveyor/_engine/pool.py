@@ -154,6 +154,8 @@ class SlotPool(WorkerPool):
             self.source.kick()
 
     def _should_retire(self, slot: Slot) -> bool:
+        if self._live <= self._target:
+            return False  # the common case, read without the lock: a resize is seen next time
         with self._lock:
             if self._live > self._target and not self._eof:
                 self._live -= 1

@@ -140,18 +140,11 @@ class Request:
         self._lock = threading.Lock()
         self._event: threading.Event | None = None
 
-    def _settle(self, outcome: str, result: Any = None) -> str:
-        """Count one producer's outcome; an answer after the deadline becomes ``dropped``.
-        Returns the outcome counted (``answered``: in time, to be delivered)."""
+    def _settle(self, outcome: str) -> str:
+        """Count one producer's call that gave no answer: ``expired`` or ``failed``. Returns
+        the outcome (for the producer's own count)."""
         with self._lock:
-            if outcome == "answered":
-                if self.clock.now() > self.deadline:
-                    outcome = "dropped"
-                    self.dropped += 1
-                else:
-                    self._results.append(result)
-                    self.answered += 1
-            elif outcome == "expired":
+            if outcome == "expired":
                 self.expired += 1
             else:
                 self.failed += 1
@@ -160,6 +153,22 @@ class Request:
         if event is not None:
             event.set()
         return outcome
+
+    def _answer(self, result: Any) -> bool:
+        """Count one producer's answer: True if it came in time (to be delivered), False if
+        it came after the deadline (counted as dropped). ``_settle`` for the common case."""
+        with self._lock:
+            in_time = self.clock.now() <= self.deadline
+            if in_time:
+                self._results.append(result)
+                self.answered += 1
+            else:
+                self.dropped += 1
+            self._settled += 1
+            event = self._event if self._settled >= self.expected else None
+        if event is not None:
+            event.set()
+        return in_time
 
     @property
     def done(self) -> bool:
@@ -367,16 +376,16 @@ class Producer(_Lane):
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
         topic = self.topic  # a producer answers the requests of its one topic
         answers: list[tuple[str, Any, float]] = []
-        counted = dict.fromkeys(OUTCOMES, 0)
+        expired = dropped = 0
         for req, result in outputs:
             if result is _EXPIRED:
-                counted[req._settle("expired")] += 1
-                continue
-            outcome = req._settle("answered", result)
-            counted[outcome] += 1
-            if outcome == "answered":
+                req._settle("expired")
+                expired += 1
+            elif req._answer(result):
                 answers.append((topic, result, req.started))
-        self.dispatcher._tally_many(self._counts, counted)
+            else:
+                dropped += 1
+        self.dispatcher._tally_unit(self._counts, len(answers), expired, dropped)
         if answers:
             self.dispatcher._fan_out(topic, answers)
 
@@ -643,12 +652,21 @@ class Dispatcher:
             self._totals["delivered"] += sub.delivered
             self._totals["listener_failed"] += sub.listener_failed
 
-    def _tally_many(self, counts: dict[str, int], counted: dict[str, int]) -> None:
+    def _tally_unit(
+        self, counts: dict[str, int], answered: int, expired: int, dropped: int
+    ) -> None:
+        """Count the outcomes of one unit of a producer's calls."""
         with self._tally_lock:
-            for what, n in counted.items():
-                if n:
-                    counts[what] += n
-                    self._totals[what] += n
+            totals = self._totals
+            if answered:
+                counts["answered"] += answered
+                totals["answered"] += answered
+            if expired:
+                counts["expired"] += expired
+                totals["expired"] += expired
+            if dropped:
+                counts["dropped"] += dropped
+                totals["dropped"] += dropped
 
     # -- registration ---------------------------------------------------------------------------
     def register_producer(
