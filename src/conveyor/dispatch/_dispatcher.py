@@ -148,15 +148,14 @@ class Request:
                 self.expired += 1
             else:
                 self.failed += 1
-            self._settled += 1
-            event = self._event if self._settled >= self.expected else None
-        if event is not None:
-            event.set()
+            last = self._one_more()
+        if last is not None:
+            last.set()
         return outcome
 
     def _answer(self, result: Any) -> bool:
         """Count one producer's answer: True if it came in time (to be delivered), False if
-        it came after the deadline (counted as dropped). ``_settle`` for the common case."""
+        it came after the deadline (counted as dropped)."""
         with self._lock:
             in_time = self.clock.now() <= self.deadline
             if in_time:
@@ -164,11 +163,15 @@ class Request:
                 self.answered += 1
             else:
                 self.dropped += 1
-            self._settled += 1
-            event = self._event if self._settled >= self.expected else None
-        if event is not None:
-            event.set()
+            last = self._one_more()
+        if last is not None:
+            last.set()
         return in_time
+
+    def _one_more(self) -> threading.Event | None:
+        """One more producer settled (under the lock): the waiters' event if it was the last."""
+        self._settled += 1
+        return self._event if self._settled >= self.expected else None
 
     @property
     def done(self) -> bool:
