@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def note(line: str) -> None:
         log.write(line + "\n")
 
 
-@queue.task(name="record", retries=0)
+@queue.task(name="record", retries=1)
 def record(job: str, hold: bool = False) -> str:
     note(f"start {job} {os.getpid()}")
     while hold and not GATE.exists():
@@ -32,3 +33,10 @@ def record(job: str, hold: bool = False) -> str:
 def precord(job: str, hold: bool = False) -> str:
     """``record``, in a worker process (and registered with the decorator, at module level)."""
     return str(record.fn(job, hold))
+
+
+@queue.task(name="poison", retries=2)
+def poison(job: str) -> None:
+    """Kills the worker running it, every time."""
+    note(f"start {job} {os.getpid()}")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,6 @@ from conveyor import (
     TaskFailed,
     TaskQueue,
 )
-
-URLS = ["memory", "sqlite", "redis"]
-
-
-@pytest.fixture(params=URLS)
-def q(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TaskQueue]:
-    if request.param == "memory":
-        queue = TaskQueue(f"memory://{tmp_path.name}")
-    elif request.param == "redis":
-        queue = TaskQueue(request.getfixturevalue("redis_url"))
-    else:
-        queue = TaskQueue(f"sqlite:///{tmp_path / 'q.db'}")
-    yield queue
-    queue.close()
 
 
 def drain(q: TaskQueue, **options: Any) -> None:

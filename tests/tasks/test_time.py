@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from conveyor import ManualClock, TaskQueue
 
 from ..conftest import eventually
-
-START = 1_000_000.0
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def clocked(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[tuple[TaskQueue, ManualClock]]:
-    clock = ManualClock(START)
-    if request.param == "memory":
-        url = f"memory://{tmp_path.name}"
-    elif request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'q.db'}"
-    else:
-        url = request.getfixturevalue("redis_url")
-    queue = TaskQueue(url, clock=clock)
-    yield queue, clock
-    queue.close()
+from .conftest import START
 
 
 def test_a_heartbeat_renews_the_lease_each_third_of_it(

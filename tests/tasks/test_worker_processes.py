@@ -179,3 +179,21 @@ def test_a_killed_worker_takes_its_worker_processes_with_it(env: Env) -> None:
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     eventually(lambda: not alive(int(child)), timeout_s=10)
+
+
+def test_a_job_that_kills_its_worker_goes_dead_after_its_attempts_and_frees_its_key(
+    env: Env,
+) -> None:
+    poison = env.queue.enqueue("poison", "p", _key="user-1")  # retries=2: three attempts
+    after = env.queue.enqueue("record", "next", _key="user-1")
+    for n in range(1, 4):
+        worker = env.worker("--lease-s", "0.5")
+        assert worker.wait(30) == -signal.SIGKILL  # the job killed it
+        assert len(env.started("p")) == n
+        assert poison.info().attempts == n
+    last = env.worker("--lease-s", "0.5", "--burst")
+    assert last.wait(30) == 0
+    info = poison.info()
+    assert info.state == "dead" and info.lost == 3 and len(env.started("p")) == 3
+    assert info.error is not None and "died 3 times" in info.error
+    assert after.result(timeout_s=5) == "next"  # the key was not left blocked

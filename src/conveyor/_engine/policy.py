@@ -75,7 +75,9 @@ def backoff_delay(
     """The wait after failed try number ``attempt`` (1-based): ``backoff_s * 2**(attempt-1)``,
     capped at ``max_backoff_s``, spread by ``± jitter`` (a fraction). Pipelines' ``Retry`` and
     task queues' retries both wait this long."""
-    base = min(max_backoff_s, backoff_s * (2.0 ** (attempt - 1)))
+    # doubling past 2**60 only ever meets the cap: stop there, so a large attempt number
+    # cannot overflow the float power
+    base = min(max_backoff_s, backoff_s * (2.0 ** min(attempt - 1, 60)))
     if jitter:
         base *= 1 + jitter * (2 * float(rng()) - 1)
     return max(0.0, base)

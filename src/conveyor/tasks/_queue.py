@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import pickle
 import threading
@@ -56,14 +57,53 @@ class CancelTask(Exception):
 # -- payloads ------------------------------------------------------------------------------------
 
 
+#: how deep arguments may nest (lists in lists...): deeper ones are refused at enqueue, where
+#: the encoder or a worker decoding them would run out of stack
+MAX_NESTING = 200
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _arguments(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        *((f"argument {i}", a) for i, a in enumerate(args)),
+        *((f"argument {k!r}", v) for k, v in kwargs.items()),
+    ]
+
+
+def _check_shape(where: str, task: str, value: Any, strict_keys: bool) -> None:
+    """Refuse what nests deeper than :data:`MAX_NESTING`, and (``strict_keys``, for JSON) a
+    mapping key that is not a string: JSON would turn ``{1: "a", "1": "b"}`` into
+    ``{"1": "b"}`` without a word. Walks with a stack of its own, so depth cannot overflow."""
+    if isinstance(value, _SCALARS):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ConfigurationError(
+                f"{where} of task {task!r} nests deeper than {MAX_NESTING} levels"
+            )
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if strict_keys and not isinstance(k, str):
+                    raise ConfigurationError(
+                        f"{where} of task {task!r} has a key of type {type(k).__name__} "
+                        f"({k!r}): JSON keys are strings, so it would arrive changed; use string "
+                        "keys, or "
+                        "create the queue with serializer='pickle'"
+                    )
+                if not isinstance(v, _SCALARS):
+                    stack.append((v, depth + 1))
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend((v, depth + 1) for v in item if not isinstance(v, _SCALARS))
+
+
 class JsonSerializer:
     name = "json"
 
     def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        for where, value in [
-            *((f"argument {i}", a) for i, a in enumerate(args)),
-            *((f"argument {k!r}", v) for k, v in kwargs.items()),
-        ]:
+        for where, value in _arguments(args, kwargs):
+            _check_shape(where, task, value, strict_keys=True)
             try:
                 json.dumps(value)
             except (TypeError, ValueError) as exc:
@@ -83,10 +123,8 @@ class PickleSerializer:
     name = "pickle"
 
     def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        for where, value in [
-            *((f"argument {i}", a) for i, a in enumerate(args)),
-            *((f"argument {k!r}", v) for k, v in kwargs.items()),
-        ]:
+        for where, value in _arguments(args, kwargs):
+            _check_shape(where, task, value, strict_keys=False)
             try:
                 pickle.dumps(value)
             except Exception as exc:
@@ -112,6 +150,44 @@ class Serializer(Protocol):
 
 
 SERIALIZERS: dict[str, type[Serializer]] = {"json": JsonSerializer, "pickle": PickleSerializer}
+
+
+#: priorities are stored as 32-bit signed ints on every backend
+PRIORITY_LIMIT = 2**31
+#: the longest job id or key (they are stored and indexed as text)
+MAX_NAME = 1024
+
+
+def check_priority(what: str, priority: object) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ConfigurationError(f"{what} must be an int, not {priority!r}")
+    if not -PRIORITY_LIMIT < priority < PRIORITY_LIMIT:
+        raise ConfigurationError(f"{what} must be within ±(2**31 - 1), not {priority}")
+
+
+def _seconds(what: str, value: object) -> float:
+    """A finite number of seconds (``_delay_s`` must not be negative)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{what} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if what == "_eta" and not math.isfinite(seconds):
+        raise ConfigurationError(
+            f"_eta must be a finite time (seconds since the epoch), not {value!r}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(f"{what} must be a finite number of seconds >= 0, not {value!r}")
+    return seconds
+
+
+def _check_name(what: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{what} must be a non-empty string, not {value!r}")
+    if len(value) > MAX_NAME or "\x00" in value:
+        raise ConfigurationError(
+            f"{what} must be at most {MAX_NAME} characters, without NUL: {value[:40]!r}..."
+        )
 
 
 def new_id() -> str:
@@ -452,6 +528,7 @@ class TaskQueue:
                     raise ConfigurationError(
                         f"task {f!r} cannot be sent to a worker process: {exc}"
                     ) from exc
+            check_priority("priority", priority)
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
@@ -482,10 +559,15 @@ class TaskQueue:
                 f"unknown enqueue option(s) {sorted(options)}: the options are _id, _delay_s, "
                 "_eta, _priority and _key"
             )
+        serializer = self.serializer
+        # containers may hide what the encoder would change or choke on (plain values, the
+        # common case, cost one isinstance each)
+        for where, value in _arguments(args, kwargs):
+            _check_shape(where, task_name, value, strict_keys=serializer.name == "json")
         try:
-            payload = self.serializer.dumps({"args": list(args), "kwargs": kwargs})
+            payload = serializer.dumps({"args": list(args), "kwargs": kwargs})
         except Exception:
-            self.serializer.check(task_name, args, kwargs)  # names the argument at fault
+            serializer.check(task_name, args, kwargs)  # names the argument at fault
             raise
         if not isinstance(task, str):
             try:
@@ -497,15 +579,12 @@ class TaskQueue:
         if delay_s is not None and eta is not None:
             raise ConfigurationError("give _delay_s or _eta, not both")
         if delay_s is not None:
-            run_at = now + float(delay_s)
+            run_at = now + _seconds("_delay_s", delay_s)
         elif eta is not None:
-            run_at = eta.timestamp() if isinstance(eta, datetime) else float(eta)
-        if job_id is not None and not isinstance(job_id, str):
-            raise ConfigurationError(f"_id must be a string, not {job_id!r}")
-        if key is not None and not isinstance(key, str):
-            raise ConfigurationError(f"_key must be a string, not {key!r}")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ConfigurationError(f"_priority must be an int, not {priority!r}")
+            run_at = eta.timestamp() if isinstance(eta, datetime) else _seconds("_eta", eta)
+        _check_name("_id", job_id)
+        _check_name("_key", key)
+        check_priority("_priority", priority)
         return NewJob(
             id=job_id or new_id(),
             queue=self.name,

@@ -140,6 +140,8 @@ class Worker:
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.processed = 0
         self.failed = 0
+        #: runs by lease token, not job id: a worker that lost a job's lease (paused past it)
+        #: and claimed the same job again holds two runs of it, each with its own heartbeat
         self._running: dict[str, tuple[asyncio.Task[None], TaskQueue, Lease]] = {}
         self._stopping: asyncio.Event | None = None
         self._hard: asyncio.Event | None = None
@@ -153,7 +155,7 @@ class Worker:
             TaskQueue, list[tuple[Lease, bytes | None, float | None, asyncio.Future[bool]]]
         ] = {}
         self._ack_wake: asyncio.Event | None = None
-        # jobs whose outcome is being written: their lease is not renewed any more
+        # runs (by token) whose outcome is being written: their lease is not renewed any more
         self._settling: set[str] = set()
         self._freed: asyncio.Event | None = None
         #: set when a job ends: a burst worker waiting for work looks again at once
@@ -329,21 +331,21 @@ class Worker:
         stop.cancel()
         freed.cancel()
 
-    def _settle(self, job_id: str) -> None:
-        """The job's function is over; its outcome is being written (its lease not renewed)."""
+    def _settle(self, token: str) -> None:
+        """The run's function is over; its outcome is being written (its lease not renewed)."""
         assert self._freed is not None
-        self._settling.add(job_id)
+        self._settling.add(token)
         self._freed.set()
 
     # -- one job -----------------------------------------------------------------------------
     def _start(self, queue: TaskQueue, lease: Lease) -> None:
         task = asyncio.ensure_future(self._run(queue, lease))
-        self._running[lease.job.id] = (task, queue, lease)
-        job_id = lease.job.id
+        token = lease.token
+        self._running[token] = (task, queue, lease)
 
         def forget(_: asyncio.Task[None]) -> None:
-            self._running.pop(job_id, None)
-            self._settling.discard(job_id)
+            self._running.pop(token, None)
+            self._settling.discard(token)
             if self._ended is not None:
                 self._ended.set()
 
@@ -355,7 +357,7 @@ class Worker:
             await self.clock.sleep(self.lease_s / 3)
             per_queue: dict[TaskQueue, list[Lease]] = {}
             for _, queue, lease in list(self._running.values()):
-                if lease.job.id not in self._settling:
+                if lease.token not in self._settling:
                     per_queue.setdefault(queue, []).append(lease)
             for queue, leases in per_queue.items():
                 try:
@@ -379,7 +381,7 @@ class Worker:
     ) -> bool:
         """Complete the job in the next batch; True if the lease still held it."""
         assert self._loop is not None and self._ack_wake is not None
-        self._settle(lease.job.id)
+        self._settle(lease.token)
         done: asyncio.Future[bool] = self._loop.create_future()
         self._acks.setdefault(queue, []).append((lease, data, keep_s, done))
         self._ack_wake.set()
@@ -431,6 +433,17 @@ class Worker:
             known = ", ".join(sorted(queue.tasks)) or "none"
             await self._dead(
                 queue, lease, f"no worker knows task {job.task!r} (this worker knows: {known})"
+            )
+            return
+        if job.attempts > task.options.retries + 1:
+            # every claim counts an attempt before the job runs: one that keeps killing its
+            # worker (or whose worker keeps losing its storage) uses them up like any failure
+            times = "once" if job.lost == 1 else f"{job.lost} times"
+            await self._dead(
+                queue,
+                lease,
+                f"the worker running it died {times} before writing an outcome (its lease "
+                f"lapsed); with retries={task.options.retries} it is not run again",
             )
             return
         try:
@@ -571,7 +584,7 @@ class Worker:
         delay_s: float | None,
     ) -> None:
         job = lease.job
-        self._settle(job.id)
+        self._settle(lease.token)
         if job.attempts > task.options.retries:
             await self._dead(queue, lease, error)
             return
@@ -581,7 +594,7 @@ class Worker:
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> None:
         self.failed += 1
-        self._settle(lease.job.id)
+        self._settle(lease.token)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
         await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.now())
 

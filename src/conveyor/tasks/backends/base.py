@@ -26,7 +26,8 @@ backend, including the races):
   is running and no job of that key was enqueued before it and is still queued: one at a time,
   in enqueue order, keys in parallel.
 * **Leases.** ``claim`` gives each job a fresh ``token`` and ``lease_until = now + lease_s`` and
-  counts an attempt. A running job whose lease has lapsed is claimable again (by anyone). Every
+  counts an attempt. A running job whose lease has lapsed is claimable again (by anyone), and
+  the lapse is counted in ``lost``. Every
   call that names a token (``heartbeat``, ``complete``, ``retry``, ``fail``, ``release``) does
   nothing and returns False unless that token still holds the job, so a worker that lost its
   lease cannot overwrite the work of the one that took it over: exactly one outcome is kept.
@@ -80,6 +81,9 @@ class Job:
     error: str | None = None
     finished_at: float | None = None
     keep_until: float | None = None
+    lost: int = 0
+    """attempts that ended with their lease lapsing: the worker died (or lost its storage)
+    before it wrote an outcome"""
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,7 @@ class Backend(ABC):
 
     @abstractmethod
     def requeue(self, job_id: str, now: float) -> bool:
-        """Dead → queued (attempts reset to 0); False if the job is not dead."""
+        """Dead → queued (attempts and lost reset to 0); False if the job is not dead."""
 
     @abstractmethod
     def requeue_dead(self, queue: str, now: float) -> int:

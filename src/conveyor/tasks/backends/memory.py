@@ -128,7 +128,9 @@ class MemoryBackend(Backend):
             if job.lease_until is not None and job.lease_until > now:
                 continue  # extended since: a newer entry stands for it
             self._leave_running(job)
-            back = self._set(replace(job, state=QUEUED, token=None, lease_until=None))
+            back = self._set(
+                replace(job, state=QUEUED, token=None, lease_until=None, lost=job.lost + 1)
+            )
             self._push(back, self._seq[job.id])
 
     def claim(
@@ -274,7 +276,9 @@ class MemoryBackend(Backend):
             return True
 
     def _requeue(self, job: Job, now: float) -> None:
-        back = self._set(replace(job, state=QUEUED, attempts=0, run_at=now, finished_at=None))
+        back = self._set(
+            replace(job, state=QUEUED, attempts=0, lost=0, run_at=now, finished_at=None)
+        )
         self._push(back, self._seq[job.id])
 
     def requeue_dead(self, queue: str, now: float) -> int:

@@ -81,6 +81,7 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         error=text(b"error"),
         finished_at=number(b"finished_at"),
         keep_until=number(b"keep_until"),
+        lost=int(h.get(b"lost", 0)),
     )
 
 

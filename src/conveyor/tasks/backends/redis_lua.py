@@ -196,6 +196,7 @@ for _, id in ipairs(lapsed) do
   local key = redis.call('HGET', jk(id), 'key')
   leave_running(id, q, key, now)
   redis.call('HSET', jk(id), 'state', 'queued')
+  redis.call('HINCRBY', jk(id), 'lost', 1)
   redis.call('HDEL', jk(id), 'token', 'lease_until')
   to_queue(id, now)
 end
@@ -358,7 +359,7 @@ for i = 3, #ARGV do
   local f = redis.call('HMGET', jk(id), 'state', 'queue')
   if f[1] == 'dead' then
     redis.call('SREM', qk(f[2], 'dead'), id)
-    redis.call('HSET', jk(id), 'state', 'queued', 'attempts', 0, 'run_at', now)
+    redis.call('HSET', jk(id), 'state', 'queued', 'attempts', 0, 'lost', 0, 'run_at', now)
     redis.call('HDEL', jk(id), 'finished_at')
     to_queue(id, now)
     woken[f[2]] = true

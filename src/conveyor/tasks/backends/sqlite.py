@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     error TEXT,
     finished_at REAL,
-    keep_until REAL
+    keep_until REAL,
+    lost INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
@@ -65,7 +66,7 @@ CREATE INDEX IF NOT EXISTS jobs_keep ON jobs (keep_until) WHERE state = 'done';
 
 _COLUMNS = (
     "id, queue, task, payload, state, priority, key, attempts, enqueued_at, run_at, "
-    "lease_until, token, result, error, finished_at, keep_until"
+    "lease_until, token, result, error, finished_at, keep_until, lost"
 )
 
 _CLAIMABLE = """
@@ -80,6 +81,18 @@ WHERE j.queue = ? AND j.state = 'queued' AND j.run_at <= ?
 ORDER BY j.priority DESC, j.seq
 LIMIT ?
 """
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file made by an earlier version up to the current schema (idempotent; two
+    processes doing it at once are fine: the second finds the column there)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "lost" not in columns:
+        try:
+            db.execute("ALTER TABLE jobs ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _job(row: Any) -> Job:
@@ -120,6 +133,7 @@ class SQLiteBackend(Backend):
         # every statement of the schema is idempotent: many processes may open the file at once
         with self._db() as db:
             db.executescript(_SCHEMA)
+            _migrate(db)
 
     # -- connections ----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -206,8 +220,8 @@ class SQLiteBackend(Backend):
     ) -> list[Lease]:
         with self._write() as db:
             db.execute(
-                "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL "
-                "WHERE queue = ? AND state = 'running' AND lease_until <= ?",
+                "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
+                "lost = lost + 1 WHERE queue = ? AND state = 'running' AND lease_until <= ?",
                 (queue, now),
             )
             ids = [r[0] for r in db.execute(_CLAIMABLE, (queue, now, limit))]
@@ -307,7 +321,8 @@ class SQLiteBackend(Backend):
     def _requeue(self, where: str, value: str, now: float) -> int:
         with self._write() as db:
             return db.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, run_at = ?, finished_at = NULL "
+                "UPDATE jobs SET state = 'queued', attempts = 0, lost = 0, run_at = ?, "
+                "finished_at = NULL "
                 f"WHERE state = 'dead' AND {where} = ?",
                 (now, value),
             ).rowcount

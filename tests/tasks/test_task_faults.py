@@ -1,0 +1,199 @@
+"""Faults of the task queue, on every backend where they apply: bad input at the door, retries
+that cannot overflow, jobs that kill their worker, a worker that loses and retakes its own
+lease, clocks that disagree, and background loops that must not die unnoticed."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import pytest
+
+from conveyor import (
+    BackendUnavailable,
+    ConfigurationError,
+    ManualClock,
+    Pipeline,
+    Retry,
+    StageFailed,
+    TaskQueue,
+)
+from conveyor._engine.policy import backoff_delay
+
+from ..conftest import eventually
+
+
+def _deep(levels: int) -> list[Any]:
+    top: list[Any] = []
+    level = top
+    for _ in range(levels):
+        inner: list[Any] = []
+        level.append(inner)
+        level = inner
+    return top
+
+
+BAD_ENQUEUES: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
+    ("int and str keys", ({1: "a", "1": "b"},), {}, "key of type int"),
+    ("a tuple key", (), {"x": {(1, 2): 3}}, "key of type tuple"),
+    ("a key deep inside", ([{"ok": [{2: 0}]}],), {}, "key of type int"),
+    ("100,000 levels", (_deep(100_000),), {}, "nests deeper than"),
+    ("nan delay", (), {"_delay_s": math.nan}, "_delay_s"),
+    ("infinite delay", (), {"_delay_s": math.inf}, "_delay_s"),
+    ("negative delay", (), {"_delay_s": -1}, "_delay_s"),
+    ("text delay", (), {"_delay_s": "3"}, "_delay_s"),
+    ("nan eta", (), {"_eta": math.nan}, "_eta"),
+    ("huge priority", (), {"_priority": 2**70}, "_priority"),
+    ("priority at the limit", (), {"_priority": 2**31}, "_priority"),
+    ("bool priority", (), {"_priority": True}, "_priority"),
+    ("int id", (), {"_id": 5}, "_id"),
+    ("empty id", (), {"_id": ""}, "_id"),
+    ("NUL in a key", (), {"_key": "a\x00b"}, "_key"),
+    ("huge id", (), {"_id": "x" * 5000}, "_id"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "named"),
+    [case[1:] for case in BAD_ENQUEUES],
+    ids=[case[0] for case in BAD_ENQUEUES],
+)
+def test_bad_input_is_refused_before_anything_is_written(
+    q: TaskQueue, args: tuple[Any, ...], kwargs: dict[str, Any], named: str
+) -> None:
+    @q.task
+    def f(*a: Any, **k: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=named):
+        f.enqueue(*args, **kwargs)
+    with pytest.raises(ConfigurationError, match=named):
+        f.enqueue_many([(args, dict(kwargs))])
+    stats = q.stats()
+    assert (stats.queued, stats.running, stats.done, stats.dead) == (0, 0, 0, 0)
+    # what is at the edge of the rules is fine
+    f.enqueue({"1": "b"}, _delay_s=0, _priority=2**31 - 1, _id="y" * 1024)
+    f.enqueue(_deep(150), _priority=-(2**31) + 1)
+    assert q.stats().queued == 2
+
+
+def test_pickled_arguments_may_have_any_keys_but_not_endless_depth(tmp_path: Any) -> None:
+    with TaskQueue(f"sqlite:///{tmp_path / 'p.db'}", serializer="pickle") as q:
+
+        @q.task
+        def f(x: Any) -> Any:
+            return x
+
+        job = f.enqueue({1: "a", "1": "b", (2, 3): 4})
+        q.worker(burst=True).run()
+        assert job.result(timeout_s=5) == {1: "a", "1": "b", (2, 3): 4}
+        with pytest.raises(ConfigurationError, match="nests deeper"):
+            f.enqueue(_deep(100_000))
+
+
+def test_a_task_priority_out_of_range_is_refused_at_registration() -> None:
+    q = TaskQueue("memory://")
+    with pytest.raises(ConfigurationError, match="priority"):
+
+        @q.task(priority=2**40)
+        def f() -> None:
+            return None
+
+
+def test_backoff_of_a_late_attempt_is_the_cap_not_an_overflow() -> None:
+    assert backoff_delay(5000, 1.0, 300.0, 0.0) == 300.0
+    assert backoff_delay(10**9, 0.5, 30.0, 0.0) == 30.0
+    assert backoff_delay(3, 1.0, 300.0, 0.0) == 4.0
+
+
+def test_a_pipeline_retry_of_5000_attempts_runs_them_all_and_then_fails() -> None:
+    calls = 0
+
+    def always_fails(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ValueError(x)
+
+    policy = Retry(attempts=5000, backoff_s=0.0, max_backoff_s=0.0, jitter=0.0)
+    with pytest.raises(StageFailed):
+        Pipeline([1]).map(always_fails, on_error=policy).run()
+    assert calls == 5000
+
+
+def test_a_claim_past_the_attempts_makes_the_job_dead_without_running_it(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    runs: list[int] = []
+
+    @q.task(retries=1)
+    def crashes_its_worker() -> None:
+        runs.append(1)
+
+    job = crashes_its_worker.enqueue(_key="k")
+    for attempt in (1, 2):
+        # a worker claims it and dies: nothing is written, the lease lapses
+        [lease] = q.backend.claim(q.name, f"doomed-{attempt}", 10, q.now())
+        assert lease.job.attempts == attempt
+        clock.advance(11)
+    q.worker(burst=True, poll_s=0.05, handle_signals=False).run()
+    info = job.info()
+    assert runs == [] and info.state == "dead" and info.lost == 2 and info.attempts == 3
+    assert info.error is not None and "died 2 times" in info.error
+    q.requeue(job.id)
+    assert (job.info().attempts, job.info().lost) == (0, 0)
+
+
+def test_a_worker_that_retakes_its_own_lapsed_job_keeps_the_second_run_alive(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    """Its heartbeats fail long enough for the lease to lapse (a pause, an outage); it claims
+    the job again itself. The first run ending must not end the second run's heartbeats."""
+    q, clock = clocked
+    gates = [threading.Event(), threading.Event()]
+    started: list[int] = []
+
+    @q.task
+    def hold() -> int:
+        n = len(started)
+        started.append(n)
+        gates[n].wait(30)
+        return n
+
+    beats_fail = threading.Event()
+    renew = q.backend.heartbeat_many
+
+    def heartbeat_many(*args: Any) -> list[bool]:
+        if beats_fail.is_set():
+            raise BackendUnavailable("storage away")
+        return renew(*args)
+
+    q.backend.heartbeat_many = heartbeat_many  # type: ignore[method-assign,assignment]
+    job = hold.enqueue()
+    worker = q.worker(concurrency=2, lease_s=30, poll_s=0.05, handle_signals=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        eventually(lambda: started == [0])
+        beats_fail.set()
+        eventually(lambda: clock.sleepers() >= 1)
+        clock.advance(31)  # the lease lapses; the worker's next look claims the job again
+        eventually(lambda: started == [0, 1])
+        second = job.info().token
+        beats_fail.clear()
+        gates[0].set()  # the first run ends: its outcome is refused (its lease is gone)
+        eventually(lambda: len(worker._running) == 1)
+        for _ in range(6):  # two leases' worth of time: the second run's lease is renewed
+            eventually(lambda: clock.sleepers() >= 1)
+            clock.advance(10)
+            eventually(lambda: job.info().lease_until == q.now() + 30)
+        assert started == [0, 1] and job.info().token == second
+        gates[1].set()
+        assert job.result(timeout_s=10) == 1
+    finally:
+        for gate in gates:
+            gate.set()
+        worker.stop()
+        thread.join(10)
+    assert job.info().attempts == 2 and job.info().lost == 1
