@@ -5,6 +5,7 @@ from __future__ import annotations
 import conveyor
 
 EXPECTED = {
+    "BackendError",
     "BackendUnavailable",
     "BrokenResourceError",
     "CancelTask",

@@ -17,6 +17,7 @@ from ._engine import Retry as Retry
 from ._engine import RunStats as RunStats
 from ._engine import Skip as Skip
 from ._engine import StageStats as StageStats
+from ._errors import BackendError as BackendError
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import BrokenResourceError as BrokenResourceError
 from ._errors import ClosedResourceError as ClosedResourceError
@@ -50,6 +51,7 @@ from .tasks import Worker as Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendError",
     "BackendUnavailable",
     "BrokenResourceError",
     "CancelTask",

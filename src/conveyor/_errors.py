@@ -7,7 +7,10 @@ The tree (mirrored in ``docs/exceptions.md``)::
     ├── TaskError
     │   ├── TaskFailed              a job ended dead (its last attempt failed, or it was cancelled)
     │   ├── JobNotFound             no job has that id
-    │   └── BackendUnavailable      the queue's storage cannot be reached or opened
+    │   └── BackendError            the queue's storage refused a change, or holds what conveyor
+    │       │                       did not write (a key of the wrong type): not worth retrying
+    │       └── BackendUnavailable  the storage is out of reach for now (down, locked, full,
+    │                               read-only during a failover): retrying later may work
     ├── PipelineError
     │   ├── StageFailed             an item failed under on_error="raise"; carries the details
     │   ├── RunTimeout              a whole run went past its timeout_s (also TimeoutError)
@@ -70,8 +73,17 @@ class JobNotFound(TaskError, LookupError):
     """No job has that id (or its result was kept for less time than asked)."""
 
 
-class BackendUnavailable(TaskError):
-    """The queue's storage could not be reached, opened or understood."""
+class BackendError(TaskError):
+    """The queue's storage refused a change for a reason that retrying will not fix: it holds
+    something conveyor did not write there (a key of the wrong type under the prefix, a damaged
+    file). Nothing was half-applied; ``conveyor doctor URL`` finds and repairs what is
+    inconsistent."""
+
+
+class BackendUnavailable(BackendError):
+    """The queue's storage is out of reach for now: unreachable, locked by another writer for
+    longer than the wait allows, full, out of memory, or read-only while a replica is promoted.
+    Trying again later may work (a worker does, for as long as it takes)."""
 
 
 class PipelineError(ConveyorError):

@@ -184,11 +184,14 @@ def test_a_worker_that_retakes_its_own_lapsed_job_keeps_the_second_run_alive(
         beats_fail.clear()
         gates[0].set()  # the first run ends: its outcome is refused (its lease is gone)
         eventually(lambda: len(worker._running) == 1)
-        for _ in range(6):  # two leases' worth of time: the second run's lease is renewed
-            eventually(lambda: clock.sleepers() >= 1)
+        for _ in range(9):  # three leases' worth of time: the second run's lease is renewed
+            eventually(lambda: clock.sleepers() >= 1)  # the heartbeat waits for its time
             clock.advance(10)
-            eventually(lambda: job.info().lease_until == q.now() + 30)
-        assert started == [0, 1] and job.info().token == second
+            eventually(lambda: clock.sleepers() >= 1)  # ... and has done its round
+            info = job.info()
+            assert info.token == second and info.lease_until is not None
+            assert info.lease_until > q.now()
+        assert started == [0, 1]
         gates[1].set()
         assert job.result(timeout_s=10) == 1
     finally:
@@ -197,3 +200,146 @@ def test_a_worker_that_retakes_its_own_lapsed_job_keeps_the_second_run_alive(
         worker.stop()
         thread.join(10)
     assert job.info().attempts == 2 and job.info().lost == 1
+
+
+class Flaky:
+    """Wraps a backend method: raises ``error`` while ``failing`` is set, counting the calls."""
+
+    def __init__(self, real: Any, error: Exception) -> None:
+        self.real = real
+        self.error = error
+        self.failing = threading.Event()
+        self.failing.set()
+        self.refused = 0
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failing.is_set():
+            self.refused += 1
+            raise self.error
+        return self.real(*args)
+
+
+def start(worker: Any) -> threading.Thread:
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "error",
+    [BackendUnavailable("locked"), RuntimeError("a bug, or a storage error not mapped")],
+    ids=["outage", "unexpected"],
+)
+def test_a_heartbeat_that_fails_for_a_while_keeps_beating_afterwards(
+    clocked: tuple[TaskQueue, ManualClock], gate: threading.Event, error: Exception
+) -> None:
+    q, clock = clocked
+    started = threading.Event()
+
+    @q.task
+    def hold() -> str:
+        started.set()
+        gate.wait(30)
+        return "held"
+
+    flaky = Flaky(q.backend.heartbeat_many, error)
+    q.backend.heartbeat_many = flaky  # type: ignore[method-assign]
+    job = hold.enqueue()
+    worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
+    thread = start(worker)
+    try:
+        assert started.wait(10)
+        for _ in range(2):  # two beats refused (20 s of the 30 s lease)
+            eventually(lambda: clock.sleepers() >= 1)
+            clock.advance(10)
+        eventually(lambda: flaky.refused == 2)
+        flaky.failing.clear()
+        renewed = job.info().lease_until
+        for _ in range(4):
+            eventually(lambda: clock.sleepers() >= 1)
+            clock.advance(10)
+            eventually(lambda: clock.sleepers() >= 1)
+        info = job.info()
+        assert renewed is not None and info.lease_until is not None
+        assert info.lease_until > renewed and info.lease_until > q.now()  # still beating
+        assert info.attempts == 1 and thread.is_alive()
+    finally:
+        gate.set()
+        worker.stop()
+        thread.join(10)
+    assert job.result(timeout_s=5) == "held" and worker.failure is None
+
+
+def test_a_loop_that_keeps_failing_stops_the_worker_cleanly_and_run_raises(
+    clocked: tuple[TaskQueue, ManualClock], gate: threading.Event
+) -> None:
+    q, clock = clocked
+    started = threading.Event()
+
+    @q.task
+    def hold() -> None:
+        started.set()
+        gate.wait(30)
+
+    flaky = Flaky(q.backend.heartbeat_many, RuntimeError("never works"))
+    q.backend.heartbeat_many = flaky  # type: ignore[method-assign]
+    job = hold.enqueue()
+    worker = q.worker(lease_s=30, poll_s=0.05, shutdown_grace_s=0, handle_signals=False)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert started.wait(10)
+        for _ in range(100):  # beats and back-offs, until it has failed for a lease
+            if not thread.is_alive():
+                break
+            eventually(lambda: clock.sleepers() >= 1 or not thread.is_alive())
+            clock.advance(5)
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        gate.set()
+    assert [str(e) for e in raised] == ["never works"] and worker.failure is raised[0]
+    info = job.info()
+    assert info.state == "queued" and info.attempts == 0  # handed back, not left leased
+
+
+def test_outcomes_that_cannot_be_written_for_a_while_are_written_once_storage_is_back(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    runs: list[int] = []
+
+    @q.task
+    def work(i: int) -> int:
+        runs.append(i)
+        return i * 2
+
+    flaky = Flaky(q.backend.complete_many, BackendUnavailable("database is locked"))
+    q.backend.complete_many = flaky  # type: ignore[method-assign]
+    jobs = [work.enqueue(i) for i in range(5)]
+    worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
+    thread = start(worker)
+    try:
+        eventually(lambda: len(runs) == 5 and flaky.refused >= 1)
+        # the heartbeat sleeps its 10 s on the clock; the writer of outcomes backs off on it
+        for _ in range(3):  # back-offs of 0.5, 1 and 2 s, each followed by a refused write
+            eventually(lambda: clock.sleepers() >= 2)
+            refused = flaky.refused
+            clock.advance(2)
+            eventually(lambda: flaky.refused > refused)
+        flaky.failing.clear()
+        eventually(lambda: clock.sleepers() >= 2)
+        clock.advance(5)
+        assert [j.result(timeout_s=10) for j in jobs] == [0, 2, 4, 6, 8]
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert sorted(runs) == [0, 1, 2, 3, 4] and worker.processed == 5

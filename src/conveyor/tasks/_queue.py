@@ -25,11 +25,17 @@ from typing import (
     cast,
     overload,
 )
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlparse
 
 from .._engine import SYSTEM_CLOCK, Clock, SystemClock, shipping
 from .._engine.policy import backoff_delay
-from .._errors import BackendUnavailable, ConfigurationError, JobNotFound, TaskFailed
+from .._errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    JobNotFound,
+    TaskFailed,
+)
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
 from .backends.base import redacted
 
@@ -221,8 +227,23 @@ def open_backend(url: str) -> Backend:
                 f"a SQLite queue URL names a file: sqlite:///relative.db or "
                 f"sqlite:////absolute.db, not {url!r}"
             )
+        path, _, query = path.partition("?")
+        options = dict(parse_qsl(query, strict_parsing=False))
+        busy = options.pop("busy_s", "30")
+        if options:
+            raise ConfigurationError(
+                f"unknown option(s) {sorted(options)} in a SQLite queue URL: it takes busy_s"
+            )
         try:
-            return SQLiteBackend(path)
+            busy_s = float(busy)
+        except ValueError:
+            busy_s = math.nan
+        if not math.isfinite(busy_s) or busy_s < 0:
+            raise ConfigurationError(f"busy_s is a number of seconds >= 0, not {busy!r}")
+        try:
+            return SQLiteBackend(path, busy_s=busy_s)
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendUnavailable(f"cannot open the SQLite queue {path!r}: {exc}") from exc
     if scheme in ("redis", "rediss"):

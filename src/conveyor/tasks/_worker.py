@@ -9,10 +9,16 @@ Shutdown (SIGINT, SIGTERM, or :meth:`Worker.stop`): stop claiming; let running j
 up to ``shutdown_grace_s``; cancel the rest and release them, so another worker can start them
 immediately. A second signal cancels and releases at once.
 
-Outages: a backend rides out a broken connection by itself for a while (Redis: ``retry_s``)
-and then raises :class:`BackendUnavailable`. The worker then logs it, waits with back-off and
-tries again, for as long as it takes: it never exits because its storage went away. A job
-whose outcome could not be written is not lost: its lease lapses and it runs again.
+Supervision. The worker's loops — claiming, renewing leases, writing outcomes — run under one
+supervisor (:meth:`Worker._supervise`). A :class:`BackendUnavailable` (storage down, locked,
+full, read-only during a failover) is logged, backed off and retried for as long as it takes:
+the worker never exits because its storage went away. Any other error is logged with its
+traceback and retried the same way; if it keeps failing for longer than a lease, the worker
+cannot keep its promises (its leases are lapsing), so it stops cleanly — running jobs finish
+within the grace period or are handed back — and ``run()`` raises the error. A loop never dies
+unnoticed and the worker never goes on as a zombie. An outcome that could not be written is
+tried again with the same back-off until its lease must have lapsed; then the job runs again
+elsewhere, and only one outcome is ever kept.
 """
 
 from __future__ import annotations
@@ -86,6 +92,22 @@ class _SignalHub:
 _HUB = _SignalHub()
 
 
+class _Ack:
+    """An outcome waiting to be written, and the future its job's task awaits."""
+
+    __slots__ = ("data", "done", "failed_at", "keep_s", "lease")
+
+    def __init__(
+        self, lease: Lease, data: bytes | None, keep_s: float | None, done: asyncio.Future[bool]
+    ) -> None:
+        self.lease = lease
+        self.data = data
+        self.keep_s = keep_s
+        self.done = done
+        #: when writing it first failed (the worker's clock)
+        self.failed_at: float | None = None
+
+
 class _RaisedCancelled(Exception):
     """A task's own code raised ``CancelledError``: the job failed; the worker was not
     cancelled."""
@@ -151,9 +173,7 @@ class Worker:
         #: jobs handed to a source, by run key, until the source reports their outcome
         self._outcomes: dict[str, asyncio.Future[tuple[bool, Any]]] = {}
         # completions waiting to be written, per queue, with the futures their jobs await
-        self._acks: dict[
-            TaskQueue, list[tuple[Lease, bytes | None, float | None, asyncio.Future[bool]]]
-        ] = {}
+        self._acks: dict[TaskQueue, list[_Ack]] = {}
         self._ack_wake: asyncio.Event | None = None
         # runs (by token) whose outcome is being written: their lease is not renewed any more
         self._settling: set[str] = set()
@@ -161,6 +181,9 @@ class Worker:
         #: set when a job ends: a burst worker waiting for work looks again at once
         self._ended: asyncio.Event | None = None
         self._next_expire = 0.0
+        self._beat_overdue = False
+        #: why the worker gave up (a loop that kept failing), raised by run() once stopped
+        self.failure: BaseException | None = None
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -179,22 +202,27 @@ class Worker:
         self._freed = asyncio.Event()
         self._ended = asyncio.Event()
         helpers = [
-            asyncio.ensure_future(self._ack_loop()),
-            asyncio.ensure_future(self._heartbeat_loop()),
+            asyncio.ensure_future(self._supervise("acknowledgement", self._ack_round)),
+            asyncio.ensure_future(self._supervise("heartbeat", self._heartbeat_round)),
         ]
+        for helper in helpers:
+            helper.add_done_callback(self._helper_ended)
         signals = self.handle_signals and _HUB.add(self, loop)
         try:
-            await self._loop_forever()
+            await self._supervise("claim", self._claim_and_run)
         finally:
             await self._shutdown()
-            await self._flush_acks()
+            await self._last_acks()
             for helper in helpers:
+                helper.remove_done_callback(self._helper_ended)
                 helper.cancel()
             if signals:
                 _HUB.remove(self)
             await self._close_sources()
             self._io.shutdown(wait=False)
             self._waiter.shutdown(wait=False)
+        if self.failure is not None:
+            raise self.failure
 
     def stop(self, *, now: bool = False) -> None:
         """Ask the worker to stop (thread-safe); ``now=True`` skips the grace period."""
@@ -233,17 +261,63 @@ class Worker:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._io, fn, *args)
 
-    async def _loop_forever(self) -> None:
+    async def _supervise(self, name: str, one_round: Any) -> None:
+        """Run ``one_round()`` until the worker stops. A storage outage is waited out with
+        back-off, however long; any other error too, but one that keeps coming for longer
+        than a lease stops the worker (see the module), never leaving it half alive."""
         assert self._stopping is not None
         pause = _OUTAGE_FIRST_PAUSE_S
+        failing_since: float | None = None
         while not self._stopping.is_set():
             try:
-                await self._claim_and_run()
+                await one_round()
                 pause = _OUTAGE_FIRST_PAUSE_S
+                failing_since = None
+                continue
+            except asyncio.CancelledError:
+                raise
             except BackendUnavailable as exc:
-                log.error("worker %s: %s; trying again in %.1f s", self.id, exc, pause)
-                await self._sleep(pause)
-                pause = min(pause * 2, _OUTAGE_MAX_PAUSE_S)
+                log.error("worker %s: %s (%s); trying again in %.1f s", self.id, exc, name, pause)
+            except Exception as exc:
+                now = self.clock.now()
+                if failing_since is None:
+                    failing_since = now
+                if now - failing_since >= self.lease_s:
+                    log.critical(
+                        "worker %s: the %s loop has failed for %.0f s (%r): stopping; running "
+                        "jobs finish or are handed back",
+                        self.id,
+                        name,
+                        now - failing_since,
+                        exc,
+                        exc_info=exc,
+                    )
+                    if self.failure is None:
+                        self.failure = exc
+                    self._request_stop(False)
+                    return
+                log.error(
+                    "worker %s: the %s loop failed; trying again in %.1f s",
+                    self.id,
+                    name,
+                    pause,
+                    exc_info=exc,
+                )
+            await self._sleep(pause)
+            pause = min(pause * 2, _OUTAGE_MAX_PAUSE_S)
+
+    def _helper_ended(self, helper: asyncio.Future[None]) -> None:
+        """A supervised loop ended while the worker runs: it gave up, or something beyond
+        an ``Exception`` escaped it. Either way the worker must not go on without it."""
+        if helper.cancelled():
+            return
+        error = helper.exception()
+        if error is not None:
+            log.critical("worker %s: a loop died: %r; stopping", self.id, error, exc_info=error)
+            if self.failure is None:
+                self.failure = error
+        if self._stopping is not None and not self._stopping.is_set():
+            self._request_stop(False)
 
     async def _claim_and_run(self) -> None:
         """Claim and start jobs until stopped (or drained in burst mode)."""
@@ -351,30 +425,30 @@ class Worker:
 
         task.add_done_callback(forget)
 
-    async def _heartbeat_loop(self) -> None:
-        """Renew every running job's lease each third of ``lease_s``, one call per queue."""
-        while True:
+    async def _heartbeat_round(self) -> None:
+        """Renew every running job's lease each third of ``lease_s``, one call per queue.
+        After a round that failed, the next one beats after the supervisor's back-off alone:
+        the leases are running out."""
+        if not self._beat_overdue:
             await self.clock.sleep(self.lease_s / 3)
-            per_queue: dict[TaskQueue, list[Lease]] = {}
-            for _, queue, lease in list(self._running.values()):
-                if lease.token not in self._settling:
-                    per_queue.setdefault(queue, []).append(lease)
-            for queue, leases in per_queue.items():
-                try:
-                    held = await self._io_call(
-                        queue.backend.heartbeat_many,
-                        [(lease.job.id, lease.token) for lease in leases],
-                        self.lease_s,
-                        queue.now(),
+        self._beat_overdue = True
+        per_queue: dict[TaskQueue, list[Lease]] = {}
+        for _, queue, lease in list(self._running.values()):
+            if lease.token not in self._settling:
+                per_queue.setdefault(queue, []).append(lease)
+        for queue, leases in per_queue.items():
+            held = await self._io_call(
+                queue.backend.heartbeat_many,
+                [(lease.job.id, lease.token) for lease in leases],
+                self.lease_s,
+                queue.now(),
+            )
+            for lease, ok in zip(leases, held, strict=True):
+                if not ok:
+                    log.warning(
+                        "job %s: lease lost; its outcome here will not be kept", lease.job.id
                     )
-                except BackendUnavailable as exc:
-                    log.error("worker %s: leases not renewed: %s", self.id, exc)
-                    continue
-                for lease, ok in zip(leases, held, strict=True):
-                    if not ok:
-                        log.warning(
-                            "job %s: lease lost; its outcome here will not be kept", lease.job.id
-                        )
+        self._beat_overdue = False
 
     async def _ack(
         self, queue: TaskQueue, lease: Lease, data: bytes | None, keep_s: float | None
@@ -383,47 +457,72 @@ class Worker:
         assert self._loop is not None and self._ack_wake is not None
         self._settle(lease.token)
         done: asyncio.Future[bool] = self._loop.create_future()
-        self._acks.setdefault(queue, []).append((lease, data, keep_s, done))
+        self._acks.setdefault(queue, []).append(_Ack(lease, data, keep_s, done))
         self._ack_wake.set()
         return await done
 
-    async def _ack_loop(self) -> None:
+    async def _ack_round(self) -> None:
+        """Write the outcomes waiting (after a failed write, at once: the supervisor has
+        backed off already)."""
         assert self._ack_wake is not None
-        while True:
+        if not self._acks:
             await self._ack_wake.wait()
-            self._ack_wake.clear()
-            await self._flush_acks()
+        self._ack_wake.clear()
+        await self._flush_acks()
 
     async def _flush_acks(self) -> None:
+        """Write every waiting outcome, a batch per queue. A batch that fails is kept to be
+        written again (the supervisor backs off), except outcomes whose lease must have
+        lapsed by now: their jobs run again elsewhere, and their own tasks say so."""
         while self._acks:
             queue, batch = self._acks.popitem()
             try:
                 results = await self._io_call(
                     queue.backend.complete_many,
-                    [(lease.job.id, lease.token, data, keep) for lease, data, keep, _ in batch],
+                    [(a.lease.job.id, a.lease.token, a.data, a.keep_s) for a in batch],
                     queue.now(),
                 )
-            except BaseException as exc:
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                if isinstance(exc, BackendUnavailable):
-                    continue  # each job's own task reports it
+            except Exception as exc:
+                now = self.clock.now()
+                kept = []
+                for ack in batch:
+                    if ack.failed_at is None:
+                        ack.failed_at = now
+                    if now - ack.failed_at < self.lease_s:
+                        kept.append(ack)
+                    elif not ack.done.done():
+                        ack.done.set_exception(exc)
+                if kept:
+                    self._acks.setdefault(queue, [])[:0] = kept
                 raise
-            for (*_, done), ok in zip(batch, results, strict=True):
-                if not done.done():
-                    done.set_result(ok)
+            for ack, ok in zip(batch, results, strict=True):
+                if not ack.done.done():
+                    ack.done.set_result(ok)
+
+    async def _last_acks(self) -> None:
+        """At shutdown: one more try at the outcomes still waiting; what cannot be written
+        now runs again when its lease lapses."""
+        try:
+            await self._flush_acks()
+        except Exception as exc:
+            log.error("worker %s: outcomes not written at shutdown (%s)", self.id, exc)
+        for batch in self._acks.values():
+            for ack in batch:
+                if not ack.done.done():
+                    ack.done.set_exception(BackendUnavailable("the worker stopped first"))
+        self._acks.clear()
 
     async def _run(self, queue: TaskQueue, lease: Lease) -> None:
         """Run one job to its outcome; one heartbeat loop renews every lease meanwhile."""
         try:
             await self._run_job(queue, lease)
-        except BackendUnavailable as exc:
+        except Exception as exc:
             log.error(
                 "job %s: its outcome could not be written (%s); it runs again when its lease "
                 "lapses",
                 lease.job.id,
                 exc,
+                exc_info=None if isinstance(exc, BackendUnavailable) else exc,
             )
 
     async def _run_job(self, queue: TaskQueue, lease: Lease) -> None:
@@ -613,7 +712,8 @@ class Worker:
             hard.cancel()
         # jobs that finished and wait for their batched ack are done: write them first, so
         # none of them is handed back and run twice
-        await self._flush_acks()
+        with contextlib.suppress(Exception):
+            await self._flush_acks()
         await asyncio.sleep(0)
         left = list(self._running.values())
         if left:
@@ -630,7 +730,7 @@ class Worker:
             # hand it back at once: another worker may start it now, not after the lease
             try:
                 await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.now())
-            except BackendUnavailable as exc:
+            except Exception as exc:
                 log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
         self._running.clear()
 

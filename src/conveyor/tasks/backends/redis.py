@@ -29,12 +29,18 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..._errors import BackendUnavailable, ConfigurationError
+from ..._errors import BackendError, BackendUnavailable, ConfigurationError
 from . import redis_lua as lua
 from .base import Backend, Job, Lease, NewJob, QueueCounts, fresh_job, redacted
 
@@ -43,6 +49,9 @@ log = logging.getLogger("conveyor.tasks")
 T = TypeVar("T")
 
 _BROKEN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+#: answers that mean "not now" (full memory under noeviction, a replica being promoted, a
+#: server loading its data): a script refused this way did nothing, and is sent again
+_NOT_NOW = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "BUSY")
 _PRIORITY_LIMIT = 2**31
 # how many jobs one script call takes at most: a call blocks the server while it runs
 _CHUNK = 1000
@@ -83,6 +92,20 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         keep_until=number(b"keep_until"),
         lost=int(h.get(b"lost", 0)),
     )
+
+
+def _refused(where: str, prefix: str, exc: ResponseError) -> BackendError:
+    """What a script's error means to the user: every script checks what it will change before
+    its first write, so it was refused whole."""
+    text = str(exc)
+    if "WRONGTYPE" in text or "conveyor:wrongtype" in text:
+        detail = text.split("conveyor:wrongtype", 1)[-1].strip(" :")
+        return BackendError(
+            f"Redis at {where}: a key under the prefix {prefix!r} is not what conveyor keeps "
+            f"there ({detail}); another program wrote under the prefix. Nothing was changed; "
+            "`conveyor doctor URL` lists the keys at fault"
+        )
+    return BackendError(f"Redis at {where} refused a change: {text}")
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -200,7 +223,11 @@ class RedisBackend(Backend):
             raise ConfigurationError(f"bad Redis URL {self.where!r}: {exc}") from exc
         register = self.client.register_script
         self._s = {
-            name: register(lua.PRELUDE + getattr(lua, name))
+            name: register(
+                (lua.READS if name in ("COUNTS", "NEXT_RUN_AT") else lua.WRITES)
+                + lua.PRELUDE
+                + getattr(lua, name)
+            )
             for name in (
                 "ENQUEUE",
                 "CLAIM",
@@ -241,23 +268,31 @@ class RedisBackend(Backend):
                     f"Redis at {self.where} refused the credentials in the queue URL: {exc}"
                 ) from exc
             except ResponseError as exc:
-                if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                text = str(exc)
+                if "NOAUTH" in text or "WRONGPASS" in text:
                     raise BackendUnavailable(
                         f"Redis at {self.where} needs a password or user in the queue URL: {exc}"
                     ) from exc
-                raise
+                if not isinstance(exc, OutOfMemoryError | ReadOnlyError) and not any(
+                    text.startswith(code) for code in _NOT_NOW
+                ):
+                    raise _refused(self.where, self.prefix, exc) from exc
+                failure: Exception = exc
+                why = "refuses writes for now"
             except _BROKEN as exc:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.retry_s
-                    log.warning("Redis at %s: %s; reconnecting", self.where, exc)
-                if now >= deadline:
-                    raise BackendUnavailable(
-                        f"Redis at {self.where} unreachable for {self.retry_s:g} s: {exc}"
-                    ) from exc
-                time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, deadline - now)))
-                delay = min(delay * 2, 2.0)
+                failure = exc
+                why = "unreachable"
                 replay = "1"
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.retry_s
+                log.warning("Redis at %s: %s; trying again", self.where, failure)
+            if now >= deadline:
+                raise BackendUnavailable(
+                    f"Redis at {self.where} {why} for {self.retry_s:g} s: {failure}"
+                ) from failure
+            time.sleep(min(delay * random.uniform(0.5, 1.0), max(0.0, deadline - now)))
+            delay = min(delay * 2, 2.0)
 
     def _script(self, name: str, args: Sequence[Any]) -> Any:
         script = self._s[name]

@@ -25,15 +25,68 @@ exactly the jobs to hand out.
 
 Times arrive as strings from Python and are stored as given: Lua's numbers would print them
 with 14 digits and lose the sub-millisecond part.
+
+All or nothing. Redis does not roll back a script that fails midway, so a script that changes
+state first checks every key it may write (``check_queue``, ``check_job``: each is what
+conveyor keeps there, or absent) and only then writes; a key of the wrong type under the
+prefix fails the call whole, with an error naming the key. Scripts are declared with a
+``#!lua`` line, so a server out of memory (``noeviction``) or read-only (a replica) refuses
+them before they start; the two that only read say ``no-writes`` and run even then.
 """
 
 from __future__ import annotations
+
+WRITES = "#!lua\n"
+READS = "#!lua flags=no-writes\n"
 
 PRELUDE = r"""
 local P = ARGV[1]
 local function jk(id) return P .. 'j:' .. id end
 local function qk(q, part) return P .. 'q:' .. q .. ':' .. part end
 local function wake(q) redis.call('PUBLISH', P .. 'wake:' .. q, '1') end
+
+-- keys already checked in this call, with their kind
+local checked = {}
+local function expect(key, kind)
+  if checked[key] then return end
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= kind and t ~= 'none' then
+    error({err = 'conveyor:wrongtype ' .. key .. ' is a ' .. t .. ', where conveyor keeps a '
+      .. kind})
+  end
+  checked[key] = kind
+end
+
+-- every key of queue ``q`` (and the shared ones) that a change may write
+local function check_queue(q)
+  if checked[qk(q, 'ready')] then return end
+  expect(P .. 'seq', 'string')
+  expect(P .. 'expiry', 'zset')
+  for _, part in ipairs({'runat', 'ready', 'delayed', 'leases'}) do expect(qk(q, part), 'zset') end
+  for _, part in ipairs({'done', 'dead', 'krun'}) do expect(qk(q, part), 'set') end
+  expect(qk(q, 'kplaced'), 'hash')
+end
+
+-- the keys a change of one of ``q``'s keys may write: its line, and the jobs at its head
+local function check_key(q, key)
+  local line = qk(q, 'k:' .. key)
+  if checked[line] then return end
+  expect(line, 'zset')
+  local head = redis.call('ZRANGE', line, 0, 0)[1]
+  if head then expect(jk(head), 'hash') end
+  local placed = redis.call('HGET', qk(q, 'kplaced'), key)
+  if placed then expect(jk(placed), 'hash') end
+end
+
+-- a job that a change may touch: its hash, its queue's keys and its key's
+local function check_job(id)
+  local k = jk(id)
+  if checked[k] then return end
+  expect(k, 'hash')
+  local f = redis.call('HMGET', k, 'queue', 'key')
+  if f[1] then check_queue(f[1]) end
+  if f[1] and f[2] then check_key(f[1], f[2]) end
+end
 
 -- priority first (higher first), then enqueue order; 9 + 14 hex digits, then the id
 local function member(id, prio, seq)
@@ -152,6 +205,11 @@ local now = ARGV[2]
 local out = {}
 local woken = {}
 for i = 3, #ARGV, 7 do
+  check_job(ARGV[i])
+  check_queue(ARGV[i + 1])
+  if ARGV[i + 5] ~= '' then check_key(ARGV[i + 1], ARGV[i + 5]) end
+end
+for i = 3, #ARGV, 7 do
   local id, q = ARGV[i], ARGV[i + 1]
   local k = jk(id)
   local st = redis.call('HMGET', k, 'state', 'keep_until')
@@ -191,7 +249,17 @@ return out
 # ARGV: P, queue, now, lease_until, limit, token prefix. Returns the claimed jobs' fields.
 CLAIM = r"""
 local q, now, lease_until, limit, base = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+check_queue(q)
 local lapsed = redis.call('ZRANGEBYSCORE', qk(q, 'leases'), '-inf', now, 'LIMIT', 0, 1000)
+local due = redis.call('ZRANGEBYSCORE', qk(q, 'delayed'), '-inf', now, 'LIMIT', 0, 1000)
+-- what a claim hands out comes from the head of ready, or from what lapsed or fell due
+for _, id in ipairs(lapsed) do check_job(id) end
+for _, id in ipairs(due) do check_job(id) end
+if limit > 0 then
+  for _, m in ipairs(redis.call('ZRANGE', qk(q, 'ready'), 0, limit - 1)) do
+    check_job(string.sub(m, 24))
+  end
+end
 for _, id in ipairs(lapsed) do
   local key = redis.call('HGET', jk(id), 'key')
   leave_running(id, q, key, now)
@@ -200,7 +268,6 @@ for _, id in ipairs(lapsed) do
   redis.call('HDEL', jk(id), 'token', 'lease_until')
   to_queue(id, now)
 end
-local due = redis.call('ZRANGEBYSCORE', qk(q, 'delayed'), '-inf', now, 'LIMIT', 0, 1000)
 for _, id in ipairs(due) do
   redis.call('ZREM', qk(q, 'delayed'), id)
   local f = redis.call('HMGET', jk(id), 'priority', 'seq')
@@ -231,6 +298,7 @@ return taken
 # ARGV: P, lease_until, replay, then pairs id, token. Returns 1/0 per pair.
 HEARTBEAT = r"""
 local out = {}
+for i = 4, #ARGV, 2 do check_job(ARGV[i]) end
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
   local f = held(id, ARGV[i + 1])
@@ -251,6 +319,7 @@ COMPLETE = r"""
 local now, replay = ARGV[2], ARGV[3]
 local out = {}
 local woken = {}
+for i = 4, #ARGV, 5 do check_job(ARGV[i]) end
 for i = 4, #ARGV, 5 do
   local id, token = ARGV[i], ARGV[i + 1]
   local f = end_lease(id, token, now)
@@ -280,6 +349,7 @@ return out
 # ARGV: P, now, replay, id, token, run_at, error
 RETRY = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'queued', 'run_at', ARGV[6], 'error', ARGV[7])
@@ -291,6 +361,7 @@ return 1
 # ARGV: P, now, replay, id, token, error
 FAIL = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'dead', 'error', ARGV[6], 'finished_at', now)
@@ -303,6 +374,7 @@ return 1
 # ARGV: P, now, replay, id, token
 RELEASE = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 local k = jk(id)
@@ -317,6 +389,8 @@ return 1
 # ARGV: P, now, id
 FINISH = r"""
 local now, id = ARGV[2], ARGV[3]
+check_job(id)
+check_queue('')
 local k = jk(id)
 local f = redis.call('HMGET', k, 'state', 'queue', 'key')
 local state, q, key = f[1], f[2], f[3]
@@ -344,6 +418,7 @@ redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
 
 # ARGV: P, id
 UNFINISH = r"""
+check_job(ARGV[2])
 if redis.call('HGET', jk(ARGV[2]), 'state') ~= 'done' then return 0 end
 forget(ARGV[2])
 return 1
@@ -354,6 +429,7 @@ REQUEUE = r"""
 local now = ARGV[2]
 local n = 0
 local woken = {}
+for i = 3, #ARGV do check_job(ARGV[i]) end
 for i = 3, #ARGV do
   local id = ARGV[i]
   local f = redis.call('HMGET', jk(id), 'state', 'queue')
@@ -379,6 +455,10 @@ local parts = {
   redis.call('SMEMBERS', qk(q, 'done')),
   redis.call('SMEMBERS', qk(q, 'dead')),
 }
+check_queue(q)
+for _, ids in ipairs(parts) do
+  for _, id in ipairs(ids) do check_job(id) end
+end
 for _, ids in ipairs(parts) do
   for _, id in ipairs(ids) do
     forget(id)
@@ -391,6 +471,7 @@ return n
 # ARGV: P, now, limit
 EXPIRE = r"""
 local gone = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(gone) do check_job(id) end
 for _, id in ipairs(gone) do forget(id) end
 return #gone
 """

@@ -9,6 +9,11 @@ time from a small shelf, so they never outlive the queue and no thread holds one
 SQLite cannot notify another process of a commit, so waiting for work polls ``PRAGMA
 data_version`` (a cheap read that changes when another connection commits), backing off from
 5 ms to 100 ms.
+
+Errors. A call that finds the file locked by another writer waits for it up to ``busy_s`` (30 s;
+``?busy_s=`` in the URL), then raises :class:`~conveyor.BackendUnavailable`, as it does for a
+full disk or an I/O error: the transaction was rolled back whole, and trying later may work. A
+file that is not a database, or is damaged, raises :class:`~conveyor.BackendError`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..._errors import ClosedResourceError
+from ..._errors import BackendError, BackendUnavailable, ClosedResourceError
 from .base import (
     DEAD,
     DONE,
@@ -114,8 +119,9 @@ class SQLiteBackend(Backend):
     #: once, and closed again when they come back to a full shelf
     _IDLE = 4
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_s: float = 30.0) -> None:
         self.path = str(path)
+        self.busy_s = busy_s
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # connections are lent for one call at a time, never tied to a thread: a thread that
@@ -137,11 +143,13 @@ class SQLiteBackend(Backend):
 
     # -- connections ----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        db = sqlite3.connect(
+            self.path, isolation_level=None, timeout=self.busy_s, check_same_thread=False
+        )
         try:
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_s * 1000)}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
         except BaseException:
             db.close()
             raise
@@ -155,14 +163,27 @@ class SQLiteBackend(Backend):
                 raise ClosedResourceError(f"the queue at {self.path} was closed")
             db = self._idle.pop() if self._idle else None
             self._lent += 1
+        broken = False
         try:
             if db is None:
                 db = self._connect()
             yield db
+        except sqlite3.OperationalError as exc:
+            broken = True
+            raise BackendUnavailable(f"the SQLite queue {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            broken = True
+            raise BackendError(f"the SQLite queue {self.path}: {exc}") from exc
         finally:
             with self._lock:
                 self._lent -= 1
-                keep = db is not None and not self._closed and len(self._idle) < self._IDLE
+                # a connection that met an error is not lent again: a fresh one has no state
+                keep = (
+                    db is not None
+                    and not broken
+                    and not self._closed
+                    and len(self._idle) < self._IDLE
+                )
                 if keep:
                     assert db is not None
                     self._idle.append(db)
@@ -176,7 +197,8 @@ class SQLiteBackend(Backend):
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back by itself (a full disk)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
