@@ -243,7 +243,7 @@ def test_a_heartbeat_that_fails_for_a_while_keeps_beating_afterwards(
         return "held"
 
     flaky = Flaky(q.backend.heartbeat_many, error)
-    q.backend.heartbeat_many = flaky  # type: ignore[method-assign]
+    q.backend.heartbeat_many = flaky  # type: ignore[method-assign,assignment]
     job = hold.enqueue()
     worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
     thread = start(worker)
@@ -282,7 +282,7 @@ def test_a_loop_that_keeps_failing_stops_the_worker_cleanly_and_run_raises(
         gate.wait(30)
 
     flaky = Flaky(q.backend.heartbeat_many, RuntimeError("never works"))
-    q.backend.heartbeat_many = flaky  # type: ignore[method-assign]
+    q.backend.heartbeat_many = flaky  # type: ignore[method-assign,assignment]
     job = hold.enqueue()
     worker = q.worker(lease_s=30, poll_s=0.05, shutdown_grace_s=0, handle_signals=False)
     raised: list[BaseException] = []
@@ -323,7 +323,7 @@ def test_outcomes_that_cannot_be_written_for_a_while_are_written_once_storage_is
         return i * 2
 
     flaky = Flaky(q.backend.complete_many, BackendUnavailable("database is locked"))
-    q.backend.complete_many = flaky  # type: ignore[method-assign]
+    q.backend.complete_many = flaky  # type: ignore[method-assign,assignment]
     jobs = [work.enqueue(i) for i in range(5)]
     worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
     thread = start(worker)
@@ -334,7 +334,7 @@ def test_outcomes_that_cannot_be_written_for_a_while_are_written_once_storage_is
             eventually(lambda: clock.sleepers() >= 2)
             refused = flaky.refused
             clock.advance(2)
-            eventually(lambda: flaky.refused > refused)
+            eventually(lambda refused=refused: flaky.refused > refused)
         flaky.failing.clear()
         eventually(lambda: clock.sleepers() >= 2)
         clock.advance(5)
