@@ -4,6 +4,7 @@ lease, clocks that disagree, and background loops that must not die unnoticed.""
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Any
@@ -334,7 +335,7 @@ def test_outcomes_that_cannot_be_written_for_a_while_are_written_once_storage_is
             eventually(lambda: clock.sleepers() >= 2)
             refused = flaky.refused
             clock.advance(2)
-            eventually(lambda refused=refused: flaky.refused > refused)
+            eventually(functools.partial(lambda before: flaky.refused > before, refused))
         flaky.failing.clear()
         eventually(lambda: clock.sleepers() >= 2)
         clock.advance(5)
