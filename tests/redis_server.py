@@ -42,11 +42,13 @@ def free_port() -> int:
 class RedisServer:
     """One server of our own: ``start``, ``stop`` (as an operator would: SHUTDOWN), ``kill``."""
 
-    def __init__(self, folder: Path, *, aof: bool = False) -> None:
+    def __init__(self, folder: Path, *, aof: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.binary = need_redis_server()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aof = aof
+        #: more configuration, as command-line options (``--maxmemory``, ``1mb``, ...)
+        self.extra = extra
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -76,6 +78,7 @@ class RedisServer:
                 "no",
                 "--logfile",
                 str(self.folder / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -4,13 +4,21 @@ must fail whole, before its first write, or not at all."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conveyor import BackendError, BackendUnavailable
+from conveyor import BackendError, BackendUnavailable, TaskQueue
 from conveyor.tasks.backends import Backend, NewJob
+
+from ..conftest import eventually
+from ..redis_server import RedisServer
+
+redis = pytest.importorskip("redis")
+OutOfMemoryError = redis.exceptions.OutOfMemoryError
 
 Q = "q"
 
@@ -107,3 +115,135 @@ def test_a_key_of_the_wrong_type_fails_every_change_whole(redis_backend: Any, pa
     assert b.complete("free", tokens["free"], None, None, 5.0)
     [lease] = b.claim(Q, "w", 30, 6.0, 10)
     assert lease.job.id == "next"
+
+
+# -- a full server, a failover: the worker rides them out -----------------------------------
+
+
+class Held:
+    """A task queue whose task ``hold`` runs until its gate opens (and counts its runs)."""
+
+    def __init__(self, url: str) -> None:
+        self.queue = TaskQueue(url)
+        self.runs: list[str] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+        @self.queue.task
+        def hold(name: str) -> str:
+            self.runs.append(name)
+            self.started.set()
+            self.gate.wait(30)
+            return name
+
+        @self.queue.task
+        def quick(name: str) -> str:
+            self.runs.append(name)
+            return name
+
+        self.hold = hold
+        self.quick = quick
+        self.worker = self.queue.worker(lease_s=30, poll_s=0.05, handle_signals=False)
+        self.thread = threading.Thread(target=self.worker.run)
+
+    def close(self) -> None:
+        self.gate.set()
+        self.worker.stop()
+        self.thread.join(10)
+        self.queue.close()
+
+
+@pytest.fixture
+def full_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "full", extra=("--maxmemory-policy", "noeviction"))
+    server.start()
+    yield server
+    server.kill()
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the worker was refused and said it would try again."""
+    return sum("trying again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_server_refuses_changes_whole_and_the_worker_finishes_once_it_has_room(
+    full_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = Held(f"{full_server.url}?retry_s=0.3")
+    r = redis.Redis(port=full_server.port)
+    try:
+        job = held.hold.enqueue("long")
+        held.thread.start()
+        assert held.started.wait(10)
+        # another program fills it past a lowered limit: every write is refused from here on
+        for i in range(100):
+            r.set(f"filler:{i}", b"x" * 100_000)
+        r.config_set("maxmemory", "4mb")
+        with pytest.raises(OutOfMemoryError):
+            r.set("one-more", "x")
+        before = {k: r.dump(k) for k in r.scan_iter(match="conveyor:*")}
+        with pytest.raises(BackendUnavailable, match="refuses writes"):
+            held.quick.enqueue("refused")
+        held.gate.set()  # the job ends while its outcome cannot be written
+        seen = refusals(caplog)
+        eventually(lambda: refusals(caplog) >= seen + 3, timeout_s=20)  # it keeps trying
+        assert {k: r.dump(k) for k in r.scan_iter(match="conveyor:*")} == before
+        assert job.status() == "running" and held.thread.is_alive()
+        r.delete(*list(r.scan_iter(match="filler:*")))
+        assert job.result(timeout_s=20) == "long"
+        after = held.quick.enqueue("after")
+        assert after.result(timeout_s=20) == "after"
+        assert held.runs == ["long", "after"] and held.worker.failure is None
+    finally:
+        held.close()
+        r.close()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    primary = RedisServer(tmp_path / "primary")
+    replica = RedisServer(tmp_path / "replica")
+    primary.start()
+    replica.start()
+    replica.command("REPLICAOF", "127.0.0.1", str(primary.port))
+    yield primary, replica
+    replica.kill()
+    primary.kill()
+
+
+def wait_in_sync(r: Any) -> None:
+    """Until every write so far has reached the one replica."""
+    assert r.execute_command("WAIT", 1, 10_000) == 1
+
+
+def test_a_failover_makes_the_worker_wait_not_exit_and_every_job_runs_once(
+    pair: tuple[RedisServer, RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, replica = pair
+    held = Held(f"{primary.url}?retry_s=0.3")
+    p = redis.Redis(port=primary.port)
+    try:
+        jobs = [held.quick.enqueue(f"q{i}") for i in range(50)]
+        long = held.hold.enqueue("long")
+        held.thread.start()
+        assert held.started.wait(10)
+        wait_in_sync(p)
+        # the replica is promoted, the old primary follows it: read-only for its clients
+        replica.command("REPLICAOF", "NO", "ONE")
+        primary.command("REPLICAOF", "127.0.0.1", str(replica.port))
+        held.gate.set()
+        with pytest.raises(BackendUnavailable):
+            held.quick.enqueue("refused")
+        seen = refusals(caplog)
+        eventually(lambda: refusals(caplog) >= seen + 3, timeout_s=20)  # refused, backing off
+        assert held.thread.is_alive()
+        # ... and back: the old primary is promoted again (with the data it followed)
+        primary.command("REPLICAOF", "NO", "ONE")
+        replica.command("REPLICAOF", "127.0.0.1", str(primary.port))
+        assert long.result(timeout_s=30) == "long"
+        assert [j.result(timeout_s=30) for j in jobs] == [f"q{i}" for i in range(50)]
+        assert sorted(held.runs) == sorted(["long", *(f"q{i}" for i in range(50))])
+        assert held.worker.failure is None
+    finally:
+        held.close()
+        p.close()
