@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,6 +28,8 @@ class Env:
         self.log = tmp / "log.txt"
         self.gate = tmp / "gate"
         self.log.touch()
+        #: what the workers said (kept for a failing test's report)
+        self.stderr = open(tmp / "workers.log", "ab")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.drains: list[threading.Thread] = []
         self.queue = TaskQueue(self.url)
@@ -53,7 +56,7 @@ class Env:
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE if banner else subprocess.DEVNULL,
+            stderr=subprocess.PIPE if banner else self.stderr,
         )
         self.procs.append(proc)
         if banner:
@@ -85,6 +88,7 @@ def open_env(tmp: Path, url: str) -> Iterator[Env]:
         if p.stderr is not None:
             p.stderr.close()
     e.queue.close()
+    e.stderr.close()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -197,3 +201,49 @@ def test_a_job_that_kills_its_worker_goes_dead_after_its_attempts_and_frees_its_
     assert info.state == "dead" and info.lost == 3 and len(env.started("p")) == 3
     assert info.error is not None and "died 3 times" in info.error
     assert after.result(timeout_s=5) == "next"  # the key was not left blocked
+
+
+def pause(env: Env, proc: subprocess.Popen[bytes]) -> None:
+    """SIGSTOP ``proc``. On SQLite, a process frozen inside a transaction would hold the
+    file's write lock (every writer waits for it: SQLite has no lease on its locks), so the
+    pause is made again until it lands between two transactions."""
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        if not env.url.startswith("sqlite"):
+            return
+        db = sqlite3.connect(env.url[len("sqlite:///") :], timeout=0.05, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+        finally:
+            db.close()
+
+
+def test_a_worker_paused_past_its_lease_and_resumed_keeps_no_outcome_and_goes_on(
+    env: Env,
+) -> None:
+    job = env.queue.enqueue("record", "s", hold=True)
+    first = env.worker("--lease-s", "0.5")
+    eventually(lambda: env.started("s") == [str(first.pid)], timeout_s=20)
+    pause(env, first)  # paused mid-job: no heartbeat, the lease lapses
+    try:
+        env.gate.touch()
+        second = env.worker("--lease-s", "0.5", "--burst")
+        assert second.wait(30) == 0
+        assert job.result(timeout_s=5) == "s"
+        kept = job.info()
+        assert kept.attempts == 2 and kept.lost == 1
+    finally:
+        first.send_signal(signal.SIGCONT)
+    # the paused worker wakes up, finishes its copy, and its outcome is refused
+    eventually(lambda: f"end s {first.pid}" in env.lines(), timeout_s=20)
+    after = env.queue.enqueue("record", "after")
+    assert after.result(timeout_s=20) == "after"  # it goes on working
+    assert first.poll() is None
+    info = job.info()
+    assert (info.state, info.finished_at, info.attempts) == ("done", kept.finished_at, 2)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0

@@ -1,0 +1,147 @@
+"""SQLite faults: a write lock held by another process past the busy timeout, a full disk, a
+file that is not a database. The worker waits them out; a producer gets the contract's errors,
+never a raw ``sqlite3`` one, and nothing half-written is left."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conveyor import BackendError, BackendUnavailable, TaskQueue
+from conveyor.tasks.backends import SQLiteBackend
+
+from ..conftest import eventually
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+"""
+
+
+class Locker:
+    """Another process holding the file's write lock until told to let go."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LOCKER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(10) == 0
+        self.proc.stdout.close()
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("trying again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "q.db"
+
+
+def test_a_lock_held_past_the_busy_timeout_is_waited_out_by_the_worker(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="conveyor.worker")
+    q = TaskQueue(f"sqlite:///{db_path}?busy_s=0.1")
+    runs: list[str] = []
+    started, gate = threading.Event(), threading.Event()
+
+    @q.task
+    def hold(name: str) -> str:
+        runs.append(name)
+        started.set()
+        gate.wait(30)
+        return name
+
+    @q.task
+    def quick(name: str) -> str:
+        runs.append(name)
+        return name
+
+    long = hold.enqueue("long")
+    worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        assert started.wait(10)
+        locker = Locker(db_path)
+        with pytest.raises(BackendUnavailable, match="locked"):
+            quick.enqueue("refused")  # a producer: the contract's error, not sqlite3's
+        gate.set()  # its outcome meets the lock
+        seen = refusals(caplog)
+        eventually(lambda: refusals(caplog) >= seen + 2, timeout_s=20)
+        assert thread.is_alive() and long.status() == "running"
+        locker.release()
+        assert long.result(timeout_s=20) == "long"
+        after = quick.enqueue("after")
+        assert after.result(timeout_s=20) == "after"
+        assert runs == ["long", "after"] and worker.failure is None
+    finally:
+        gate.set()
+        worker.stop()
+        thread.join(10)
+        q.close()
+
+
+def test_a_full_disk_refuses_an_enqueue_whole(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = TaskQueue(f"sqlite:///{db_path}")
+
+    @q.task
+    def f(blob: str) -> None:
+        return None
+
+    f.enqueue("small")
+    q.close()
+    real_connect = SQLiteBackend._connect
+
+    def small_disk(self: SQLiteBackend) -> sqlite3.Connection:
+        db = real_connect(self)
+        count = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {count + 2}")  # room for a little more only
+        return db
+
+    monkeypatch.setattr(SQLiteBackend, "_connect", small_disk)
+    q = TaskQueue(f"sqlite:///{db_path}")
+    f = q.task(f.fn, name=f.name)
+    try:
+        with pytest.raises(BackendUnavailable, match="full"):
+            f.enqueue_many([(("x" * 100_000,), {}) for _ in range(20)])
+        assert q.stats().queued == 1  # the batch was refused whole
+        with pytest.raises(BackendUnavailable, match="full"):
+            f.enqueue("y" * 1_000_000)
+        assert q.stats().queued == 1
+        f.enqueue("fits")
+        assert q.stats().queued == 2
+    finally:
+        q.close()
+
+
+def test_a_file_that_is_not_a_database_is_a_backend_error(db_path: Path) -> None:
+    db_path.write_bytes(b"this is not SQLite, " * 100)
+    with pytest.raises(BackendError) as raised:
+        TaskQueue(f"sqlite:///{db_path}")
+    assert not isinstance(raised.value, BackendUnavailable)
+    assert "not a database" in str(raised.value)
