@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -20,9 +21,11 @@ from conveyor import (
     StageFailed,
     TaskQueue,
 )
+from conveyor._engine.clock import SystemClock
 from conveyor._engine.policy import backoff_delay
 
 from ..conftest import eventually
+from .conftest import BACKENDS, START, queue_url
 
 
 def _deep(levels: int) -> list[Any]:
@@ -344,3 +347,39 @@ def test_outcomes_that_cannot_be_written_for_a_while_are_written_once_storage_is
         worker.stop()
         thread.join(10)
     assert sorted(runs) == [0, 1, 2, 3, 4] and worker.processed == 5
+
+
+class Ahead(SystemClock):
+    """A machine whose clock is five seconds fast."""
+
+    def time(self) -> float:
+        return time.time() + 5.0
+
+
+def test_a_worker_whose_clock_is_ahead_does_not_take_a_live_job(
+    request: pytest.FixtureRequest, tmp_path: Any, backend_kind: str
+) -> None:
+    url = queue_url(backend_kind, request, tmp_path)
+    with TaskQueue(url) as healthy, TaskQueue(url, clock=Ahead()) as fast:
+        healthy.enqueue("t", 1)
+        [held] = healthy.backend.claim(healthy.name, "healthy", 3.0, healthy.now())
+        # five seconds ahead, its own clock says the 3 s lease lapsed long ago; the
+        # storage's clock says it has not
+        assert abs(fast.now() - healthy.now()) < 0.5
+        assert fast.backend.claim(fast.name, "fast", 3.0, fast.now()) == []
+        job = fast.enqueue("t", 2)
+        assert abs(job.info().enqueued_at - time.time()) < 0.5  # stored on the storage's time
+        assert healthy.backend.complete(held.job.id, held.token, None, None, healthy.now())
+
+
+def test_a_manual_clock_is_taken_as_it_is(clocked: tuple[TaskQueue, ManualClock]) -> None:
+    q, clock = clocked
+    assert q.now() == START
+    clock.advance(3600)
+    assert q.now() == START + 3600
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind

@@ -42,6 +42,10 @@ class Clock(Protocol):
 class SystemClock:
     """The real clock: ``time.monotonic``, ``time.time``, ``Event.wait``, ``asyncio.sleep``."""
 
+    #: a task queue corrects this clock's ``time()`` by how far it is from its storage's
+    #: clock (leases are judged on one clock for every worker); a manual clock is left alone
+    follows_storage = True
+
     # the functions themselves, not methods calling them: a deadline check on every call of a
     # hot path costs one C call
     now = staticmethod(_time.monotonic)
@@ -66,6 +70,8 @@ class ManualClock:
     ``now()`` and ``time()`` read the same counter, which starts at ``start`` (give an epoch
     time for code that stores timestamps).
     """
+
+    follows_storage = False
 
     def __init__(self, start: float = 0.0) -> None:
         self._now = start

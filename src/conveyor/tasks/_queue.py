@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import pickle
@@ -196,6 +197,14 @@ def _check_name(what: str, value: object) -> None:
         )
 
 
+log = logging.getLogger("conveyor.tasks")
+
+#: how often a queue measures how far its clock is from its storage's
+_SKEW_EVERY_S = 60.0
+#: a smaller difference is noise (a round trip's), not a clock that is wrong
+_SKEW_IGNORED_S = 0.01
+
+
 def new_id() -> str:
     """A unique job id that sorts by creation time: nanoseconds, then 64 random bits. Ids that
     grow keep index inserts at one end of the b-tree, which makes enqueueing much cheaper than
@@ -263,6 +272,8 @@ def open_backend(url: str) -> Backend:
 class _WallClock(SystemClock):
     """A clock made of a function giving seconds since the epoch (the older way to give a
     queue its time); it waits in real time."""
+
+    follows_storage = False  # the caller's own time, taken as it is
 
     def __init__(self, fn: Callable[[], float]) -> None:
         self._fn = fn
@@ -486,10 +497,44 @@ class TaskQueue:
         self.clock: Clock = cast(Clock, clock) if hasattr(clock, "now") else _WallClock(clock)
         self.backend = open_backend(url)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self._follows = bool(getattr(self.clock, "follows_storage", False))
+        #: the storage's clock minus ours, and when it was measured (monotonic)
+        self._skew = 0.0
+        self._skew_at: float | None = None
 
     def now(self) -> float:
-        """The queue's time: seconds since the epoch, on its clock."""
-        return self.clock.time()
+        """The queue's time: seconds since the epoch, on the storage's clock. The real clock
+        is corrected by how far it is from the storage's (measured now and then); a manual
+        clock or a time function given by the caller is taken as it is."""
+        t = self.clock.time()
+        if self._follows:
+            at = time.monotonic()
+            if self._skew_at is None or at - self._skew_at >= _SKEW_EVERY_S:
+                self._measure_skew(at)
+            t += self._skew
+        return t
+
+    def _measure_skew(self, at: float) -> None:
+        self._skew_at = at
+        try:
+            before = self.clock.time()
+            storage = self.backend.storage_time()
+            after = self.clock.time()
+        except Exception as exc:  # out of reach: keep the last measure, try again later
+            log.warning("%s: could not read the storage's clock (%s)", self.where, exc)
+            return
+        skew = storage - (before + after) / 2
+        if abs(skew) >= _SKEW_IGNORED_S:
+            if abs(skew - self._skew) >= _SKEW_IGNORED_S:
+                log.warning(
+                    "%s: this machine's clock is %+.3f s from the storage's; leases and "
+                    "timestamps follow the storage's",
+                    self.where,
+                    -skew,
+                )
+            self._skew = skew
+        else:
+            self._skew = 0.0
 
     # -- registering -------------------------------------------------------------------------
     @overload

@@ -32,7 +32,8 @@ backend, including the races):
   nothing and returns False unless that token still holds the job, so a worker that lost its
   lease cannot overwrite the work of the one that took it over: exactly one outcome is kept.
 * **Time** is passed in (``now``, seconds since the epoch): backends never read a clock for
-  decisions, so tests can move time by hand.
+  decisions, so tests can move time by hand. ``storage_time()`` says what the storage's clock
+  reads; the queue corrects a real clock by it, so every worker judges leases on one clock.
 """
 
 from __future__ import annotations
@@ -251,6 +252,14 @@ class Backend(ABC):
     def next_run_at(self, queue: str) -> float | None:
         """The earliest ``run_at`` (or lapsing ``lease_until``) that could make a job claimable
         later; None if the queue has nothing queued or running."""
+
+    def storage_time(self) -> float:
+        """Seconds since the epoch on the storage's own clock, the one that leases are judged
+        by (queues correct their clock by it). The default is this machine's: memory and
+        SQLite live here. A backend on a server reads the server's."""
+        import time
+
+        return time.time()
 
     def wait_for_work(self, queue: str, timeout_s: float) -> None:
         """Return when a job of ``queue`` may have become claimable, or after ``timeout_s``.

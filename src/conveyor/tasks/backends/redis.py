@@ -303,6 +303,12 @@ class RedisBackend(Backend):
         script = self._s[name]
         return self._again(lambda replay: script(args=[self.prefix, *head, replay, *rest]))
 
+    def storage_time(self) -> float:
+        """The server's clock (``TIME``), read once: a clock that cannot be read now is read
+        again later, never waited for."""
+        seconds, micros = self.client.time()
+        return float(seconds) + micros / 1e6
+
     # -- the contract ---------------------------------------------------------------------------
     def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
         out: list[tuple[Job, bool]] = []
