@@ -194,5 +194,40 @@ def purge(url: str, name: str, yes: bool) -> None:
         click.echo(f"deleted {queue.purge()} job(s)")
 
 
+@main.command()
+@click.argument("url")
+@click.option("--repair", is_flag=True, help="Put inconsistent jobs right, and say what was done.")
+def doctor(url: str, repair: bool) -> None:
+    """Look for jobs out of step with the queue's indexes (left by a change that failed
+    midway, or by hand), index entries that name no job, and keys under the prefix that
+    conveyor did not write. Exit status 1 if anything is (still) wrong.
+
+    Every queue in the storage is checked. --repair puts each job where its own record says
+    (the record is the truth); what is not conveyor's is reported, never touched. It is safe
+    while workers run.
+
+    \b
+    Example:
+        conveyor doctor redis://localhost:6379/0 --repair
+    """
+    with _queue_at(url, "default") as queue:
+        try:
+            said = queue.backend.doctor(queue.now(), repair=repair)
+        except Exception as exc:
+            raise click.ClickException(str(exc)) from exc
+        where = queue.where
+    for line in said:
+        click.echo(line)
+    fixed = repair and all(line.endswith("; put right") for line in said)
+    if not said:
+        click.echo(f"{where}: nothing out of step")
+    elif fixed:
+        click.echo(f"{where}: {len(said)} thing(s) put right")
+    else:
+        left = sum(not line.endswith("; put right") for line in said)
+        click.echo(f"{where}: {left} thing(s) wrong" + ("" if repair else "; --repair mends jobs"))
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

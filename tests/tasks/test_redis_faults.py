@@ -247,3 +247,82 @@ def test_a_failover_makes_the_worker_wait_not_exit_and_every_job_runs_once(
     finally:
         held.close()
         p.close()
+
+
+# -- conveyor doctor: what is out of step, found and put right --------------------------------
+
+
+def test_doctor_finds_and_repairs_what_a_change_failing_midway_would_leave(
+    redis_url: str,
+) -> None:
+    q = TaskQueue(redis_url)
+    b: Any = q.backend
+    r, p = b.client, b.prefix
+    try:
+
+        @q.task
+        def work(name: str) -> str:
+            return name
+
+        keyed = [work.enqueue(f"k{i}", _key="user") for i in range(3)]
+        plain = work.enqueue("plain")
+        assert b.doctor(q.now()) == []
+        # an enqueue that wrote its record and stopped: the job is in no index
+        ghost = work.enqueue("ghost")
+        r.zrem(p + "q:default:runat", ghost.id)
+        r.zrem(
+            p + "q:default:ready",
+            *[m for m in r.zrange(p + "q:default:ready", 0, -1) if m.endswith(ghost.id.encode())],
+        )
+        # a complete that wrote "done" and stopped: still leased, not in done
+        [lease] = b.claim("default", "w", 30, q.now(), 1)
+        assert lease.job.id == keyed[0].id
+        r.hset(p + "j:" + lease.job.id, mapping={"state": "done", "result": b'"k0"'})
+        # an index entry naming no job, and a key marked running that nothing runs
+        r.sadd(p + "q:default:dead", "no-such-job")
+        r.sadd(p + "q:default:krun", "nobody")
+        # and something conveyor did not write
+        r.set(p + "q:other:ready", "a string")
+        found = b.doctor(q.now())
+        text = "\n".join(found)
+        assert f"job {ghost.id}: queued, but missing from runat, missing from ready" in text
+        assert f"job {lease.job.id}: done, but left in leases, missing from done" in text
+        assert "dead names job no-such-job, which does not exist" in text
+        assert "key nobody is marked running" in text
+        assert "q:other:ready: a string, where conveyor keeps a zset" in text
+        assert b.doctor(q.now()) == found  # looking changes nothing
+        repaired = b.doctor(q.now(), repair=True)
+        assert [line for line in repaired if not line.endswith("; put right")] == [
+            line for line in found if "not conveyor's" in line
+        ]
+        assert [line for line in b.doctor(q.now()) if "not conveyor's" not in line] == []
+        r.delete(p + "q:other:ready")
+        q.worker(burst=True, poll_s=0.05, handle_signals=False).run()  # returns: no ghost
+        assert ghost.result(timeout_s=5) == "ghost" and plain.result(timeout_s=5) == "plain"
+        assert [j.result(timeout_s=5) for j in keyed] == ["k0", "k1", "k2"]
+        assert b.doctor(q.now()) == []
+    finally:
+        q.close()
+
+
+def test_doctor_cli_says_what_is_wrong_and_exits_1_until_repaired(redis_url: str) -> None:
+    from click.testing import CliRunner
+
+    from conveyor.cli import main
+
+    q = TaskQueue(redis_url)
+    b: Any = q.backend
+    try:
+        job = q.enqueue("t", 1)
+        b.client.zrem(b.prefix + "q:default:runat", job.id)
+        runner = CliRunner()
+        looked = runner.invoke(main, ["doctor", redis_url])
+        assert looked.exit_code == 1 and f"job {job.id}: queued, but missing from runat" in (
+            looked.output
+        )
+        mended = runner.invoke(main, ["doctor", redis_url, "--repair"])
+        assert mended.exit_code == 0 and "1 thing(s) put right" in mended.output
+        clean = runner.invoke(main, ["doctor", redis_url])
+        assert clean.exit_code == 0 and "nothing out of step" in clean.output
+    finally:
+        q.close()

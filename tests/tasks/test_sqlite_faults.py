@@ -145,3 +145,35 @@ def test_a_file_that_is_not_a_database_is_a_backend_error(db_path: Path) -> None
         TaskQueue(f"sqlite:///{db_path}")
     assert not isinstance(raised.value, BackendUnavailable)
     assert "not a database" in str(raised.value)
+
+
+def test_doctor_finds_and_repairs_rows_out_of_step(db_path: Path) -> None:
+    q = TaskQueue(f"sqlite:///{db_path}")
+    try:
+
+        @q.task
+        def work(name: str) -> str:
+            return name
+
+        jobs = [work.enqueue(name) for name in ("a", "b", "c")]
+        assert q.backend.doctor(q.now()) == []
+        with sqlite3.connect(db_path) as db:  # edited by hand
+            db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (jobs[0].id,))
+            db.execute("UPDATE jobs SET token = 'x' WHERE id = ?", (jobs[1].id,))
+            db.execute("UPDATE jobs SET state = 'paused' WHERE id = ?", (jobs[2].id,))
+        db.close()
+        found = q.backend.doctor(q.now())
+        assert sorted(found) == sorted(
+            [
+                f"job {jobs[0].id}: running, but without a lease",
+                f"job {jobs[1].id}: not running, but with a lease",
+                f"job {jobs[2].id}: its state is none of conveyor's",
+            ]
+        )
+        assert all(line.endswith("; put right") for line in q.backend.doctor(q.now(), True))
+        assert q.backend.doctor(q.now()) == []
+        q.worker(burst=True, poll_s=0.05, handle_signals=False).run()
+        assert [jobs[0].result(timeout_s=5), jobs[1].result(timeout_s=5)] == ["a", "b"]
+        assert jobs[2].status() == "dead"
+    finally:
+        q.close()

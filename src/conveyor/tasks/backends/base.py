@@ -253,6 +253,15 @@ class Backend(ABC):
         """The earliest ``run_at`` (or lapsing ``lease_until``) that could make a job claimable
         later; None if the queue has nothing queued or running."""
 
+    def doctor(self, now: float, repair: bool = False) -> list[str]:
+        """Look for what is out of step — a job whose indexes disagree with its state (left
+        by a change that failed midway, or by hand), an entry naming no job, something under
+        the backend's names that conveyor did not write — and say what, one line each; with
+        ``repair``, put jobs right (from their own record, which is the truth) and say what
+        was done. What is not conveyor's is reported, never touched. The default finds
+        nothing: a backend whose every change is one transaction cannot be out of step."""
+        return []
+
     def storage_time(self) -> float:
         """Seconds since the epoch on the storage's own clock, the one that leases are judged
         by (queues correct their clock by it). The default is this machine's: memory and

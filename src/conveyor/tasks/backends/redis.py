@@ -108,6 +108,44 @@ def _refused(where: str, prefix: str, exc: ResponseError) -> BackendError:
     return BackendError(f"Redis at {where} refused a change: {text}")
 
 
+_QUEUE_PARTS = {
+    "runat": "zset",
+    "ready": "zset",
+    "delayed": "zset",
+    "leases": "zset",
+    "done": "set",
+    "dead": "set",
+    "krun": "set",
+    "kplaced": "hash",
+}
+
+
+def _kind_of(rest: str) -> str | None:
+    """What conveyor keeps at ``prefix + rest`` (None: not a name of conveyor's)."""
+    if rest == "seq":
+        return "string"
+    if rest == "expiry":
+        return "zset"
+    if rest.startswith("j:"):
+        return "hash"
+    if rest.startswith("q:"):
+        part = rest.rsplit(":", 1)[-1]
+        if part in _QUEUE_PARTS:
+            return _QUEUE_PARTS[part]
+        if ":k:" in rest:
+            return "zset"
+    return None
+
+
+def _queue_of(rest: str) -> str:
+    """The queue a ``q:<queue>:...`` name belongs to."""
+    body = rest[2:]
+    part = body.rsplit(":", 1)[-1]
+    if part in _QUEUE_PARTS:
+        return body[: -len(part) - 1]
+    return body.split(":k:", 1)[0]
+
+
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
     """The URL for redis-py, and conveyor's own options taken out of its query."""
     parsed = urlparse(url)
@@ -243,6 +281,8 @@ class RedisBackend(Backend):
                 "EXPIRE",
                 "COUNTS",
                 "NEXT_RUN_AT",
+                "DOCTOR_JOB",
+                "DOCTOR_QUEUE",
             )
         }
         self._wakeups: _Wakeups | None = None
@@ -302,6 +342,47 @@ class RedisBackend(Backend):
         """A script whose third argument says whether the call is sent again."""
         script = self._s[name]
         return self._again(lambda replay: script(args=[self.prefix, *head, replay, *rest]))
+
+    def doctor(self, now: float, repair: bool = False) -> list[str]:
+        """Every key under the prefix (with ``SCAN``), then each queue's indexes and each job
+        (one script each, atomic: safe while workers run). A key of the wrong type is
+        reported and left alone: it is not conveyor's to delete."""
+        said: list[str] = []
+        queues: set[str] = set()
+        jobs: list[str] = []
+        r = self.client
+        for raw in self._call(lambda: list(r.scan_iter(match=self.prefix + "*", count=1000))):
+            key = raw.decode(errors="replace")
+            rest = key[len(self.prefix) :]
+            kind = _kind_of(rest)
+            if kind is None:
+                continue
+            answer = self._call(r.type, raw)
+            actual = answer.decode() if isinstance(answer, bytes) else str(answer)
+            if actual != kind:
+                said.append(
+                    f"key {key}: a {actual}, where conveyor keeps a {kind}; it is not "
+                    f"conveyor's and is left alone (remove it: redis-cli DEL {key!r})"
+                )
+                continue
+            if rest.startswith("j:"):
+                jobs.append(rest[2:])
+            elif rest.startswith("q:"):
+                queues.add(_queue_of(rest))
+        flag = "1" if repair else "0"
+        for name, arg in [
+            *(("DOCTOR_QUEUE", q) for q in sorted(queues)),
+            *(("DOCTOR_JOB", j) for j in jobs),
+        ]:
+            try:
+                found = self._script(name, [arg, _f(now), flag])
+            except BackendError as exc:
+                said.append(
+                    f"{'queue' if name == 'DOCTOR_QUEUE' else 'job'} {arg}: not checked ({exc})"
+                )
+                continue
+            said += [line.decode() + ("; put right" if repair else "") for line in found]
+        return said
 
     def storage_time(self) -> float:
         """The server's clock (``TIME``), read once: a clock that cannot be read now is read

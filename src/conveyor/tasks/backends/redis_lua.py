@@ -510,3 +510,175 @@ for _, part in ipairs({'delayed', 'leases'}) do
 end
 return best
 """
+
+# ARGV: P, id, now, repair ('1': put it right). Checks that one job is where its state says,
+# in every index of its queue; returns what was wrong (and, with repair, has been put right).
+DOCTOR_JOB = r"""
+local id, now, repair = ARGV[2], ARGV[3], ARGV[4] == '1'
+local k = jk(id)
+local said = {}
+local function say(text) said[#said + 1] = 'job ' .. id .. ': ' .. text end
+if redis.call('TYPE', k)['ok'] ~= 'hash' then return said end
+local f = redis.call('HMGET', k, 'queue', 'state', 'key', 'priority', 'seq', 'run_at',
+  'lease_until', 'keep_until', 'task')
+local q, state, key = f[1], f[2], f[3]
+if not (q and state and f[4] and f[5] and f[6] and f[9]) then
+  say('its record lacks fields (queue, state, priority, seq, run_at or task): not a job '
+    .. 'conveyor could run')
+  if repair then
+    if q then
+      check_queue(q)
+      for _, part in ipairs({'runat', 'delayed', 'leases'}) do
+        redis.call('ZREM', qk(q, part), id)
+      end
+      redis.call('SREM', qk(q, 'done'), id)
+      redis.call('SREM', qk(q, 'dead'), id)
+    end
+    redis.call('ZREM', P .. 'expiry', id)
+    redis.call('DEL', k)
+  end
+  return said
+end
+check_queue(q)
+if key then check_key(q, key) end
+local m = member(id, f[4], f[5])
+local placed = key and redis.call('HGET', qk(q, 'kplaced'), key) == id
+local at = {
+  runat = redis.call('ZSCORE', qk(q, 'runat'), id) ~= false,
+  ready = redis.call('ZSCORE', qk(q, 'ready'), m) ~= false,
+  delayed = redis.call('ZSCORE', qk(q, 'delayed'), id) ~= false,
+  leases = redis.call('ZSCORE', qk(q, 'leases'), id) ~= false,
+  done = redis.call('SISMEMBER', qk(q, 'done'), id) == 1,
+  dead = redis.call('SISMEMBER', qk(q, 'dead'), id) == 1,
+  line = key and redis.call('ZSCORE', qk(q, 'k:' .. key), id) ~= false or false,
+}
+local want = {runat = false, ready = false, delayed = false, leases = false, done = false,
+  dead = false, line = false}
+if state == 'queued' then
+  want.runat = true
+  if key then want.line = true end
+  if not key or placed then
+    local due = tonumber(f[6]) <= tonumber(now)
+    -- a due job may still sit in delayed until the next claim moves it: either is right
+    if at.ready or at.delayed then want.ready, want.delayed = at.ready, at.delayed
+    elseif due then want.ready = true else want.delayed = true end
+  end
+elseif state == 'running' then
+  want.leases = true
+  if key and redis.call('SISMEMBER', qk(q, 'krun'), key) == 0 then
+    say('running, but its key ' .. key .. ' is not marked running')
+    if repair then redis.call('SADD', qk(q, 'krun'), key) end
+  end
+elseif state == 'done' then
+  want.done = true
+elseif state == 'dead' then
+  want.dead = true
+else
+  say('its state ' .. state .. ' is none of conveyor\'s')
+  if repair then
+    redis.call('HSET', k, 'state', 'dead', 'finished_at', now, 'error',
+      'conveyor doctor: found in state ' .. state)
+  end
+  state = 'dead'
+  want.dead = true
+end
+local wrong = {}
+for _, part in ipairs({'runat', 'ready', 'delayed', 'leases', 'done', 'dead', 'line'}) do
+  if at[part] ~= want[part] then
+    wrong[#wrong + 1] = (want[part] and 'missing from ' or 'left in ') .. part
+  end
+end
+if #wrong == 0 then return said end
+say(state .. ', but ' .. table.concat(wrong, ', '))
+if not repair then return said end
+-- put it where its state says, and nowhere else
+for _, part in ipairs({'runat', 'delayed', 'leases'}) do redis.call('ZREM', qk(q, part), id) end
+redis.call('ZREM', qk(q, 'ready'), m)
+redis.call('SREM', qk(q, 'done'), id)
+redis.call('SREM', qk(q, 'dead'), id)
+if key then
+  redis.call('ZREM', qk(q, 'k:' .. key), id)
+  if placed then redis.call('HDEL', qk(q, 'kplaced'), key) end
+end
+if state == 'queued' then
+  to_queue(id, now)
+elseif state == 'running' then
+  redis.call('ZADD', qk(q, 'leases'), f[7] or now, id)
+elseif state == 'done' then
+  redis.call('SADD', qk(q, 'done'), id)
+  if f[8] then redis.call('ZADD', P .. 'expiry', f[8], id) end
+else
+  redis.call('SADD', qk(q, 'dead'), id)
+end
+if key then settle_key(q, key, now) end
+wake(q)
+return said
+"""
+
+# ARGV: P, queue, now, repair. Index entries of the queue that name no job of it in the state
+# the index stands for, and keys marked running or placed that are not.
+DOCTOR_QUEUE = r"""
+local q, now, repair = ARGV[2], ARGV[3], ARGV[4] == '1'
+check_queue(q)
+local said = {}
+local function say(text) said[#said + 1] = 'queue ' .. q .. ': ' .. text end
+local function state_of(id)
+  if redis.call('TYPE', jk(id))['ok'] ~= 'hash' then return nil end
+  local f = redis.call('HMGET', jk(id), 'queue', 'state')
+  if f[1] ~= q then return nil end
+  return f[2]
+end
+local function sweep(part, kind, strip)
+  local ids = kind == 'set' and redis.call('SMEMBERS', qk(q, part))
+    or redis.call('ZRANGE', qk(q, part), 0, -1)
+  for _, entry in ipairs(ids) do
+    local id = strip and string.sub(entry, 24) or entry
+    local state = state_of(id)
+    if state == nil then  -- (a job there in another state is DOCTOR_JOB's to move)
+      say(part .. ' names job ' .. id .. ', which does not exist')
+      if repair then
+        if kind == 'set' then redis.call('SREM', qk(q, part), entry)
+        else redis.call('ZREM', qk(q, part), entry) end
+      end
+    end
+  end
+end
+sweep('runat', 'zset', false)
+sweep('ready', 'zset', true)
+sweep('delayed', 'zset', false)
+sweep('leases', 'zset', false)
+sweep('done', 'set', false)
+sweep('dead', 'set', false)
+-- keys marked running: each needs a running job of that key
+local running = {}
+for _, id in ipairs(redis.call('ZRANGE', qk(q, 'leases'), 0, -1)) do
+  local f = redis.call('HMGET', jk(id), 'state', 'key')
+  if f[1] == 'running' and f[2] then running[f[2]] = true end
+end
+local touched = {}
+for _, key in ipairs(redis.call('SMEMBERS', qk(q, 'krun'))) do
+  if not running[key] then
+    say('key ' .. key .. ' is marked running, but no job of it runs')
+    if repair then redis.call('SREM', qk(q, 'krun'), key) touched[key] = true end
+  end
+end
+-- keys with a placed job: it must be a queued job of that key
+local kp = redis.call('HGETALL', qk(q, 'kplaced'))
+for i = 1, #kp, 2 do
+  local key, id = kp[i], kp[i + 1]
+  local f = {}
+  if redis.call('TYPE', jk(id))['ok'] == 'hash' then
+    f = redis.call('HMGET', jk(id), 'state', 'key')
+  end
+  if f[1] ~= 'queued' or f[2] ~= key then
+    say('key ' .. key .. ' has job ' .. id .. ' placed, which is not a queued job of it')
+    if repair then redis.call('HDEL', qk(q, 'kplaced'), key) touched[key] = true end
+  end
+end
+for key, _ in pairs(touched) do
+  check_key(q, key)
+  settle_key(q, key, now)
+end
+if next(touched) then wake(q) end
+return said
+"""

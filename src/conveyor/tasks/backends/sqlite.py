@@ -34,6 +34,7 @@ from .base import (
     DONE,
     QUEUED,
     RUNNING,
+    STATES,
     Backend,
     Job,
     Lease,
@@ -339,6 +340,40 @@ class SQLiteBackend(Backend):
         with self._write() as db:
             cur = db.execute("DELETE FROM jobs WHERE id = ? AND state = 'done'", (job_id,))
             return cur.rowcount == 1
+
+    def doctor(self, now: float, repair: bool = False) -> list[str]:
+        said: list[str] = []
+        with self._db() as db:
+            check = [row[0] for row in db.execute("PRAGMA integrity_check")]
+        if check != ["ok"]:
+            said += [f"the file is damaged: {line}" for line in check]
+            return said  # nothing in it can be trusted enough to repair
+        states = "', '".join(STATES)
+        rules = [
+            (
+                f"state NOT IN ('{states}')",
+                "its state is none of conveyor's",
+                "state = 'dead', error = 'conveyor doctor: found in state ' || state, "
+                "token = NULL, lease_until = NULL",
+            ),
+            (
+                "state = 'running' AND (token IS NULL OR lease_until IS NULL)",
+                "running, but without a lease",
+                "state = 'queued', token = NULL, lease_until = NULL, lost = lost + 1",
+            ),
+            (
+                "state != 'running' AND (token IS NOT NULL OR lease_until IS NOT NULL)",
+                "not running, but with a lease",
+                "token = NULL, lease_until = NULL",
+            ),
+        ]
+        with self._write() as db:
+            for where, what, fix in rules:
+                for (job_id,) in db.execute(f"SELECT id FROM jobs WHERE {where}").fetchall():
+                    said.append(f"job {job_id}: {what}" + ("; put right" if repair else ""))
+                if repair:
+                    db.execute(f"UPDATE jobs SET {fix} WHERE {where}")
+        return said
 
     def _requeue(self, where: str, value: str, now: float) -> int:
         with self._write() as db:
