@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import BackendError, BackendUnavailable, TaskQueue
+from conveyor import BackendError, BackendUnavailable, ManualClock, TaskQueue
 from conveyor.tasks.backends import Backend, NewJob
 
 from ..conftest import eventually
@@ -324,5 +324,38 @@ def test_doctor_cli_says_what_is_wrong_and_exits_1_until_repaired(redis_url: str
         assert mended.exit_code == 0 and "1 thing(s) put right" in mended.output
         clean = runner.invoke(main, ["doctor", redis_url])
         assert clean.exit_code == 0 and "nothing out of step" in clean.output
+    finally:
+        q.close()
+
+
+def test_a_burst_worker_facing_a_stray_key_stops_with_the_error_instead_of_hanging(
+    redis_url: str,
+) -> None:
+    clock = ManualClock(1_000_000.0)
+    q = TaskQueue(redis_url, clock=clock)
+    b: Any = q.backend
+    try:
+        q.enqueue("t", 1)
+        b.client.delete(b.prefix + "q:default:leases")
+        b.client.set(b.prefix + "q:default:leases", "another program's")
+        worker = q.worker(burst=True, lease_s=10, poll_s=0.05, handle_signals=False)
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except BaseException as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        for _ in range(100):  # its back-offs, on the clock, until a lease has passed
+            if not thread.is_alive():
+                break
+            eventually(lambda: clock.sleepers() >= 1 or not thread.is_alive())
+            clock.advance(1)
+        thread.join(10)
+        assert len(raised) == 1 and isinstance(raised[0], BackendError)
+        assert "q:default:leases" in str(raised[0])
     finally:
         q.close()

@@ -253,6 +253,12 @@ class ThreadPool(SlotPool):
 
     # -- time limits ------------------------------------------------------------------------
     def _watch(self) -> None:
+        try:
+            self._watch_slots()
+        except BaseException as exc:  # a bug of ours: time limits would stop without a word
+            self.source.fatal(exc)
+
+    def _watch_slots(self) -> None:
         source = self.source
         default = source.spec.timeout_s
         tick = 0.02 if default is None else max(0.005, min(default / 4, 0.1))
