@@ -8,7 +8,6 @@ moment to finish leaving (they are told to go when their owner closes, and exit 
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import multiprocessing
 import os
@@ -24,6 +23,7 @@ from conveyor import Dispatcher, Pipeline, TaskQueue
 from conveyor.channels import open_channel
 
 from .conftest import eventually
+from .leak_work import add, echo, slow_square, square
 
 ROUNDS = 50
 
@@ -85,21 +85,6 @@ def held() -> Held:
     )
 
 
-def square(x: int) -> int:
-    return x * x
-
-
-async def slow_square(x: int) -> int:
-    await asyncio.sleep(0)
-    return x * x
-
-
-def echo(end: Any) -> None:
-    for msg in end:
-        end.send("ECHO", msg.data)
-    end.close()
-
-
 def pipelines(tmp: Path, redis_url: str) -> None:
     out = list(
         Pipeline(range(200))
@@ -113,10 +98,6 @@ def pipelines(tmp: Path, redis_url: str) -> None:
         run.put(3)
         run.stop(drain=True)
         run.wait()
-
-
-def add(x: int, y: int) -> int:
-    return x + y
 
 
 def queues_and_workers(tmp: Path, redis_url: str) -> None:

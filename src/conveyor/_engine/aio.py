@@ -77,6 +77,9 @@ class AsyncPool(WorkerPool):
         self._handed = 0
         self._picked = 0
         self._inflight_units = 0
+        #: how many items the loop may hold (set by the intake), and whether it waits for room
+        self._cap = self._target
+        self._intake_waiting = False
         self._busy = 0
         self._live = 0
         self._closing = False
@@ -249,12 +252,10 @@ class AsyncPool(WorkerPool):
                 pending, index, item = local.popleft()
                 if local:
                     self._top_up_later()
-                before = self._handed - self._picked
                 self._picked += len(item) if index is _IN_ORDER else 1
-                half = self._target // 2
-                if before > half >= before - (len(item) if index is _IN_ORDER else 1):
-                    # just crossed half the room: the intake may be waiting for this. Under
-                    # the lock, so a wait that checked before the crossing is already waiting
+                # the intake says it waits (under the lock) before it looks at the counts, and
+                # this looks at its word after counting: one of the two sees the other
+                if self._intake_waiting and self._handed - self._picked <= self._cap // 2:
                     with self._cv:
                         self._cv.notify()
                 self._busy += 1
@@ -351,13 +352,20 @@ class AsyncPool(WorkerPool):
         try:
             while True:
                 with self._cv:
-                    # wait for half the room, not the first free place: units of many items
-                    # cross to the loop, instead of one item per wake-up
-                    while self._handed - self._picked > self._target // 2 and not self._aborted:
-                        self._cv.wait()
+                    # the loop holds what its workers run and what waits for them: at least
+                    # a unit's worth (what takes about TARGET_UNIT_S), or one item per worker.
+                    # Wait for half of it to be free, not the first free place: units of
+                    # many items cross to the loop, instead of one item per wake-up
+                    cap = max(self._target, source.unit_limit())
+                    self._cap = cap
+                    if self._handed - self._picked > cap // 2 and not self._aborted:
+                        self._intake_waiting = True
+                        while self._handed - self._picked > cap // 2 and not self._aborted:
+                            self._cv.wait()
+                        self._intake_waiting = False
                     if self._aborted:
                         return
-                    room = self._target - (self._handed - self._picked)
+                    room = cap - (self._handed - self._picked)
                 unit = source.take(limit=room)
                 if unit is None:
                     break
