@@ -110,7 +110,13 @@ def worker(
         f"{len(queue.tasks)} tasks, concurrency {concurrency})",
         err=True,
     )
-    w.run()
+    try:
+        w.run()
+    except Exception as exc:
+        # a loop kept failing: the worker stopped cleanly and says why (the log has the rest)
+        raise click.ClickException(
+            f"worker {w.id} stopped after {w.processed} done, {w.failed} dead: {exc}"
+        ) from exc
     click.echo(f"worker {w.id} stopped: {w.processed} done, {w.failed} dead", err=True)
 
 

@@ -4,6 +4,9 @@ must fail whole, before its first write, or not at all."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -357,5 +360,31 @@ def test_a_burst_worker_facing_a_stray_key_stops_with_the_error_instead_of_hangi
         thread.join(10)
         assert len(raised) == 1 and isinstance(raised[0], BackendError)
         assert "q:default:leases" in str(raised[0])
+    finally:
+        q.close()
+
+
+def test_conveyor_worker_exits_1_with_the_reason_when_a_loop_cannot_recover(
+    redis_url: str,
+) -> None:
+    q = TaskQueue(redis_url)
+    b: Any = q.backend
+    try:
+        q.enqueue("record", "x")
+        b.client.delete(b.prefix + "q:default:leases")
+        b.client.set(b.prefix + "q:default:leases", "another program's")
+        done = subprocess.run(
+            [sys.executable, "-m", "conveyor", "worker", "tests.tasks.app:queue", "--burst"]
+            + ["--lease-s", "1", "--poll-s", "0.05"],
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "CONVEYOR_TEST_QUEUE": redis_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: worker ") and "q:default:leases" in last
     finally:
         q.close()
