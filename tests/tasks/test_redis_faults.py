@@ -374,8 +374,10 @@ def test_conveyor_worker_exits_1_with_the_reason_when_a_loop_cannot_recover(
         b.client.delete(b.prefix + "q:default:leases")
         b.client.set(b.prefix + "q:default:leases", "another program's")
         done = subprocess.run(
-            [sys.executable, "-m", "conveyor", "worker", "tests.tasks.app:queue", "--burst"]
-            + ["--lease-s", "1", "--poll-s", "0.05"],
+            [
+                *(sys.executable, "-m", "conveyor", "worker", "tests.tasks.app:queue"),
+                *("--burst", "--lease-s", "1", "--poll-s", "0.05"),
+            ],
             cwd=Path(__file__).resolve().parents[2],
             env={**os.environ, "CONVEYOR_TEST_QUEUE": redis_url},
             capture_output=True,
