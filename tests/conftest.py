@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
 import threading
 import time
 import uuid
@@ -9,6 +11,15 @@ from pathlib import Path
 import pytest
 
 from .redis_server import RedisServer
+
+# Worker processes of process stages and tasks come from the forkserver, and import the module
+# that defines their function: here, a test module, which imports pytest (half a second, per
+# process). Started now, with pytest and conveyor loaded, the server forks children that have
+# them already. (What a child would import anyway, it imports; only the time changes.)
+multiprocessing.get_context("forkserver").set_forkserver_preload(
+    ["conveyor._engine.processes", "pytest", "tests.conftest"]
+)
+multiprocessing.forkserver.ensure_running()
 
 
 def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
