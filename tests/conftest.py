@@ -12,14 +12,17 @@ import pytest
 
 from .redis_server import RedisServer
 
-# Worker processes of process stages and tasks come from the forkserver, and import the module
-# that defines their function: here, a test module, which imports pytest (half a second, per
-# process). Started now, with pytest and conveyor loaded, the server forks children that have
-# them already. (What a child would import anyway, it imports; only the time changes.)
-multiprocessing.get_context("forkserver").set_forkserver_preload(
-    ["conveyor._engine.processes", "pytest", "tests.conftest"]
-)
-multiprocessing.forkserver.ensure_running()
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Worker processes of process stages and tasks come from the forkserver, and import the
+    module that defines their function: here, a test module, which imports pytest (half a
+    second, per process). Started first, with pytest and conveyor loaded, the server forks
+    children that have them already: what a child would import anyway, it imports; only the
+    time changes. (A hook, not import time: a spawned child imports this module too.)"""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["conveyor._engine.processes", "pytest", "tests.conftest"]
+    )
+    multiprocessing.forkserver.ensure_running()
 
 
 def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
