@@ -31,7 +31,7 @@ from typing import Any
 from .._errors import ItemTimeout, StageFailed
 from .buffer import BufferShutdown
 from .pool import WorkerPool, register_kind
-from .source import FLAT, WOKEN, Unit, Work, timeout_of
+from .source import FLAT, MAP, WOKEN, Unit, Work, timeout_of
 
 log = logging.getLogger("conveyor")
 
@@ -40,6 +40,13 @@ _STOP = object()
 #: stands for an item's index when a coroutine runs several items of a unit (one key's), in
 #: order: the entry then holds ``(index, item)`` pairs
 _IN_ORDER = -1
+
+
+def _being_cancelled() -> bool:
+    """The current task is being cancelled (its worker is stopping), as opposed to a
+    ``CancelledError`` that the user's code raised itself."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -238,6 +245,12 @@ class AsyncPool(WorkerPool):
             self._leave()
             return
         local = self._local
+        call = work.call
+        mode = source.mode
+        plain_map = mode == MAP
+        apply = source.apply
+        measured = source.measured
+        clock = time.perf_counter
         try:
             while True:
                 if not local:
@@ -260,7 +273,7 @@ class AsyncPool(WorkerPool):
                         self._cv.notify()
                 self._busy += 1
                 out: list[Any] = []
-                t0 = time.perf_counter()
+                t0 = clock()
                 try:
                     if index is _IN_ORDER:
                         for i, one in item:
@@ -270,6 +283,28 @@ class AsyncPool(WorkerPool):
                             )
                             pending.results[i] = one_out
                         done = len(item)
+                    elif pending.timeout_s is None:
+                        # the common case inline (no coroutine of ours around the call);
+                        # a failure goes the long way, through the source's decision
+                        try:
+                            res = call(item)
+                            if hasattr(res, "__await__"):
+                                res = await res
+                            if mode == FLAT and hasattr(res, "__aiter__"):
+                                res = [x async for x in res]
+                        except BaseException as exc:
+                            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                                raise
+                            await self._after_failure(
+                                work, item, out, pending.unit.attempt, None, exc
+                            )
+                        else:
+                            if plain_map:
+                                out.append(res)
+                            else:
+                                apply(item, res, out)
+                        pending.results[index] = out
+                        done = 1
                     else:
                         await self._run_item(
                             work, item, out, pending.unit.attempt, pending.timeout_s
@@ -278,7 +313,7 @@ class AsyncPool(WorkerPool):
                         done = 1
                 finally:
                     self._busy -= 1
-                source.measured(done, time.perf_counter() - t0)
+                measured(done, clock() - t0)
                 pending.remaining -= done
                 if pending.remaining == 0:
                     results = pending.results
@@ -330,8 +365,7 @@ class AsyncPool(WorkerPool):
                 if source.mode == FLAT and hasattr(res, "__aiter__"):
                     res = [x async for x in res]
             except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                if _being_cancelled():
                     raise  # this worker is being cancelled: not the item's failure
                 error: BaseException = exc
             except BaseException as exc:
@@ -345,6 +379,24 @@ class AsyncPool(WorkerPool):
             if delay > 0:
                 await asyncio.sleep(delay)
             attempt += 1
+
+    async def _after_failure(
+        self,
+        work: Work,
+        item: Any,
+        out: list[Any],
+        attempt: int,
+        timeout: float | None,
+        error: BaseException,
+    ) -> None:
+        """An item's try failed: the source decides; tries again (from the next attempt)
+        for as long as it says so."""
+        delay = self.source.on_failure(item, error, attempt)
+        if delay is None:
+            return
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self._run_item(work, item, out, attempt + 1, timeout)
 
     # -- threads, for a source that blocks ------------------------------------------------------
     def _intake(self) -> None:
