@@ -130,6 +130,21 @@ def test_probe_and_stat() -> None:
     assert "coordinator" in st["workers"][0]
 
 
+def test_stat_works_from_the_first_job() -> None:
+    """The probe is complete before any worker runs: a worker may read it at once."""
+    probe: dict[str, Any] = {}
+    seen: list[dict[str, Any]] = []
+
+    def look(x: int) -> int:
+        seen.append(jobq.stat(probe))
+        return x
+
+    for _ in range(20):  # the first job may start the moment run() starts the session
+        seen.clear()
+        jobq.run(range(3), [look], probe=probe)
+        assert len(seen) == 3 and all(s["workers"][0]["nr_worker"] == 1 for s in seen)
+
+
 def test_limit_job_speed_is_a_worker_in_the_list(capsys: pytest.CaptureFixture[str]) -> None:
     jobq.run(range(5), [(jobq.limit_job_speed(1000, 1), 1), printarg])
     assert lines(capsys) == ["0", "1", "2", "3", "4"]

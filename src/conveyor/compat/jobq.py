@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from conveyor import Pipeline, Run, RunTimeout, Skip
@@ -213,9 +213,18 @@ def run(
     """Process every element of ``input_it`` through ``workers``; return once all are done
     (or after ``timeout`` seconds)."""
     groups = _groups(workers)
-    handle = _pipeline(Pipeline(input_it), groups, keep_order, _QUEUE_SIZE).start()
+    # no job starts before the probe is complete: a worker (or another thread) may call
+    # stat(probe) from the very first job
+    probe_ready = threading.Event()
+
+    def gated() -> Iterator[Any]:
+        probe_ready.wait()
+        yield from input_it
+
+    handle = _pipeline(Pipeline(gated()), groups, keep_order, _QUEUE_SIZE).start()
     if probe is not None:
         _fill_probe(probe, handle, groups, keep_order)
+    probe_ready.set()
     _wait(handle, timeout)
 
 
