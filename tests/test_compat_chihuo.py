@@ -255,7 +255,11 @@ def test_sigint_sends_running_tasks_back_to_the_head(tmp_path: Path) -> None:
 
             async def make_task(self, task_id, task):
                 print("running", task_id, flush=True)
-                await asyncio.sleep(3600)
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    print("stop is", self.stop, flush=True)  # set by the signal
+                    raise
 
         if __name__ == "__main__":
             chihuo.run(Hold)
@@ -273,7 +277,8 @@ def test_sigint_sends_running_tasks_back_to_the_head(tmp_path: Path) -> None:
         assert proc.stdout.readline().strip() == "running first"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
-        assert proc.stdout.read().strip().splitlines()[-1] == "run returned"
+        rest = proc.stdout.read().strip().splitlines()
+        assert rest == ["stop is True", "run returned"]
     finally:
         proc.kill()
         if proc.stdout is not None:
@@ -284,3 +289,39 @@ def test_sigint_sends_running_tasks_back_to_the_head(tmp_path: Path) -> None:
     leases = q.backend.claim("hold", "w", 30, q.now(), limit=2)
     assert [lease.job.id for lease in leases] == ["hold:first", "hold:second"]  # at the head
     q.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_setting_stop_leaves_every_task_not_started_in_the_queue(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    config: dict[str, Any] = {"backend": "sqlite", "path": str(tmp_path / "s.db"), "ip": ""}
+    config["port"] = 0
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        config = {"backend": "redis", "ip": "127.0.0.1", "port": server.port}
+        config["prefix"] = f"chihuo{tmp_path.name}:"
+    ran: list[str] = []
+
+    for round_ in range(5):  # a race would show in one of several runs
+
+        class StopsAfterOne(ChihuoLoop):
+            NAME = f"stopper{round_}"
+            CONCURRENCY = 1
+
+            async def make_task(self, task_id: Any, task: Any) -> None:
+                ran.append(task_id)
+                self.stop = True
+
+        ran.clear()
+        loop = StopsAfterOne(server_config=config)
+        asyncio.run(loop.add_task(*[(str(i), i) for i in range(5)]))
+        chihuo.run(loop)
+        assert len(ran) == 1 and loop.stop
+        q = loop._queue
+        assert q.stats().running == 0  # nothing held by the loop that left
+        left = q.backend.claim(q.name, "next", 30, q.now(), limit=10)
+        assert sorted(lease.job.id for lease in left) == sorted(
+            f"{q.name}:{i}" for i in range(5) if str(i) != ran[0]
+        )
+        q.close()

@@ -52,6 +52,8 @@ _EXPIRE_EVERY_S = 60.0
 #: pauses between attempts while the backend is unavailable
 _OUTAGE_FIRST_PAUSE_S = 0.5
 _OUTAGE_MAX_PAUSE_S = 10.0
+#: how long a stopping worker lets jobs whose function is over write their outcome
+_SETTLE_AT_STOP_S = 5.0
 #: the longest a worker waits on its storage in one call (see _wait_for_work)
 _WAIT_SLICE_S = 1.0
 
@@ -223,6 +225,11 @@ class Worker:
             self._waiter.shutdown(wait=False)
         if self.failure is not None:
             raise self.failure
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked (by a signal, :meth:`stop`, or a loop that gave up)."""
+        return self._stopping is not None and self._stopping.is_set()
 
     def stop(self, *, now: bool = False) -> None:
         """Ask the worker to stop (thread-safe); ``now=True`` skips the grace period."""
@@ -710,6 +717,16 @@ class Worker:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             hard.cancel()
+        # a job whose function has returned (or raised) is over, even in a hard stop: let it
+        # write its outcome, so it is not handed back and run again
+        over = [
+            task
+            for task, _, lease in self._running.values()
+            if lease.token in self._settling
+            or (lease.token in self._outcomes and self._outcomes[lease.token].done())
+        ]
+        if over:
+            await asyncio.wait(over, timeout=_SETTLE_AT_STOP_S)
         # jobs that finished and wait for their batched ack are done: write them first, so
         # none of them is handed back and run twice
         with contextlib.suppress(Exception):

@@ -139,7 +139,10 @@ class ChihuoLoop:
 
     @property
     def stop(self) -> bool:
-        return self._stop
+        """True once the loop is stopping: set by the code (``self.stop = True``), or by
+        SIGINT/SIGTERM, which stop every loop of the process."""
+        worker = self._worker
+        return self._stop or (worker is not None and worker.stopping)
 
     @stop.setter
     def stop(self, value: bool) -> None:
