@@ -247,3 +247,51 @@ def test_a_worker_paused_past_its_lease_and_resumed_keeps_no_outcome_and_goes_on
     assert (info.state, info.finished_at, info.attempts) == ("done", kept.finished_at, 2)
     first.send_signal(signal.SIGTERM)
     assert first.wait(10) == 0
+
+
+def test_a_script_and_the_processes_it_starts_agree_on_task_names(tmp_path: Path) -> None:
+    """Run as ``python app.py``, a script's functions live in ``__main__``; in the processes
+    multiprocessing starts from it, in ``__mp_main__``; ``conveyor worker app:queue`` imports
+    it as ``app``. A task's name must be the same in all three."""
+    db = tmp_path / "jobs.db"
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import multiprocessing, sys\n"
+        "from conveyor import TaskQueue\n"
+        f"queue = TaskQueue('sqlite:///{db}')\n"
+        "@queue.task\n"
+        "def tiny(x):\n"
+        "    return x + 1\n"
+        "def work():\n"
+        "    queue.worker(burst=True, handle_signals=False).run()\n"
+        "if __name__ == '__main__':\n"
+        "    print(tiny.name)\n"
+        "    jobs = [tiny.enqueue(i) for i in range(20)]\n"
+        "    p = multiprocessing.get_context(sys.argv[1]).Process(target=work)\n"
+        "    p.start(); p.join(60)\n"
+        "    print(sum(j.result(timeout_s=5) for j in jobs))\n"
+    )
+    for method in ("spawn", "forkserver"):
+        done = subprocess.run(
+            [sys.executable, str(script), method],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=tmp_path,
+        )
+        assert done.stdout.split() == ["app.tiny", str(sum(range(1, 21)))]
+    # and a worker started by the command line, which imports the script as a module
+    with TaskQueue(f"sqlite:///{db}") as q:
+        job = q.enqueue("app.tiny", 41)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT / 'src'}"}
+    subprocess.run(
+        [sys.executable, "-m", "conveyor", "worker", "app:queue", "--burst"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    with TaskQueue(f"sqlite:///{db}") as q:
+        assert q.job(job.id).result(timeout_s=5) == 42

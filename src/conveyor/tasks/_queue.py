@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -203,6 +204,25 @@ log = logging.getLogger("conveyor.tasks")
 _SKEW_EVERY_S = 60.0
 #: a smaller difference is noise (a round trip's), not a clock that is wrong
 _SKEW_IGNORED_S = 0.01
+
+
+def _module_name(fn: Callable[..., Any]) -> str:
+    """The module a task's default name starts with. A script's functions live in ``__main__``
+    when it runs and in ``__mp_main__`` in the processes that multiprocessing starts from it,
+    and ``conveyor worker script:queue`` imports it as ``script``: all three name it by what
+    it would be imported as (``python -m pkg.app``: ``pkg.app``; ``python app.py``: ``app``),
+    so producers and workers agree."""
+    module: str = getattr(fn, "__module__", None) or "__main__"
+    if module not in ("__main__", "__mp_main__"):
+        return module
+    main = sys.modules.get(module)
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", "__mp_main__"):
+        return str(spec.name)
+    path = getattr(main, "__file__", None)
+    if path:
+        return os.path.splitext(os.path.basename(str(path)))[0]
+    return "__main__"  # an interactive session
 
 
 def new_id() -> str:
@@ -595,7 +615,7 @@ class TaskQueue:
                         f"task {f!r} cannot be sent to a worker process: {exc}"
                     ) from exc
             check_priority("priority", priority)
-            task_name = name or f"{f.__module__}.{f.__qualname__}"
+            task_name = name or f"{_module_name(f)}.{f.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             keep = self.keep_result_s if keep_result_s == -1.0 else keep_result_s
