@@ -5,6 +5,7 @@ dispatcher's own counts, so the test does not depend on timing beyond the produc
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -136,3 +137,73 @@ def test_a_producer_answers_one_request_at_a_time_and_failures_do_not_kill_it() 
     assert all(r.wait(5) and r.answered == 1 for r in requests)
     assert producer.most == 1 and producer.calls == 91
     dispatcher.stop()
+
+
+def test_the_interfaces_are_threads() -> None:
+    """ "Since the interfaces inherit from threading.Thread": users call name, daemon, ident,
+    is_alive and join, and subclass them with their own arguments."""
+
+    class Named(Producer):
+        def __init__(self) -> None:
+            super().__init__(name="my-producer")
+
+        def produce_dispatcher_output(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+            return topic
+
+    d = ATEDispatcher()
+    p, listener = Named(), ResultListenerExample()
+    for thing in (d, p, listener):
+        assert isinstance(thing, threading.Thread)
+        thing.start()
+        thing.start()  # as the page's example does for the dispatcher: no error
+        assert thing.is_alive() and thing.ident is not None and thing.daemon
+    assert p.name == "my-producer"
+    d.register_result_producer(p, "t")
+    d.register_result_listener(listener, "t")
+    d.send_request("t")
+    eventually(lambda: listener.responses == {"t": ["t"]})
+    d.stop()
+    for thing in (d, p, listener):
+        thing.join(5)
+        assert not thing.is_alive()
+
+
+def test_one_listener_on_several_topics_receives_in_arrival_order_one_call_at_a_time() -> None:
+    """ "The messages will be delivered to the result listeners as they arrive": across all of
+    a listener's topics, in one line, one call at a time, on one thread."""
+
+    class Echo(Producer):
+        def produce_dispatcher_output(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+            return args[0]
+
+    gate = threading.Event()
+
+    class Ordered(ResultListener):
+        def __init__(self) -> None:
+            super().__init__()
+            self.got: list[tuple[str, int]] = []
+            self.threads: set[int] = set()
+
+        def process_dispatcher_result(self, topic: str, response: Any) -> None:
+            if not self.got:
+                gate.wait(10)  # the first answer is slow to take in: the others queue
+            self.threads.add(threading.get_ident())
+            self.got.append((topic, response))
+
+    d = ATEDispatcher()
+    listener = Ordered()
+    for topic in ("a", "b", "c"):
+        d.register_result_producer(Echo(), topic)
+        d.register_result_listener(listener, topic)
+    order = [("a", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5), ("b", 6)]
+    for topic, i in order:
+        d.send_request(topic, i).wait(5)  # answered before the next is asked
+    gate.set()
+    eventually(lambda: len(listener.got) == len(order))
+    assert listener.got == order and len(listener.threads) == 1
+    d.deregister_result_listener(listener, "a")
+    d.send_request("a", -1).wait(5)
+    d.send_request("b", -2).wait(5)
+    eventually(lambda: listener.got[-1] == ("b", -2))
+    assert ("a", -1) not in listener.got
+    d.stop()

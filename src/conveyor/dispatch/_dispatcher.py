@@ -513,6 +513,17 @@ class Subscription(_Lane):
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
         return None
 
+    def add_topic(self, topic: str) -> None:
+        """Listen to ``topic`` too: its answers join the same buffer, in arrival order with
+        the others, one call at a time."""
+        self.dispatcher._add_topic(self, topic)
+
+    def remove_topic(self, topic: str) -> bool:
+        """Stop listening to ``topic`` (answers already buffered are still delivered); False if
+        it was not one of this subscription's topics. A subscription left with no topic stays
+        open, receiving nothing, until it is closed."""
+        return self.dispatcher._remove_topic(self, topic)
+
     def close(self) -> None:
         """Unsubscribe; answers still in the buffer are not delivered."""
         if self._closed:
@@ -742,6 +753,29 @@ class Dispatcher:
         for s in subs:
             s.close()
         return bool(subs)
+
+    def _add_topic(self, sub: Subscription, topic: str) -> None:
+        if not isinstance(topic, str):
+            raise ConfigurationError(f"a topic is a string, not {topic!r}")
+        with self._lock:
+            if sub._closed:
+                raise ClosedResourceError("this subscription was closed")
+            if topic in sub.topics:
+                return
+            sub.topics = (*sub.topics, topic)
+            self._subscriptions[topic] = (*self._subscriptions.get(topic, ()), sub)
+
+    def _remove_topic(self, sub: Subscription, topic: str) -> bool:
+        with self._lock:
+            if topic not in sub.topics:
+                return False
+            sub.topics = tuple(t for t in sub.topics if t != topic)
+            current = tuple(s for s in self._subscriptions.get(topic, ()) if s is not sub)
+            if current:
+                self._subscriptions[topic] = current
+            else:
+                self._subscriptions.pop(topic, None)
+            return True
 
     def _remove_subscription(self, sub: Subscription) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ thread died and every later request on it hung), and queues are bounded.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -23,24 +24,29 @@ from conveyor import Dispatcher
 __all__ = ["ATEDispatcher", "Producer", "ResultListener"]
 
 
-class _Lifetime:
-    """What ate-dispatcher's classes inherited from ``threading.Thread`` and callers use."""
+class _Lifetime(threading.Thread):
+    """ate-dispatcher's classes are threads, and their users treat them so: ``name``,
+    ``daemon``, ``ident``, ``is_alive()``, ``join(timeout)``, subclassing with ``super()``.
+    Here the thread only lives from ``start()`` to ``stop()``; the calls themselves (the user's
+    code) run on the dispatcher's workers, where crashes, counts and bounds are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("daemon", True)
+        super().__init__(*args, **kwargs)
         self._serial = threading.Lock()  # one call at a time, as ate-dispatcher's one thread
-        self._running = False
+        self._stopped_event = threading.Event()
 
     def start(self) -> None:
-        self._running = True
+        """Start the thread; starting it again does nothing (ate-dispatcher's examples do)."""
+        if not self.is_alive() and not self._stopped_event.is_set():
+            with contextlib.suppress(RuntimeError):  # started before
+                super().start()
+
+    def run(self) -> None:
+        self._stopped_event.wait()
 
     def stop(self) -> None:
-        self._running = False
-
-    def is_alive(self) -> bool:
-        return self._running
-
-    def join(self, timeout: float | None = None) -> None:
-        """Nothing to wait for: calls run on the dispatcher's threads."""
+        self._stopped_event.set()
 
 
 class Producer(_Lifetime):
@@ -71,11 +77,13 @@ class ATEDispatcher(_Lifetime):
     """The dispatcher: relays each request to the producers of its topic and their results to
     the listeners of that topic."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.dispatcher = Dispatcher(ttl_s=5.0)
         self._producers: dict[tuple[int, str], tuple[Producer, Any]] = {}
-        self._listeners: dict[tuple[int, str], tuple[ResultListener, Any]] = {}
+        #: one subscription per listener, whatever the number of its topics: its results
+        #: arrive in one line, in the order they came, one call at a time
+        self._listeners: dict[int, tuple[ResultListener, Any]] = {}
         self._lock = threading.Lock()
 
     def stop(self) -> None:
@@ -105,16 +113,23 @@ class ATEDispatcher(_Lifetime):
 
     def register_result_listener(self, listener: ResultListener, topic: str) -> None:
         with self._lock:
-            if (id(listener), topic) in self._listeners:
+            found = self._listeners.get(id(listener))
+            if found is not None:
+                found[1].add_topic(topic)
                 return
             sub = self.dispatcher.subscribe(topic, listener._receive)
-            self._listeners[(id(listener), topic)] = (listener, sub)
+            self._listeners[id(listener)] = (listener, sub)
 
     def deregister_result_listener(self, listener: ResultListener, topic: str) -> None:
         with self._lock:
-            found = self._listeners.pop((id(listener), topic), None)
-        if found is not None:
-            found[1].close()
+            found = self._listeners.get(id(listener))
+            if found is None:
+                return
+            found[1].remove_topic(topic)
+            if found[1].topics:
+                return
+            del self._listeners[id(listener)]
+        found[1].close()
 
     def send_request(self, topic: str, *args: Any, ttl: float = 5000, **kwargs: Any) -> Any:
         """Ask every producer of ``topic``; results within ``ttl`` milliseconds go to the
