@@ -113,16 +113,42 @@ def test_app_config_reaches_every_stage() -> None:
     assert sorted(RESULTS) == list(range(100))
 
 
-def test_two_frontend_threads_do_not_repeat_items() -> None:
+def test_each_frontend_thread_has_its_own_stage_producing_its_own_items() -> None:
+    """ "Each of the stage can be multi-thread": thread_num = 2 runs two frontends at once,
+    each its own instance with its own setup, produce() and cleanup, on its own thread. The
+    engine ends when both have finished, with everything they yielded through."""
+    lives: list[tuple[str, int, int]] = []
+    both = threading.Barrier(2, timeout=10)
+
+    class Tagged(Frontend):
+        def setup(self) -> None:
+            with LOCK:
+                lives.append(("setup", id(self), threading.get_ident()))
+
+        def produce(self) -> Iterator[tuple[int, int]]:
+            both.wait()  # the two run at the same time, or this times out
+            for i in range(self.config.n):
+                yield (id(self), i)
+
+        def cleanup(self) -> None:
+            with LOCK:
+                lives.append(("cleanup", id(self), threading.get_ident()))
+
     create(
-        frontend_cls=CountFrontend,
+        frontend_cls=Tagged,
         transport_cls=CustomTransport,
         backend_cls=CollectBackend,
         app_config=SimpleNamespace(n=200),
         engine_frontend_config=SimpleNamespace(thread_num=2),
         engine_transport_config=SimpleNamespace(thread_num=10),
     ).start()
-    assert sorted(RESULTS) == list(range(200))
+    setups = [(who, thread) for what, who, thread in lives if what == "setup"]
+    cleanups = [(who, thread) for what, who, thread in lives if what == "cleanup"]
+    assert len(setups) == 2 and sorted(setups) == sorted(cleanups)
+    assert len({who for who, _ in setups}) == 2 and len({t for _, t in setups}) == 2
+    for who, _ in setups:  # every item of each frontend, once
+        assert sorted(i for w, i in RESULTS if w == who) == list(range(200))
+    assert len(RESULTS) == 400
 
 
 def test_a_failing_method_loses_only_its_item(caplog: pytest.LogCaptureFixture) -> None:

@@ -66,7 +66,9 @@ class Engine:
     def stopped(self) -> bool:
         return self._stopped
 
-    def _produce(self) -> Iterator[Any]:
+    def _produce(self, _which: int) -> Iterator[Any]:
+        """One frontend: its own instance, set up, produced from and cleaned up on the thread
+        that runs it (``thread_num`` of them run at once)."""
         cls, config, _threads, _size = self._stages["frontend"]
         component = cls(self._app_config, config, self._context, threading.current_thread())
         component.setup()
@@ -79,7 +81,12 @@ class Engine:
             component.cleanup()
 
     def _pipeline(self) -> Pipeline[Any]:
-        pipeline: Pipeline[Any] = Pipeline(self._produce())
+        _cls, _config, frontends, _size = self._stages["frontend"]
+        # one item per frontend; each worker of the first stage runs one frontend to its end,
+        # its items going on as they come (unordered: one frontend never waits for another)
+        pipeline: Pipeline[Any] = Pipeline(range(frontends)).flat_map(
+            self._produce, name="frontend", workers=frontends, ordered=False, maxsize=frontends
+        )
         transport = self._stages.get("transport")
         backend = self._stages.get("backend")
         for role, spec, method in (
