@@ -522,3 +522,20 @@ def test_shrinking_a_busy_process_stage_takes_effect_before_its_input_ends() -> 
         # each), not everything they could take meanwhile
         assert run.stats().stages[0].finished - at_resize < 150
         run.cancel()
+
+
+def _what_i_see(_: int) -> tuple[str | None, bool, str]:
+    return os.environ.get("CONVEYOR_SEEN"), "/nowhere/on/purpose" in sys.path, os.getcwd()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_workers_see_the_environment_of_when_the_stage_started(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a subprocess started then would: the variables, the import path and the working
+    directory the parent had when the stage started, not the forkserver's from long ago."""
+    monkeypatch.setenv("CONVEYOR_SEEN", "set after the forkserver started")
+    monkeypatch.setattr(sys, "path", [*sys.path, "/nowhere/on/purpose"])
+    monkeypatch.chdir(tmp_path)
+    seen = list(Pipeline(range(4)).map(_what_i_see, kind="process", workers=2, start_method=method))
+    assert set(seen) == {("set after the forkserver started", True, str(tmp_path))}

@@ -17,12 +17,13 @@ import contextlib
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..._errors import ItemNotSendable, RemoteError
 from .. import shipping
@@ -147,15 +148,37 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os._exit(70)
 
 
+class Setting(NamedTuple):
+    """The parent's environment when the pool started: what a process started then by the
+    parent would have inherited."""
+
+    environ: dict[str, str]
+    path: list[str]
+    cwd: str
+
+
+def _take(setting: Setting | None) -> None:
+    if setting is None:
+        return
+    if dict(os.environ) != setting.environ:
+        os.environ.clear()
+        os.environ.update(setting.environ)
+    sys.path[:] = setting.path
+    with contextlib.suppress(OSError):  # gone since: the child stays where it is
+        os.chdir(setting.cwd)
+
+
 def child_main(
     payload: bytes,
     conn: Connection,
     lifeline: Connection,
     inherited_writer: Connection | None,
     progress: Any,
+    setting: Setting | None = None,
 ) -> None:
     # the parent decides when its workers stop: Ctrl-C in a terminal reaches the whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _take(setting)  # before the payload: its modules may be found through the parent's path
     if inherited_writer is not None:  # under fork, our copy of the parent's end
         inherited_writer.close()
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()

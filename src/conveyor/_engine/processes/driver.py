@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import pickle
 import sys
 import threading
@@ -159,6 +160,7 @@ class _Child:
                 life_reader,
                 life_writer if pool.start_method == "fork" else None,
                 self.progress,
+                pool.setting,
             ),
             name=f"conveyor:{pool.source.name}",
             daemon=True,
@@ -295,6 +297,13 @@ class ProcessPool(SlotPool):
         self.start_method: str = spec.option("start_method", DEFAULT_START_METHOD)
         self.ctx = multiprocessing.get_context(self.start_method)
         self.payload = shipping.dumps((spec.make_work, spec.mode))
+        # what a process started now would inherit: a forkserver (or spawn) child gets it
+        # sent, or it would see the environment of when the forkserver started
+        self.setting = (
+            None
+            if self.start_method == "fork"
+            else child_side.Setting(dict(os.environ), list(sys.path), os.getcwd())
+        )
         self.recycle_after: int | None = spec.option("max_items_per_worker")
         self.source.target_unit_s = max(self.source.target_unit_s, UNIT_TARGET_S)
         if self.start_method == "forkserver":
