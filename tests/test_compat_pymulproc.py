@@ -4,6 +4,7 @@ N:1 and full-duplex stress cases of its test suite."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from typing import Any
 
 import pytest
@@ -156,3 +157,38 @@ def test_many_children_to_one_parent_stress_test() -> None:
     for message in got:
         per_child.setdefault(message[1], []).append(message[3])
     assert all(v == list(range(500)) for v in per_child.values())  # each child's order kept
+
+
+def _send_as(conn: Any, pid: int) -> None:
+    conn.child().send(mpq_protocol.REQ_FINISHED, sender_pid=pid, data="hi")
+
+
+def test_an_explicit_sender_pid_is_kept_on_a_queue() -> None:
+    """ "If provided, such integer is added to the message as sender PID", both ways."""
+    qc = factory.QueueCommunication()
+    parent = qc.parent()
+    p = multiprocessing.get_context("fork").Process(target=_send_as, args=(qc, 12345))
+    p.start()
+    assert parent.receive(block=True) == [mpq_protocol.REQ_FINISHED, 12345, None, "hi"]
+    p.join(10)
+
+
+def test_a_parent_end_and_a_child_end_in_one_process() -> None:
+    """A common test set-up, and threads acting as children: both ends in one process."""
+    qc = factory.QueueCommunication()
+    parent, child = qc.parent(), qc.child()
+    child.send("HELLO", data=1)
+    child.send("OTHER", data=2)
+    got = parent.receive(func=lambda m: m[0] == "OTHER", block=True)
+    assert got[0] == "OTHER" and got[3] == 2
+    assert parent.receive(func=lambda m: m[0] == "HELLO", block=True)[3] == 1
+    answers: list[Any] = []
+
+    def a_thread_as_a_child() -> None:
+        answers.append(child.receive(func=lambda m: m[0] == "DO", block=True))
+
+    t = threading.Thread(target=a_thread_as_a_child)
+    t.start()
+    assert parent.send("DO", sender_pid=999, data=3) == ["DO", 999, None, 3]
+    t.join(10)
+    assert not t.is_alive() and answers[0][1] == 999 and answers[0][3] == 3
