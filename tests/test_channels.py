@@ -101,9 +101,10 @@ def test_a_child_killed_while_the_parent_waits_is_reported_within_a_second(kind:
     assert parent.receive(timeout_s=30).request == "READY"
     t0 = time.monotonic()
     os.kill(p.pid, signal.SIGKILL)
-    with pytest.raises(BrokenResourceError, match=str(p.pid) if kind == "queue" else "died"):
+    with pytest.raises(BrokenResourceError, match=str(p.pid)) as raised:
         parent.receive(timeout_s=10)
     assert time.monotonic() - t0 < 1.0
+    assert raised.value.pid == p.pid  # which peer went
     p.join(10)
     parent.close()
 
@@ -121,7 +122,7 @@ def test_a_killed_parent_makes_the_childs_receive_raise(tmp_path: Path) -> None:
             try:
                 end.receive()
             except BrokenResourceError as exc:
-                open({str(marker)!r}, "w").write("broken: " + str(exc))
+                open({str(marker)!r}, "w").write(f"broken: {{exc.pid}} {{exc}}")
 
         if __name__ == "__main__":
             parent, end = open_channel(sys.argv[1])
@@ -144,6 +145,7 @@ def test_a_killed_parent_makes_the_childs_receive_raise(tmp_path: Path) -> None:
         proc.stdout.close()
         # the child may be between opening the file and writing it: wait for the words
         eventually(lambda: marker.exists() and marker.read_text().startswith("broken: "), 5)
+        assert marker.read_text().split()[1] == str(proc.pid)  # which peer went: the parent
 
 
 def test_joining_a_child_before_draining_what_it_sent_does_not_deadlock() -> None:

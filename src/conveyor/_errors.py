@@ -19,7 +19,8 @@ The tree (mirrored in ``docs/exceptions.md``)::
     ├── ItemNotSendable             an item or a result cannot cross to or from a worker process
     ├── RemoteError                 an exception from a worker process that could not be sent whole
     ├── ClosedResourceError         this side closed the resource and then used it
-    ├── BrokenResourceError         the other side went away (a peer died, a worker was killed)
+    ├── BrokenResourceError         the other side went away (a peer died, a worker was killed;
+    │                               pid: which process)
     │   └── WorkerCrashed           a worker process died while it held items
     └── WouldBlock                  a *_nowait call that would have had to wait
 
@@ -163,7 +164,12 @@ class ClosedResourceError(ConveyorError):
 
 
 class BrokenResourceError(ConveyorError):
-    """The other side of the resource is gone."""
+    """The other side of the resource is gone: ``pid`` is the process that went (None when
+    it is not known)."""
+
+    def __init__(self, *args: object, pid: int | None = None) -> None:
+        super().__init__(*args)
+        self.pid = pid
 
 
 class WorkerCrashed(BrokenResourceError):
@@ -187,7 +193,7 @@ class WorkerCrashed(BrokenResourceError):
             how = "stopped answering"
         #: what happened to it, in words ("was killed by SIGKILL", "exited with code 1")
         self.how = how
-        super().__init__(f"worker process {pid} of {stage!r} {how}")
+        super().__init__(f"worker process {pid} of {stage!r} {how}", pid=pid)
 
 
 class WouldBlock(ConveyorError):

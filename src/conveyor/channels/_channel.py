@@ -284,7 +284,9 @@ class _End:
                 try:
                     msg = _decode(conn.recv_bytes())
                 except (EOFError, OSError):
-                    raise BrokenResourceError("the parent closed the channel or died") from None
+                    raise BrokenResourceError(
+                        "the parent closed the channel or died", pid=self.parent_pid
+                    ) from None
                 if msg.request == _BYE:
                     self._peer_closed = True
                 elif where is None or where(msg):
@@ -293,7 +295,7 @@ class _End:
                     self._backlog.append(msg)
                 continue
             if parent is not None and not parent.alive():
-                raise BrokenResourceError("the parent process died")
+                raise BrokenResourceError("the parent process died", pid=self.parent_pid)
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("no message within timeout_s")
 
@@ -589,7 +591,7 @@ class PipeEnd(_End):
 
     def _nothing_left(self, inbox: _Inbox) -> Exception | None:
         if inbox.dead:
-            return BrokenResourceError(f"the child process {inbox.dead[0]} died")
+            return BrokenResourceError(f"the child process {inbox.dead[0]} died", pid=inbox.dead[0])
         if inbox.byes:
             return ClosedResourceError("the child end closed the channel")
         if inbox.eof:

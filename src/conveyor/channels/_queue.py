@@ -147,7 +147,7 @@ class QueueEnd(_End):
             conn.send_bytes(payload)
         except OSError:
             self._children.pop(pid, None)
-            raise BrokenResourceError(f"child process {pid} is gone") from None
+            raise BrokenResourceError(f"child process {pid} is gone", pid=pid) from None
 
     def _write_up(self, payload: bytes) -> None:
         with self._send_lock:
@@ -189,7 +189,7 @@ class QueueEnd(_End):
     def _nothing_left(self, inbox: _Inbox) -> Exception | None:
         if inbox.dead:
             pid = inbox.dead.pop(0)  # each death is reported once; the others go on
-            return BrokenResourceError(f"child process {pid} died")
+            return BrokenResourceError(f"child process {pid} died", pid=pid)
         if inbox.byes and not inbox.conns and not inbox._new and not self._handing_over():
             return ClosedResourceError("every child closed the channel")
         return None  # a child's pipes on their way in wake the wait (``_Inbox.add``)
