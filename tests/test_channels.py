@@ -222,3 +222,36 @@ def test_queue_channel_unaddressed_messages_go_to_one_child_each() -> None:
 def test_messages_are_named_tuples() -> None:
     msg = Message("DO", 1, None, {"v": 2})
     assert msg.request == "DO" and msg.recipient is None and tuple(msg)[3] == {"v": 2}
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be unpickled: its ``__init__`` takes two arguments."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}+{b}")
+
+
+def send_a_bad_one_then_a_good_one(end: Any) -> None:
+    end.send("BAD", TwoArgError(1, 2))
+    end.send("GOOD", 3)
+    end.receive(timeout_s=30)  # stay alive until the parent has looked
+    end.close()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "queue"])
+def test_a_message_that_cannot_be_unpickled_is_its_own_error_and_the_channel_goes_on(
+    kind: str,
+) -> None:
+    parent, child = open_channel(kind)
+    p = multiprocessing.get_context("fork").Process(
+        target=send_a_bad_one_then_a_good_one, args=(child,)
+    )
+    p.start()
+    with pytest.raises(ItemNotSendable, match="TypeError"):
+        parent.receive(timeout_s=30)
+    good = parent.receive(timeout_s=30)  # the reader did not die: the child is not "dead"
+    assert (good.request, good.data) == ("GOOD", 3)
+    parent.send("BYE")
+    p.join(10)
+    assert p.exitcode == 0
+    parent.close()

@@ -263,6 +263,7 @@ class _End:
                 inbox.read_direct(None if left is None else max(0.0, left))
                 looked = True
                 continue
+            _readable_or_raise(msg)  # that message's error; the next receive goes on
             if where is None or where(msg):
                 return msg
             self._backlog.append(msg)
@@ -282,7 +283,7 @@ class _End:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if conn in _wait([conn], peers, left):
                 try:
-                    msg = _decode(conn.recv_bytes())
+                    msg = _readable_or_raise(_decode(conn.recv_bytes(), self.parent_pid))
                 except (EOFError, OSError):
                     raise BrokenResourceError(
                         "the parent closed the channel or died", pid=self.parent_pid
@@ -432,7 +433,7 @@ class _Inbox:
                 continue
             while _readable(r):
                 try:
-                    msg = _decode(r.recv_bytes())
+                    msg = _decode(r.recv_bytes(), self._conn_pid.get(r, 0))
                 except (EOFError, OSError):
                     with self.cond:
                         self.conns.remove(r)
@@ -614,8 +615,30 @@ class PipeEnd(_End):
             peer.close()
 
 
-def _decode(data: bytes) -> Message:
-    return Message(*pickle.loads(data))
+class _Unreadable:
+    """Stands, in the inbox, for a message whose bytes arrived whole but cannot be unpickled
+    here (an exception whose ``__init__`` takes two arguments, a class this process cannot
+    import): its receive raises; the channel goes on."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _decode(data: bytes, sender: int) -> Message:
+    try:
+        return Message(*pickle.loads(data))
+    except Exception as exc:
+        return Message("", sender, None, _Unreadable(f"{type(exc).__name__}: {exc}"))
+
+
+def _readable_or_raise(msg: Message) -> Message:
+    if isinstance(msg.data, _Unreadable):
+        raise ItemNotSendable(
+            f"a message from process {msg.sender}", msg.data, ValueError(msg.data.why)
+        )
+    return msg
 
 
 def open_channel(
