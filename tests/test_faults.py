@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -210,3 +211,23 @@ def test_skip_keeps_every_other_item_under_load() -> None:
 
     out = list(Pipeline(range(20_000)).map(odd_fails, workers=4, on_error=Skip()))
     assert sorted(out) == list(range(0, 20_000, 2))
+
+
+def test_a_watchdog_that_fails_fails_the_run_instead_of_leaving_it_untimed(
+    monkeypatch: pytest.MonkeyPatch, gate: threading.Event
+) -> None:
+    """No background loop may die unnoticed: a fault of ours in the thread kind's watchdog
+    ends the run with that error, where time limits would otherwise stop without a word."""
+    from conveyor._engine import threads
+
+    def broken(*_: Any) -> float:
+        raise RuntimeError("the watchdog's own bug")
+
+    monkeypatch.setattr(threads, "timeout_of", broken)
+
+    def stuck(x: int) -> int:
+        gate.wait(30)
+        return x
+
+    with pytest.raises(RuntimeError, match="watchdog's own bug"):
+        Pipeline(range(3)).map(stuck, timeout_s=0.05).run(timeout_s=20)

@@ -31,7 +31,7 @@ def work(x: int) -> int:
     if x == EXIT:
         raise SystemExit(x)
     if x == LATE:
-        time.sleep(3600)
+        time.sleep(3600)  # stuck: only its time limit ends it (not a wait that orders work)
     if x == CRASH:
         os._exit(1)
     return x * 2

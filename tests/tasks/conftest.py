@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conveyor import ManualClock, TaskQueue
+from conveyor import ManualClock, Task, TaskQueue, Worker
 from conveyor.tasks.backends import Backend, MemoryBackend, SQLiteBackend
+
+from ..conftest import eventually
 
 BACKENDS = ["memory", "sqlite", "redis"]
 
@@ -58,3 +61,47 @@ def clocked(
     queue = TaskQueue(queue_url(request.param, request, tmp_path), clock=clock)
     yield queue, clock
     queue.close()
+
+
+def held_task(q: TaskQueue, gate: threading.Event) -> tuple[Task[[], str], threading.Event]:
+    """A task ``hold`` that says it started, then runs until ``gate`` opens; returns "held"."""
+    started = threading.Event()
+
+    @q.task
+    def hold() -> str:
+        started.set()
+        gate.wait(30)
+        return "held"
+
+    return hold, started
+
+
+class Running:
+    """A worker running on a thread of the test, and what its ``run()`` raised, if anything."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.raised: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.raised.append(exc)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.thread.join(10)
+
+    def advance_until_it_stops(self, clock: ManualClock, step_s: float) -> None:
+        """Move the clock on by ``step_s`` each time the worker waits on it (its heartbeats
+        and back-offs), until the worker has stopped by itself."""
+        for _ in range(200):
+            if not self.thread.is_alive():
+                break
+            eventually(lambda: clock.sleepers() >= 1 or not self.thread.is_alive())
+            clock.advance(step_s)
+        self.thread.join(10)
+        assert not self.thread.is_alive()

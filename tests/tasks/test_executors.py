@@ -36,7 +36,7 @@ def crash_on(x: int) -> int:
 
 
 def sleep_for(seconds: float) -> float:
-    time.sleep(seconds)
+    time.sleep(seconds)  # the work itself (3600: a job stuck until its time limit kills it)
     return seconds
 
 

@@ -19,6 +19,7 @@ from conveyor.tasks.backends import Backend, NewJob
 
 from ..conftest import eventually
 from ..redis_server import RedisServer
+from .conftest import Running
 
 redis = pytest.importorskip("redis")
 OutOfMemoryError = redis.exceptions.OutOfMemoryError
@@ -258,10 +259,9 @@ def test_a_failover_makes_the_worker_wait_not_exit_and_every_job_runs_once(
 def test_doctor_finds_and_repairs_what_a_change_failing_midway_would_leave(
     redis_url: str,
 ) -> None:
-    q = TaskQueue(redis_url)
-    b: Any = q.backend
-    r, p = b.client, b.prefix
-    try:
+    with TaskQueue(redis_url) as q:
+        b: Any = q.backend
+        r, p = b.client, b.prefix
 
         @q.task
         def work(name: str) -> str:
@@ -304,8 +304,6 @@ def test_doctor_finds_and_repairs_what_a_change_failing_midway_would_leave(
         assert ghost.result(timeout_s=5) == "ghost" and plain.result(timeout_s=5) == "plain"
         assert [j.result(timeout_s=5) for j in keyed] == ["k0", "k1", "k2"]
         assert b.doctor(q.now()) == []
-    finally:
-        q.close()
 
 
 def test_doctor_cli_says_what_is_wrong_and_exits_1_until_repaired(redis_url: str) -> None:
@@ -313,9 +311,8 @@ def test_doctor_cli_says_what_is_wrong_and_exits_1_until_repaired(redis_url: str
 
     from conveyor.cli import main
 
-    q = TaskQueue(redis_url)
-    b: Any = q.backend
-    try:
+    with TaskQueue(redis_url) as q:
+        b: Any = q.backend
         job = q.enqueue("t", 1)
         b.client.zrem(b.prefix + "q:default:runat", job.id)
         runner = CliRunner()
@@ -327,49 +324,29 @@ def test_doctor_cli_says_what_is_wrong_and_exits_1_until_repaired(redis_url: str
         assert mended.exit_code == 0 and "1 thing(s) put right" in mended.output
         clean = runner.invoke(main, ["doctor", redis_url])
         assert clean.exit_code == 0 and "nothing out of step" in clean.output
-    finally:
-        q.close()
 
 
 def test_a_burst_worker_facing_a_stray_key_stops_with_the_error_instead_of_hanging(
     redis_url: str,
 ) -> None:
     clock = ManualClock(1_000_000.0)
-    q = TaskQueue(redis_url, clock=clock)
-    b: Any = q.backend
-    try:
+    with TaskQueue(redis_url, clock=clock) as q:
+        b: Any = q.backend
         q.enqueue("t", 1)
         b.client.delete(b.prefix + "q:default:leases")
         b.client.set(b.prefix + "q:default:leases", "another program's")
-        worker = q.worker(burst=True, lease_s=10, poll_s=0.05, handle_signals=False)
-        raised: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                worker.run()
-            except BaseException as exc:
-                raised.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        for _ in range(100):  # its back-offs, on the clock, until a lease has passed
-            if not thread.is_alive():
-                break
-            eventually(lambda: clock.sleepers() >= 1 or not thread.is_alive())
-            clock.advance(1)
-        thread.join(10)
+        running = Running(q.worker(burst=True, lease_s=10, poll_s=0.05, handle_signals=False))
+        running.advance_until_it_stops(clock, 1)  # its back-offs, until a lease has passed
+        raised = running.raised
         assert len(raised) == 1 and isinstance(raised[0], BackendError)
         assert "q:default:leases" in str(raised[0])
-    finally:
-        q.close()
 
 
 def test_conveyor_worker_exits_1_with_the_reason_when_a_loop_cannot_recover(
     redis_url: str,
 ) -> None:
-    q = TaskQueue(redis_url)
-    b: Any = q.backend
-    try:
+    with TaskQueue(redis_url) as q:
+        b: Any = q.backend
         q.enqueue("record", "x")
         b.client.delete(b.prefix + "q:default:leases")
         b.client.set(b.prefix + "q:default:leases", "another program's")
@@ -388,5 +365,3 @@ def test_conveyor_worker_exits_1_with_the_reason_when_a_loop_cannot_recover(
         assert done.returncode == 1
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("Error: worker ") and "q:default:leases" in last
-    finally:
-        q.close()

@@ -25,7 +25,7 @@ from conveyor._engine.clock import SystemClock
 from conveyor._engine.policy import backoff_delay
 
 from ..conftest import eventually
-from .conftest import BACKENDS, START, queue_url
+from .conftest import BACKENDS, START, Running, held_task, queue_url
 
 
 def _deep(levels: int) -> list[Any]:
@@ -223,12 +223,6 @@ class Flaky:
         return self.real(*args)
 
 
-def start(worker: Any) -> threading.Thread:
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize(
     "error",
     [BackendUnavailable("locked"), RuntimeError("a bug, or a storage error not mapped")],
@@ -238,19 +232,12 @@ def test_a_heartbeat_that_fails_for_a_while_keeps_beating_afterwards(
     clocked: tuple[TaskQueue, ManualClock], gate: threading.Event, error: Exception
 ) -> None:
     q, clock = clocked
-    started = threading.Event()
-
-    @q.task
-    def hold() -> str:
-        started.set()
-        gate.wait(30)
-        return "held"
-
+    hold, started = held_task(q, gate)
     flaky = Flaky(q.backend.heartbeat_many, error)
     q.backend.heartbeat_many = flaky  # type: ignore[method-assign,assignment]
     job = hold.enqueue()
-    worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
-    thread = start(worker)
+    running = Running(q.worker(lease_s=30, poll_s=0.05, handle_signals=False))
+    worker, thread = running.worker, running.thread
     try:
         assert started.wait(10)
         for _ in range(2):  # two beats refused (20 s of the 30 s lease)
@@ -278,39 +265,18 @@ def test_a_loop_that_keeps_failing_stops_the_worker_cleanly_and_run_raises(
     clocked: tuple[TaskQueue, ManualClock], gate: threading.Event
 ) -> None:
     q, clock = clocked
-    started = threading.Event()
-
-    @q.task
-    def hold() -> None:
-        started.set()
-        gate.wait(30)
-
+    hold, started = held_task(q, gate)
     flaky = Flaky(q.backend.heartbeat_many, RuntimeError("never works"))
     q.backend.heartbeat_many = flaky  # type: ignore[method-assign,assignment]
     job = hold.enqueue()
-    worker = q.worker(lease_s=30, poll_s=0.05, shutdown_grace_s=0, handle_signals=False)
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    running = Running(q.worker(lease_s=30, poll_s=0.05, shutdown_grace_s=0, handle_signals=False))
     try:
         assert started.wait(10)
-        for _ in range(100):  # beats and back-offs, until it has failed for a lease
-            if not thread.is_alive():
-                break
-            eventually(lambda: clock.sleepers() >= 1 or not thread.is_alive())
-            clock.advance(5)
-        thread.join(10)
-        assert not thread.is_alive()
+        running.advance_until_it_stops(clock, 5)  # beats and back-offs, failing for a lease
     finally:
         gate.set()
-    assert [str(e) for e in raised] == ["never works"] and worker.failure is raised[0]
+    raised = running.raised
+    assert [str(e) for e in raised] == ["never works"] and running.worker.failure is raised[0]
     # handed back, not left leased: claimable at once (if its lease lapsed while the loop was
     # failing, the worker may have taken it again first: then that run was handed back)
     [lease] = q.backend.claim(q.name, "next", 30, q.now())
@@ -331,8 +297,8 @@ def test_outcomes_that_cannot_be_written_for_a_while_are_written_once_storage_is
     flaky = Flaky(q.backend.complete_many, BackendUnavailable("database is locked"))
     q.backend.complete_many = flaky  # type: ignore[method-assign,assignment]
     jobs = [work.enqueue(i) for i in range(5)]
-    worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
-    thread = start(worker)
+    running = Running(q.worker(lease_s=30, poll_s=0.05, handle_signals=False))
+    worker, thread = running.worker, running.thread
     try:
         eventually(lambda: len(runs) == 5 and flaky.refused >= 1)
         # the heartbeat sleeps its 10 s on the clock; the writer of outcomes backs off on it

@@ -7,20 +7,14 @@ import threading
 from conveyor import ManualClock, TaskQueue
 
 from ..conftest import eventually
-from .conftest import START
+from .conftest import START, held_task
 
 
 def test_a_heartbeat_renews_the_lease_each_third_of_it(
     clocked: tuple[TaskQueue, ManualClock], gate: threading.Event
 ) -> None:
     q, clock = clocked
-    started = threading.Event()
-
-    @q.task
-    def hold() -> None:
-        started.set()
-        gate.wait(30)
-
+    hold, started = held_task(q, gate)
     job = hold.enqueue()
     worker = q.worker(lease_s=30, poll_s=0.05, handle_signals=False)
     thread = threading.Thread(target=worker.run)

@@ -188,7 +188,8 @@ class Run(Generic[T_co]):
                 pool.abort()
         if self._loop_thread is not None:
             # our own event loop goes once the async workers on it have left (they tear down
-            # their Stage instances on it); the caller's thread never waits for that
+            # their Stage instances on it); the caller's thread never waits for that. This
+            # thread only waits and stops the loop: no user code runs on it
             threading.Thread(target=self._close_loop, name="conveyor:reaper", daemon=True).start()
         return True
 
@@ -318,6 +319,8 @@ class Run(Generic[T_co]):
         loop = asyncio.get_running_loop()
         final = self._buffers[-1]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # moves finished outputs off the last buffer for an async caller: waits on a buffer
+        # and on the pools leaving, never runs user code (the stages run on the kinds)
         pool = ThreadPoolExecutor(1, thread_name_prefix="conveyor:output")
         try:
             while True:

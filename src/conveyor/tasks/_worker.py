@@ -198,6 +198,8 @@ class Worker:
         self._loop = loop
         self._stopping = asyncio.Event()
         self._hard = asyncio.Event()
+        # the backend's own I/O (claims, acks, waits for work), off the event loop; no user
+        # code runs on these threads: tasks run on the engine's kinds (see _source_for)
         self._io = ThreadPoolExecutor(2, thread_name_prefix="conveyor:queue-io")
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
         self._ack_wake = asyncio.Event()
@@ -678,6 +680,7 @@ class Worker:
         for source in sources:
             source.close()
         for source in sources:
+            # only waits for the kind's workers to leave (no user code on this thread)
             if not await asyncio.to_thread(source.pool.gone.wait, 5):
                 source.abort()
 
