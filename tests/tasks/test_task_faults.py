@@ -351,3 +351,25 @@ def test_a_manual_clock_is_taken_as_it_is(clocked: tuple[TaskQueue, ManualClock]
 def backend_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
+
+
+def test_a_worker_reads_the_storages_clock_off_its_event_loop() -> None:
+    with TaskQueue("memory://skew-off-loop") as q:
+        where: list[str] = []
+        real = q.backend.storage_time
+
+        def storage_time() -> float:
+            where.append(threading.current_thread().name)
+            return real()
+
+        q.backend.storage_time = storage_time  # type: ignore[method-assign]
+
+        @q.task
+        def one() -> int:
+            return 1
+
+        job = one.enqueue()  # a producer: on its own thread, the first use measures
+        q.worker(burst=True, poll_s=0.05, handle_signals=False).run()
+        assert job.result(timeout_s=5) == 1
+        assert where[0] == threading.current_thread().name
+        assert len(where) >= 2 and all(name.startswith("conveyor:queue-io") for name in where[1:])

@@ -521,6 +521,9 @@ class TaskQueue:
         #: the storage's clock minus ours, and when it was measured (monotonic)
         self._skew = 0.0
         self._skew_at: float | None = None
+        #: a worker running on an event loop measures the skew on its I/O threads instead:
+        #: now() then never waits on the storage
+        self.skew_measured_elsewhere = False
 
     def now(self) -> float:
         """The queue's time: seconds since the epoch, on the storage's clock. The real clock
@@ -529,13 +532,21 @@ class TaskQueue:
         t = self.clock.time()
         if self._follows:
             at = time.monotonic()
-            if self._skew_at is None or at - self._skew_at >= _SKEW_EVERY_S:
-                self._measure_skew(at)
+            if self._skew_at is None or (
+                at - self._skew_at >= _SKEW_EVERY_S and not self.skew_measured_elsewhere
+            ):
+                self.measure_skew()
             t += self._skew
         return t
 
-    def _measure_skew(self, at: float) -> None:
-        self._skew_at = at
+    def skew_due(self) -> bool:
+        """The storage's clock has not been compared with ours for a while."""
+        at = self._skew_at
+        return self._follows and (at is None or time.monotonic() - at >= _SKEW_EVERY_S)
+
+    def measure_skew(self) -> None:
+        """Compare our clock with the storage's now (one round trip to a server)."""
+        self._skew_at = time.monotonic()
         try:
             before = self.clock.time()
             storage = self.backend.storage_time()

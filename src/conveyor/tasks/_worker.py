@@ -204,6 +204,11 @@ class Worker:
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
         self._ack_wake = asyncio.Event()
         self._freed = asyncio.Event()
+        for queue in self.queues:
+            # the storage's clock is read here and by the heartbeat, off the loop: the
+            # queue's now() then never waits on a server while the loop runs
+            queue.skew_measured_elsewhere = True
+            await self._io_call(queue.measure_skew)
         self._ended = asyncio.Event()
         helpers = [
             asyncio.ensure_future(self._supervise("acknowledgement", self._ack_round)),
@@ -225,6 +230,8 @@ class Worker:
             await self._close_sources()
             self._io.shutdown(wait=False)
             self._waiter.shutdown(wait=False)
+            for queue in self.queues:
+                queue.skew_measured_elsewhere = False
         if self.failure is not None:
             raise self.failure
 
@@ -441,6 +448,9 @@ class Worker:
         if not self._beat_overdue:
             await self.clock.sleep(self.lease_s / 3)
         self._beat_overdue = True
+        for queue in self.queues:
+            if queue.skew_due():
+                await self._io_call(queue.measure_skew)
         per_queue: dict[TaskQueue, list[Lease]] = {}
         for _, queue, lease in list(self._running.values()):
             if lease.token not in self._settling:
