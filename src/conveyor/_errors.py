@@ -165,11 +165,14 @@ class ClosedResourceError(ConveyorError):
 
 class BrokenResourceError(ConveyorError):
     """The other side of the resource is gone: ``pid`` is the process that went (None when
-    it is not known)."""
+    it is not known). On a channel, ``undelivered`` holds the messages sent to that process
+    that it never took (read back after its death; on a queue channel, those addressed to it:
+    the others went on to another child)."""
 
     def __init__(self, *args: object, pid: int | None = None) -> None:
         super().__init__(*args)
         self.pid = pid
+        self.undelivered: list[Any] = []
 
 
 class WorkerCrashed(BrokenResourceError):

@@ -1,24 +1,29 @@
 """The ``queue`` channel: one parent, any number of children.
 
 Every child has two pipes of its own, one up and one down. On its first use a child makes them
-and hands the parent's ends to the parent over a Unix socket (``SCM_RIGHTS``), with its pid.
-Nothing is shared between children but that socket (a few bytes per child, once): no process
-lock that a killed child could leave held, no message that one child must skip or put back for
-another. The parent's end reads every child's pipe on a thread of its own (see ``_channel``)
-and watches every child; it writes a child's messages to that child's pipe only, so each child
-sees its own in the order they were sent. A message without a recipient goes to one child, in
-turn, among those that said hello. Messages for a child that has not said hello yet wait in the
-parent until it does.
+and hands the parent its ends over a Unix socket (``SCM_RIGHTS``), with its pid: the writing
+side of the down pipe, the reading side of the up pipe, and a second reading side of the down
+pipe, which the parent reads only once the child is dead (what it never took). Nothing is shared
+between children but that socket (a few bytes per child, once): no process lock that a killed
+child could leave held, no message that one child must skip or put back for another.
+
+The parent's end reads every child's pipe on a thread of its own (see ``_channel``) and watches
+every child; it writes a child's messages to that child's pipe only, so each child sees its own
+in the order they were sent. A message without a recipient goes, with ``round_robin``, to each
+child in turn among those that said hello; with ``idle_first``, to a child that asked for work
+(a child asks when it is about to wait with nothing to read), and the parent keeps it until one
+does. Messages for a child that has not said hello yet wait in the parent until it does. When a
+child dies, the messages without a recipient that it never took go on to another child; those
+addressed to it come back on the ``BrokenResourceError`` that reports its death.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.util
 import os
-import pickle
 import select
 import socket
 import struct
@@ -27,7 +32,24 @@ import time
 from typing import Any
 
 from .._errors import BrokenResourceError, ClosedResourceError
-from ._channel import _BYE, Message, _End, _Inbox, _Peer
+from ._channel import (
+    BYE,
+    FAIL,
+    READY,
+    Message,
+    _End,
+    _Inbox,
+    _Peer,
+    control,
+    drain,
+    parse_control,
+    undelivered_of,
+)
+
+#: a hand-over record on the socket: a tag and a pid; "H" comes with three descriptors
+_RECORD = struct.Struct("cq")
+_HELLO_RECORD = b"H"
+_LEAVE_RECORD = b"L"
 
 
 class QueueEnd(_End):
@@ -38,10 +60,14 @@ class QueueEnd(_End):
         role: str,
         parent_pid: int,
         max_message_bytes: int,
+        token: str,
+        room: tuple[Any, Any] | None,
         handshake: tuple[Any, Any],
+        dispatch: str,
     ) -> None:
         self._hs_parent, self._hs_child = handshake
-        super().__init__(role, parent_pid, max_message_bytes)
+        self.dispatch = dispatch
+        super().__init__(role, parent_pid, max_message_bytes, token, room)
 
     def _setup_local(self) -> None:
         super()._setup_local()
@@ -50,9 +76,15 @@ class QueueEnd(_End):
         self._down: Any = None  # child: its own pipes from and to the parent
         self._up: Any = None
         self._send_lock = threading.Lock()
-        # parent: each child's pipe, messages waiting for children not seen yet, turn order
-        self._children: dict[int, Any] = {}
-        self._waiting: dict[int | None, list[bytes]] = {}
+        self._asked = False  # child (idle-first): asked for work and not given any yet
+        # parent: each child, messages waiting for children not seen yet and for any child,
+        # turn order, children waiting for work
+        self._children: dict[int, _Child] = {}
+        self._gone: set[int] = set()
+        self._had_children = False
+        self._waiting: dict[int, list[bytes]] = {}
+        self._queued: collections.deque[bytes] = collections.deque()
+        self._idle: collections.deque[int] = collections.deque()
         self._turn = 0
         self._route_lock = threading.Lock()
         self._handshakes: threading.Thread | None = None
@@ -66,8 +98,13 @@ class QueueEnd(_End):
         "_down",
         "_up",
         "_send_lock",
+        "_asked",
         "_children",
+        "_gone",
+        "_had_children",
         "_waiting",
+        "_queued",
+        "_idle",
         "_turn",
         "_route_lock",
         "_handshakes",
@@ -77,29 +114,40 @@ class QueueEnd(_End):
 
     def _first_use(self) -> None:
         if self.role == "parent":
-            self._inbox = _Inbox([], more_coming=True)
+            self._inbox = _Inbox(
+                [],
+                more_coming=True,
+                on_control=self._on_control,
+                on_death=self._reclaim,
+                settling=self._handing_over,
+            )
             self._handshakes = threading.Thread(
                 target=self._accept, name="conveyor:channel-handshake", daemon=True
             )
             self._handshakes.start()
         else:
             self._parent = _Peer(self.parent_pid)
-            # a child that ends normally says goodbye, even without close(): only a
-            # killed child is reported as broken
-            multiprocessing.util.Finalize(self, self.close, exitpriority=100)
+            self._arm_exit()
             down_r, down_w = multiprocessing.Pipe(duplex=False)
             up_r, up_w = multiprocessing.Pipe(duplex=False)
             self._down, self._up = down_r, up_w
-            sock = socket.socket(fileno=os.dup(self._hs_child.fileno()))
-            try:
-                # one small write with both descriptors: atomic, so children need no lock
-                socket.send_fds(
-                    sock, [struct.pack("q", os.getpid())], [down_w.fileno(), up_r.fileno()]
-                )
-            finally:
-                sock.close()
-                down_w.close()
-                up_r.close()
+            # one small write with the descriptors: atomic, so children need no lock
+            self._hand_over(_HELLO_RECORD, [down_w.fileno(), up_r.fileno(), down_r.fileno()])
+            down_w.close()
+            up_r.close()
+
+    def _hand_over(self, tag: bytes, fds: list[int]) -> None:
+        sock = socket.socket(fileno=os.dup(self._hs_child.fileno()))
+        try:
+            socket.send_fds(sock, [_RECORD.pack(tag, os.getpid())], fds)
+        finally:
+            sock.close()
+
+    def _say_leaving(self) -> None:
+        self._hand_over(_LEAVE_RECORD, [])
+
+    def _say_failed(self, why: str) -> None:
+        self._write_up(control(FAIL, os.getpid(), why))
 
     # -- the parent's side of the handshake ------------------------------------------------------
     def _accept(self) -> None:
@@ -111,7 +159,7 @@ class QueueEnd(_End):
                     with self._hs_lock:  # pending() sees the pipe handed over or still coming
                         self._adopting = True
                         try:
-                            data, fds, _flags, _addr = socket.recv_fds(sock, 8, 2)
+                            data, fds, _flags, _addr = socket.recv_fds(sock, _RECORD.size, 3)
                             self._adopt(data, fds)
                         finally:
                             self._adopting = False
@@ -122,62 +170,139 @@ class QueueEnd(_End):
 
     def _adopt(self, data: bytes, fds: list[int]) -> None:
         """Take a child's pipes: read one, write its waiting messages to the other."""
-        if len(data) < 8 or len(fds) != 2:
+        if len(data) != _RECORD.size:
             for fd in fds:
                 os.close(fd)
             return
-        (pid,) = struct.unpack("q", data[:8])
-        writer = multiprocessing.connection.Connection(fds[0], readable=False)
-        reader = multiprocessing.connection.Connection(fds[1], writable=False)
+        tag, pid = _RECORD.unpack(data)
         assert self._inbox is not None
-        self._inbox.add(reader, pid)
-        with self._route_lock:  # messages that waited go first: no send can overtake them
-            self._children[pid] = writer
-            for payload in self._waiting.pop(pid, []) + self._waiting.pop(None, []):
-                with contextlib.suppress(BrokenResourceError):
-                    self._write_child(pid, payload)
-
-    def _write_child(self, pid: int, payload: bytes) -> None:
-        """Write to a child's pipe; the caller holds ``_route_lock``, so that writes to one
-        child keep the order of the sends."""
-        conn = self._children.get(pid)
-        if conn is None:
+        if tag == _LEAVE_RECORD or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            self._inbox.forget(pid)
             return
-        try:
-            conn.send_bytes(payload)
-        except OSError:
-            self._children.pop(pid, None)
-            raise BrokenResourceError(f"child process {pid} is gone", pid=pid) from None
+        child = _Child(
+            multiprocessing.connection.Connection(fds[0], readable=False),
+            multiprocessing.connection.Connection(fds[2], writable=False),
+        )
+        self._inbox.add(multiprocessing.connection.Connection(fds[1], writable=False), pid)
+        with child.lock:  # messages that waited go first: no send can overtake them
+            with self._route_lock:
+                self._children[pid] = child
+                self._had_children = True
+                waiting = self._waiting.pop(pid, [])
+                queued: list[bytes] = []
+                if self.dispatch == "round_robin":
+                    queued, self._queued = list(self._queued), collections.deque()
+            for payload in waiting:
+                child.write_held(payload)
+        for payload in queued:
+            self._send_unaddressed(payload)
 
     def _write_up(self, payload: bytes) -> None:
         with self._send_lock:
             self._up.send_bytes(payload)
 
-    # -- sending --------------------------------------------------------------------------------
-    def send(self, request: str, data: Any = None, *, recipient: int | None = None) -> Message:
-        """Parent: to ``recipient`` (a child's pid), or to one child in turn (None).
-        Child: to the parent."""
-        self._check_open()
-        self._arrive()
-        msg = Message(request, os.getpid(), recipient, data)
-        payload = self._dumps(msg)
-        try:
-            if self.role == "child":
-                self._write_up(payload)
-                return msg
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise BrokenResourceError(f"the channel is broken: {exc}") from None
+    # -- routing (the parent) ---------------------------------------------------------------
+    def _pick(self) -> _Child | None:
+        """A child for a message without a recipient, or None: the parent keeps it
+        (``_route_lock`` held)."""
+        if self.dispatch == "idle_first":
+            while self._idle:
+                child = self._children.get(self._idle.popleft())
+                if child is not None:
+                    return child
+            return None
+        pids = sorted(self._children)
+        if not pids:
+            return None
+        pid = pids[self._turn % len(pids)]
+        self._turn += 1
+        return self._children[pid]
+
+    def _send_unaddressed(self, payload: bytes) -> None:
+        while True:
+            with self._route_lock:
+                child = self._pick()
+                if child is None:
+                    self._queued.append(payload)
+                    return
+            if child.write(payload):
+                return  # else that child died just now: to another
+
+    def _on_control(self, conn: Any, tag: bytes, pid: int, why: str) -> None:
+        if tag != READY:
+            return
         with self._route_lock:
-            pid = recipient
-            if pid is None and self._children:
-                pids = sorted(self._children)
-                pid = pids[self._turn % len(pids)]
-                self._turn += 1
-            if pid is None or pid not in self._children:
-                self._waiting.setdefault(pid, []).append(payload)
-                return msg
-            self._write_child(pid, payload)
-        return msg
+            child = self._children.get(pid)
+            if child is None:
+                return
+            if not self._queued:
+                if pid not in self._idle:
+                    self._idle.append(pid)
+                return
+            payload = self._queued.popleft()
+        if not child.write(payload):
+            self._send_unaddressed(payload)
+
+    def _reclaim(self, pid: int) -> list[Message]:
+        """A child died: read back what it never took. Messages without a recipient go on to
+        another child; those addressed to it are returned (they are reported with its death)."""
+        with self._route_lock:
+            self._gone.add(pid)
+            child = self._children.pop(pid, None)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(pid)
+            frames = self._waiting.pop(pid, [])
+        if child is not None:
+            frames = child.close() + frames
+        undelivered: list[Message] = []
+        for frame in frames:
+            if parse_control(frame) is not None:
+                continue
+            msg = undelivered_of([frame])[0]
+            if msg.recipient is None:
+                self._send_unaddressed(frame)
+            else:
+                undelivered.append(msg)
+        self._give_room(len(undelivered))
+        return undelivered
+
+    # -- sending --------------------------------------------------------------------------------
+    def _check_can_send(self, recipient: int | None) -> None:
+        if self.role == "parent" and recipient is not None and recipient in self._gone:
+            raise BrokenResourceError(f"child process {recipient} is gone", pid=recipient)
+
+    def _deliver(self, payload: bytes, recipient: int | None) -> None:
+        if self.role == "child":
+            try:
+                self._write_up(payload)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise BrokenResourceError(
+                    f"the channel is broken: {exc}", pid=self.parent_pid
+                ) from None
+            return
+        if recipient is None:
+            self._send_unaddressed(payload)
+            return
+        with self._route_lock:
+            child = self._children.get(recipient)
+            if child is None:
+                self._waiting.setdefault(recipient, []).append(payload)
+                return
+        if not child.write(payload):
+            # it died between the two: its death reports the message as never taken
+            with self._route_lock:
+                self._waiting.setdefault(recipient, []).append(payload)
+
+    def _check_receiver(self) -> None:
+        if self.role == "child":
+            if self._parent is not None and not self._parent.alive():
+                raise BrokenResourceError("the parent process died", pid=self.parent_pid)
+            return
+        assert self._inbox is not None
+        if self._had_children and not self._children and not self._inbox.watching():
+            raise BrokenResourceError("every child of the channel is gone")
 
     # -- receiving ------------------------------------------------------------------------------
     def _inbox_here(self) -> _Inbox | None:
@@ -186,11 +311,29 @@ class QueueEnd(_End):
     def _from_parent(self) -> tuple[Any, _Peer | None]:
         return self._down, self._parent
 
+    def _before_waiting(self) -> None:
+        if self.dispatch != "idle_first" or self._asked:
+            return
+        if any(m.recipient is None for m in self._backlog):
+            return  # it holds work it has not taken yet: no more
+        self._asked = True
+        self._write_up(control(READY, os.getpid()))
+
+    def _got(self, msg: Message) -> None:
+        if msg.recipient is None:
+            self._asked = False
+
     def _nothing_left(self, inbox: _Inbox) -> Exception | None:
         if inbox.dead:
-            pid = inbox.dead.pop(0)  # each death is reported once; the others go on
-            return BrokenResourceError(f"child process {pid} died", pid=pid)
-        if inbox.byes and not inbox.conns and not inbox._new and not self._handing_over():
+            return inbox.dead.pop(0)  # each death is reported once; the others go on
+        if (
+            (inbox.byes or inbox.left)
+            and not inbox.conns
+            and not inbox._new
+            and not self._handing_over()
+            and not inbox.watching()
+            and not inbox.expecting()
+        ):
             return ClosedResourceError("every child closed the channel")
         return None  # a child's pipes on their way in wake the wait (``_Inbox.add``)
 
@@ -198,7 +341,7 @@ class QueueEnd(_End):
         return self._handing_over()
 
     def _handing_over(self) -> bool:
-        """A child's pipes are being handed over (sent, or being adopted)."""
+        """A child's pipes (or its leaving) are being handed over (sent, or being adopted)."""
         return self._adopting or bool(select.select([self._hs_parent], [], [], 0)[0])
 
     def pending(self) -> int:
@@ -222,7 +365,7 @@ class QueueEnd(_End):
             return
         self._closed = True
         if self._owner_pid == os.getpid():
-            bye = pickle.dumps((_BYE, os.getpid(), None, None))
+            bye = control(BYE, os.getpid())
             with contextlib.suppress(Exception):
                 if self.role == "child":
                     self._write_up(bye)
@@ -230,10 +373,9 @@ class QueueEnd(_End):
                     with self._route_lock:
                         children = list(self._children.values())
                         self._children.clear()
-                    for conn in children:
-                        with contextlib.suppress(OSError):
-                            conn.send_bytes(bye)
-                            conn.close()
+                    for child in children:
+                        child.write(bye)
+                        child.shut()
         if self._handshakes is not None:
             # no child arrives after the parent left: end the hand-over thread (shutting the
             # socket down wakes its select), then close the socket pair in this process
@@ -258,9 +400,65 @@ class QueueEnd(_End):
                     conn.close()
 
 
-def open_queue_channel(parent_pid: int, max_message_bytes: int) -> tuple[QueueEnd, QueueEnd]:
+class _Child:
+    """The parent's side of one child: the pipe it writes to, and that pipe's reading side
+    (read only once the child is dead). Writes to one child hold its lock, so a send blocked on
+    its full pipe holds up no other child."""
+
+    def __init__(self, writer: Any, back: Any) -> None:
+        self.writer = writer
+        self.back = back
+        self.lock = threading.Lock()
+        self.gone = False
+
+    def write(self, payload: bytes) -> bool:
+        """False if the child is gone (the message was not written)."""
+        with self.lock:
+            return self.write_held(payload)
+
+    def write_held(self, payload: bytes) -> bool:
+        """``write`` with the lock already held."""
+        if self.gone:
+            return False
+        try:
+            self.writer.send_bytes(payload)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> list[bytes]:
+        """Stop writing; what was written and never read. A write blocked on the full pipe
+        ends as this reads."""
+        frames: list[bytes] = []
+        while not self.lock.acquire(timeout=0.05):
+            frames.extend(drain(self.back))
+        try:
+            self.gone = True
+            frames.extend(drain(self.back))
+            for conn in (self.writer, self.back):
+                with contextlib.suppress(OSError):
+                    conn.close()
+        finally:
+            self.lock.release()
+        return frames
+
+    def shut(self) -> None:
+        """The parent closes its end: stop writing, leave the pipe to the child."""
+        self.gone = True
+        for conn in (self.writer, self.back):
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def open_queue_channel(
+    parent_pid: int,
+    max_message_bytes: int,
+    token: str,
+    room: tuple[Any, Any] | None,
+    dispatch: str,
+) -> tuple[QueueEnd, QueueEnd]:
     handshake = multiprocessing.Pipe(duplex=True)  # a Unix socket pair: it can carry fds
     return (
-        QueueEnd("parent", parent_pid, max_message_bytes, handshake),
-        QueueEnd("child", parent_pid, max_message_bytes, handshake),
+        QueueEnd("parent", parent_pid, max_message_bytes, token, room, handshake, dispatch),
+        QueueEnd("child", parent_pid, max_message_bytes, token, room, handshake, dispatch),
     )

@@ -62,10 +62,21 @@ class _Api:
     ) -> list[Any]:
         """Send ``[request, sender pid, recipient pid, data]``; returns it."""
         payload = data if sender_pid is None else _AsSender(sender_pid, data)
-        try:
-            self.conn.send(request, payload, recipient=recipient_pid)
-        except BrokenResourceError as exc:
-            raise QueuesCommunicationError(f"process {self.pid} could not send: {exc}") from exc
+        loops = max(1, int(self.loops))
+        for attempt in range(loops):
+            try:
+                self.conn.send(request, payload, recipient=recipient_pid, timeout_s=self.timeout)
+                break
+            except TimeoutError:  # the queue is full (max_size): try again, then give up
+                if attempt == loops - 1:
+                    raise QueuesCommunicationError(
+                        f"process {self.pid} could not send: the queue stayed full for "
+                        f"{loops} tries of {self.timeout} s"
+                    ) from None
+            except BrokenResourceError as exc:
+                raise QueuesCommunicationError(
+                    f"process {self.pid} could not send: {exc}", pid=exc.pid
+                ) from exc
         return [request, sender_pid or self.pid, recipient_pid, data]
 
     def receive(self, func: Callable[[list[Any]], bool] | None = None, block: bool = False) -> Any:
@@ -110,12 +121,16 @@ class PipeCommunication:
 
 
 class QueueCommunication:
-    """A parent and many children. ``max_size`` is accepted for compatibility: conveyor's parent
-    end reads all the time, so senders never wait for room."""
+    """A parent and many children. ``max_size`` (0: no bound) bounds the messages sent and not
+    yet taken, each way; a ``send`` that finds no room tries again ``loops`` times, each for
+    ``timeout`` seconds, then raises ``QueuesCommunicationError``. A message without a
+    recipient goes to a child that is waiting for one, as a shared queue would."""
 
     def __init__(self, **kwargs: Any) -> None:
         self.max_size = kwargs.get("max_size", 0)
-        self.parent_conn, self.child_conn = open_channel("queue")
+        self.parent_conn, self.child_conn = open_channel(
+            "queue", max_pending=self.max_size or None, dispatch="idle_first"
+        )
 
     def parent(self, **kwargs: Any) -> _QueueApi:
         return _QueueApi(self.parent_conn, mpq_protocol.PARENT_COMM_INTERFACE, **kwargs)
