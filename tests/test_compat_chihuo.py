@@ -325,3 +325,38 @@ def test_setting_stop_leaves_every_task_not_started_in_the_queue(
             f"{q.name}:{i}" for i in range(5) if str(i) != ran[0]
         )
         q.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_tasks_that_start_adds_after_stop_was_set_are_not_lost(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """stop means stop taking tasks: a start() still adding when it is set gets its tasks in."""
+    config: dict[str, Any] = {"backend": "sqlite", "path": str(tmp_path / "s.db"), "ip": ""}
+    config["port"] = 0
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        config = {"backend": "redis", "ip": "127.0.0.1", "port": server.port}
+        config["prefix"] = f"late{tmp_path.name}:"
+
+    class AddsLate(ChihuoLoop):
+        NAME = "late"
+        CONCURRENCY = 1
+
+        async def start(self) -> None:
+            self.stopped = asyncio.Event()
+            await self.add_task(("0", 0))
+            await self.stopped.wait()  # the loop is on its way out
+            await self.add_task(*[(str(i), i) for i in range(1, 5)])
+
+        async def make_task(self, task_id: Any, task: Any) -> None:
+            await self.task_finish(task_id)
+            self.stop = True
+            self.stopped.set()
+
+    loop = AddsLate(server_config=config)
+    chihuo.run(loop)
+    q = loop._queue
+    left = q.backend.claim(q.name, "next", 30, q.now(), limit=10)
+    assert sorted(lease.job.id for lease in left) == [f"late:{i}" for i in range(1, 5)]
+    q.close()

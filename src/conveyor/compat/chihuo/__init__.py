@@ -199,11 +199,15 @@ class ChihuoLoop:
             if first is not None and not self._run_forever:
                 await first  # burst: the first tasks must be in before draining starts
             await self._worker.arun()
-        finally:
+        except BaseException:
             if first is not None and not first.done():
                 first.cancel()
                 with contextlib.suppress(BaseException):
                     await first
+            raise
+        if first is not None:
+            # stop means stop taking tasks, not adding them: what start() adds gets in
+            await first
 
 
 def _plain(task_id: TaskId) -> str:
