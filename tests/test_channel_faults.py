@@ -305,26 +305,33 @@ def test_max_pending_bounds_what_is_sent_and_not_taken() -> None:
         open_channel("queue", dispatch="random")
 
 
-def fill_then_wait(end: Any) -> None:
+def send_two_then_hang(end: Any) -> None:
     for i in range(2):
         end.send("UP", i)
-    end.receive()
+    threading.Event().wait(60)  # busy outside the channel until it is killed
 
 
 def test_a_sender_waiting_for_room_learns_that_the_receiver_died() -> None:
     parent, child = open_channel("queue", max_pending=2)
-    p: Any = multiprocessing.get_context("fork").Process(target=fill_then_wait, args=(child,))
+    p: Any = multiprocessing.get_context("fork").Process(target=send_two_then_hang, args=(child,))
     p.start()
     assert parent.receive(timeout_s=30).data == 0
-    parent.send("DOWN", recipient=p.pid)
-    parent.send("DOWN", recipient=p.pid)
-    os.kill(p.pid, signal.SIGKILL)  # it took one of the two, or none
+    parent.send("DOWN", 0, recipient=p.pid)
+    parent.send("DOWN", 1, recipient=p.pid)
+    with pytest.raises(TimeoutError):  # two sent and not taken: no room
+        parent.send("DOWN", 2, recipient=p.pid, timeout_s=0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    assert parent.receive(timeout_s=30).data == 1  # what it sent comes first
+    with pytest.raises(BrokenResourceError) as raised:
+        parent.receive(timeout_s=30)
+    assert [m.data for m in raised.value.undelivered] == [0, 1]
     with pytest.raises(BrokenResourceError):
-        while True:
-            parent.receive(timeout_s=30)  # the second UP, then the death
-    # what it never took was given back: there is room, or no one to send to
-    with pytest.raises(BrokenResourceError):
-        parent.send("DOWN", recipient=p.pid, timeout_s=30)
+        parent.send("DOWN", 3, recipient=p.pid)
+    # the two never taken gave their room back; then no one is left to make room
+    parent.send("DOWN", 4, timeout_s=5)
+    parent.send("DOWN", 5, timeout_s=5)
+    with pytest.raises(BrokenResourceError, match="every child"):
+        parent.send("DOWN", 6)
     p.join(10)
     parent.close()
 

@@ -442,11 +442,12 @@ class _End:
     def _check_receiver(self) -> None:
         """While waiting for room: raise if no one is left to take what was sent."""
 
-    def _give_room(self, n: int = 1) -> None:
-        """A message sent from the other side was taken here (or will never be)."""
+    def _give_room(self, n: int = 1, *, sent_here: bool = False) -> None:
+        """A message sent from the other side was taken here; with ``sent_here``, messages
+        this end sent will never be taken (their receiver died)."""
         if self._room is None or n <= 0:
             return
-        room = self._room[1] if self.role == "parent" else self._room[0]
+        room = self._room[1] if (self.role == "parent") != sent_here else self._room[0]
         for _ in range(n):
             with contextlib.suppress(ValueError):
                 room.release()
@@ -1041,7 +1042,7 @@ class PipeEnd(_End):
         if self._child_conn is None or self._inbox.watching() - {pid}:
             return []
         undelivered = undelivered_of(drain(self._child_conn))
-        self._give_room(len(undelivered))
+        self._give_room(len(undelivered), sent_here=True)
         return undelivered
 
     def _check_can_send(self, recipient: int | None) -> None:

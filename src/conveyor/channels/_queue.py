@@ -265,7 +265,7 @@ class QueueEnd(_End):
                 self._send_unaddressed(frame)
             else:
                 undelivered.append(msg)
-        self._give_room(len(undelivered))
+        self._give_room(len(undelivered), sent_here=True)
         return undelivered
 
     # -- sending --------------------------------------------------------------------------------
