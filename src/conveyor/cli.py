@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from . import TaskQueue, __version__
+from .tasks.backends.base import STATES, Job, redacted
 
 
 def _load_queue(target: str) -> TaskQueue:
@@ -29,7 +34,13 @@ def _load_queue(target: str) -> TaskQueue:
         raise click.BadParameter(
             f"cannot import {module_name!r}: {exc}", param_hint="TARGET"
         ) from exc
-    queue = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise click.BadParameter(
+            f"module {module_name!r} ({getattr(module, '__file__', None) or 'built in'}) has "
+            f"no {attr!r}",
+            param_hint="TARGET",
+        )
+    queue = getattr(module, attr)
     if not isinstance(queue, TaskQueue):
         raise click.BadParameter(
             f"{module_name}.{attr} is {type(queue).__name__}, not a TaskQueue",
@@ -122,9 +133,14 @@ def worker(
 
 @contextmanager
 def _queue_at(url: str, name: str) -> Iterator[TaskQueue]:
-    """The queue at ``url``, closed when the command is done with it."""
+    """The queue at ``url``, closed when the command is done with it. Nothing is created: a
+    URL that names no queue is an error."""
+    if url.startswith("memory:"):
+        raise click.ClickException(
+            "a memory:// queue lives inside one process: no command can look at it from outside"
+        )
     try:
-        queue = TaskQueue(url, name=name)
+        queue = TaskQueue(url, name=name, create=False)
     except Exception as exc:
         raise click.ClickException(str(exc)) from exc
     with queue:
@@ -169,6 +185,116 @@ def info(url: str, name: str) -> None:
             click.echo(f"    {job_id}  {left:.1f}")
 
 
+def _when(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds")
+
+
+_NOT_JSON = re.compile(r"<[\d,]+ bytes, not JSON>")
+
+
+def _shown(data: bytes | None) -> Any:
+    """Arguments or a result as stored, for reading: JSON as it is; anything else (pickled
+    data, which a tool that only looks never unpickles) as its size."""
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return f"<{len(data):,} bytes, not JSON>"
+
+
+def _job_record(job: Job, now: float) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "task": job.task,
+        "state": job.state,
+        "attempts": job.attempts,
+        "lost": job.lost,
+        "priority": job.priority,
+        "key": job.key,
+        "enqueued_at": _when(job.enqueued_at),
+        "run_at": _when(job.run_at) if job.run_at else None,
+        "lease_left_s": None if job.lease_until is None else round(job.lease_until - now, 3),
+        "finished_at": _when(job.finished_at),
+        "keep_until": _when(job.keep_until),
+        "error": job.error,
+        "arguments": _shown(job.payload),
+        "result": _shown(job.result),
+    }
+
+
+@main.command()
+@click.argument("url")
+@_QUEUE_OPTION
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--task", "task", help="Only jobs of this task (its full name).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(0), help="At most.")
+@click.option("--offset", default=0, type=click.IntRange(0), help="Skip this many first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, every field.")
+def jobs(
+    url: str, name: str, state: str | None, task: str | None, limit: int, offset: int, as_json: bool
+) -> None:
+    """List the jobs of a queue, oldest first: id, state, task, attempts, enqueued, and the
+    first line of the last error.
+
+    \b
+    Example:
+        conveyor jobs sqlite:///tasks.db --state dead
+    """
+    with _queue_at(url, name) as queue:
+        found = queue.backend.jobs(name, state, task=task, limit=limit, offset=offset)
+        now = queue.now()
+    if as_json:
+        for job in found:
+            click.echo(json.dumps(_job_record(job, now)))
+        return
+    if not found:
+        click.echo("no jobs" + (f" in state {state}" if state else ""), err=True)
+        return
+    width = max(len(job.id) for job in found)
+    click.echo(f"{'ID':<{width}}  {'STATE':<7}  {'TASK':<30}  TRIES  {'ENQUEUED (UTC)':<23}  ERROR")
+    for job in found:
+        error = (job.error or "").strip().splitlines()
+        last = error[-1] if error else ""
+        click.echo(
+            f"{job.id:<{width}}  {job.state:<7}  {job.task[:30]:<30}  {job.attempts:>5}  "
+            f"{(_when(job.enqueued_at) or '')[:23]:<23}  {last[:60]}"
+        )
+
+
+@main.command()
+@click.argument("url")
+@click.argument("job_id")
+@_QUEUE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+def job(url: str, job_id: str, name: str, as_json: bool) -> None:
+    """Show one job whole: its state, attempts, times, arguments, result and the last error's
+    traceback. Exit status 1 if there is no such job."""
+    with _queue_at(url, name) as queue:
+        found = queue.backend.get(job_id)
+        now = queue.now()
+    if found is None:
+        click.echo(f"no job {job_id!r} at {redacted(url)}", err=True)
+        raise SystemExit(1)
+    record = _job_record(found, now)
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    error = record.pop("error")
+    for field_name, value in record.items():
+        if value is None:
+            continue
+        data = field_name in ("arguments", "result") and not _NOT_JSON.fullmatch(str(value))
+        shown = json.dumps(value) if data or not isinstance(value, str) else value
+        click.echo(f"{field_name:<13} {shown}")
+    if error:
+        click.echo("error:")
+        click.echo(textwrap.indent(error.rstrip(), "  "))
+
+
 @main.command()
 @click.argument("url")
 @_QUEUE_OPTION
@@ -178,14 +304,22 @@ def requeue(url: str, name: str, dead: bool, ids: tuple[str, ...]) -> None:
     """Put dead jobs back in the queue, with their attempts reset."""
     if not dead and not ids:
         raise click.UsageError("say which jobs: --dead, or --id JOB_ID")
+    refused = 0
     with _queue_at(url, name) as q:
         count = q.requeue_dead() if dead else 0
         for job_id in ids:
             if q.requeue(job_id):
                 count += 1
+                continue
+            refused += 1
+            job = q.backend.get(job_id)
+            if job is None:
+                click.echo(f"{job_id}: no such job", err=True)
             else:
-                click.echo(f"{job_id}: not a dead job, left as it is", err=True)
+                click.echo(f"{job_id}: {job.state}, not dead: left as it is", err=True)
     click.echo(f"requeued {count} job(s)")
+    if refused:
+        raise SystemExit(1)
 
 
 @main.command()

@@ -398,3 +398,30 @@ def test_closing_while_another_thread_waits_ends_the_wait_safely(backend: Backen
     backend.close()
     assert finished.wait(10)
     t.join(10)
+
+
+def test_jobs_are_listed_by_queue_state_and_task_in_enqueue_order(backend: Backend) -> None:
+    from conveyor import ConfigurationError
+
+    backend.enqueue([job(f"j{i}") for i in range(6)], now=1.0)
+    backend.enqueue([NewJob(id="other-task", queue=Q, task="u", payload=b"", priority=0)], now=2.0)
+    backend.enqueue([NewJob(id="elsewhere", queue="q2", task="t", payload=b"")], now=2.0)
+    leases = backend.claim(Q, "w", 30, 3.0, limit=3)  # j0, j1, j2 run
+    assert backend.complete("j0", leases[0].token, b"r", None, 4.0)
+    assert backend.fail("j1", leases[1].token, "boom", 4.0)
+    everything = backend.jobs(Q, limit=100)
+    assert [j.id for j in everything] == [*(f"j{i}" for i in range(6)), "other-task"]
+    assert {j.id: j.state for j in everything}["j2"] == RUNNING
+    assert [j.id for j in backend.jobs(Q, DONE)] == ["j0"]
+    dead = backend.jobs(Q, DEAD)
+    assert [j.id for j in dead] == ["j1"] and dead[0].error == "boom"
+    assert [j.id for j in backend.jobs(Q, QUEUED)] == ["j3", "j4", "j5", "other-task"]
+    assert [j.id for j in backend.jobs(Q, QUEUED, task="u")] == ["other-task"]
+    assert [j.id for j in backend.jobs(Q, task="t", limit=2, offset=3)] == ["j3", "j4"]
+    assert backend.jobs(Q, limit=5, offset=100) == []
+    assert [j.id for j in backend.jobs("q2")] == ["elsewhere"]
+    assert backend.jobs("no-such-queue") == []
+    for bad in ({"state": "finished"}, {"limit": -1}, {"offset": 1.5}):
+        with pytest.raises(ConfigurationError):
+            backend.jobs(Q, **bad)
+    assert backend.get("j2") is not None and backend.get("j2").state == RUNNING  # type: ignore[union-attr]

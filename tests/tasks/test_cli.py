@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,75 @@ def test_worker_target_errors_are_clear() -> None:
     assert out.exit_code == 2 and "cannot import" in out.output
     out = runner.invoke(main, ["worker", "conveyor:Pipeline"])
     assert out.exit_code == 2 and "not a TaskQueue" in out.output
+    out = runner.invoke(main, ["worker", "conveyor:nope"])
+    assert out.exit_code == 2 and "has no 'nope'" in out.output
+
+
+def test_commands_that_look_never_create_storage(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = tmp_path / "no" / "such" / "dir" / "typo.db"
+    for args in (
+        ["info", f"sqlite:///{missing}"],
+        ["jobs", f"sqlite:///{missing}"],
+        ["job", f"sqlite:///{missing}", "x"],
+        ["requeue", f"sqlite:///{missing}", "--dead"],
+        ["purge", f"sqlite:///{missing}", "--yes"],
+        ["doctor", f"sqlite:///{missing}"],
+    ):
+        out = runner.invoke(main, args)
+        assert out.exit_code == 1, (args, out.output)
+        assert "does not exist (nothing was created)" in out.output
+    assert not (tmp_path / "no").exists()
+    not_ours = tmp_path / "other.db"
+    sqlite3.connect(not_ours).close()
+    out = runner.invoke(main, ["info", f"sqlite:///{not_ours}"])
+    assert out.exit_code == 1 and "not a conveyor queue" in out.output
+    out = runner.invoke(main, ["jobs", "memory://"])
+    assert out.exit_code == 1 and "inside one process" in out.output
+
+
+def test_jobs_and_job_show_what_is_stored(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url, q = make_queue(tmp_path, request)
+
+    @q.task(name="ok")
+    def ok(x: str) -> str:
+        return x * 2
+
+    bad = q.enqueue("boom")
+    good = [q.enqueue("ok", f"<b>{i}</b>") for i in range(3)]
+    q.worker(burst=True, poll_s=0.05, burst_horizon_s=0).run()
+    runner = CliRunner()
+    out = runner.invoke(main, ["jobs", url])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].split()[:4] == ["ID", "STATE", "TASK", "TRIES"]
+    assert [line.split()[0] for line in lines[1:]] == [bad.id, *(h.id for h in good)]
+    assert "ValueError: no" in lines[1]
+    out = runner.invoke(main, ["jobs", url, "--state", "dead", "--json"])
+    [record] = [json.loads(line) for line in out.output.splitlines()]
+    assert record["id"] == bad.id and record["state"] == "dead" and record["attempts"] == 1
+    assert "Traceback" in record["error"] and record["arguments"] == {"args": [], "kwargs": {}}
+    out = runner.invoke(main, ["jobs", url, "--task", "ok", "--limit", "1", "--offset", "1"])
+    assert [line.split()[0] for line in out.output.splitlines()[1:]] == [good[1].id]
+    out = runner.invoke(main, ["jobs", url, "--state", "finished"])
+    assert out.exit_code == 2
+    out = runner.invoke(main, ["job", url, good[0].id])
+    assert out.exit_code == 0, out.output
+    assert "state         done" in out.output and '"<b>0</b><b>0</b>"' in out.output
+    out = runner.invoke(main, ["job", url, bad.id])
+    assert "ValueError: no" in out.output and out.output.index("error:") > 0
+    out = runner.invoke(main, ["job", url, "no-such-id"])
+    assert out.exit_code == 1 and "no job 'no-such-id'" in out.output
+
+
+def test_requeue_of_an_unknown_or_live_job_fails(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url, q = make_queue(tmp_path, request)
+    queued = q.enqueue("boom")
+    out = CliRunner().invoke(main, ["requeue", url, "--id", "nosuchjob", "--id", queued.id])
+    assert out.exit_code == 1
+    assert "nosuchjob: no such job" in out.output and f"{queued.id}: queued, not dead" in out.output
 
 
 def test_help_and_module_entry_point() -> None:

@@ -238,8 +238,9 @@ _memory: dict[str, MemoryBackend] = {}
 _memory_lock = threading.Lock()
 
 
-def open_backend(url: str) -> Backend:
-    """``memory://[name]``, ``sqlite:///relative/or//absolute/path``, ``redis://...``."""
+def open_backend(url: str, create: bool = True) -> Backend:
+    """``memory://[name]``, ``sqlite:///relative/or//absolute/path``, ``redis://...``. With
+    ``create=False`` nothing is made: a SQLite file that does not exist is an error."""
     parsed = urlparse(url)
     scheme = parsed.scheme
     if scheme == "memory":
@@ -270,8 +271,8 @@ def open_backend(url: str) -> Backend:
         if not math.isfinite(busy_s) or busy_s < 0:
             raise ConfigurationError(f"busy_s is a number of seconds >= 0, not {busy!r}")
         try:
-            return SQLiteBackend(path, busy_s=busy_s)
-        except BackendError:
+            return SQLiteBackend(path, busy_s=busy_s, create=create)
+        except (BackendError, ConfigurationError):
             raise
         except Exception as exc:
             raise BackendUnavailable(f"cannot open the SQLite queue {path!r}: {exc}") from exc
@@ -503,6 +504,7 @@ class TaskQueue:
         serializer: str = "json",
         keep_result_s: float | None = 86400.0,
         clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
+        create: bool = True,
     ) -> None:
         if serializer not in SERIALIZERS:
             raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
@@ -515,7 +517,7 @@ class TaskQueue:
         self.serializer: Serializer = SERIALIZERS[serializer]()
         self.keep_result_s = keep_result_s
         self.clock: Clock = cast(Clock, clock) if hasattr(clock, "now") else _WallClock(clock)
-        self.backend = open_backend(url)
+        self.backend = open_backend(url, create=create)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._follows = bool(getattr(self.clock, "follows_storage", False))
         #: the storage's clock minus ours, and when it was measured (monotonic)

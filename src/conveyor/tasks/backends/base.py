@@ -120,6 +120,17 @@ def redacted(url: str) -> str:
     return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
 
 
+def check_listing(state: str | None, limit: int, offset: int) -> None:
+    """Refuse a listing's arguments that name nothing (a typo of a state, a negative page)."""
+    from ..._errors import ConfigurationError
+
+    if state is not None and state not in STATES:
+        raise ConfigurationError(f"state {state!r}: use one of {', '.join(STATES)}")
+    for name, value in (("limit", limit), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"{name} is an int >= 0, not {value!r}")
+
+
 def replaceable(job: Job, now: float) -> bool:
     """Dead, or done with its result expired: the id may be enqueued afresh."""
     return job.state == DEAD or (
@@ -217,6 +228,20 @@ class Backend(ABC):
     @abstractmethod
     def get(self, job_id: str) -> Job | None:
         """The job, or None if unknown (or forgotten after its result expired)."""
+
+    @abstractmethod
+    def jobs(
+        self,
+        queue: str,
+        state: str | None = None,
+        *,
+        task: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        """The jobs of ``queue`` (only those in ``state``, only those of ``task``, when given),
+        in enqueue order (oldest first; ties by id), ``limit`` of them from ``offset``. Read
+        only: listing never changes a job."""
 
     @abstractmethod
     def finish(self, job_id: str, now: float) -> None:

@@ -25,6 +25,7 @@ from .base import (
     Lease,
     NewJob,
     QueueCounts,
+    check_listing,
     fresh_job,
     replaceable,
 )
@@ -225,6 +226,27 @@ class MemoryBackend(Backend):
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
+
+    def jobs(
+        self,
+        queue: str,
+        state: str | None = None,
+        *,
+        task: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        check_listing(state, limit, offset)
+        with self._lock:
+            found = [
+                job
+                for job in self._jobs.values()
+                if job.queue == queue
+                and (state is None or job.state == state)
+                and (task is None or job.task == task)
+            ]
+        found.sort(key=lambda job: (job.enqueued_at, job.id))
+        return found[offset : offset + limit]
 
     def finish(self, job_id: str, now: float) -> None:
         with self._lock:

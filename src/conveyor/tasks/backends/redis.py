@@ -42,7 +42,20 @@ from redis.retry import Retry
 
 from ..._errors import BackendError, BackendUnavailable, ConfigurationError
 from . import redis_lua as lua
-from .base import Backend, Job, Lease, NewJob, QueueCounts, fresh_job, redacted
+from .base import (
+    DEAD,
+    DONE,
+    QUEUED,
+    RUNNING,
+    Backend,
+    Job,
+    Lease,
+    NewJob,
+    QueueCounts,
+    check_listing,
+    fresh_job,
+    redacted,
+)
 
 log = logging.getLogger("conveyor.tasks")
 
@@ -470,6 +483,55 @@ class RedisBackend(Backend):
     def get(self, job_id: str) -> Job | None:
         raw = self._call(self.client.hgetall, self.prefix + "j:" + job_id)
         return _job(cast("dict[bytes, bytes]", raw)) if raw else None
+
+    def jobs(
+        self,
+        queue: str,
+        state: str | None = None,
+        *,
+        task: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        check_listing(state, limit, offset)
+        q = f"{self.prefix}q:{queue}:"
+        # each state's index: queued and running are sorted sets, done and dead plain sets
+        reads = {
+            QUEUED: lambda r: r.zrange(q + "runat", 0, -1),
+            RUNNING: lambda r: r.zrange(q + "leases", 0, -1),
+            DONE: lambda r: r.smembers(q + "done"),
+            DEAD: lambda r: r.smembers(q + "dead"),
+        }
+        wanted = [state] if state is not None else list(reads)
+
+        def ids() -> list[bytes]:
+            pipe = self.client.pipeline(transaction=True)  # one snapshot of the indexes
+            for name in wanted:
+                reads[name](pipe)
+            return [job_id for found in pipe.execute() for job_id in found]
+
+        found = self._call(ids)
+
+        def order() -> list[tuple[float, str, bytes | None]]:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in found:
+                pipe.hmget(self.prefix + "j:" + job_id.decode(), ["enqueued_at", "task"])
+            keys = []
+            for job_id, (at, name) in zip(found, pipe.execute(), strict=True):
+                if at is not None:  # gone since the indexes were read
+                    keys.append((float(at), job_id.decode(), name))
+            return keys
+
+        keys = [k for k in sorted(self._call(order)) if task is None or k[2] == task.encode()]
+        page = [job_id for _at, job_id, _task in keys[offset : offset + limit]]
+
+        def read() -> list[Job]:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in page:
+                pipe.hgetall(self.prefix + "j:" + job_id)
+            return [_job(raw) for raw in pipe.execute() if raw]
+
+        return self._call(read)
 
     def finish(self, job_id: str, now: float) -> None:
         self._script("FINISH", [_f(now), job_id])

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..._errors import BackendError, BackendUnavailable, ClosedResourceError
+from ..._errors import BackendError, BackendUnavailable, ClosedResourceError, ConfigurationError
 from .base import (
     DEAD,
     DONE,
@@ -40,6 +40,7 @@ from .base import (
     Lease,
     NewJob,
     QueueCounts,
+    check_listing,
     fresh_job,
     replaceable,
 )
@@ -120,11 +121,19 @@ class SQLiteBackend(Backend):
     #: once, and closed again when they come back to a full shelf
     _IDLE = 4
 
-    def __init__(self, path: str | Path, busy_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, busy_s: float = 30.0, create: bool = True) -> None:
+        """``create=False``: open a queue that is there, never make one (the file must exist
+        and hold conveyor's tables); for tools that only look."""
         self.path = str(path)
         self.busy_s = busy_s
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if not create and not Path(self.path).is_file():
+                raise ConfigurationError(
+                    f"no SQLite queue at {self.path!r}: the file does not exist (nothing was "
+                    "created)"
+                )
+            if create:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # connections are lent for one call at a time, never tied to a thread: a thread that
         # ends holds none, and close() closes every one that is not in use (the others close
         # when their call returns)
@@ -139,6 +148,13 @@ class SQLiteBackend(Backend):
         self._waiting = 0  # waits under way (see _poll)
         # every statement of the schema is idempotent: many processes may open the file at once
         with self._db() as db:
+            if not create and self.path != ":memory:":
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+                if "jobs" not in tables:
+                    self.close()
+                    raise ConfigurationError(
+                        f"{self.path!r} is not a conveyor queue (it has no jobs table)"
+                    )
             db.executescript(_SCHEMA)
             _migrate(db)
 
@@ -202,6 +218,30 @@ class SQLiteBackend(Backend):
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def jobs(
+        self,
+        queue: str,
+        state: str | None = None,
+        *,
+        task: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        check_listing(state, limit, offset)
+        where, args = ["queue = ?"], [queue]
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if task is not None:
+            where.append("task = ?")
+            args.append(task)
+        sql = (
+            f"SELECT {_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+            "ORDER BY enqueued_at, id LIMIT ? OFFSET ?"
+        )
+        with self._db() as db:
+            return [_job(row) for row in db.execute(sql, (*args, limit, offset))]
 
     def _read(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
