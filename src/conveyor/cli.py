@@ -297,6 +297,41 @@ def job(url: str, job_id: str, name: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, every field.")
+def workers(url: str, as_json: bool) -> None:
+    """List the workers of a storage: alive, stopped (they said so) or gone (they stopped
+    beating: killed, or cut off from the storage), newest beat first. Records are kept a day.
+
+    \b
+    Example:
+        conveyor workers redis://localhost:6379/0
+    """
+    with _queue_at(url, "default") as queue:
+        found = queue.backend.workers()
+        now = queue.now()
+    if as_json:
+        for w in found:
+            record = json.loads(w.to_json())
+            record["state"] = w.state(now)
+            click.echo(json.dumps(record))
+        return
+    if not found:
+        click.echo("no workers have run here (in the last day)", err=True)
+        return
+    width = max(len(w.id) for w in found)
+    click.echo(
+        f"{'WORKER':<{width}}  {'STATE':<7}  {'QUEUES':<20}  RUNNING  DONE     DEAD     LAST BEAT"
+    )
+    for w in found:
+        running = f"{w.running}/{w.concurrency}"
+        click.echo(
+            f"{w.id:<{width}}  {w.state(now):<7}  {','.join(w.queues)[:20]:<20}  "
+            f"{running:<7}  {w.processed:<7}  {w.failed:<7}  {now - w.last_beat:.0f} s ago"
+        )
+
+
+@main.command()
+@click.argument("url")
 @_QUEUE_OPTION
 @click.option("--dead", is_flag=True, help="Requeue every dead job of the queue.")
 @click.option("--id", "ids", multiple=True, help="Requeue this dead job (repeatable).")

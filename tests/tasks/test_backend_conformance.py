@@ -425,3 +425,34 @@ def test_jobs_are_listed_by_queue_state_and_task_in_enqueue_order(backend: Backe
         with pytest.raises(ConfigurationError):
             backend.jobs(Q, **bad)
     assert backend.get("j2") is not None and backend.get("j2").state == RUNNING  # type: ignore[union-attr]
+
+
+def test_workers_are_recorded_and_old_records_forgotten(backend: Backend) -> None:
+    from conveyor.tasks.backends.base import WORKER_KEPT_S, WorkerInfo
+
+    def info(worker: str, beat: float, **more: object) -> WorkerInfo:
+        fields: dict[str, object] = {
+            "id": worker,
+            "host": "h",
+            "pid": 1,
+            "queues": ("q",),
+            "concurrency": 4,
+            "started_at": 100.0,
+            "last_beat": beat,
+            "beat_s": 10.0,
+        }
+        fields.update(more)
+        return WorkerInfo(**fields)  # type: ignore[arg-type]
+
+    assert backend.workers() == []
+    backend.worker_beat(info("a", 100.0))
+    backend.worker_beat(info("b", 110.0, running=2, processed=5, failed=1))
+    backend.worker_beat(info("a", 120.0, stopped_at=120.0))
+    found = backend.workers()
+    assert [w.id for w in found] == ["a", "b"]  # newest beat first
+    a, b = found
+    assert a.stopped_at == 120.0 and a.state(121.0) == "stopped"
+    assert (b.running, b.processed, b.failed, b.queues) == (2, 5, 1, ("q",))
+    assert b.state(130.0) == "alive" and b.state(141.0) == "gone"  # three beats missed
+    backend.worker_beat(info("c", 120.0 + WORKER_KEPT_S + 1))
+    assert [w.id for w in backend.workers()] == ["c"]  # a day without a beat: forgotten

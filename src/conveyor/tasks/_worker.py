@@ -44,6 +44,7 @@ from .._errors import (
 from ._jobs import KIND_OF_EXECUTOR, JobSource
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
 from .backends import Lease
+from .backends.base import WorkerInfo
 
 log = logging.getLogger("conveyor.worker")
 
@@ -210,6 +211,8 @@ class Worker:
             queue.skew_measured_elsewhere = True
             await self._io_call(queue.measure_skew)
         self._ended = asyncio.Event()
+        self._started_at = self.queues[0].now()
+        await self._say_who()
         helpers = [
             asyncio.ensure_future(self._supervise("acknowledgement", self._ack_round)),
             asyncio.ensure_future(self._supervise("heartbeat", self._heartbeat_round)),
@@ -228,6 +231,7 @@ class Worker:
             if signals:
                 _HUB.remove(self)
             await self._close_sources()
+            await self._say_who(stopped=True)
             self._io.shutdown(wait=False)
             self._waiter.shutdown(wait=False)
             for queue in self.queues:
@@ -468,6 +472,34 @@ class Worker:
                         "job %s: lease lost; its outcome here will not be kept", lease.job.id
                     )
         self._beat_overdue = False
+        await self._say_who()
+
+    async def _say_who(self, stopped: bool = False) -> None:
+        """Write this worker's record (``conveyor workers``) to each storage it works from.
+        A storage that cannot take it is logged, never a reason to stop: leases come first."""
+        backends = {id(q.backend): q for q in self.queues}
+        for queue in backends.values():
+            now = queue.now()
+            info = WorkerInfo(
+                id=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                queues=tuple(q.name for q in self.queues if q.backend is queue.backend),
+                concurrency=self.concurrency,
+                started_at=self._started_at,
+                last_beat=now,
+                beat_s=self.lease_s / 3,
+                running=len(self._running),
+                processed=self.processed,
+                failed=self.failed,
+                stopped_at=now if stopped else None,
+            )
+            try:
+                await self._io_call(queue.backend.worker_beat, info)
+            except Exception as exc:
+                log.warning(
+                    "worker %s: its record was not written to %s (%s)", self.id, queue.where, exc
+                )
 
     async def _ack(
         self, queue: TaskQueue, lease: Lease, data: bytes | None, keep_s: float | None

@@ -109,6 +109,56 @@ class QueueCounts:
     """(job id, seconds left) of every running job, soonest to lapse first"""
 
 
+#: how long a worker's record is kept after its last beat (a stopped or gone worker stays
+#: visible for this long, then is forgotten)
+WORKER_KEPT_S = 86400.0
+#: beats a worker may miss before it is shown as gone
+WORKER_MISSED_BEATS = 3
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker as it last said of itself (``conveyor workers``)."""
+
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int
+    started_at: float
+    last_beat: float
+    beat_s: float
+    """how often it beats: it is gone once it has missed ``WORKER_MISSED_BEATS`` of them"""
+    running: int = 0
+    processed: int = 0
+    failed: int = 0
+    stopped_at: float | None = None
+    """when it stopped (and said so); None while it runs, or if it died"""
+
+    def state(self, now: float) -> str:
+        """``alive``, ``stopped`` (it said so) or ``gone`` (it stopped beating: it died, or
+        lost its storage)."""
+        if self.stopped_at is not None:
+            return "stopped"
+        if now - self.last_beat > self.beat_s * WORKER_MISSED_BEATS:
+            return "gone"
+        return "alive"
+
+    def to_json(self) -> str:
+        import json
+
+        record = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return json.dumps(record)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> WorkerInfo:
+        import json
+
+        record = json.loads(text)
+        record["queues"] = tuple(record["queues"])
+        return cls(**record)
+
+
 def redacted(url: str) -> str:
     """``url`` with its password replaced by ``***``, fit for logs and messages."""
     from urllib.parse import urlparse
@@ -277,6 +327,15 @@ class Backend(ABC):
     def next_run_at(self, queue: str) -> float | None:
         """The earliest ``run_at`` (or lapsing ``lease_until``) that could make a job claimable
         later; None if the queue has nothing queued or running."""
+
+    @abstractmethod
+    def worker_beat(self, info: WorkerInfo) -> None:
+        """Store what a worker says of itself (its first beat registers it; the last one, with
+        ``stopped_at``, says it stopped). Records older than ``WORKER_KEPT_S`` are forgotten."""
+
+    @abstractmethod
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker record kept, newest beat first."""
 
     def doctor(self, now: float, repair: bool = False) -> list[str]:
         """Look for what is out of step — a job whose indexes disagree with its state (left

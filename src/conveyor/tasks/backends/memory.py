@@ -20,11 +20,13 @@ from .base import (
     DONE,
     QUEUED,
     RUNNING,
+    WORKER_KEPT_S,
     Backend,
     Job,
     Lease,
     NewJob,
     QueueCounts,
+    WorkerInfo,
     check_listing,
     fresh_job,
     replaceable,
@@ -49,6 +51,7 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
+        self._workers: dict[str, WorkerInfo] = {}
         self._seq: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._next_seq = 0
@@ -226,6 +229,18 @@ class MemoryBackend(Backend):
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
+
+    def worker_beat(self, info: WorkerInfo) -> None:
+        with self._lock:
+            self._workers[info.id] = info
+            for old in [
+                w for w in self._workers.values() if w.last_beat < info.last_beat - WORKER_KEPT_S
+            ]:
+                del self._workers[old.id]
+
+    def workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: -w.last_beat)
 
     def jobs(
         self,

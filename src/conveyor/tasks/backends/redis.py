@@ -47,11 +47,13 @@ from .base import (
     DONE,
     QUEUED,
     RUNNING,
+    WORKER_KEPT_S,
     Backend,
     Job,
     Lease,
     NewJob,
     QueueCounts,
+    WorkerInfo,
     check_listing,
     fresh_job,
     redacted,
@@ -141,6 +143,10 @@ def _kind_of(rest: str) -> str | None:
         return "zset"
     if rest.startswith("j:"):
         return "hash"
+    if rest.startswith("w:"):
+        return "string"
+    if rest == "workers":
+        return "zset"
     if rest.startswith("q:"):
         part = rest.rsplit(":", 1)[-1]
         if part in _QUEUE_PARTS:
@@ -483,6 +489,30 @@ class RedisBackend(Backend):
     def get(self, job_id: str) -> Job | None:
         raw = self._call(self.client.hgetall, self.prefix + "j:" + job_id)
         return _job(cast("dict[bytes, bytes]", raw)) if raw else None
+
+    def worker_beat(self, info: WorkerInfo) -> None:
+        key, index = self.prefix + "w:" + info.id, self.prefix + "workers"
+
+        def beat() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(key, info.to_json(), ex=int(WORKER_KEPT_S))
+            pipe.zadd(index, {info.id: info.last_beat})
+            pipe.zremrangebyscore(index, "-inf", info.last_beat - WORKER_KEPT_S)
+            pipe.execute()
+
+        self._call(beat)
+
+    def workers(self) -> list[WorkerInfo]:
+        index = self.prefix + "workers"
+
+        def read() -> list[WorkerInfo]:
+            ids = cast("list[bytes]", self.client.zrevrange(index, 0, -1))
+            if not ids:
+                return []
+            records = self.client.mget([self.prefix + "w:" + i.decode() for i in ids])
+            return [WorkerInfo.from_json(r) for r in records if r is not None]
+
+        return self._call(read)
 
     def jobs(
         self,

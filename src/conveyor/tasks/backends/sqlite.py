@@ -35,11 +35,13 @@ from .base import (
     QUEUED,
     RUNNING,
     STATES,
+    WORKER_KEPT_S,
     Backend,
     Job,
     Lease,
     NewJob,
     QueueCounts,
+    WorkerInfo,
     check_listing,
     fresh_job,
     replaceable,
@@ -69,6 +71,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_keep ON jobs (keep_until) WHERE state = 'done';
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    last_beat REAL NOT NULL,
+    record TEXT NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -218,6 +225,30 @@ class SQLiteBackend(Backend):
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def worker_beat(self, info: WorkerInfo) -> None:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO workers (id, last_beat, record) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET last_beat = excluded.last_beat, "
+                    "record = excluded.record",
+                    (info.id, info.last_beat, info.to_json()),
+                )
+                db.execute(
+                    "DELETE FROM workers WHERE last_beat < ?", (info.last_beat - WORKER_KEPT_S,)
+                )
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def workers(self) -> list[WorkerInfo]:
+        with self._db() as db:
+            rows = db.execute("SELECT record FROM workers ORDER BY last_beat DESC").fetchall()
+        return [WorkerInfo.from_json(record) for (record,) in rows]
 
     def jobs(
         self,
