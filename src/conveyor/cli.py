@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from . import TaskQueue, __version__
+from . import ConfigurationError, TaskQueue, __version__
 from .tasks.backends.base import STATES, Job, redacted
 
 
@@ -84,6 +84,11 @@ def main() -> None:
     "handed back to the queue.",
 )
 @click.option("--poll-s", default=1.0, show_default=True, hidden=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (conveyor[metrics]).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log each job that fails.")
 def worker(
     target: str,
@@ -92,6 +97,7 @@ def worker(
     lease_s: float,
     shutdown_grace_s: float,
     poll_s: float,
+    metrics_port: int | None,
     verbose: bool,
 ) -> None:
     """Run the jobs of the queue TARGET, written MODULE:QUEUE (a TaskQueue in MODULE).
@@ -109,13 +115,17 @@ def worker(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     queue = _load_queue(target)
-    w = queue.worker(
-        concurrency=concurrency,
-        burst=burst,
-        lease_s=lease_s,
-        shutdown_grace_s=shutdown_grace_s,
-        poll_s=poll_s,
-    )
+    try:
+        w = queue.worker(
+            concurrency=concurrency,
+            burst=burst,
+            lease_s=lease_s,
+            shutdown_grace_s=shutdown_grace_s,
+            poll_s=poll_s,
+            metrics_port=metrics_port,
+        )
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(
         f"worker {w.id} on {queue.where} (queue {queue.name!r}, "
         f"{len(queue.tasks)} tasks, concurrency {concurrency})",

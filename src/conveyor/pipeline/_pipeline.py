@@ -242,16 +242,35 @@ class Pipeline(Generic[T_co]):
         run: Run[T_co] = Run(self, loop=asyncio.get_running_loop(), clock=self._clock)
         return run._aoutputs(None)
 
-    def run(self, timeout_s: float | None = None, progress: Progress = False) -> RunStats:
+    def run(
+        self,
+        timeout_s: float | None = None,
+        progress: Progress = False,
+        metrics_port: int | None = None,
+        name: str = "pipeline",
+    ) -> RunStats:
         """Run to the end, dropping the last stage's outputs, and return the final statistics.
 
         ``timeout_s`` bounds the whole run (:class:`RunTimeout`); ``progress=True`` draws a
         progress bar, and a callable is called with :class:`RunStats` about ten times a second.
+        ``metrics_port`` serves each stage's statistics on ``/metrics`` (127.0.0.1) while the
+        run lasts, labelled ``pipeline=name`` (``conveyor[metrics]``).
         """
         timeout_s = _positive_number("timeout_s", timeout_s)
         handle: Run[T_co] = Run(self, clock=self._clock)
-        for _ in handle._outputs(timeout_s, progress):
-            pass
+        server = None
+        if metrics_port is not None:
+            from ..metrics import Metrics
+
+            metrics = Metrics()
+            metrics.watch_run(name, handle.stats)
+            server = metrics.serve(metrics_port)
+        try:
+            for _ in handle._outputs(timeout_s, progress):
+                pass
+        finally:
+            if server is not None:
+                server.close()
         return handle.stats()
 
     async def arun(self, timeout_s: float | None = None) -> RunStats:

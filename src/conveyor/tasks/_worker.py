@@ -29,10 +29,11 @@ import logging
 import os
 import signal
 import socket
+import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import (
     BackendUnavailable,
@@ -43,7 +44,7 @@ from .._errors import (
 )
 from ._jobs import KIND_OF_EXECUTOR, JobSource
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
-from .backends import Lease
+from .backends import Job, Lease
 from .backends.base import WorkerInfo
 
 log = logging.getLogger("conveyor.worker")
@@ -141,6 +142,7 @@ class Worker:
         name: str | None = None,
         start_method: str | None = None,
         max_items_per_worker: int | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
@@ -187,6 +189,16 @@ class Worker:
         self._beat_overdue = False
         #: why the worker gave up (a loop that kept failing), raised by run() once stopped
         self.failure: BaseException | None = None
+        #: told of every attempt as it starts and ends (metrics, traces); see JobObserver
+        self.observers: list[JobObserver] = []
+        if metrics_port is not None:
+            from ..metrics import Metrics
+
+            self.metrics: Metrics | None = Metrics()
+            self.metrics.watch(self)
+            self.metrics_port = metrics_port
+        else:
+            self.metrics = None
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -213,6 +225,9 @@ class Worker:
         self._ended = asyncio.Event()
         self._started_at = self.queues[0].now()
         await self._say_who()
+        server = None
+        if self.metrics is not None:
+            server = self.metrics_server = self.metrics.serve(self.metrics_port)
         helpers = [
             asyncio.ensure_future(self._supervise("acknowledgement", self._ack_round)),
             asyncio.ensure_future(self._supervise("heartbeat", self._heartbeat_round)),
@@ -232,6 +247,8 @@ class Worker:
                 _HUB.remove(self)
             await self._close_sources()
             await self._say_who(stopped=True)
+            if server is not None:
+                server.close()
             self._io.shutdown(wait=False)
             self._waiter.shutdown(wait=False)
             for queue in self.queues:
@@ -565,8 +582,13 @@ class Worker:
 
     async def _run(self, queue: TaskQueue, lease: Lease) -> None:
         """Run one job to its outcome; one heartbeat loop renews every lease meanwhile."""
+        observers = self.observers
+        began = time.perf_counter()
+        for observer in observers:
+            observer.job_started(queue.name, lease.job)
+        outcome = "not kept"
         try:
-            await self._run_job(queue, lease)
+            outcome = await self._run_job(queue, lease)
         except Exception as exc:
             log.error(
                 "job %s: its outcome could not be written (%s); it runs again when its lease "
@@ -575,79 +597,76 @@ class Worker:
                 exc,
                 exc_info=None if isinstance(exc, BackendUnavailable) else exc,
             )
+        finally:
+            took = time.perf_counter() - began
+            for observer in observers:
+                observer.job_ended(queue.name, lease.job, outcome, took)
 
-    async def _run_job(self, queue: TaskQueue, lease: Lease) -> None:
+    async def _run_job(self, queue: TaskQueue, lease: Lease) -> str:
+        """Run the job and write its outcome; returns it: succeeded, retried, dead, or
+        not kept (its lease was lost)."""
         job = lease.job
         task = queue.tasks.get(job.task)
         if task is None:
             known = ", ".join(sorted(queue.tasks)) or "none"
-            await self._dead(
+            return await self._dead(
                 queue, lease, f"no worker knows task {job.task!r} (this worker knows: {known})"
             )
-            return
         if job.attempts > task.options.retries + 1:
             # every claim counts an attempt before the job runs: one that keeps killing its
             # worker (or whose worker keeps losing its storage) uses them up like any failure
             times = "once" if job.lost == 1 else f"{job.lost} times"
-            await self._dead(
+            return await self._dead(
                 queue,
                 lease,
                 f"the worker running it died {times} before writing an outcome (its lease "
                 f"lapsed); with retries={task.options.retries} it is not run again",
             )
-            return
         try:
             payload = queue.serializer.loads(job.payload)
             args, kwargs = list(payload["args"]), dict(payload["kwargs"])
         except Exception as exc:
-            await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
-            return
+            return await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
         try:
             result = await self._call(task, lease.token, args, kwargs)
         except RetryTask as signal_:
-            await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
-            return
+            return await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
         except CancelTask as signal_:
-            await self._dead(queue, lease, f"cancelled by the task: {signal_}")
-            return
+            return await self._dead(queue, lease, f"cancelled by the task: {signal_}")
         except asyncio.CancelledError:
             raise
         except ItemNotSendable as exc:
             # the job cannot cross to its process, or its result cannot come back: no retry
             # can change that
-            await self._dead(queue, lease, f"{exc}")
-            return
+            return await self._dead(queue, lease, f"{exc}")
         except ItemTimeout:
             error = f"task {task.name!r} ran past timeout_s={task.options.timeout_s}"
-            await self._retry_or_dead(queue, lease, task, error, None)
-            return
+            return await self._retry_or_dead(queue, lease, task, error, None)
         except WorkerCrashed as exc:
             error = f"the worker process running it (pid {exc.pid}) {exc.how}"
-            await self._retry_or_dead(queue, lease, task, error, None)
-            return
+            return await self._retry_or_dead(queue, lease, task, error, None)
         except BaseException as exc:
             # arguments that no longer fit the function are not worth retrying; they are only
             # checked on a TypeError, so the common case pays nothing for it
             mismatch = isinstance(exc, TypeError) and _mismatch(task, args, kwargs)
             if mismatch:
-                await self._dead(
+                return await self._dead(
                     queue,
                     lease,
                     f"the job's arguments no longer match {task.name}{task.signature}: {mismatch}",
                 )
-                return
             text = "".join(traceback.format_exception(exc))
-            await self._retry_or_dead(queue, lease, task, text, None)
-            return
+            return await self._retry_or_dead(queue, lease, task, text, None)
         try:
             data = None if result is None else queue.serializer.dumps(result)
         except Exception as exc:
-            await self._dead(
+            return await self._dead(
                 queue, lease, f"the result ({type(result).__name__}) cannot be stored: {exc}"
             )
-            return
         if await self._ack(queue, lease, data, task.options.keep_result_s):
             self.processed += 1
+            return "succeeded"
+        return "not kept"
 
     async def _call(
         self, task: Task[Any, Any], run_key: str, args: list[Any], kwargs: dict[str, Any]
@@ -733,21 +752,22 @@ class Worker:
         task: Task[Any, Any],
         error: str,
         delay_s: float | None,
-    ) -> None:
+    ) -> str:
         job = lease.job
         self._settle(lease.token)
         if job.attempts > task.options.retries:
-            await self._dead(queue, lease, error)
-            return
+            return await self._dead(queue, lease, error)
         wait = task.options.delay_s(job.attempts) if delay_s is None else delay_s
         now = queue.now()
         await self._io_call(queue.backend.retry, job.id, lease.token, now + wait, error, now)
+        return "retried"
 
-    async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> None:
+    async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> str:
         self.failed += 1
         self._settle(lease.token)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
         await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.now())
+        return "dead"
 
     # -- shutdown ----------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -795,6 +815,16 @@ class Worker:
             except Exception as exc:
                 log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
         self._running.clear()
+
+
+class JobObserver(Protocol):
+    """Told of each attempt a worker makes, on the worker's event loop: keep it quick."""
+
+    def job_started(self, queue: str, job: Job) -> None: ...
+
+    def job_ended(self, queue: str, job: Job, outcome: str, duration_s: float) -> None:
+        """``outcome``: succeeded, retried, dead, or "not kept" (the lease was lost, or the
+        outcome could not be written)."""
 
 
 def _mismatch(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> str:
