@@ -90,7 +90,9 @@ class Metrics:
         self.received.labels(queue, job.task).inc()
         self.in_progress.labels(queue, job.task).inc()
 
-    def job_ended(self, queue: str, job: Job, outcome: str, duration_s: float) -> None:
+    def job_ended(
+        self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None = None
+    ) -> None:
         self.in_progress.labels(queue, job.task).dec()
         self.duration.labels(queue, job.task).observe(duration_s)
         getattr(self, _OUTCOME_COUNTER.get(outcome, "not_kept")).labels(queue, job.task).inc()

@@ -42,6 +42,7 @@ from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCoun
 from .backends.base import redacted
 
 if TYPE_CHECKING:
+    from ..tracing import Tracing
     from ._worker import Worker
 
 P = ParamSpec("P")
@@ -505,6 +506,7 @@ class TaskQueue:
         keep_result_s: float | None = 86400.0,
         clock: Clock | Callable[[], float] = SYSTEM_CLOCK,
         create: bool = True,
+        tracing: bool | Tracing = False,
     ) -> None:
         if serializer not in SERIALIZERS:
             raise ConfigurationError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
@@ -518,6 +520,12 @@ class TaskQueue:
         self.keep_result_s = keep_result_s
         self.clock: Clock = cast(Clock, clock) if hasattr(clock, "now") else _WallClock(clock)
         self.backend = open_backend(url, create=create)
+        #: OpenTelemetry spans for enqueues and attempts (``conveyor[otel]``), or None
+        self.tracing: Tracing | None = None
+        if tracing is not False:
+            from ..tracing import Tracing
+
+            self.tracing = tracing if isinstance(tracing, Tracing) else Tracing()
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._follows = bool(getattr(self.clock, "follows_storage", False))
         #: the storage's clock minus ours, and when it was measured (monotonic)
@@ -643,7 +651,11 @@ class TaskQueue:
 
     # -- enqueueing --------------------------------------------------------------------------
     def _new_job(
-        self, task: Task[Any, Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        task: Task[Any, Any] | str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        carrier: dict[str, str] | None = None,
     ) -> NewJob:
         task_name = task if isinstance(task, str) else task.name
         options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("_")}
@@ -663,8 +675,11 @@ class TaskQueue:
         # common case, cost one isinstance each)
         for where, value in _arguments(args, kwargs):
             _check_shape(where, task_name, value, strict_keys=serializer.name == "json")
+        body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
+        if carrier:
+            body["trace"] = carrier
         try:
-            payload = serializer.dumps({"args": list(args), "kwargs": kwargs})
+            payload = serializer.dumps(body)
         except Exception:
             serializer.check(task_name, args, kwargs)  # names the argument at fault
             raise
@@ -700,6 +715,12 @@ class TaskQueue:
     def enqueue(self, task: str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]: ...
     def enqueue(self, task: Task[Any, Any] | str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]:
         """Enqueue ``task`` (a registered task, or a task name) with its arguments."""
+        if self.tracing is not None:
+            with self.tracing.sending(self.name, 1) as (carrier, named):
+                new = self._new_job(task, args, kwargs, carrier)
+                named([new.id])
+                [(job, added)] = self.backend.enqueue([new], self.now())
+            return JobHandle(self, job.id, job.task, added)
         new = self._new_job(task, args, kwargs)
         [(job, added)] = self.backend.enqueue([new], self.now())
         return JobHandle(self, job.id, job.task, added)
@@ -710,6 +731,16 @@ class TaskQueue:
         calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
     ) -> list[JobHandle[Any]]:
         """Enqueue many calls of one task in one transaction."""
+        if self.tracing is not None:
+            calls = list(calls)
+            with self.tracing.sending(self.name, len(calls)) as (carrier, named):
+                news = [
+                    self._new_job(task, tuple(args), dict(kwargs), carrier)
+                    for args, kwargs in calls
+                ]
+                named([new.id for new in news])
+                stored = self.backend.enqueue(news, self.now())
+            return [JobHandle(self, job.id, job.task, added) for job, added in stored]
         news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
         stored = self.backend.enqueue(news, self.now())
         return [JobHandle(self, job.id, job.task, added) for job, added in stored]

@@ -191,6 +191,12 @@ class Worker:
         self.failure: BaseException | None = None
         #: told of every attempt as it starts and ends (metrics, traces); see JobObserver
         self.observers: list[JobObserver] = []
+        # the error of each run that failed, by lease token, until its observers are told
+        self._errors: dict[str, str] = {}
+        for queue in queues:
+            if queue.tracing is not None:
+                self.observers.append(queue.tracing.observer(queues))
+                break
         if metrics_port is not None:
             from ..metrics import Metrics
 
@@ -599,8 +605,9 @@ class Worker:
             )
         finally:
             took = time.perf_counter() - began
+            error = self._errors.pop(lease.token, None)
             for observer in observers:
-                observer.job_ended(queue.name, lease.job, outcome, took)
+                observer.job_ended(queue.name, lease.job, outcome, took, error)
 
     async def _run_job(self, queue: TaskQueue, lease: Lease) -> str:
         """Run the job and write its outcome; returns it: succeeded, retried, dead, or
@@ -757,12 +764,14 @@ class Worker:
         self._settle(lease.token)
         if job.attempts > task.options.retries:
             return await self._dead(queue, lease, error)
+        self._errors[lease.token] = error
         wait = task.options.delay_s(job.attempts) if delay_s is None else delay_s
         now = queue.now()
         await self._io_call(queue.backend.retry, job.id, lease.token, now + wait, error, now)
         return "retried"
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> str:
+        self._errors[lease.token] = error
         self.failed += 1
         self._settle(lease.token)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
@@ -822,9 +831,11 @@ class JobObserver(Protocol):
 
     def job_started(self, queue: str, job: Job) -> None: ...
 
-    def job_ended(self, queue: str, job: Job, outcome: str, duration_s: float) -> None:
+    def job_ended(
+        self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None
+    ) -> None:
         """``outcome``: succeeded, retried, dead, or "not kept" (the lease was lost, or the
-        outcome could not be written)."""
+        outcome could not be written); ``error``: why it failed (a traceback, or words)."""
 
 
 def _mismatch(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> str:

@@ -1,0 +1,147 @@
+"""OpenTelemetry traces of task queues (``pip install 'conveyor[otel]'``: opentelemetry-api
+only; the SDK, its exporters and their set-up are the application's).
+
+``TaskQueue(url, tracing=True)`` makes a ``send {queue}`` span (PRODUCER) around each enqueue
+and carries its context in the job; each attempt a worker makes is a ``process {queue}`` span
+(CONSUMER), *linked* to the enqueue's context rather than its child (the attempt may run
+hours later, and a job may be tried several times), following the messaging semantic
+conventions: ``messaging.system=conveyor``, ``messaging.destination.name``,
+``messaging.message.id``, ``messaging.operation.type``/``name``, and ``error.type`` when it
+fails. Without an SDK configured, the API makes no spans and costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .tasks._queue import TaskQueue
+    from .tasks.backends import Job
+
+SYSTEM = "conveyor"
+#: the last line of a Python traceback: ``pkg.Class: words``
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::|$)")
+
+
+def _api() -> Any:
+    try:
+        from opentelemetry import trace
+    except ImportError as exc:
+        raise ConfigurationError(
+            "tracing needs opentelemetry-api, which is not installed: pip install 'conveyor[otel]'"
+        ) from exc
+    return trace
+
+
+def error_type(error: str | None) -> str:
+    """A low-cardinality name for why an attempt failed: the exception's class, when the
+    error is a traceback; ``_OTHER`` otherwise (words such as "no worker knows task")."""
+    if not error:
+        return "_OTHER"
+    last = error.strip().splitlines()[-1].strip() if error.strip() else ""
+    found = _EXCEPTION_LINE.match(last)
+    return found.group(1) if found else "_OTHER"
+
+
+class Tracing:
+    """Spans for one or more queues. ``tracer_provider``: the SDK's provider to use (default:
+    the global one, as set by ``opentelemetry.trace.set_tracer_provider``)."""
+
+    def __init__(self, tracer_provider: Any = None) -> None:
+        trace = _api()
+        from opentelemetry import propagate
+
+        from . import __version__
+
+        self._trace = trace
+        self._propagate = propagate
+        self.tracer = trace.get_tracer("conveyor", __version__, tracer_provider=tracer_provider)
+
+    @contextmanager
+    def sending(
+        self, queue: str, count: int
+    ) -> Iterator[tuple[dict[str, str], Callable[[Sequence[str]], None]]]:
+        """A ``send {queue}`` span around an enqueue of ``count`` jobs: yields the carrier to
+        store in each job, and a function to name the jobs' ids once they are known."""
+        attributes: dict[str, Any] = {
+            "messaging.system": SYSTEM,
+            "messaging.destination.name": queue,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+        }
+        if count != 1:
+            attributes["messaging.batch.message_count"] = count
+        with self.tracer.start_as_current_span(
+            f"send {queue}", kind=self._trace.SpanKind.PRODUCER, attributes=attributes
+        ) as span:
+            carrier: dict[str, str] = {}
+            self._propagate.inject(carrier)
+
+            def named(ids: Sequence[str]) -> None:
+                if len(ids) == 1:
+                    span.set_attribute("messaging.message.id", ids[0])
+
+            yield carrier, named
+
+    def observer(self, queues: Sequence[TaskQueue]) -> _Attempts:
+        """What a worker of ``queues`` tells of each attempt, as spans."""
+        return _Attempts(self, {q.name: q for q in queues})
+
+
+class _Attempts:
+    def __init__(self, tracing: Tracing, queues: dict[str, TaskQueue]) -> None:
+        self._tracing = tracing
+        self._queues = queues
+        self._spans: dict[str, Any] = {}
+
+    def _link(self, queue: str, job: Job) -> list[Any]:
+        if b"traceparent" not in job.payload:  # not traced at enqueue: nothing to decode
+            return []
+        owner = self._queues.get(queue)
+        try:
+            carrier = owner.serializer.loads(job.payload).get("trace") if owner else None
+        except Exception:
+            return []
+        if not isinstance(carrier, dict):
+            return []
+        trace = self._tracing._trace
+        context = self._tracing._propagate.extract(carrier)
+        span_context = trace.get_current_span(context).get_span_context()
+        return [trace.Link(span_context)] if span_context.is_valid else []
+
+    def job_started(self, queue: str, job: Job) -> None:
+        trace = self._tracing._trace
+        span = self._tracing.tracer.start_span(
+            f"process {queue}",
+            kind=trace.SpanKind.CONSUMER,
+            links=self._link(queue, job),
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.destination.name": queue,
+                "messaging.message.id": job.id,
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "conveyor.task": job.task,
+                "conveyor.attempt": job.attempts,
+            },
+        )
+        self._spans[job.token or job.id] = span
+
+    def job_ended(
+        self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None = None
+    ) -> None:
+        span = self._spans.pop(job.token or job.id, None)
+        if span is None:
+            return
+        span.set_attribute("conveyor.outcome", outcome)
+        if outcome != "succeeded":
+            kind = error_type(error) if error else "_OTHER"
+            span.set_attribute("error.type", kind)
+            status = self._tracing._trace.Status(self._tracing._trace.StatusCode.ERROR, kind)
+            span.set_status(status)
+        span.end()
