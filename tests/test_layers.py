@@ -13,8 +13,11 @@ ROOT = Path(conveyor.__file__).parent
 ALLOWED = {
     "_errors": set(),
     "_engine": {"_errors"},
-    "pipeline": {"_errors", "_engine"},
-    "tasks": {"_errors", "_engine"},
+    # metrics and traces: what the parts report to (they import no part)
+    "metrics": {"_errors", "_engine"},
+    "tracing": {"_errors"},
+    "pipeline": {"_errors", "_engine", "metrics"},
+    "tasks": {"_errors", "_engine", "metrics", "tracing"},
     "dispatch": {"_errors", "_engine"},
     "channels": {"_errors", "_engine"},
     "compat": set(),

@@ -17,7 +17,6 @@ from typing import Any
 import click
 
 from . import ConfigurationError, TaskQueue, __version__
-from .tasks.backends.base import STATES, Job, redacted
 
 
 def _load_queue(target: str) -> TaskQueue:
@@ -215,7 +214,7 @@ def _shown(data: bytes | None) -> Any:
         return f"<{len(data):,} bytes, not JSON>"
 
 
-def _job_record(job: Job, now: float) -> dict[str, Any]:
+def _job_record(job: Any, now: float) -> dict[str, Any]:
     return {
         "id": job.id,
         "queue": job.queue,
@@ -239,7 +238,7 @@ def _job_record(job: Job, now: float) -> dict[str, Any]:
 @main.command()
 @click.argument("url")
 @_QUEUE_OPTION
-@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--state", help="Only jobs in this state: queued, running, done or dead.")
 @click.option("--task", "task", help="Only jobs of this task (its full name).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(0), help="At most.")
 @click.option("--offset", default=0, type=click.IntRange(0), help="Skip this many first.")
@@ -255,7 +254,10 @@ def jobs(
         conveyor jobs sqlite:///tasks.db --state dead
     """
     with _queue_at(url, name) as queue:
-        found = queue.backend.jobs(name, state, task=task, limit=limit, offset=offset)
+        try:
+            found = queue.jobs(state, task=task, limit=limit, offset=offset)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from exc
         now = queue.now()
     if as_json:
         for job in found:
@@ -286,8 +288,9 @@ def job(url: str, job_id: str, name: str, as_json: bool) -> None:
     with _queue_at(url, name) as queue:
         found = queue.backend.get(job_id)
         now = queue.now()
+        where = queue.where
     if found is None:
-        click.echo(f"no job {job_id!r} at {redacted(url)}", err=True)
+        click.echo(f"no job {job_id!r} at {where}", err=True)
         raise SystemExit(1)
     record = _job_record(found, now)
     if as_json:
@@ -317,7 +320,7 @@ def workers(url: str, as_json: bool) -> None:
         conveyor workers redis://localhost:6379/0
     """
     with _queue_at(url, "default") as queue:
-        found = queue.backend.workers()
+        found = queue.workers()
         now = queue.now()
     if as_json:
         for w in found:

@@ -17,9 +17,6 @@ from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._engine.stats import RunStats
-    from .tasks._queue import TaskQueue
-    from .tasks._worker import Worker
-    from .tasks.backends import Job
 
 log = logging.getLogger("conveyor.metrics")
 
@@ -81,17 +78,17 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self._queues: list[TaskQueue] = []
+        self._queues: list[Any] = []  # TaskQueue (a part above: not imported here)
         self._runs: list[tuple[str, Callable[[], RunStats]]] = []
         self.registry.register(_Live(self))
 
     # -- what a worker tells ------------------------------------------------------------------
-    def job_started(self, queue: str, job: Job) -> None:
+    def job_started(self, queue: str, job: Any) -> None:
         self.received.labels(queue, job.task).inc()
         self.in_progress.labels(queue, job.task).inc()
 
     def job_ended(
-        self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None = None
+        self, queue: str, job: Any, outcome: str, duration_s: float, error: str | None = None
     ) -> None:
         self.in_progress.labels(queue, job.task).dec()
         self.duration.labels(queue, job.task).observe(duration_s)
@@ -99,7 +96,7 @@ class Metrics:
         if outcome in ("retried", "dead"):
             self.failed.labels(queue, job.task).inc()
 
-    def watch(self, worker: Worker) -> None:
+    def watch(self, worker: Any) -> None:
         """Count ``worker``'s attempts, and show its queues' depth at each scrape."""
         worker.observers.append(self)
         self._queues.extend(q for q in worker.queues if q not in self._queues)

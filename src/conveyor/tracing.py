@@ -12,16 +12,13 @@ fails. Without an SDK configured, the API makes no spans and costs next to nothi
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from .tasks._queue import TaskQueue
-    from .tasks.backends import Job
 
 SYSTEM = "conveyor"
 #: the last line of a Python traceback: ``pkg.Class: words``
@@ -56,11 +53,13 @@ class Tracing:
         trace = _api()
         from opentelemetry import propagate
 
-        from . import __version__
-
+        try:
+            version = importlib.metadata.version("conveyor")
+        except importlib.metadata.PackageNotFoundError:  # run from a source tree
+            version = ""
         self._trace = trace
         self._propagate = propagate
-        self.tracer = trace.get_tracer("conveyor", __version__, tracer_provider=tracer_provider)
+        self.tracer = trace.get_tracer("conveyor", version, tracer_provider=tracer_provider)
 
     @contextmanager
     def sending(
@@ -88,18 +87,18 @@ class Tracing:
 
             yield carrier, named
 
-    def observer(self, queues: Sequence[TaskQueue]) -> _Attempts:
-        """What a worker of ``queues`` tells of each attempt, as spans."""
+    def observer(self, queues: Sequence[Any]) -> _Attempts:
+        """What a worker of ``queues`` (task queues) tells of each attempt, as spans."""
         return _Attempts(self, {q.name: q for q in queues})
 
 
 class _Attempts:
-    def __init__(self, tracing: Tracing, queues: dict[str, TaskQueue]) -> None:
+    def __init__(self, tracing: Tracing, queues: dict[str, Any]) -> None:
         self._tracing = tracing
         self._queues = queues
         self._spans: dict[str, Any] = {}
 
-    def _link(self, queue: str, job: Job) -> list[Any]:
+    def _link(self, queue: str, job: Any) -> list[Any]:
         if b"traceparent" not in job.payload:  # not traced at enqueue: nothing to decode
             return []
         owner = self._queues.get(queue)
@@ -114,7 +113,7 @@ class _Attempts:
         span_context = trace.get_current_span(context).get_span_context()
         return [trace.Link(span_context)] if span_context.is_valid else []
 
-    def job_started(self, queue: str, job: Job) -> None:
+    def job_started(self, queue: str, job: Any) -> None:
         trace = self._tracing._trace
         span = self._tracing.tracer.start_span(
             f"process {queue}",
@@ -133,7 +132,7 @@ class _Attempts:
         self._spans[job.token or job.id] = span
 
     def job_ended(
-        self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None = None
+        self, queue: str, job: Any, outcome: str, duration_s: float, error: str | None = None
     ) -> None:
         span = self._spans.pop(job.token or job.id, None)
         if span is None:

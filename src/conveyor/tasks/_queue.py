@@ -39,7 +39,7 @@ from .._errors import (
     TaskFailed,
 )
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
-from .backends.base import redacted
+from .backends.base import WorkerInfo, redacted
 
 if TYPE_CHECKING:
     from ..tracing import Tracing
@@ -761,6 +761,22 @@ class TaskQueue:
 
     def stats(self) -> QueueCounts:
         return self.backend.counts(self.name, self.now())
+
+    def jobs(
+        self,
+        state: str | None = None,
+        *,
+        task: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Job]:
+        """This queue's jobs as stored (in ``state``, of ``task``, when given), oldest first,
+        ``limit`` of them from ``offset``."""
+        return self.backend.jobs(self.name, state, task=task, limit=limit, offset=offset)
+
+    def workers(self) -> list[WorkerInfo]:
+        """The records of the workers of this queue's storage (the last day's), newest first."""
+        return self.backend.workers()
 
     def requeue(self, job_id: str) -> bool:
         return self.backend.requeue(job_id, self.now())
