@@ -5,21 +5,23 @@
 
 Needs ``conveyor[metrics,otel]`` and opentelemetry-sdk (the development environment has
 them). Each round runs every variant once, in turn, on a fresh ``memory://`` queue (no
-storage I/O, so the cost of observing is as visible as it can be) and on SQLite; medians over
-rounds, and each variant's ratio to the plain worker of the same storage:
+storage I/O, so the cost of observing is as visible as it can be), on SQLite, and on memory
+with jobs that await 1 ms (closer to real work); medians over rounds, and each variant's
+ratio to the plain worker of the same table:
 
 * plain: no observer;
 * metrics: ``Metrics().watch(worker)`` (counters, gauge, histogram per attempt);
 * traces, no SDK: ``tracing=True`` with the API's no-op provider (what a library user pays
   when the application has not set up OpenTelemetry);
-* traces, SDK: a ``TracerProvider`` exporting to memory through a ``BatchSpanProcessor``
-  (spans made, kept and handed over; no network);
+* traces, SDK: a ``TracerProvider`` with a ``BatchSpanProcessor`` whose exporter drops each
+  batch it is given (spans made and handed over as to a real exporter; no network);
 * both: metrics and SDK traces.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import tempfile
 import time
@@ -31,7 +33,7 @@ from bench._harness import table
 VARIANTS = ("plain", "metrics", "traces, no SDK", "traces, SDK", "both")
 
 
-def one_run(url: str, n: int, variant: str) -> float:
+def one_run(url: str, n: int, variant: str, work_s: float = 0.0) -> float:
     from conveyor import TaskQueue
     from conveyor.metrics import Metrics
     from conveyor.tracing import Tracing
@@ -41,17 +43,27 @@ def one_run(url: str, n: int, variant: str) -> float:
         tracing = True
     elif variant in ("traces, SDK", "both"):
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class Discard(SpanExporter):
+            """Takes each batch and drops it, as an exporter that sent it would."""
+
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
 
         provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
         tracing = Tracing(tracer_provider=provider)
     q = TaskQueue(url, tracing=tracing)
 
     @q.task(name="noop")
     async def noop(i: int) -> None:
-        return None
+        if work_s:
+            await asyncio.sleep(work_s)
 
     for start in range(0, n, 1000):
         q.enqueue_many("noop", [((i,), {}) for i in range(start, min(n, start + 1000))])
@@ -72,22 +84,23 @@ def main() -> None:
     args = parser.parse_args()
     n, rounds = (3000, 3) if args.quick else (20000, 5)
     with tempfile.TemporaryDirectory() as tmp:
-        for storage in ("memory", "sqlite"):
+        for storage, work_s in (("memory", 0.0), ("sqlite", 0.0), ("memory", 0.001)):
             rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(rounds):
                 for i, variant in enumerate(VARIANTS):
                     if storage == "memory":
-                        url = f"memory://bench-{r}-{i}"
+                        url = f"memory://bench-{work_s}-{r}-{i}"
                     else:
                         url = f"sqlite:///{Path(tmp) / f'{r}-{i}.db'}"
-                    rates[variant].append(one_run(url, n, variant))
+                    rates[variant].append(one_run(url, n, variant, work_s))
             plain = statistics.median(rates["plain"])
             rows = []
             for variant in VARIANTS:
                 med = statistics.median(rates[variant])
                 rows.append((variant, f"{med:,.0f} jobs/s", f"{med / plain:.2f}x plain"))
+            what = f"jobs awaiting {work_s * 1000:g} ms" if work_s else "no-op jobs"
             table(
-                f"{storage}: {n:,} no-op jobs, concurrency 8, median of {rounds}",
+                f"{storage}: {n:,} {what}, concurrency 8, median of {rounds}",
                 rows,
                 ("variant", "processed", "ratio"),
             )

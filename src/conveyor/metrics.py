@@ -78,23 +78,46 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._children: dict[tuple[str, str], dict[str, Any]] = {}
         self._queues: list[Any] = []  # TaskQueue (a part above: not imported here)
         self._runs: list[tuple[str, Callable[[], RunStats]]] = []
         self.registry.register(_Live(self))
 
     # -- what a worker tells ------------------------------------------------------------------
-    def job_started(self, queue: str, job: Any) -> None:
-        self.received.labels(queue, job.task).inc()
-        self.in_progress.labels(queue, job.task).inc()
+    def _of(self, queue: str, task: str) -> dict[str, Any]:
+        """The labelled children of every metric for one (queue, task): found once, kept
+        (``labels()`` takes a lock and checks its arguments on each call)."""
+        children = self._children.get((queue, task))
+        if children is None:
+            children = self._children[queue, task] = {
+                name: getattr(self, name).labels(queue, task)
+                for name in (
+                    "received",
+                    "succeeded",
+                    "failed",
+                    "retried",
+                    "dead",
+                    "not_kept",
+                    "in_progress",
+                    "duration",
+                )
+            }
+        return children
+
+    def job_started(self, queue: str, job: Any, carrier: Any = None) -> None:
+        children = self._of(queue, job.task)
+        children["received"].inc()
+        children["in_progress"].inc()
 
     def job_ended(
         self, queue: str, job: Any, outcome: str, duration_s: float, error: str | None = None
     ) -> None:
-        self.in_progress.labels(queue, job.task).dec()
-        self.duration.labels(queue, job.task).observe(duration_s)
-        getattr(self, _OUTCOME_COUNTER.get(outcome, "not_kept")).labels(queue, job.task).inc()
+        children = self._of(queue, job.task)
+        children["in_progress"].dec()
+        children["duration"].observe(duration_s)
+        children[_OUTCOME_COUNTER.get(outcome, "not_kept")].inc()
         if outcome in ("retried", "dead"):
-            self.failed.labels(queue, job.task).inc()
+            children["failed"].inc()
 
     def watch(self, worker: Any) -> None:
         """Count ``worker``'s attempts, and show its queues' depth at each scrape."""

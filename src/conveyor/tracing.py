@@ -87,25 +87,17 @@ class Tracing:
 
             yield carrier, named
 
-    def observer(self, queues: Sequence[Any]) -> _Attempts:
-        """What a worker of ``queues`` (task queues) tells of each attempt, as spans."""
-        return _Attempts(self, {q.name: q for q in queues})
+    def observer(self) -> _Attempts:
+        """What a worker tells of each attempt, as spans."""
+        return _Attempts(self)
 
 
 class _Attempts:
-    def __init__(self, tracing: Tracing, queues: dict[str, Any]) -> None:
+    def __init__(self, tracing: Tracing) -> None:
         self._tracing = tracing
-        self._queues = queues
         self._spans: dict[str, Any] = {}
 
-    def _link(self, queue: str, job: Any) -> list[Any]:
-        if b"traceparent" not in job.payload:  # not traced at enqueue: nothing to decode
-            return []
-        owner = self._queues.get(queue)
-        try:
-            carrier = owner.serializer.loads(job.payload).get("trace") if owner else None
-        except Exception:
-            return []
+    def _link(self, carrier: Any) -> list[Any]:
         if not isinstance(carrier, dict):
             return []
         trace = self._tracing._trace
@@ -113,12 +105,12 @@ class _Attempts:
         span_context = trace.get_current_span(context).get_span_context()
         return [trace.Link(span_context)] if span_context.is_valid else []
 
-    def job_started(self, queue: str, job: Any) -> None:
+    def job_started(self, queue: str, job: Any, carrier: Any = None) -> None:
         trace = self._tracing._trace
         span = self._tracing.tracer.start_span(
             f"process {queue}",
             kind=trace.SpanKind.CONSUMER,
-            links=self._link(queue, job),
+            links=self._link(carrier),
             attributes={
                 "messaging.system": SYSTEM,
                 "messaging.destination.name": queue,

@@ -195,7 +195,7 @@ class Worker:
         self._errors: dict[str, str] = {}
         for queue in queues:
             if queue.tracing is not None:
-                self.observers.append(queue.tracing.observer(queues))
+                self.observers.append(queue.tracing.observer())
                 break
         if metrics_port is not None:
             from ..metrics import Metrics
@@ -590,11 +590,18 @@ class Worker:
         """Run one job to its outcome; one heartbeat loop renews every lease meanwhile."""
         observers = self.observers
         began = time.perf_counter()
-        for observer in observers:
-            observer.job_started(queue.name, lease.job)
+        payload: Any = None
+        try:
+            payload = queue.serializer.loads(lease.job.payload)
+        except Exception as exc:  # the job fails on it below, as dead
+            payload = exc
+        if observers:
+            carrier = payload.get("trace") if isinstance(payload, dict) else None
+            for observer in observers:
+                observer.job_started(queue.name, lease.job, carrier)
         outcome = "not kept"
         try:
-            outcome = await self._run_job(queue, lease)
+            outcome = await self._run_job(queue, lease, payload)
         except Exception as exc:
             log.error(
                 "job %s: its outcome could not be written (%s); it runs again when its lease "
@@ -609,7 +616,7 @@ class Worker:
             for observer in observers:
                 observer.job_ended(queue.name, lease.job, outcome, took, error)
 
-    async def _run_job(self, queue: TaskQueue, lease: Lease) -> str:
+    async def _run_job(self, queue: TaskQueue, lease: Lease, payload: Any) -> str:
         """Run the job and write its outcome; returns it: succeeded, retried, dead, or
         not kept (its lease was lost)."""
         job = lease.job
@@ -630,7 +637,8 @@ class Worker:
                 f"lapsed); with retries={task.options.retries} it is not run again",
             )
         try:
-            payload = queue.serializer.loads(job.payload)
+            if isinstance(payload, Exception):
+                raise payload
             args, kwargs = list(payload["args"]), dict(payload["kwargs"])
         except Exception as exc:
             return await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
@@ -829,7 +837,8 @@ class Worker:
 class JobObserver(Protocol):
     """Told of each attempt a worker makes, on the worker's event loop: keep it quick."""
 
-    def job_started(self, queue: str, job: Job) -> None: ...
+    def job_started(self, queue: str, job: Job, carrier: dict[str, str] | None) -> None:
+        """``carrier``: the trace context stored with the job at enqueue, if any."""
 
     def job_ended(
         self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None
