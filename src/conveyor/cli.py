@@ -346,6 +346,44 @@ def workers(url: str, as_json: bool) -> None:
 @main.command()
 @click.argument("url")
 @_QUEUE_OPTION
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where to listen; anything but loopback is reachable by others.",
+)
+@click.option(
+    "--token",
+    envvar="CONVEYOR_DASHBOARD_TOKEN",
+    help="What actions (requeue, purge) need, as basic-auth password or bearer token "
+    "[env: CONVEYOR_DASHBOARD_TOKEN]. Without it the dashboard is read-only.",
+)
+def dashboard(url: str, name: str, port: int, host: str, token: str | None) -> None:
+    """Serve the web dashboard of a queue: counts, workers, jobs, each job's traceback, and
+    (with --token) requeue and purge. A JSON API under /api/, and /health.
+
+    \b
+    Example:
+        CONVEYOR_DASHBOARD_TOKEN=s3cret conveyor dashboard sqlite:///tasks.db
+    """
+    from .dashboard import serve
+
+    with _queue_at(url, name) as queue:
+        server = serve(queue, port=port, host=host, token=token)
+        mode = "actions need the token" if token else "read-only (no --token)"
+        click.echo(f"dashboard of {queue.where} on http://{host}:{server.port}/ ({mode})", err=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+
+
+@main.command()
+@click.argument("url")
+@_QUEUE_OPTION
 @click.option("--dead", is_flag=True, help="Requeue every dead job of the queue.")
 @click.option("--id", "ids", multiple=True, help="Requeue this dead job (repeatable).")
 def requeue(url: str, name: str, dead: bool, ids: tuple[str, ...]) -> None:

@@ -1,0 +1,400 @@
+"""The web dashboard: ``conveyor dashboard URL [--port 8080]``, or mounted in your own app
+(:func:`make_app` is a WSGI application).
+
+Pages are rendered on the server, with no script: the queue's counts, its workers, its jobs per
+state with paging and a task filter, and each job whole with its last error's traceback. The
+pages' data is also a JSON API (``/api/...``) and ``/health`` answers for probes.
+
+Security by default: the server binds to 127.0.0.1; every action (requeue a dead job, requeue
+every dead job, purge) is a POST that needs the token given at start (``--token``, or
+``CONVEYOR_DASHBOARD_TOKEN``), as HTTP basic-auth password or ``Authorization: Bearer``, and a
+CSRF token from the page; without a token configured the dashboard is read-only and refuses
+every action. Everything a job carries is escaped before it is shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+from . import TaskQueue
+
+STATES = ("queued", "running", "done", "dead")
+_PAGE = 50
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border-bottom:1px solid #ddd;padding:.25em .75em;text-align:left;vertical-align:top}
+th{background:#f4f4f4} .n{text-align:right} pre{background:#f8f8f8;padding:.75em;overflow:auto}
+.dead{color:#b00} .gone{color:#b00} .alive{color:#080} nav a{margin-right:1em}
+form.inline{display:inline} .note{color:#666}
+"""
+
+Start = Callable[[str, list[tuple[str, str]]], Any]
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return ""
+    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _shown(data: bytes | None) -> str:
+    if data is None:
+        return ""
+    try:
+        return json.dumps(json.loads(data))
+    except (ValueError, UnicodeDecodeError):
+        return f"<{len(data):,} bytes, not JSON>"
+
+
+class Dashboard:
+    """The dashboard of one queue. ``token``: what actions need (None: read-only)."""
+
+    def __init__(self, queue: TaskQueue, token: str | None = None) -> None:
+        self.queue = queue
+        self.token = token
+        self._secret = secrets.token_bytes(32)
+
+    # -- WSGI ---------------------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start: Start) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        try:
+            if method == "POST":
+                return self._action(environ, path, start)
+            if method not in ("GET", "HEAD"):
+                return _answer(start, "405 Method Not Allowed", "text/plain", b"GET or POST")
+            return self._get(path, query, start)
+        except Exception as exc:  # the storage is away, most likely: say so, keep serving
+            body = f"the queue's storage did not answer: {type(exc).__name__}: {exc}"
+            return _answer(start, "503 Service Unavailable", "text/plain", body.encode())
+
+    def _get(self, path: str, query: dict[str, str], start: Start) -> Iterable[bytes]:
+        if path == "/health":
+            self.queue.stats()
+            return _json(start, {"ok": True})
+        if path == "/api/queue":
+            return _json(start, self._queue_data())
+        if path == "/api/workers":
+            return _json(start, self._workers_data())
+        if path == "/api/jobs":
+            return _json(start, [self._job_data(j) for j in self._jobs(query)])
+        if path.startswith("/api/job/"):
+            job = self.queue.backend.get(path[len("/api/job/") :])
+            if job is None:
+                return _json(start, {"error": "no such job"}, "404 Not Found")
+            return _json(start, self._job_data(job, whole=True))
+        if path == "/":
+            return _html(start, "Queue", self._overview())
+        if path == "/jobs":
+            return _html(start, "Jobs", self._job_list(query))
+        if path.startswith("/job/"):
+            job = self.queue.backend.get(path[len("/job/") :])
+            if job is None:
+                return _html(start, "No such job", "<p>No such job.</p>", "404 Not Found")
+            return _html(start, f"Job {job.id}", self._job_page(job))
+        return _html(start, "Not found", "<p>Nothing here.</p>", "404 Not Found")
+
+    # -- data (the JSON API, and what the pages show) -------------------------------------------
+    def _queue_data(self) -> dict[str, Any]:
+        s = self.queue.stats()
+        return {
+            "queue": self.queue.name,
+            "storage": self.queue.where,
+            "ready": s.queued - s.delayed,
+            "delayed": s.delayed,
+            "running": s.running,
+            "done": s.done,
+            "dead": s.dead,
+            "oldest_waiting_s": s.oldest_waiting_s,
+        }
+
+    def _workers_data(self) -> list[dict[str, Any]]:
+        now = self.queue.now()
+        out = []
+        for w in self.queue.workers():
+            record = json.loads(w.to_json())
+            record["state"] = w.state(now)
+            out.append(record)
+        return out
+
+    def _jobs(self, query: dict[str, str]) -> list[Any]:
+        state = query.get("state") or None
+        if state is not None and state not in STATES:
+            state = None
+        task = query.get("task") or None
+        offset = _int(query.get("offset"), 0)
+        return self.queue.jobs(state, task=task, limit=_PAGE, offset=offset)
+
+    def _job_data(self, job: Any, whole: bool = False) -> dict[str, Any]:
+        data = {
+            "id": job.id,
+            "task": job.task,
+            "state": job.state,
+            "attempts": job.attempts,
+            "lost": job.lost,
+            "enqueued_at": job.enqueued_at,
+            "finished_at": job.finished_at,
+            "error": (job.error or "").strip().splitlines()[-1:] if not whole else job.error,
+        }
+        if whole:
+            data.update(
+                arguments=_shown(job.payload),
+                result=_shown(job.result),
+                priority=job.priority,
+                key=job.key,
+                run_at=job.run_at,
+                lease_until=job.lease_until,
+            )
+        return data
+
+    # -- pages ----------------------------------------------------------------------------------
+    def _overview(self) -> str:
+        q = self._queue_data()
+        rows = "".join(
+            f'<tr><td><a href="/jobs?state={state}">{label}</a></td>'
+            f'<td class="n">{q[label]}</td></tr>'
+            for label, state in (
+                ("ready", "queued"),
+                ("delayed", "queued"),
+                ("running", "running"),
+                ("done", "done"),
+                ("dead", "dead"),
+            )
+        )
+        oldest = q["oldest_waiting_s"]
+        parts = [
+            f"<p>Queue <b>{_e(q['queue'])}</b> at {_e(q['storage'])}. Oldest waiting job: "
+            f"{'-' if oldest is None else f'{oldest:.1f} s'}.</p>",
+            f"<table><tr><th>state</th><th>jobs</th></tr>{rows}</table>",
+        ]
+        if q["dead"]:
+            parts.append(self._form("/queue/requeue-dead", "Requeue every dead job"))
+        parts.append(self._form("/queue/purge", "Purge (queued, done and dead jobs)", confirm=True))
+        workers = self._workers_data()
+        parts.append("<h2>Workers</h2>")
+        if not workers:
+            parts.append('<p class="note">No worker has run here in the last day.</p>')
+        else:
+            now = self.queue.now()
+            trs = "".join(
+                f'<tr><td>{_e(w["id"])}</td><td class="{_e(w["state"])}">{_e(w["state"])}</td>'
+                f"<td>{_e(', '.join(w['queues']))}</td>"
+                f'<td class="n">{w["running"]}/{w["concurrency"]}</td>'
+                f'<td class="n">{w["processed"]}</td><td class="n">{w["failed"]}</td>'
+                f"<td>{now - w['last_beat']:.0f} s ago</td></tr>"
+                for w in workers
+            )
+            parts.append(
+                "<table><tr><th>worker</th><th>state</th><th>queues</th><th>running</th>"
+                f"<th>done</th><th>dead</th><th>last beat</th></tr>{trs}</table>"
+            )
+        return "".join(parts)
+
+    def _job_list(self, query: dict[str, str]) -> str:
+        jobs = self._jobs(query)
+        state, task = query.get("state", ""), query.get("task", "")
+        offset = _int(query.get("offset"), 0)
+        links = " ".join(
+            f'<a href="/jobs?{urlencode({"state": s, "task": task})}">{s}</a>' for s in STATES
+        )
+        rows = "".join(
+            f'<tr><td><a href="/job/{quote(j.id)}">{_e(j.id)}</a></td>'
+            f'<td class="{_e(j.state)}">{_e(j.state)}</td><td>{_e(j.task)}</td>'
+            f'<td class="n">{j.attempts}</td><td>{_when(j.enqueued_at)}</td>'
+            f"<td>{_e(((j.error or '').strip().splitlines() or [''])[-1][:120])}</td></tr>"
+            for j in jobs
+        )
+        search = (
+            f'<form method="get" action="/jobs"><input type="hidden" name="state" '
+            f'value="{_e(state)}"><input name="task" placeholder="task name" value="{_e(task)}">'
+            "<button>Filter</button></form>"
+        )
+        pager = []
+        if offset:
+            prev = urlencode({"state": state, "task": task, "offset": max(0, offset - _PAGE)})
+            pager.append(f'<a href="/jobs?{prev}">previous</a>')
+        if len(jobs) == _PAGE:
+            nxt = urlencode({"state": state, "task": task, "offset": offset + _PAGE})
+            pager.append(f'<a href="/jobs?{nxt}">next</a>')
+        return (
+            f"<p>{links}</p>{search}"
+            "<table><tr><th>id</th><th>state</th><th>task</th><th>tries</th><th>enqueued</th>"
+            f"<th>last error</th></tr>{rows}</table><p>{' '.join(pager)}</p>"
+            + ("" if jobs else '<p class="note">No jobs.</p>')
+        )
+
+    def _job_page(self, job: Any) -> str:
+        rows = [
+            ("state", job.state),
+            ("task", job.task),
+            ("attempts", job.attempts),
+            ("lost", job.lost),
+            ("priority", job.priority),
+            ("key", job.key),
+            ("enqueued", _when(job.enqueued_at)),
+            ("finished", _when(job.finished_at)),
+            ("arguments", _shown(job.payload)),
+            ("result", _shown(job.result)),
+        ]
+        table = "".join(
+            f"<tr><th>{k}</th><td>{_e(v)}</td></tr>" for k, v in rows if v not in ("", None)
+        )
+        parts = [f"<table>{table}</table>"]
+        if job.error:
+            parts.append(f'<h3>Last error</h3><pre id="traceback">{_e(job.error)}</pre>')
+        if job.state == "dead":
+            parts.append(self._form(f"/job/{quote(job.id)}/requeue", "Requeue"))
+        return "".join(parts)
+
+    def _form(self, action: str, label: str, confirm: bool = False) -> str:
+        if self.token is None:
+            return f'<p class="note">{_e(label)}: read-only dashboard (start it with a token).</p>'
+        extra = (
+            '<label><input type="checkbox" name="confirm" value="yes"> yes, I mean it</label> '
+            if confirm
+            else ""
+        )
+        return (
+            f'<form class="inline" method="post" action="{_e(action)}">'
+            f'<input type="hidden" name="csrf" value="{self._csrf()}">{extra}'
+            f"<button>{_e(label)}</button></form> "
+        )
+
+    # -- actions --------------------------------------------------------------------------------
+    def _csrf(self) -> str:
+        return hmac.new(self._secret, b"csrf", hashlib.sha256).hexdigest()
+
+    def _allowed(self, environ: dict[str, Any]) -> bool:
+        if self.token is None:
+            return False
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        secret = ""
+        if given.startswith("Bearer "):
+            secret = given[len("Bearer ") :]
+        elif given.startswith("Basic "):
+            try:
+                secret = base64.b64decode(given[len("Basic ") :]).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return False
+        return hmac.compare_digest(secret.encode(), self.token.encode())
+
+    def _action(self, environ: dict[str, Any], path: str, start: Start) -> Iterable[bytes]:
+        if self.token is None:
+            return _answer(start, "403 Forbidden", "text/plain", b"read-only: no token was set")
+        if not self._allowed(environ):
+            return _answer(
+                start,
+                "401 Unauthorized",
+                "text/plain",
+                b"credentials needed",
+                [("WWW-Authenticate", 'Basic realm="conveyor"')],
+            )
+        size = _int(environ.get("CONTENT_LENGTH"), 0)
+        form = {
+            k: v[0]
+            for k, v in parse_qs(environ["wsgi.input"].read(min(size, 65536)).decode()).items()
+        }
+        bearer = environ.get("HTTP_AUTHORIZATION", "").startswith("Bearer ")
+        # a browser sends basic-auth credentials by itself: its forms must carry the CSRF
+        # token of a page this dashboard rendered (an API client with a bearer token need not)
+        if not bearer and not hmac.compare_digest(form.get("csrf", ""), self._csrf()):
+            return _answer(start, "403 Forbidden", "text/plain", b"missing or wrong CSRF token")
+        back = "/"
+        if path == "/queue/requeue-dead":
+            self.queue.requeue_dead()
+        elif path == "/queue/purge":
+            if form.get("confirm") != "yes":
+                return _answer(start, "400 Bad Request", "text/plain", b"purge needs confirm=yes")
+            self.queue.purge()
+        elif path.startswith("/job/") and path.endswith("/requeue"):
+            job_id = path[len("/job/") : -len("/requeue")]
+            if not self.queue.requeue(job_id):
+                return _answer(start, "409 Conflict", "text/plain", b"that job is not dead")
+            back = f"/job/{quote(job_id)}"
+        else:
+            return _answer(start, "404 Not Found", "text/plain", b"no such action")
+        start("303 See Other", [("Location", back), ("Content-Length", "0")])
+        return [b""]
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _answer(
+    start: Start,
+    status: str,
+    kind: str,
+    body: bytes,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    start(
+        status,
+        [
+            ("Content-Type", kind),
+            ("Content-Length", str(len(body))),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+            ("X-Frame-Options", "DENY"),
+            *(headers or []),
+        ],
+    )
+    return [body]
+
+
+def _json(start: Start, data: Any, status: str = "200 OK") -> list[bytes]:
+    return _answer(start, status, "application/json", json.dumps(data).encode())
+
+
+def _html(start: Start, title: str, body: str, status: str = "200 OK") -> list[bytes]:
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)} - conveyor</title>"
+        f'<style>{_CSS}</style></head><body><nav><a href="/">queue</a>'
+        + "".join(f'<a href="/jobs?state={s}">{s}</a>' for s in STATES)
+        + f"</nav><h1>{_e(title)}</h1>{body}"
+        f'<p class="note">{_when(time.time())}</p></body></html>'
+    )
+    return _answer(start, status, "text/html; charset=utf-8", page.encode())
+
+
+def make_app(queue: TaskQueue, token: str | None = None) -> Dashboard:
+    """The dashboard of ``queue`` as a WSGI application, to serve or mount in your own app."""
+    return Dashboard(queue, token)
+
+
+def serve(
+    queue: TaskQueue, port: int = 8080, host: str = "127.0.0.1", token: str | None = None
+) -> Any:
+    """A threaded WSGI server for the dashboard (``server.serve_forever()``; ``server.port``)."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    class _Threaded(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    server = make_server(host, port, make_app(queue, token), _Threaded, handler_class=_Quiet)
+    server.port = server.server_address[1]  # type: ignore[attr-defined]
+    return server

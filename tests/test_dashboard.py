@@ -1,0 +1,211 @@
+"""The web dashboard: its pages, JSON API and actions over HTTP, its security rules, and end to
+end in headless Chromium (Debian's ``chromium``, driven by Playwright)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor import TaskQueue
+from conveyor.dashboard import serve
+
+from .conftest import eventually
+
+EVIL = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[TaskQueue]:
+    q = TaskQueue(f"sqlite:///{tmp_path / 'q.db'}")
+    yield q
+    q.close()
+
+
+class Served:
+    def __init__(self, queue: TaskQueue, token: str | None) -> None:
+        self.server = serve(queue, port=0, token=token)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.server.port}"
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def post(self, path: str, form: dict[str, str], auth: str | None = None) -> int:
+        request = urllib.request.Request(
+            self.base + path, data="&".join(f"{k}={v}" for k, v in form.items()).encode()
+        )
+        if auth:
+            request.add_header("Authorization", auth)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def dead_job(queue: TaskQueue) -> str:
+    @queue.task(name="boom", retries=0)
+    def boom(text: str) -> None:
+        raise ValueError(f"bad {text}")
+
+    handle = boom.enqueue(EVIL)
+    queue.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
+    assert handle.status() == "dead"
+    return handle.id
+
+
+def basic(password: str) -> str:
+    return "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()
+
+
+def test_pages_and_api_show_the_queue_and_escape_what_jobs_carry(
+    queue: TaskQueue, dead_job: str
+) -> None:
+    served = Served(queue, token=None)
+    try:
+        assert served.server.server_address[0] == "127.0.0.1"
+        assert served.get("/health") == (200, '{"ok": true}')
+        status, body = served.get("/api/queue")
+        assert status == 200 and json.loads(body)["dead"] == 1
+        status, body = served.get("/api/jobs?state=dead")
+        assert [j["id"] for j in json.loads(body)] == [dead_job]
+        status, body = served.get(f"/api/job/{dead_job}")
+        assert "ValueError: bad <script>" in json.loads(body)["error"]  # JSON: data as it is
+        assert served.get("/api/job/nosuch")[0] == 404
+        for path in ("/", "/jobs?state=dead", f"/job/{dead_job}", "/jobs?task=%3Cb%3E"):
+            status, page = served.get(path)
+            assert status == 200, path
+            assert "<script>" not in page, path  # nothing a job carries is markup
+        page = served.get(f"/job/{dead_job}")[1]
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "Traceback" in page
+        assert "read-only dashboard" in page
+        assert served.get("/job/nosuch")[0] == 404
+    finally:
+        served.close()
+
+
+def test_actions_need_the_token_and_a_csrf_token(queue: TaskQueue, dead_job: str) -> None:
+    readonly = Served(queue, token=None)
+    try:
+        assert readonly.post(f"/job/{dead_job}/requeue", {}, basic("x")) == 403
+    finally:
+        readonly.close()
+    served = Served(queue, token="s3cret")
+    try:
+        path = f"/job/{dead_job}/requeue"
+        assert served.post(path, {}) == 401  # no credentials
+        assert served.post(path, {}, basic("wrong")) == 401
+        assert served.post(path, {"csrf": "forged"}, basic("s3cret")) == 403
+        assert queue.job(dead_job).status() == "dead"
+        page = served.get(f"/job/{dead_job}")[1]
+        csrf = page.split('name="csrf" value="')[1].split('"')[0]
+        assert served.post(path, {"csrf": csrf}, basic("s3cret")) == 200  # 303, followed
+        assert queue.job(dead_job).status() == "queued"
+        assert served.post(path, {"csrf": csrf}, basic("s3cret")) == 409  # not dead any more
+        # an API client with a bearer token needs no page, hence no CSRF token
+        assert served.post("/queue/purge", {}, "Bearer s3cret") == 400  # confirm=yes first
+        assert served.post("/queue/purge", {"confirm": "yes"}, "Bearer s3cret") == 200
+        assert queue.stats().queued == 0
+    finally:
+        served.close()
+
+
+def chromium() -> str:
+    """Debian's chromium, installed here if it is missing (the tests run as root)."""
+    found = shutil.which("chromium")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+            check=False,
+            timeout=600,
+        )
+        found = shutil.which("chromium")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("BROWSER TESTS NOT RUN: no chromium, and it could not be installed")
+        pytest.skip("BROWSER TESTS NOT RUN: no chromium (apt-get install chromium)")
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_in_a_browser_a_dead_job_is_seen_requeued_and_done(
+    queue: TaskQueue, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from .tasks.conftest import Running
+
+    fixed = threading.Event()
+
+    @queue.task(name="flaky", retries=0)
+    def flaky(text: str) -> str:
+        if not fixed.is_set():
+            raise ValueError(f"bad {text}")
+        return "fine"
+
+    handle = flaky.enqueue(EVIL)
+    queue.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
+    served = Served(queue, token="s3cret")
+    shots = Path(os.environ.get("CONVEYOR_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    running = None
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            context = browser.new_context(http_credentials={"username": "a", "password": "s3cret"})
+            page = context.new_page()
+            dialogs: list[Any] = []
+
+            def on_dialog(dialog: Any) -> None:  # an alert() would land here
+                dialogs.append(dialog)
+                dialog.dismiss()
+
+            page.on("dialog", on_dialog)
+            page.goto(served.base + "/")
+            assert page.locator("h1").inner_text() == "Queue"
+            page.screenshot(path=str(shots / "dashboard-queue.png"), full_page=True)
+            page.click("text=dead")
+            page.screenshot(path=str(shots / "dashboard-jobs.png"), full_page=True)
+            page.click(f"text={handle.id}")
+            assert EVIL in page.locator("#traceback").inner_text()  # shown as text
+            page.screenshot(path=str(shots / "dashboard-job.png"), full_page=True)
+            fixed.set()
+            running = Running(queue.worker(poll_s=0.05, handle_signals=False))
+            page.click("button:has-text('Requeue')")
+
+            def done() -> bool:
+                page.reload()
+                return "done" in page.locator("table").first.inner_text()
+
+            eventually(done, 30)
+            assert handle.result(timeout_s=10) == "fine"
+            assert not dialogs  # no script ran: the argument stayed text
+            browser.close()
+    finally:
+        if running is not None:
+            running.stop()
+        served.close()
