@@ -2,7 +2,7 @@
 
 Fails if the build warns (a deprecation today is a broken build tomorrow), if the metadata
 publishes a development-only set as an extra, or if ``pip install conveyor`` and
-``conveyor[redis]`` do not install from the wheel into a fresh environment.
+``conveyor[redis,metrics,otel,top]`` do not install from the wheel into a fresh environment.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = os.environ.get("CONSTRAINTS", str(ROOT / "constraints.txt"))
-PUBLISHED_EXTRAS = {"redis"}
+#: each extra, and a module it must make importable
+PUBLISHED_EXTRAS = {
+    "redis": "redis",
+    "metrics": "prometheus_client",
+    "otel": "opentelemetry.trace",
+    "top": "rich",
+}
 
 
 def pip(python: Path | str, *args: str) -> str:
@@ -47,7 +53,7 @@ def main() -> None:
             meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
             meta = Parser().parsestr(zf.read(meta_name).decode())
         extras = set(meta.get_all("Provides-Extra") or [])
-        if extras != PUBLISHED_EXTRAS:
+        if extras != set(PUBLISHED_EXTRAS):
             sys.exit(f"the wheel publishes extras {sorted(extras)}, not {sorted(PUBLISHED_EXTRAS)}")
         if meta.get("License-Expression") != "MIT":
             sys.exit(f"License-Expression is {meta.get('License-Expression')!r}, not 'MIT'")
@@ -55,15 +61,17 @@ def main() -> None:
             sys.exit("the wheel carries no LICENSE file")
         if not any(n == "conveyor/py.typed" for n in names):
             sys.exit("the wheel carries no py.typed")
-        for spec in (str(wheel), f"conveyor[redis] @ {wheel.as_uri()}"):
+        every = ",".join(sorted(PUBLISHED_EXTRAS))
+        for spec in (str(wheel), f"conveyor[{every}] @ {wheel.as_uri()}"):
             env = out / "env"
             venv.create(env, with_pip=True, clear=True)
             python = env / "bin" / "python"
             pip(python, "install", "--quiet", spec)
             subprocess.run([str(python), "-c", "import conveyor"], check=True)
             subprocess.run([str(env / "bin" / "conveyor"), "--version"], check=True)
-            if "redis" in spec:
-                subprocess.run([str(python), "-c", "import redis"], check=True)
+            if "[" in spec:
+                for module in PUBLISHED_EXTRAS.values():
+                    subprocess.run([str(python), "-c", f"import {module}"], check=True)
     print(f"wheel ok: {wheel.name}, extras {sorted(extras)}")
 
 

@@ -346,6 +346,28 @@ def workers(url: str, as_json: bool) -> None:
 @main.command()
 @click.argument("url")
 @_QUEUE_OPTION
+@click.option("--interval-s", default=1.0, show_default=True, type=click.FloatRange(0.1))
+@click.option("--once", is_flag=True, help="Print one view and exit.")
+def top(url: str, name: str, interval_s: float, once: bool) -> None:
+    """A live view of a queue: jobs per state, rates, the oldest waiting job, and every
+    worker, refreshed in place until Ctrl-C (conveyor[top]).
+
+    \b
+    Example:
+        conveyor top redis://localhost:6379/0
+    """
+    from .top import run
+
+    with _queue_at(url, name) as queue:
+        try:
+            run(queue, interval_s=interval_s, once=once)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.argument("url")
+@_QUEUE_OPTION
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--host",
