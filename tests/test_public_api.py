@@ -17,6 +17,7 @@ EXPECTED = {
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",
+    "JobContext",
     "JobHandle",
     "JobNotFound",
     "ManualClock",
@@ -42,6 +43,7 @@ EXPECTED = {
     "Worker",
     "WorkerCrashed",
     "WouldBlock",
+    "current_job",
 }
 
 

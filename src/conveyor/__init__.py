@@ -42,11 +42,13 @@ from .pipeline import Stage as Stage
 from .pipeline import StageHandle as StageHandle
 from .pipeline import StageOptions as StageOptions
 from .tasks import CancelTask as CancelTask
+from .tasks import JobContext as JobContext
 from .tasks import JobHandle as JobHandle
 from .tasks import RetryTask as RetryTask
 from .tasks import Task as Task
 from .tasks import TaskQueue as TaskQueue
 from .tasks import Worker as Worker
+from .tasks import current_job as current_job
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,7 @@ __all__ = [
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",
+    "JobContext",
     "JobHandle",
     "JobNotFound",
     "ManualClock",
@@ -88,11 +91,12 @@ __all__ = [
     "Worker",
     "WorkerCrashed",
     "WouldBlock",
+    "current_job",
 ]
 
 # Tracebacks and reprs show the public path, not the private module a name lives in.
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type):
+    if isinstance(_obj, type) or callable(_obj):
         _obj.__module__ = "conveyor"
 del _name, _obj

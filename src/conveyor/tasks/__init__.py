@@ -1,6 +1,8 @@
 """Durable task queues: ``TaskQueue``, its tasks and jobs, the worker, and the backends
 (``conveyor.tasks.backends``) they run on."""
 
+from ._jobs import JobContext as JobContext
+from ._jobs import current_job as current_job
 from ._queue import CancelTask as CancelTask
 from ._queue import JobHandle as JobHandle
 from ._queue import RetryTask as RetryTask

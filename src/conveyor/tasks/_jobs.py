@@ -6,19 +6,22 @@ abandons and replaces a stuck thread or kills and replaces a process, a crash th
 the job it was running, cloudpickle and the start method for processes, recycling.
 
 There is one :class:`JobSource` per kind a worker uses (made when its first job of that kind
-comes). A job is a unit of one item, ``(run_key, task_key, args, kwargs)``; the kind reports
-its outcome, and the source hands it to the worker on its loop. A job is never tried again in
-place: a failure goes back to the worker, which retries it through its queue (with backoff,
-counted as an attempt) or makes it dead.
+comes). A job is a unit of one item, ``(run_key, task_key, args, kwargs, context)``; the kind
+reports its outcome, and the source hands it to the worker on its loop. A job is never tried
+again in place: a failure goes back to the worker, which retries it through its queue (with
+backoff, counted as an attempt) or makes it dead. ``context`` is what :func:`current_job`
+gives the task's code while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .._engine import KINDS, SYSTEM_CLOCK, Buffer, BufferShutdown, Clock, PoolContext, StepSpec
@@ -40,6 +43,40 @@ class Outcomes(Protocol):
     def pool_failed(self, kind: str, error: BaseException) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """The job a task's code runs for (:func:`conveyor.current_job`)."""
+
+    id: str
+    queue: str
+    task: str
+    attempt: int
+    """1 for the first run, 2 for the first retry, ..."""
+    enqueued_at: float
+    lease_until: float | None
+    """when the lease taken for this attempt would lapse without a heartbeat (the worker
+    renews it while the job runs)"""
+
+
+_CURRENT: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
+    "conveyor_current_job", default=None
+)
+
+
+def current_job() -> JobContext | None:
+    """The job the calling task runs for, or None outside a task. Works in every kind of
+    task: thread, process, async and inline."""
+    return _CURRENT.get()
+
+
+async def _in_context(context: JobContext, awaitable: Any) -> Any:
+    token = _CURRENT.set(context)
+    try:
+        return await awaitable
+    finally:
+        _CURRENT.reset(token)
+
+
 class JobWork:
     """What one worker of a kind runs: the call a job stands for."""
 
@@ -54,9 +91,16 @@ class JobWork:
     def teardown(self) -> None:
         return None
 
-    def call(self, item: tuple[str, str, list[Any], dict[str, Any]]) -> Any:
-        _, task_key, args, kwargs = item
-        return self.functions[task_key](*args, **kwargs)
+    def call(self, item: tuple[str, str, list[Any], dict[str, Any], JobContext]) -> Any:
+        _, task_key, args, kwargs, context = item
+        token = _CURRENT.set(context)
+        try:
+            result = self.functions[task_key](*args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+        if hasattr(result, "__await__"):  # a coroutine runs later: it gets the job too
+            return _in_context(context, result)
+        return result
 
 
 class JobSource:
@@ -110,8 +154,8 @@ class JobSource:
 
     # -- from the worker (on its loop) ----------------------------------------------------------
     def feed(self, run_key: str, task_key: str, args: list[Any], kwargs: dict[str, Any],
-             timeout_s: float | None) -> None:  # fmt: skip
-        unit = Unit(0, [(run_key, task_key, args, kwargs)])
+             timeout_s: float | None, context: JobContext) -> None:  # fmt: skip
+        unit = Unit(0, [(run_key, task_key, args, kwargs, context)])
         unit.ref = run_key
         unit.timeout_s = timeout_s
         self._busy += 1

@@ -42,7 +42,7 @@ from .._errors import (
     ItemTimeout,
     WorkerCrashed,
 )
-from ._jobs import KIND_OF_EXECUTOR, JobSource
+from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
 from .backends import Job, Lease
 from .backends.base import WorkerInfo
@@ -643,7 +643,15 @@ class Worker:
         except Exception as exc:
             return await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
         try:
-            result = await self._call(task, lease.token, args, kwargs)
+            context = JobContext(
+                id=job.id,
+                queue=queue.name,
+                task=job.task,
+                attempt=job.attempts,
+                enqueued_at=job.enqueued_at,
+                lease_until=job.lease_until,
+            )
+            result = await self._call(task, lease.token, args, kwargs, context)
         except RetryTask as signal_:
             return await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
         except CancelTask as signal_:
@@ -684,7 +692,12 @@ class Worker:
         return "not kept"
 
     async def _call(
-        self, task: Task[Any, Any], run_key: str, args: list[Any], kwargs: dict[str, Any]
+        self,
+        task: Task[Any, Any],
+        run_key: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        context: JobContext,
     ) -> Any:
         """Run the job on its kind's pool and wait for what it returned (or raise what it
         raised)."""
@@ -693,7 +706,7 @@ class Worker:
         outcome: asyncio.Future[tuple[bool, Any]] = self._loop.create_future()
         self._outcomes[run_key] = outcome
         try:
-            source.feed(run_key, _task_key(task), args, kwargs, task.options.timeout_s)
+            source.feed(run_key, _task_key(task), args, kwargs, task.options.timeout_s, context)
             returned, value = await outcome
         finally:
             self._outcomes.pop(run_key, None)
