@@ -349,3 +349,120 @@ def test_pymulproc_max_size_makes_send_raise_after_its_tries() -> None:
     assert parent.receive(block=True)[3] == 1
     child.send("FINISHED", data=3)
     assert [parent.receive(block=True)[3] for _ in range(2)] == [2, 3]
+
+
+def say_hi(end: Any, *extra: Any) -> None:
+    end.send("HI")
+
+
+def test_sends_to_a_pipe_child_that_closed_raise_instead_of_filling_the_pipe() -> None:
+    parent, child = open_channel("pipe")
+    p = multiprocessing.get_context("fork").Process(target=say_hi, args=(child,))
+    p.start()
+    assert parent.receive(timeout_s=30).request == "HI"
+    p.join(10)
+    with pytest.raises(ClosedResourceError):
+        for _ in range(100):  # 10 MB: far more than the pipe holds
+            parent.send("DO", b"x" * 100_000)
+    parent.close()
+
+
+def send_until_broken(end: Any, result: Any) -> None:
+    try:
+        while True:
+            end.send("UP", b"x" * 100_000)
+    except BrokenResourceError:
+        result.set()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "queue"])
+def test_a_child_sending_learns_that_its_parent_closed(kind: str) -> None:
+    ctx: Any = multiprocessing.get_context("fork")
+    parent, child = open_channel(kind)
+    broken = ctx.Event()
+    p = ctx.Process(target=send_until_broken, args=(child, broken))
+    p.start()
+    parent.receive(timeout_s=30)
+    parent.close()  # the child keeps writing: it must not block on a pipe no one reads
+    assert broken.wait(30)
+    p.join(10)
+
+
+def take_one_and_leave(end: Any) -> None:
+    end.receive(timeout_s=30)
+
+
+def test_a_queue_child_that_closed_gets_no_more_messages() -> None:
+    ctx: Any = multiprocessing.get_context("fork")
+    parent, child = open_channel("queue")
+    leaver = ctx.Process(target=take_one_and_leave, args=(child,))
+    stayer = ctx.Process(target=answer_all, args=(child,))
+    leaver.start()
+    stayer.start()
+    parent.send("DO", -1, recipient=leaver.pid)
+    leaver.join(10)
+    parent.send("DO", -2, recipient=stayer.pid)
+    assert parent.receive(timeout_s=30).data[1] == -2  # both were there; one has left
+    for i in range(20):
+        parent.send("DO", i)
+    assert sorted(parent.receive(timeout_s=30).data[1] for _ in range(20)) == list(range(20))
+    with pytest.raises(BrokenResourceError):
+        parent.send("DO", 0, recipient=leaver.pid)
+    parent.send("STOP", recipient=stayer.pid)
+    stayer.join(10)
+    parent.close()
+
+
+def grandparent_of_one(end: Any) -> None:
+    g = multiprocessing.get_context("fork").Process(target=say_hi, args=(end,))
+    g.start()
+    g.join(30)
+    for i in range(5):
+        end.send("FROM-CHILD", i)
+    end.receive(timeout_s=30)
+
+
+def test_a_grandchild_holding_a_pipe_end_does_not_stand_for_the_child() -> None:
+    parent, child = open_channel("pipe")
+    p = multiprocessing.get_context("fork").Process(target=grandparent_of_one, args=(child,))
+    p.start()
+    got = [parent.receive(timeout_s=30) for _ in range(6)]  # the grandchild's HI, then five
+    assert [m.data for m in got if m.request == "FROM-CHILD"] == list(range(5))
+    parent.send("BYE")  # the child is still there to take it
+    p.join(10)
+    assert p.exitcode == 0
+    parent.close()
+
+
+def test_a_start_that_failed_is_not_waited_for() -> None:
+    parent, child = open_channel("queue")
+    ctx: Any = multiprocessing.get_context("spawn")
+    with pytest.raises(TypeError):  # a lock cannot be pickled for a spawned child
+        ctx.Process(target=say_hi, args=(child, threading.Lock())).start()
+    p = ctx.Process(target=say_hi, args=(child,))
+    p.start()
+    p.join(30)
+    assert parent.receive(timeout_s=30).request == "HI"
+    with pytest.raises(ClosedResourceError):
+        parent.receive(timeout_s=30)  # ends: no process from the failed start is awaited
+    parent.close()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "queue"])
+def test_closing_an_end_ends_a_receive_waiting_on_another_thread(kind: str) -> None:
+    parent, child = open_channel(kind)
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            parent.receive(timeout_s=60)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.05)  # let it wait (if it has not started yet, it finds the end closed)
+    parent.close()
+    thread.join(10)
+    assert not thread.is_alive() and isinstance(raised[0], ClosedResourceError)
+    child.close()

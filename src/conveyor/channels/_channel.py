@@ -51,6 +51,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -59,6 +60,9 @@ from .._errors import BrokenResourceError, ClosedResourceError, ItemNotSendable,
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _LIVENESS_S = 0.2
+#: how long a process being started may take to have a pid before its start counts as failed
+#: (a failed start is seen at once: its Popen is dropped; this is the backstop)
+_START_S = 60.0
 #: how long the parent's reader thread leaves reading to receivers after the last one
 _LINGER_S = 0.02
 #: how long a slice of waiting for room is, between looks at whether the other side is alive
@@ -183,7 +187,15 @@ def undelivered_of(frames: list[bytes]) -> list[Message]:
 _PARENT_ENDS: weakref.WeakValueDictionary[str, _End] = weakref.WeakValueDictionary()
 _FORK_LAUNCH = multiprocessing.popen_fork.Popen._launch.__code__  # type: ignore[attr-defined]
 _BOOTSTRAP = multiprocessing.process.BaseProcess._bootstrap.__code__  # type: ignore[attr-defined]
-_SKIP = (type, type(os), type(len), type(lambda: 0), str, bytes, bytearray, int, float)
+_SKIP = (type, type(os), type(len), str, bytes, bytearray, int, float)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def _child_ends_in(proc: Any, limit: int = 5000) -> set[str]:
@@ -204,7 +216,7 @@ def _child_ends_in(proc: Any, limit: int = 5000) -> set[str]:
             if obj.role == "child":
                 found.add(obj.token)
             continue
-        if depth >= 4:
+        if depth >= 6:
             continue
         items: Any
         if isinstance(obj, dict):
@@ -213,6 +225,9 @@ def _child_ends_in(proc: Any, limit: int = 5000) -> set[str]:
             items = obj
         elif hasattr(obj, "__self__"):  # a bound method: its object
             items = [obj.__self__]
+        elif isinstance(obj, types.FunctionType):  # a closure or a lambda: what it holds
+            cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+            items = [*cells, *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
         else:
             try:
                 items = [*vars(obj).values(), *getattr(obj, "args", ()), getattr(obj, "func", None)]
@@ -241,7 +256,8 @@ def _after_fork_in_parent() -> None:
         return
     for token in _child_ends_in(proc):
         end = _PARENT_ENDS.get(token)
-        if end is not None:
+        # a child that forks inherits its parent's parent ends: they are not its to use
+        if end is not None and end.parent_pid == os.getpid() and not end._closed:
             end._expect(popen)
 
 
@@ -262,7 +278,11 @@ def _exiting() -> tuple[bool, str]:
         if frame.f_code is _BOOTSTRAP:
             return True, ""
         frame = frame.f_back
-    return multiprocessing.parent_process() is None, ""
+    # outside Process._bootstrap: a child of multiprocessing that failed while it started
+    # (unpickling its arguments), or a process of another kind ending as it does
+    if multiprocessing.current_process().name != "MainProcess":
+        return False, "it failed while starting"
+    return True, ""
 
 
 class _End:
@@ -286,6 +306,8 @@ class _End:
         self._setup_local()
         if role == "child":
             multiprocessing.util.register_after_fork(self, _End._forked)
+        else:
+            multiprocessing.util.register_after_fork(self, _End._forked_parent)
 
     def _setup_local(self) -> None:
         self._owner_pid: int | None = None  # the process this end was first used in
@@ -335,6 +357,19 @@ class _End:
         if self.token in _child_ends_in(multiprocessing.current_process()):
             self._arm_exit()
 
+    def _forked_parent(self) -> None:
+        """In a child forked by ``multiprocessing``: the parent's end came along in memory.
+        Close what it holds open, so that the parent's going away shows in the child."""
+        self._setup_local()
+        self._closed = True
+        for conn in self._inherited():
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _inherited(self) -> list[Any]:
+        """The parent's side of the channel, as a forked child inherits it."""
+        return []
+
     def _arm_exit(self) -> None:
         """Say at exit how this process ended (once per process)."""
         if self._armed_pid == os.getpid():
@@ -369,6 +404,8 @@ class _End:
     def _expect(self, popen: Any) -> None:
         """Parent: a process holding the child end is starting (``popen.pid`` is set, or will
         be the moment it has started)."""
+        if os.getpid() != self.parent_pid or self._closed:
+            return
         self._arrive()
         inbox = self._inbox_here()
         if inbox is not None:
@@ -381,8 +418,9 @@ class _End:
         with self._lock:
             if self._owner_pid == os.getpid():
                 return
-            self._owner_pid = os.getpid()
             self._first_use()
+            # only now: another thread of this process must not use a half-made end
+            self._owner_pid = os.getpid()
 
     def _first_use(self) -> None:
         raise NotImplementedError
@@ -546,6 +584,7 @@ class _End:
     ) -> Message:
         looked = False
         while True:
+            self._check_open()  # closed by another thread meanwhile
             with inbox.cond:
                 found = self._take_backlog(where)
                 if found is not None:
@@ -588,6 +627,7 @@ class _End:
         peers = [] if parent is None else [parent]
         looked = False
         while True:
+            self._check_open()
             with self._cv:
                 found = self._take_backlog(where)
                 if found is not None:
@@ -627,6 +667,7 @@ class _End:
             try:
                 frame = conn.recv_bytes()
             except (EOFError, OSError):
+                self._check_open()  # this end was closed under the wait
                 raise BrokenResourceError(
                     "the parent closed the channel or died", pid=self.parent_pid
                 ) from None
@@ -697,12 +738,14 @@ class _Inbox:
         on_control: Callable[[Any, bytes, int, str], None] | None = None,
         on_death: Callable[[int], list[Message]] | None = None,
         settling: Callable[[], bool] | None = None,
+        on_bye: Callable[[int], None] | None = None,
     ) -> None:
         self.conns = list(conns)
         self.more_coming = more_coming  # connections will be added: never at an end
         self.on_control = on_control
         self.on_death = on_death
         self.settling = settling
+        self.on_bye = on_bye
         self.conn_pid: dict[Any, int] = {}
         self.items: collections.deque[Message] = collections.deque()
         self.cond = threading.Condition()
@@ -715,10 +758,14 @@ class _Inbox:
         self.byes = 0
         self._had_any = bool(conns)
         self._watching: set[int] = set()
+        #: the first process watched: on a pipe channel, the child (a process it started that
+        #: holds the end too, a grandchild, is watched but does not stand for it)
+        self.first: int | None = None
         self._watched: dict[int, _Peer] = {}
         self._polled: list[_Peer] = []
-        self._expected: list[Any] = []  # Popen objects whose pid is not known yet
-        self._said_bye: set[int] = set()
+        # Popen objects whose pid is not known yet, and since when
+        self._expected: list[tuple[Any, float]] = []
+        self.said_bye: set[int] = set()
         self._failed: dict[int, str] = {}
         self.left: set[int] = set()  # ended normally without using the channel
         self._reported: set[int] = set()
@@ -792,7 +839,7 @@ class _Inbox:
     def expect(self, popen: Any) -> None:
         """Watch the process ``popen`` starts, as soon as its pid is known."""
         with self.cond:
-            self._expected.append(popen)
+            self._expected.append((weakref.ref(popen), time.monotonic()))
             self.cond.notify_all()
             self._wake()
 
@@ -806,11 +853,16 @@ class _Inbox:
     def _merge_new(self) -> None:
         """Take in added connections and started processes (cond held)."""
         if self._expected:
-            for popen in list(self._expected):
+            now = time.monotonic()
+            for ref, since in list(self._expected):
+                popen = ref()
                 pid = getattr(popen, "pid", None)
                 if pid is not None:
-                    self._expected.remove(popen)
+                    self._expected.remove((ref, since))
                     self._watch(pid)
+                elif popen is None or now - since > _START_S:
+                    # its start failed (the Popen was dropped): no process will come
+                    self._expected.remove((ref, since))
         if not self._new:
             return
         new, self._new = self._new, []
@@ -824,12 +876,19 @@ class _Inbox:
     def _watch(self, pid: int) -> None:
         if pid in self._watching or pid == os.getpid():
             return
+        if self.first is None:
+            self.first = pid
         self._watching.add(pid)
         peer = _Peer(pid)
         if peer.fd is not None:
             self._watched[peer.fd] = peer
         else:
             self._polled.append(peer)
+
+    def reported(self) -> bool:
+        """Some child's death has been seen."""
+        with self.cond:
+            return bool(self._reported)
 
     def expecting(self) -> bool:
         """A process holding the child end is starting and its pid is not known yet."""
@@ -896,9 +955,11 @@ class _Inbox:
             return
         if tag == BYE:
             with self.cond:
-                self._said_bye.add(pid)
+                self.said_bye.add(pid)
                 self.byes += 1
                 self.cond.notify_all()
+            if self.on_bye is not None:
+                self.on_bye(pid)
         elif tag == LEAVE:
             self.forget(pid)
         elif tag == FAIL:
@@ -982,7 +1043,7 @@ class _Inbox:
 
     def _died(self, pid: int) -> None:
         with self.cond:
-            if pid in self._said_bye or pid in self._reported or pid in self.left:
+            if pid in self.said_bye or pid in self._reported or pid in self.left:
                 return
             self._reported.add(pid)
         why = self._failed.get(pid)
@@ -1022,8 +1083,9 @@ class PipeEnd(_End):
         self._send_lock = threading.Lock()
         self._child_conn = None
         self._death_told = False
+        self._child_gone: int | None = None  # the child that died (parent): sends refused
 
-    _LOCAL = (*_End._LOCAL, "_inbox", "_send_lock", "_child_conn", "_death_told")
+    _LOCAL = (*_End._LOCAL, "_inbox", "_send_lock", "_child_conn", "_death_told", "_child_gone")
 
     def _first_use(self) -> None:
         """Announce this process, watch the peer, start reading if parent."""
@@ -1033,7 +1095,14 @@ class PipeEnd(_End):
             with self._send_lock:
                 self._conn.send_bytes(control(HELLO, os.getpid()))
         else:
-            self._inbox = _Inbox([self._conn], on_death=self._reclaim)
+            self._inbox = _Inbox([self._conn], on_death=self._reclaim, on_bye=self._bye)
+
+    def _bye(self, pid: int) -> None:
+        """The child closed its end: what was sent and not read is dropped, and a send
+        blocked on the full pipe ends (it raises, as every later one does)."""
+        assert self._inbox is not None
+        if pid == self._inbox.first:
+            self._reclaim(pid)
 
     def _reclaim(self, pid: int) -> list[Message]:
         """The child died: what the parent sent that it never read, read back from its side
@@ -1041,25 +1110,71 @@ class PipeEnd(_End):
         assert self._inbox is not None
         if self._child_conn is None or self._inbox.watching() - {pid}:
             return []
-        undelivered = undelivered_of(drain(self._child_conn))
+        frames: list[bytes] = []
+        # a send blocked on the full pipe holds the send lock: reading the pipe lets it end,
+        # and what it wrote is read back with the rest
+        while not self._send_lock.acquire(timeout=0.05):
+            frames.extend(drain(self._child_conn))
+        try:
+            self._child_gone = pid
+            frames.extend(drain(self._child_conn))
+        finally:
+            self._send_lock.release()
+        undelivered = undelivered_of(frames)
         self._give_room(len(undelivered), sent_here=True)
         return undelivered
 
     def _check_can_send(self, recipient: int | None) -> None:
-        if self._inbox is not None and self._inbox.dead:
+        if self._inbox is None:
+            return
+        if self._child_died(self._inbox):
             raise self._death(self._inbox)
+        closed = self._child_closed(self._inbox)
+        if closed is not None:
+            raise closed
+
+    @staticmethod
+    def _child_died(inbox: _Inbox) -> bool:
+        return any(e.pid in (inbox.first, None) for e in inbox.dead) or (
+            bool(inbox.dead) and inbox.first is None
+        )
+
+    def _gone_error(self) -> Exception:
+        """Why a send cannot go: the child closed its end, or died (its death, as reported,
+        once the reader has finished handling it)."""
+        inbox = self._inbox
+        assert inbox is not None
+        with inbox.cond:
+            inbox.cond.wait_for(lambda: inbox.dead or inbox.byes, timeout=5)
+        if inbox.dead:
+            return self._death(inbox)
+        return self._child_closed(inbox) or BrokenResourceError("the child process is gone")
+
+    def _child_closed(self, inbox: _Inbox) -> ClosedResourceError | None:
+        """The child closed its end, or ended without using it: nothing sent reaches it."""
+        child = inbox.first
+        if inbox.byes and (child is None or child in inbox.said_bye):
+            return ClosedResourceError("the child end closed the channel")
+        if child in inbox.left and child not in inbox.watching() and not inbox.expecting():
+            return ClosedResourceError(f"the child process {child} ended without using the channel")
+        return None
 
     def _deliver(self, payload: bytes, recipient: int | None) -> None:
         try:
             with self._send_lock:
+                if self._child_gone is not None:
+                    raise self._gone_error()
                 self._conn.send_bytes(payload)
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
             raise BrokenResourceError(f"the {self._other()} end is gone: {exc}") from None
 
     def _check_receiver(self) -> None:
         if self._inbox is not None:
-            if self._inbox.dead:
+            if self._child_died(self._inbox):
                 raise self._death(self._inbox)
+            closed = self._child_closed(self._inbox)
+            if closed is not None:
+                raise closed
         elif (
             self._peers.get(self.parent_pid) is not None
             and not self._peers[self.parent_pid].alive()
@@ -1070,10 +1185,17 @@ class PipeEnd(_End):
         """The child's death: the first report carries what it never took; every later one
         is a fresh error saying the same."""
         first = inbox.dead[0]
+        if inbox.first is not None and first.pid not in (inbox.first, None):
+            # another process holding the end (a grandchild) died: not the child; said once
+            inbox.dead.pop(0)
+            return first
         if not self._death_told:
             self._death_told = True
             return first
         return BrokenResourceError(*first.args, pid=first.pid)
+
+    def _inherited(self) -> list[Any]:
+        return [self._conn]
 
     def _say_leaving(self) -> None:
         with self._send_lock:
@@ -1095,11 +1217,9 @@ class PipeEnd(_End):
     def _nothing_left(self, inbox: _Inbox) -> Exception | None:
         if inbox.dead:
             return self._death(inbox)
-        if inbox.byes:
-            return ClosedResourceError("the child end closed the channel")
-        if inbox.left and not inbox.watching() and not inbox.expecting():
-            pid = next(iter(inbox.left))
-            return ClosedResourceError(f"the child process {pid} ended without using the channel")
+        closed = self._child_closed(inbox)
+        if closed is not None:
+            return closed
         if inbox.eof:
             return BrokenResourceError("the child process died")
         return None
@@ -1112,10 +1232,14 @@ class PipeEnd(_End):
         if self._owner_pid == os.getpid():
             with contextlib.suppress(Exception), self._send_lock:
                 self._conn.send_bytes(control(BYE, os.getpid()))
+        with self._cv:
+            self._cv.notify_all()  # receivers waiting on this end look again, and leave
         if self._inbox is not None:
             self._inbox.stop()
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        for conn in (self._conn, self._child_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
         for peer in self._peers.values():
             peer.close()
 

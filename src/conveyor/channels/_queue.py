@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -45,6 +46,8 @@ from ._channel import (
     parse_control,
     undelivered_of,
 )
+
+log = logging.getLogger("conveyor.channels")
 
 #: a hand-over record on the socket: a tag and a pid; "H" comes with three descriptors
 _RECORD = struct.Struct("cq")
@@ -119,6 +122,7 @@ class QueueEnd(_End):
                 more_coming=True,
                 on_control=self._on_control,
                 on_death=self._reclaim,
+                on_bye=self._closed_by_child,
                 settling=self._handing_over,
             )
             self._handshakes = threading.Thread(
@@ -142,6 +146,9 @@ class QueueEnd(_End):
             socket.send_fds(sock, [_RECORD.pack(tag, os.getpid())], fds)
         finally:
             sock.close()
+
+    def _inherited(self) -> list[Any]:
+        return [self._hs_parent]
 
     def _say_leaving(self) -> None:
         self._hand_over(_LEAVE_RECORD, [])
@@ -268,6 +275,18 @@ class QueueEnd(_End):
         self._give_room(len(undelivered), sent_here=True)
         return undelivered
 
+    def _closed_by_child(self, pid: int) -> None:
+        """A child closed its end: no more messages for it. Those without a recipient that it
+        never took go on to another child; addressed ones cannot be delivered any more."""
+        lost = self._reclaim(pid)
+        if lost:
+            log.warning(
+                "channel: child process %s closed its end with %d message(s) addressed to it "
+                "unread; they are dropped",
+                pid,
+                len(lost),
+            )
+
     # -- sending --------------------------------------------------------------------------------
     def _check_can_send(self, recipient: int | None) -> None:
         if self.role == "parent" and recipient is not None and recipient in self._gone:
@@ -300,8 +319,10 @@ class QueueEnd(_End):
             if self._parent is not None and not self._parent.alive():
                 raise BrokenResourceError("the parent process died", pid=self.parent_pid)
             return
-        assert self._inbox is not None
-        if self._had_children and not self._children and not self._inbox.watching():
+        inbox = self._inbox
+        assert inbox is not None
+        ended = self._had_children or inbox.left or inbox.reported()
+        if ended and not self._children and not inbox.watching() and not inbox.expecting():
             raise BrokenResourceError("every child of the channel is gone")
 
     # -- receiving ------------------------------------------------------------------------------
@@ -376,6 +397,10 @@ class QueueEnd(_End):
                     for child in children:
                         child.write(bye)
                         child.shut()
+        with self._cv:
+            self._cv.notify_all()  # receivers waiting on this end look again, and leave
+        if self._inbox is not None:
+            self._inbox.stop()  # before the descriptors it reads close
         if self._handshakes is not None:
             # no child arrives after the parent left: end the hand-over thread (shutting the
             # socket down wakes its select), then close the socket pair in this process
@@ -388,7 +413,6 @@ class QueueEnd(_End):
             for end in (self._hs_parent, self._hs_child):
                 end.close()
         if self._inbox is not None:
-            self._inbox.stop()
             for conn in self._inbox.conns:
                 with contextlib.suppress(OSError):
                     conn.close()
