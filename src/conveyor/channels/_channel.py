@@ -275,14 +275,50 @@ def _exiting() -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
     frame: Any = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _BOOTSTRAP:
+        if frame.f_code is _BOOTSTRAP:  # Python 3.11, 3.12: the target has just ended
             return True, ""
         frame = frame.f_back
+    ended = _EXIT_CODE.get(os.getpid())
+    if ended is not None:  # Python 3.13 and later: _bootstrap said, on its way out
+        return ended == 0, "" if ended == 0 else f"it exited with code {ended}"
     # outside Process._bootstrap: a child of multiprocessing that failed while it started
     # (unpickling its arguments), or a process of another kind ending as it does
     if multiprocessing.current_process().name != "MainProcess":
         return False, "it failed while starting"
     return True, ""
+
+
+#: the exit code ``Process._bootstrap`` ended with, by pid (Python 3.13 and later run the
+#: finalizers after it has returned, with no trace of how the target ended)
+_EXIT_CODE: dict[int, int] = {}
+_EXIT_HOOKED: set[int] = set()
+
+
+def _note_exit_code() -> None:
+    """Called by ``threading._shutdown``, which ``_bootstrap`` runs in its ``finally``: read the
+    exit code it is about to return."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _BOOTSTRAP:
+            code = frame.f_locals.get("exitcode")
+            if isinstance(code, int):
+                _EXIT_CODE[os.getpid()] = code
+            return
+        frame = frame.f_back
+
+
+#: whether multiprocessing runs a child's finalizers only after ``_bootstrap`` has returned
+_LATE_FINALIZERS: bool = sys.version_info >= (3, 13)
+
+
+def _hook_exit_code() -> None:
+    if not _LATE_FINALIZERS or os.getpid() in _EXIT_HOOKED:
+        return
+    _EXIT_HOOKED.add(os.getpid())
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # already shutting down
+            register(_note_exit_code)
 
 
 class _End:
@@ -376,6 +412,7 @@ class _End:
             return
         self._armed_pid = os.getpid()
         multiprocessing.util.Finalize(self, self._at_exit, exitpriority=100)
+        _hook_exit_code()
 
     def _at_exit(self) -> None:
         if self._closed or self._armed_pid != os.getpid():

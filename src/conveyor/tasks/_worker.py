@@ -191,6 +191,7 @@ class Worker:
         self.failure: BaseException | None = None
         #: told of every attempt as it starts and ends (metrics, traces); see JobObserver
         self.observers: list[JobObserver] = []
+        self._saying: asyncio.Future[None] | None = None  # the record being written
         # the error of each run that failed, by lease token, until its observers are told
         self._errors: dict[str, str] = {}
         for queue in queues:
@@ -252,6 +253,9 @@ class Worker:
             if signals:
                 _HUB.remove(self)
             await self._close_sources()
+            if self._saying is not None:
+                with contextlib.suppress(BaseException):
+                    await self._saying
             await self._say_who(stopped=True)
             if server is not None:
                 server.close()
@@ -495,7 +499,10 @@ class Worker:
                         "job %s: lease lost; its outcome here will not be kept", lease.job.id
                     )
         self._beat_overdue = False
-        await self._say_who()
+        # the record is written beside the next sleep, not before it: the leases' beat keeps
+        # its rhythm whatever the storage takes to store the record
+        if self._saying is None or self._saying.done():
+            self._saying = asyncio.ensure_future(self._say_who())
 
     async def _say_who(self, stopped: bool = False) -> None:
         """Write this worker's record (``conveyor workers``) to each storage it works from.
