@@ -124,6 +124,12 @@ def test_actions_need_the_token_and_a_csrf_token(queue: TaskQueue, dead_job: str
         assert served.post(path, {"csrf": csrf}, basic("s3cret")) == 200  # 303, followed
         assert queue.job(dead_job).status() == "queued"
         assert served.post(path, {"csrf": csrf}, basic("s3cret")) == 409  # not dead any more
+        # a queued job can be cancelled: it is dead, and says why
+        assert "Cancel" in served.get(f"/job/{dead_job}")[1]
+        assert served.post(f"/job/{dead_job}/cancel", {"csrf": csrf}, basic("s3cret")) == 200
+        info = queue.job(dead_job).info()
+        assert info.state == "dead" and info.error == "cancelled from the dashboard"
+        assert served.post(f"/job/{dead_job}/cancel", {"csrf": csrf}, basic("s3cret")) == 409
         # an API client with a bearer token needs no page, hence no CSRF token
         assert served.post("/queue/purge", {}, "Bearer s3cret") == 400  # confirm=yes first
         assert served.post("/queue/purge", {"confirm": "yes"}, "Bearer s3cret") == 200

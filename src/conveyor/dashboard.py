@@ -6,9 +6,9 @@ state with paging and a task filter, and each job whole with its last error's tr
 pages' data is also a JSON API (``/api/...``) and ``/health`` answers for probes.
 
 Security by default: the server binds to 127.0.0.1; every action (requeue a dead job, requeue
-every dead job, purge) is a POST that needs the token given at start (``--token``, or
-``CONVEYOR_DASHBOARD_TOKEN``), as HTTP basic-auth password or ``Authorization: Bearer``, and a
-CSRF token from the page; without a token configured the dashboard is read-only and refuses
+every dead job, cancel a queued job, purge) is a POST that needs the token given at start
+(``--token``, or ``CONVEYOR_DASHBOARD_TOKEN``), as HTTP basic-auth password or
+``Authorization: Bearer``, and a CSRF token from the page; without a token configured the dashboard is read-only and refuses
 every action. Everything a job carries is escaped before it is shown.
 """
 
@@ -260,6 +260,8 @@ class Dashboard:
             parts.append(f'<h3>Last error</h3><pre id="traceback">{_e(job.error)}</pre>')
         if job.state == "dead":
             parts.append(self._form(f"/job/{quote(job.id)}/requeue", "Requeue"))
+        if job.state == "queued":
+            parts.append(self._form(f"/job/{quote(job.id)}/cancel", "Cancel"))
         return "".join(parts)
 
     def _form(self, action: str, label: str, confirm: bool = False) -> str:
@@ -326,6 +328,11 @@ class Dashboard:
             job_id = path[len("/job/") : -len("/requeue")]
             if not self.queue.requeue(job_id):
                 return _answer(start, "409 Conflict", "text/plain", b"that job is not dead")
+            back = f"/job/{quote(job_id)}"
+        elif path.startswith("/job/") and path.endswith("/cancel"):
+            job_id = path[len("/job/") : -len("/cancel")]
+            if not self.queue.cancel(job_id, "cancelled from the dashboard"):
+                return _answer(start, "409 Conflict", "text/plain", b"that job is not queued")
             back = f"/job/{quote(job_id)}"
         else:
             return _answer(start, "404 Not Found", "text/plain", b"no such action")

@@ -456,3 +456,20 @@ def test_workers_are_recorded_and_old_records_forgotten(backend: Backend) -> Non
     assert b.state(130.0) == "alive" and b.state(141.0) == "gone"  # three beats missed
     backend.worker_beat(info("c", 120.0 + WORKER_KEPT_S + 1))
     assert [w.id for w in backend.workers()] == ["c"]  # a day without a beat: forgotten
+
+
+def test_cancel_makes_a_queued_job_dead_and_only_a_queued_one(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b"), job("k1", key="k"), job("k2", key="k")], now=1.0)
+    assert backend.cancel("a", "not needed", 2.0)
+    dead = backend.get("a")
+    assert dead is not None and dead.state == DEAD and dead.error == "not needed"
+    assert dead.attempts == 0
+    assert not backend.cancel("a", "again", 2.0)  # dead already
+    assert not backend.cancel("nosuch", "x", 2.0)
+    assert backend.cancel("k1", "x", 2.0)  # the head of a key: the next one is free to run
+    assert claim_ids(backend, 3.0) == ["b", "k2"]
+    assert not backend.cancel("b", "running", 4.0)
+    assert backend.get("b").state == RUNNING  # type: ignore[union-attr]
+    assert backend.counts(Q, 5.0).dead == 2
+    assert backend.requeue("a", 6.0)
+    assert claim_ids(backend, 7.0) == ["a"]

@@ -781,6 +781,11 @@ class TaskQueue:
     def requeue(self, job_id: str) -> bool:
         return self.backend.requeue(job_id, self.now())
 
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        """A queued job will not run: it is dead with ``reason`` (``requeue`` brings it
+        back). False if it is not queued (running, done, dead or unknown)."""
+        return self.backend.cancel(job_id, reason, self.now())
+
     def requeue_dead(self) -> int:
         return self.backend.requeue_dead(self.name, self.now())
 

@@ -307,6 +307,11 @@ class Backend(ABC):
         """Dead → queued (attempts and lost reset to 0); False if the job is not dead."""
 
     @abstractmethod
+    def cancel(self, job_id: str, reason: str, now: float) -> bool:
+        """Queued → dead with ``reason`` as its error (it never runs; ``requeue`` brings it
+        back); False, and nothing changes, if the job is not queued."""
+
+    @abstractmethod
     def requeue_dead(self, queue: str, now: float) -> int:
         """Every dead job of ``queue`` back to queued; returns how many."""
 

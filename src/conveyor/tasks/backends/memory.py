@@ -295,6 +295,15 @@ class MemoryBackend(Backend):
                 )
             )
 
+    def cancel(self, job_id: str, reason: str, now: float) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state != QUEUED:
+                return False
+            self._unqueue_key(job, self._seq[job_id])
+            self._set(replace(job, state=DEAD, error=reason, finished_at=now))
+            return True
+
     def unfinish(self, job_id: str) -> bool:
         with self._lock:
             job = self._jobs.get(job_id)

@@ -294,6 +294,7 @@ class RedisBackend(Backend):
                 "FAIL",
                 "RELEASE",
                 "FINISH",
+                "CANCEL",
                 "UNFINISH",
                 "REQUEUE",
                 "PURGE",
@@ -565,6 +566,9 @@ class RedisBackend(Backend):
 
     def finish(self, job_id: str, now: float) -> None:
         self._script("FINISH", [_f(now), job_id])
+
+    def cancel(self, job_id: str, reason: str, now: float) -> bool:
+        return bool(self._script("CANCEL", [_f(now), job_id, reason]))
 
     def unfinish(self, job_id: str) -> bool:
         return bool(self._script("UNFINISH", [job_id]))

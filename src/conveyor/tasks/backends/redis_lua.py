@@ -416,6 +416,23 @@ redis.call('SADD', qk(q, 'done'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
 """
 
+# ARGV: P, now, id, reason
+CANCEL = r"""
+local now, id, reason = ARGV[2], ARGV[3], ARGV[4]
+check_job(id)
+local k = jk(id)
+local f = redis.call('HMGET', k, 'state', 'queue', 'key')
+if f[1] ~= 'queued' then return 0 end
+local q, key = f[2], f[3]
+leave_queue(id, q, key)
+if key then settle_key(q, key, now) end
+redis.call('HSET', k, 'state', 'dead', 'error', reason, 'finished_at', now)
+redis.call('SADD', qk(q, 'dead'), id)
+redis.call('PUBLISH', P .. 'ended:' .. id, 'dead')
+wake(q)
+return 1
+"""
+
 # ARGV: P, id
 UNFINISH = r"""
 check_job(ARGV[2])

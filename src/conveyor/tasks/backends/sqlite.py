@@ -407,6 +407,15 @@ class SQLiteBackend(Backend):
                     (job_id, now, now, now),
                 )
 
+    def cancel(self, job_id: str, reason: str, now: float) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'dead', error = ?, finished_at = ? "
+                "WHERE id = ? AND state = 'queued'",
+                (reason, now, job_id),
+            )
+            return cur.rowcount == 1
+
     def unfinish(self, job_id: str) -> bool:
         with self._write() as db:
             cur = db.execute("DELETE FROM jobs WHERE id = ? AND state = 'done'", (job_id,))
