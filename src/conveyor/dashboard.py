@@ -8,8 +8,9 @@ pages' data is also a JSON API (``/api/...``) and ``/health`` answers for probes
 Security by default: the server binds to 127.0.0.1; every action (requeue a dead job, requeue
 every dead job, cancel a queued job, purge) is a POST that needs the token given at start
 (``--token``, or ``CONVEYOR_DASHBOARD_TOKEN``), as HTTP basic-auth password or
-``Authorization: Bearer``, and a CSRF token from the page; without a token configured the dashboard is read-only and refuses
-every action. Everything a job carries is escaped before it is shown.
+``Authorization: Bearer``, and a CSRF token from the page; without a token configured the
+dashboard is read-only and refuses every action. Everything a job carries is escaped before
+it is shown.
 """
 
 from __future__ import annotations
