@@ -229,6 +229,8 @@ def _job_record(job: Any, now: float) -> dict[str, Any]:
         "lease_left_s": None if job.lease_until is None else round(job.lease_until - now, 3),
         "finished_at": _when(job.finished_at),
         "keep_until": _when(job.keep_until),
+        "progress": job.progress,
+        "progress_note": job.progress_note,
         "error": job.error,
         "arguments": _shown(job.payload),
         "result": _shown(job.result),

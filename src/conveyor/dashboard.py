@@ -151,6 +151,8 @@ class Dashboard:
             "lost": job.lost,
             "enqueued_at": job.enqueued_at,
             "finished_at": job.finished_at,
+            "progress": job.progress,
+            "progress_note": job.progress_note,
             "error": (job.error or "").strip().splitlines()[-1:] if not whole else job.error,
         }
         if whole:
@@ -246,6 +248,12 @@ class Dashboard:
             ("task", job.task),
             ("attempts", job.attempts),
             ("lost", job.lost),
+            (
+                "progress",
+                ""
+                if job.progress is None
+                else f"{job.progress:.0%} {job.progress_note or ''}".strip(),
+            ),
             ("priority", job.priority),
             ("key", job.key),
             ("enqueued", _when(job.enqueued_at)),

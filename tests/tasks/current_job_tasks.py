@@ -11,3 +11,9 @@ def where_am_i() -> dict[str, Any]:
     job = current_job()
     assert job is not None
     return {"id": job.id, "attempt": job.attempt, "queue": job.queue, "task": job.task}
+
+
+def halfway() -> bool:
+    job = current_job()
+    assert job is not None
+    return job.progress(0.5, "half of it")

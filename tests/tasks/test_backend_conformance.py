@@ -473,3 +473,16 @@ def test_cancel_makes_a_queued_job_dead_and_only_a_queued_one(backend: Backend) 
     assert backend.counts(Q, 5.0).dead == 2
     assert backend.requeue("a", 6.0)
     assert claim_ids(backend, 7.0) == ["a"]
+
+
+def test_progress_is_stored_only_for_the_lease_that_holds_the_job(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=1.0)
+    assert not backend.progress("a", "no-token", 0.5, "queued: nobody holds it")
+    [lease] = backend.claim(Q, "w", 30, 2.0)
+    assert backend.progress("a", lease.token, 0.25, "a quarter")
+    assert not backend.progress("a", "stale", 0.9, "a lost lease")
+    stored = backend.get("a")
+    assert stored is not None and (stored.progress, stored.progress_note) == (0.25, "a quarter")
+    assert backend.complete("a", lease.token, None, None, 3.0)
+    done = backend.get("a")
+    assert done is not None and done.progress == 0.25  # the last word stays with the job

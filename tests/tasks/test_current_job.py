@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import RetryTask, TaskQueue, current_job
+from conveyor import JobContext, RetryTask, TaskQueue, current_job
 
 from .current_job_tasks import where_am_i
 
@@ -50,4 +50,37 @@ def test_the_attempt_counts_retries_and_outside_a_task_there_is_none(tmp_path: P
     q.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
     assert handle.result(timeout_s=10) == 2 and seen == [1, 2]
     assert current_job() is None
+    q.close()
+
+
+@pytest.mark.parametrize("executor", ["thread", "process", "async"])
+def test_a_task_says_how_far_it_is(executor: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from conveyor import ConfigurationError
+    from conveyor.cli import main
+
+    from .current_job_tasks import halfway
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    q = TaskQueue(url)
+    if executor == "async":
+
+        @q.task(name="half")
+        async def half() -> bool:
+            return halfway()
+    else:
+        q.task(halfway, name="half", executor=executor)
+    handle = q.enqueue("half")
+    q.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
+    assert handle.result(timeout_s=10) is True
+    info = handle.info()
+    assert (info.progress, info.progress_note) == (0.5, "half of it")
+    out = CliRunner().invoke(main, ["job", url, handle.id])
+    assert "progress      0.5" in out.output and "half of it" in out.output
+    context = JobContext(id="x", queue="q", task="t", attempt=1, enqueued_at=0, lease_until=None)
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ConfigurationError):
+            context.progress(bad)  # type: ignore[arg-type]
+    assert "url" not in repr(context) and "token" not in repr(context)
     q.close()

@@ -21,12 +21,13 @@ import contextvars
 import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .._engine import KINDS, SYSTEM_CLOCK, Buffer, BufferShutdown, Clock, PoolContext, StepSpec
 from .._engine.source import MAP, WOKEN, Unit
 from .._engine.stats import LatencyRing
+from .._errors import ConfigurationError
 
 #: an executor name (as in ``@q.task(executor=...)``) to the kind that runs it; ``inline``
 #: functions are called on the worker's own loop, as async ones are
@@ -56,6 +57,39 @@ class JobContext:
     lease_until: float | None
     """when the lease taken for this attempt would lapse without a heartbeat (the worker
     renews it while the job runs)"""
+    url: str = field(default="", repr=False)  # where the queue lives (may hold a password)
+    token: str = field(default="", repr=False)  # the lease this attempt holds
+
+    def progress(self, fraction: float, note: str = "") -> bool:
+        """Say how far the job is (0 to 1) and what it is doing: stored with the job, shown by
+        ``conveyor job`` and the dashboard. One write to the storage per call: call it at the
+        pace a person reads. False if it could not be stored: the lease was lost, or the
+        queue lives in memory and this task runs in another process."""
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0.0 <= fraction <= 1.0
+        ):
+            raise ConfigurationError(f"progress is a number from 0 to 1, not {fraction!r}")
+        stored: bool = _storage(self.url).progress(
+            self.id, self.token, float(fraction), str(note)[:500]
+        )
+        return stored
+
+
+_STORAGE: dict[str, Any] = {}
+_STORAGE_LOCK = threading.Lock()
+
+
+def _storage(url: str) -> Any:
+    """A backend for ``url`` in this process, opened once (a worker process opens its own)."""
+    with _STORAGE_LOCK:
+        backend = _STORAGE.get(url)
+        if backend is None:
+            from ._queue import open_backend
+
+            backend = _STORAGE[url] = open_backend(url)
+        return backend
 
 
 _CURRENT: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(

@@ -657,6 +657,8 @@ class Worker:
                 attempt=job.attempts,
                 enqueued_at=job.enqueued_at,
                 lease_until=job.lease_until,
+                url=queue.url,
+                token=lease.token,
             )
             result = await self._call(task, lease.token, args, kwargs, context)
         except RetryTask as signal_:

@@ -85,6 +85,9 @@ class Job:
     lost: int = 0
     """attempts that ended with their lease lapsing: the worker died (or lost its storage)
     before it wrote an outcome"""
+    progress: float | None = None
+    """what the task last said of how far it is (0 to 1), with ``progress_note``"""
+    progress_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,11 @@ class Backend(ABC):
     @abstractmethod
     def requeue(self, job_id: str, now: float) -> bool:
         """Dead → queued (attempts and lost reset to 0); False if the job is not dead."""
+
+    @abstractmethod
+    def progress(self, job_id: str, token: str, fraction: float, note: str) -> bool:
+        """Store how far the running job is; False (nothing changes) unless ``token`` holds
+        it. The last value stays with the job afterwards."""
 
     @abstractmethod
     def cancel(self, job_id: str, reason: str, now: float) -> bool:

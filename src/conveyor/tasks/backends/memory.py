@@ -295,6 +295,14 @@ class MemoryBackend(Backend):
                 )
             )
 
+    def progress(self, job_id: str, token: str, fraction: float, note: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state != RUNNING or job.token != token:
+                return False
+            self._jobs[job_id] = replace(job, progress=fraction, progress_note=note)
+            return True
+
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
         with self._lock:
             job = self._jobs.get(job_id)

@@ -106,6 +106,8 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         finished_at=number(b"finished_at"),
         keep_until=number(b"keep_until"),
         lost=int(h.get(b"lost", 0)),
+        progress=number(b"progress"),
+        progress_note=text(b"progress_note"),
     )
 
 
@@ -295,6 +297,7 @@ class RedisBackend(Backend):
                 "RELEASE",
                 "FINISH",
                 "CANCEL",
+                "PROGRESS",
                 "UNFINISH",
                 "REQUEUE",
                 "PURGE",
@@ -566,6 +569,9 @@ class RedisBackend(Backend):
 
     def finish(self, job_id: str, now: float) -> None:
         self._script("FINISH", [_f(now), job_id])
+
+    def progress(self, job_id: str, token: str, fraction: float, note: str) -> bool:
+        return bool(self._script("PROGRESS", [job_id, token, _f(fraction), note]))
 
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
         return bool(self._script("CANCEL", [_f(now), job_id, reason]))

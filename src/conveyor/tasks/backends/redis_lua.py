@@ -416,6 +416,15 @@ redis.call('SADD', qk(q, 'done'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
 """
 
+# ARGV: P, id, token, fraction, note
+PROGRESS = r"""
+local id = ARGV[2]
+check_job(id)
+if not held(id, ARGV[3]) then return 0 end
+redis.call('HSET', jk(id), 'progress', ARGV[4], 'progress_note', ARGV[5])
+return 1
+"""
+
 # ARGV: P, now, id, reason
 CANCEL = r"""
 local now, id, reason = ARGV[2], ARGV[3], ARGV[4]

@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     finished_at REAL,
     keep_until REAL,
-    lost INTEGER NOT NULL DEFAULT 0
+    lost INTEGER NOT NULL DEFAULT 0,
+    progress REAL,
+    progress_note TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
@@ -80,7 +82,7 @@ CREATE TABLE IF NOT EXISTS workers (
 
 _COLUMNS = (
     "id, queue, task, payload, state, priority, key, attempts, enqueued_at, run_at, "
-    "lease_until, token, result, error, finished_at, keep_until, lost"
+    "lease_until, token, result, error, finished_at, keep_until, lost, progress, progress_note"
 )
 
 _CLAIMABLE = """
@@ -101,9 +103,15 @@ def _migrate(db: sqlite3.Connection) -> None:
     """Bring a file made by an earlier version up to the current schema (idempotent; two
     processes doing it at once are fine: the second finds the column there)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    if "lost" not in columns:
+    for name, kind in (
+        ("lost", "INTEGER NOT NULL DEFAULT 0"),
+        ("progress", "REAL"),
+        ("progress_note", "TEXT"),
+    ):
+        if name in columns:
+            continue
         try:
-            db.execute("ALTER TABLE jobs ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         except sqlite3.OperationalError as exc:
             if "duplicate column" not in str(exc):
                 raise
@@ -406,6 +414,15 @@ class SQLiteBackend(Backend):
                     "VALUES (?, '', '', x'', 'done', 0, NULL, 0, ?, ?, ?)",
                     (job_id, now, now, now),
                 )
+
+    def progress(self, job_id: str, token: str, fraction: float, note: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET progress = ?, progress_note = ? "
+                "WHERE id = ? AND state = 'running' AND token = ?",
+                (fraction, note, job_id, token),
+            )
+            return cur.rowcount == 1
 
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
         with self._write() as db:
