@@ -84,3 +84,24 @@ def test_a_task_says_how_far_it_is(executor: str, tmp_path: Path) -> None:
             context.progress(bad)  # type: ignore[arg-type]
     assert "url" not in repr(context) and "token" not in repr(context)
     q.close()
+
+
+def failing_in_a_process() -> None:
+    raise KeyError("deep in the task")
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_a_dead_jobs_traceback_shows_the_tasks_frames_not_the_workers(
+    executor: str, tmp_path: Path
+) -> None:
+    import conveyor
+
+    q = TaskQueue(f"sqlite:///{tmp_path / 'q.db'}")
+    q.task(failing_in_a_process, name="fails", executor=executor, retries=0)
+    handle = q.enqueue("fails")
+    q.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
+    error = handle.info().error or ""
+    assert "KeyError: 'deep in the task'" in error
+    assert __file__ in error and "failing_in_a_process" in error
+    assert str(Path(conveyor.__file__).parent) not in error  # no frame of conveyor's
+    q.close()

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -687,8 +688,7 @@ class Worker:
                     lease,
                     f"the job's arguments no longer match {task.name}{task.signature}: {mismatch}",
                 )
-            text = "".join(traceback.format_exception(exc))
-            return await self._retry_or_dead(queue, lease, task, text, None)
+            return await self._retry_or_dead(queue, lease, task, _user_traceback(exc), None)
         try:
             data = None if result is None else queue.serializer.dumps(result)
         except Exception as exc:
@@ -867,6 +867,39 @@ class JobObserver(Protocol):
     ) -> None:
         """``outcome``: succeeded, retried, dead, or "not kept" (the lease was lost, or the
         outcome could not be written); ``error``: why it failed (a traceback, or words)."""
+
+
+#: conveyor's own source files: their frames are dropped from the tracebacks a job keeps
+_OWN_SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+_FRAME = re.compile(r'^(\s*)File "([^"]+)", line \d+')
+
+
+def _user_traceback(error: BaseException) -> str:
+    """The traceback a failed job keeps: the task's own frames, without conveyor's on the way
+    to them (the worker, the kind, the call; also in a traceback sent back from a worker
+    process as text). A traceback with no frame but conveyor's keeps them all: it is then
+    conveyor's own failure."""
+    lines = "".join(traceback.format_exception(error)).splitlines(keepends=True)
+    frames = [m.group(2) for m in map(_FRAME.match, lines) if m]
+    if all(path.startswith(_OWN_SOURCE) for path in frames):
+        return "".join(lines)
+    kept: list[str] = []
+    skipping: int | None = None  # the indentation of the frame being dropped
+    for line in lines:
+        found = _FRAME.match(line)
+        if found:
+            own = found.group(2).startswith(_OWN_SOURCE)
+            skipping = len(found.group(1)) if own else None
+            if own:
+                continue
+        elif skipping is not None:
+            if line.strip() and len(line) - len(line.lstrip()) > skipping:
+                continue  # the dropped frame's source line and its carets
+            skipping = None
+        kept.append(line)
+    return "".join(kept)
 
 
 def _mismatch(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> str:
