@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conveyor import TaskQueue
-from conveyor.dashboard import serve
+from conveyor.dashboard import make_app, serve
 
 from .conftest import eventually
 
@@ -215,3 +215,26 @@ def test_in_a_browser_a_dead_job_is_seen_requeued_and_done(
         if running is not None:
             running.stop()
         served.close()
+
+
+def test_a_dashboard_others_can_reach_needs_the_token_to_be_read(queue: TaskQueue) -> None:
+    from conveyor import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="give a token"):
+        serve(queue, port=0, host="0.0.0.0")
+    app = make_app(queue, token="s3cret", private=True)
+    statuses: list[str] = []
+
+    def start(status: str, headers: list[tuple[str, str]]) -> None:
+        statuses.append(status)
+
+    def get(path: str, auth: str | None = None) -> str:
+        environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "QUERY_STRING": ""}
+        if auth:
+            environ["HTTP_AUTHORIZATION"] = auth
+        app(environ, start)
+        return statuses[-1]
+
+    assert get("/").startswith("401") and get("/api/jobs").startswith("401")
+    assert get("/", basic("s3cret")).startswith("200")
+    assert get("/health").startswith("200")  # probes need no credentials

@@ -394,7 +394,10 @@ def dashboard(url: str, name: str, port: int, host: str, token: str | None) -> N
     from .dashboard import serve
 
     with _queue_at(url, name) as queue:
-        server = serve(queue, port=port, host=host, token=token)
+        try:
+            server = serve(queue, port=port, host=host, token=token)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from exc
         mode = "actions need the token" if token else "read-only (no --token)"
         click.echo(f"dashboard of {queue.where} on http://{host}:{server.port}/ ({mode})", err=True)
         try:

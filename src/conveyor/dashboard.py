@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
-from . import TaskQueue
+from . import ConfigurationError, TaskQueue
 
 STATES = ("queued", "running", "done", "dead")
 _PAGE = 50
@@ -63,11 +63,15 @@ def _shown(data: bytes | None) -> str:
 
 
 class Dashboard:
-    """The dashboard of one queue. ``token``: what actions need (None: read-only)."""
+    """The dashboard of one queue. ``token``: what actions need (None: read-only).
+    ``private``: reading needs the token too (every page but ``/health``)."""
 
-    def __init__(self, queue: TaskQueue, token: str | None = None) -> None:
+    def __init__(self, queue: TaskQueue, token: str | None = None, private: bool = False) -> None:
+        if private and token is None:
+            raise ConfigurationError("a private dashboard needs a token")
         self.queue = queue
         self.token = token
+        self.private = private
         self._secret = secrets.token_bytes(32)
 
     # -- WSGI ---------------------------------------------------------------------------------
@@ -76,6 +80,14 @@ class Dashboard:
         method = environ.get("REQUEST_METHOD", "GET")
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         try:
+            if self.private and path != "/health" and not self._allowed(environ):
+                return _answer(
+                    start,
+                    "401 Unauthorized",
+                    "text/plain",
+                    b"credentials needed",
+                    [("WWW-Authenticate", 'Basic realm="conveyor"')],
+                )
             if method == "POST":
                 return self._action(environ, path, start)
             if method not in ("GET", "HEAD"):
@@ -392,15 +404,20 @@ def _html(start: Start, title: str, body: str, status: str = "200 OK") -> list[b
     return _answer(start, status, "text/html; charset=utf-8", page.encode())
 
 
-def make_app(queue: TaskQueue, token: str | None = None) -> Dashboard:
-    """The dashboard of ``queue`` as a WSGI application, to serve or mount in your own app."""
-    return Dashboard(queue, token)
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def make_app(queue: TaskQueue, token: str | None = None, private: bool = False) -> Dashboard:
+    """The dashboard of ``queue`` as a WSGI application, to serve or mount in your own app
+    (``private=True``: reading needs the token too; do that when others can reach it)."""
+    return Dashboard(queue, token, private)
 
 
 def serve(
     queue: TaskQueue, port: int = 8080, host: str = "127.0.0.1", token: str | None = None
 ) -> Any:
-    """A threaded WSGI server for the dashboard (``server.serve_forever()``; ``server.port``)."""
+    """A threaded WSGI server for the dashboard (``server.serve_forever()``; ``server.port``).
+    Anywhere but loopback, it is private: every page needs the token, which must be given."""
     import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -411,6 +428,12 @@ def serve(
     class _Threaded(socketserver.ThreadingMixIn, WSGIServer):
         daemon_threads = True
 
-    server = make_server(host, port, make_app(queue, token), _Threaded, handler_class=_Quiet)
+    private = host not in _LOOPBACK
+    if private and token is None:
+        raise ConfigurationError(
+            f"the dashboard on {host} would show every job to whoever reaches it: give a token"
+        )
+    app = make_app(queue, token, private=private)
+    server = make_server(host, port, app, _Threaded, handler_class=_Quiet)
     server.port = server.server_address[1]  # type: ignore[attr-defined]
     return server
