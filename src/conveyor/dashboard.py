@@ -81,13 +81,7 @@ class Dashboard:
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         try:
             if self.private and path != "/health" and not self._allowed(environ):
-                return _answer(
-                    start,
-                    "401 Unauthorized",
-                    "text/plain",
-                    b"credentials needed",
-                    [("WWW-Authenticate", 'Basic realm="conveyor"')],
-                )
+                return _unauthorized(start)
             if method == "POST":
                 return self._action(environ, path, start)
             if method not in ("GET", "HEAD"):
@@ -321,13 +315,7 @@ class Dashboard:
         if self.token is None:
             return _answer(start, "403 Forbidden", "text/plain", b"read-only: no token was set")
         if not self._allowed(environ):
-            return _answer(
-                start,
-                "401 Unauthorized",
-                "text/plain",
-                b"credentials needed",
-                [("WWW-Authenticate", 'Basic realm="conveyor"')],
-            )
+            return _unauthorized(start)
         size = _int(environ.get("CONTENT_LENGTH"), 0)
         form = {
             k: v[0]
@@ -387,6 +375,16 @@ def _answer(
         ],
     )
     return [body]
+
+
+def _unauthorized(start: Start) -> list[bytes]:
+    return _answer(
+        start,
+        "401 Unauthorized",
+        "text/plain",
+        b"credentials needed",
+        [("WWW-Authenticate", 'Basic realm="conveyor"')],
+    )
 
 
 def _json(start: Start, data: Any, status: str = "200 OK") -> list[bytes]:
