@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+import sys
 import threading
 import time
 import uuid
@@ -32,6 +33,21 @@ def eventually(cond: Callable[[], object], timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.002)
+
+
+def inside(thread: threading.Thread, function: str, timeout_s: float = 10.0) -> None:
+    """Wait until ``thread`` is running ``function`` (somewhere on its stack): a test that needs
+    another thread to be blocked in a call before it goes on waits for that, not for time."""
+
+    def there() -> bool:
+        frame = sys._current_frames().get(thread.ident or -1)
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return True
+            frame = frame.f_back
+        return False
+
+    eventually(there, timeout_s)
 
 
 def alive(pid: int) -> bool:

@@ -21,6 +21,8 @@ from conveyor.channels import open_channel
 from conveyor.compat.pymulproc import factory
 from conveyor.compat.pymulproc.errors import QueuesCommunicationError
 
+from .conftest import inside
+
 METHODS = ["fork", "spawn", "forkserver"]
 
 
@@ -253,7 +255,7 @@ def test_every_receivers_timeout_holds_while_another_thread_waits(side: str) -> 
 
     thread = threading.Thread(target=long_wait)
     thread.start()
-    time.sleep(0.05)  # let it start waiting (if it has not, the test only gets easier)
+    inside(thread, "_receive_inbox" if side == "parent" else "_receive_direct")
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         end.receive(timeout_s=0.2)
@@ -474,7 +476,7 @@ def test_closing_an_end_ends_a_receive_waiting_on_another_thread(kind: str) -> N
 
     thread = threading.Thread(target=wait)
     thread.start()
-    time.sleep(0.05)  # let it wait (if it has not started yet, it finds the end closed)
+    inside(thread, "_receive_inbox")  # it waits on the end when the end closes
     parent.close()
     thread.join(10)
     assert not thread.is_alive() and isinstance(raised[0], ClosedResourceError)
