@@ -252,7 +252,8 @@ class Pipeline(Generic[T_co]):
         """Run to the end, dropping the last stage's outputs, and return the final statistics.
 
         ``timeout_s`` bounds the whole run (:class:`RunTimeout`); ``progress=True`` draws a
-        progress bar, and a callable is called with :class:`RunStats` about ten times a second.
+        progress bar, and a callable is called with :class:`RunStats` about ten times a second,
+        on the calling thread.
         ``metrics_port`` serves each stage's statistics on ``/metrics`` (127.0.0.1) while the
         run lasts, labelled ``pipeline=name`` (``conveyor[metrics]``).
         """

@@ -397,7 +397,9 @@ class _ProgressBar:
     """Draws the run on a tqdm bar, or hands its statistics to a callable.
 
     The bar counts the inputs the first stage has finished, against the source's length when
-    it has one; what the last stage has finished and any failures show beside it.
+    it has one; what the last stage has finished and any failures show beside it. A callable
+    is called on the thread that reads the outputs, which is the caller's own (as the body of
+    its ``for`` loop is): conveyor starts no thread for it.
     """
 
     def __init__(self, run: Run[Any], progress: Progress) -> None:

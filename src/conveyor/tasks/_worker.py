@@ -857,7 +857,12 @@ class Worker:
 
 
 class JobObserver(Protocol):
-    """Told of each attempt a worker makes, on the worker's event loop: keep it quick."""
+    """Told of each attempt a worker makes, on the worker's event loop: keep it quick.
+
+    The observers are conveyor's own (metrics, traces), and the loop is the one the worker's
+    caller runs (``run()`` runs it on the calling thread): no thread is started for them, and
+    they are not a place for a task's code, which runs on the engine's kinds only.
+    """
 
     def job_started(self, queue: str, job: Job, carrier: dict[str, str] | None) -> None:
         """``carrier``: the trace context stored with the job at enqueue, if any."""
