@@ -73,6 +73,16 @@ class Counting:
 
 
 @pytest.fixture
+def no_child_left() -> Iterator[None]:
+    """A test that fails midway leaves its children waiting on a channel: kill them, so that
+    the session's exit (which joins every child) cannot hang on them."""
+    yield
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(10)
+
+
+@pytest.fixture
 def gate() -> Iterator[threading.Event]:
     """An event a test opens to let blocked work go on; always opened at the end."""
     ev = threading.Event()

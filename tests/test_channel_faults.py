@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,14 +26,7 @@ from .conftest import inside
 METHODS = ["fork", "spawn", "forkserver"]
 
 
-@pytest.fixture(autouse=True)
-def no_child_left() -> Iterator[None]:
-    """A test that fails midway leaves its children waiting on a channel: kill them, so that
-    the session's exit (which joins every child) cannot hang on them."""
-    yield
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(10)
+pytestmark = pytest.mark.usefixtures("no_child_left")
 
 
 def raise_first(end: Any) -> None:

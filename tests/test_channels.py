@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fork", "spawn", "forkserver"]
 
 
-@pytest.fixture(autouse=True)
-def no_child_left() -> Iterator[None]:
-    """A test that fails midway leaves its children waiting on a channel: kill them, so that
-    the session's exit (which joins every child) cannot hang on them."""
-    yield
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(10)
+pytestmark = pytest.mark.usefixtures("no_child_left")
 
 
 def echo(end: Any) -> None:

@@ -291,16 +291,27 @@ def test_sigint_sends_running_tasks_back_to_the_head(tmp_path: Path) -> None:
     q.close()
 
 
+def server_config(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str
+) -> dict[str, Any]:
+    """A chihuo ``server_config`` for a SQLite file in tmp_path, or for the test Redis (keys
+    under a prefix of this test's own)."""
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        return {
+            "backend": "redis",
+            "ip": "127.0.0.1",
+            "port": server.port,
+            "prefix": f"{prefix}{tmp_path.name}:",
+        }
+    return {"backend": "sqlite", "path": str(tmp_path / "s.db"), "ip": "", "port": 0}
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_setting_stop_leaves_every_task_not_started_in_the_queue(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    config: dict[str, Any] = {"backend": "sqlite", "path": str(tmp_path / "s.db"), "ip": ""}
-    config["port"] = 0
-    if backend == "redis":
-        server = request.getfixturevalue("redis_server")
-        config = {"backend": "redis", "ip": "127.0.0.1", "port": server.port}
-        config["prefix"] = f"chihuo{tmp_path.name}:"
+    config = server_config(backend, tmp_path, request, prefix="chihuo")
     ran: list[str] = []
 
     for round_ in range(5):  # a race would show in one of several runs
@@ -332,12 +343,7 @@ def test_tasks_that_start_adds_after_stop_was_set_are_not_lost(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """stop means stop taking tasks: a start() still adding when it is set gets its tasks in."""
-    config: dict[str, Any] = {"backend": "sqlite", "path": str(tmp_path / "s.db"), "ip": ""}
-    config["port"] = 0
-    if backend == "redis":
-        server = request.getfixturevalue("redis_server")
-        config = {"backend": "redis", "ip": "127.0.0.1", "port": server.port}
-        config["prefix"] = f"late{tmp_path.name}:"
+    config = server_config(backend, tmp_path, request, prefix="late")
 
     class AddsLate(ChihuoLoop):
         NAME = "late"
