@@ -92,7 +92,11 @@ def test_pages_and_api_show_the_queue_and_escape_what_jobs_carry(
         status, body = served.get("/api/jobs?state=dead")
         assert [j["id"] for j in json.loads(body)] == [dead_job]
         status, body = served.get(f"/api/job/{dead_job}")
-        assert "ValueError: bad <script>" in json.loads(body)["error"]  # JSON: data as it is
+        record = json.loads(body)
+        assert "ValueError: bad <script>" in record["error"]  # JSON: data as it is
+        [run] = record["runs"]
+        assert run["outcome"] == "dead" and run["worker"] == record["worker"] is not None
+        assert run["error"] == record["error"]
         assert served.get("/api/job/nosuch")[0] == 404
         for path in ("/", "/jobs?state=dead", f"/job/{dead_job}", "/jobs?task=%3Cb%3E"):
             status, page = served.get(path)
@@ -100,6 +104,10 @@ def test_pages_and_api_show_the_queue_and_escape_what_jobs_carry(
             assert "<script>" not in page, path  # nothing a job carries is markup
         page = served.get(f"/job/{dead_job}")[1]
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "Traceback" in page
+        attempts = page.split('<table id="runs">', 1)[1].split("</table>", 1)[0]
+        assert (
+            "<td>1</td><td>dead</td>" in attempts and "ValueError: bad &lt;script&gt;" in attempts
+        )
         assert "read-only dashboard" in page
         assert served.get("/job/nosuch")[0] == 404
     finally:

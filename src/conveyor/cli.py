@@ -231,10 +231,27 @@ def _job_record(job: Any, now: float) -> dict[str, Any]:
         "keep_until": _when(job.keep_until),
         "progress": job.progress,
         "progress_note": job.progress_note,
+        "worker": job.worker,
         "error": job.error,
         "arguments": _shown(job.payload),
         "result": _shown(job.result),
+        "runs": [
+            {
+                "attempt": run.number,
+                "worker": run.worker,
+                "started_at": _when(run.started_at),
+                "ended_at": _when(run.ended_at),
+                "outcome": run.outcome,
+                "error": run.error,
+            }
+            for run in job.runs()
+        ],
     }
+
+
+def _last_line(error: str | None) -> str:
+    lines = (error or "").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 @main.command()
@@ -271,8 +288,7 @@ def jobs(
     width = max(len(job.id) for job in found)
     click.echo(f"{'ID':<{width}}  {'STATE':<7}  {'TASK':<30}  TRIES  {'ENQUEUED (UTC)':<23}  ERROR")
     for job in found:
-        error = (job.error or "").strip().splitlines()
-        last = error[-1] if error else ""
+        last = _last_line(job.error)
         click.echo(
             f"{job.id:<{width}}  {job.state:<7}  {job.task[:30]:<30}  {job.attempts:>5}  "
             f"{(_when(job.enqueued_at) or '')[:23]:<23}  {last[:60]}"
@@ -285,8 +301,9 @@ def jobs(
 @_QUEUE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
 def job(url: str, job_id: str, name: str, as_json: bool) -> None:
-    """Show one job whole: its state, attempts, times, arguments, result and the last error's
-    traceback. Exit status 1 if there is no such job."""
+    """Show one job whole: its state, times, arguments and result, each attempt (its worker,
+    start, end, outcome and error), and the last error's traceback. Exit status 1 if there is
+    no such job."""
     with _queue_at(url, name) as queue:
         found = queue.backend.get(job_id)
         now = queue.now()
@@ -299,14 +316,27 @@ def job(url: str, job_id: str, name: str, as_json: bool) -> None:
         click.echo(json.dumps(record))
         return
     error = record.pop("error")
+    runs = record.pop("runs")
     for field_name, value in record.items():
         if value is None:
             continue
         data = field_name in ("arguments", "result") and not _NOT_JSON.fullmatch(str(value))
         shown = json.dumps(value) if data or not isinstance(value, str) else value
         click.echo(f"{field_name:<13} {shown}")
+    if runs:
+        click.echo("runs:")
+    for run in found.runs():
+        took = (
+            ""
+            if run.ended_at is None or run.started_at is None
+            else (f"{run.ended_at - run.started_at:.3f} s")
+        )
+        click.echo(
+            f"  #{run.number:<3} {run.outcome:<9}  {(_when(run.started_at) or '-')[:23]:<23}  "
+            f"{took:>11}  {run.worker or '-'}  {_last_line(run.error)[:60]}"
+        )
     if error:
-        click.echo("error:")
+        click.echo("last error:")
         click.echo(textwrap.indent(error.rstrip(), "  "))
 
 

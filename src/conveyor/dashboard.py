@@ -16,6 +16,7 @@ it is shown.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import html
@@ -169,6 +170,8 @@ class Dashboard:
                 key=job.key,
                 run_at=job.run_at,
                 lease_until=job.lease_until,
+                worker=job.worker,
+                runs=[dataclasses.asdict(run) for run in job.runs()],
             )
         return data
 
@@ -271,6 +274,31 @@ class Dashboard:
             f"<tr><th>{k}</th><td>{_e(v)}</td></tr>" for k, v in rows if v not in ("", None)
         )
         parts = [f"<table>{table}</table>"]
+        runs = job.runs()
+        if runs:
+            parts.append(
+                '<h3>Attempts</h3><table id="runs"><tr><th>#</th><th>outcome</th>'
+                "<th>worker</th><th>started</th><th>took</th><th>error</th></tr>"
+            )
+            for run in runs:
+                took = (
+                    ""
+                    if run.ended_at is None or run.started_at is None
+                    else f"{run.ended_at - run.started_at:.3f} s"
+                )
+                error = ""
+                if run.error:
+                    last = run.error.strip().splitlines()[-1:] or [""]
+                    error = (
+                        f"<details><summary>{_e(last[0])}</summary>"
+                        f"<pre>{_e(run.error)}</pre></details>"
+                    )
+                parts.append(
+                    f"<tr><td>{run.number}</td><td>{_e(run.outcome)}</td>"
+                    f"<td>{_e(run.worker or '')}</td><td>{_e(_when(run.started_at))}</td>"
+                    f'<td class="n">{took}</td><td>{error}</td></tr>'
+                )
+            parts.append("</table>")
         if job.error:
             parts.append(f'<h3>Last error</h3><pre id="traceback">{_e(job.error)}</pre>')
         if job.state == "dead":

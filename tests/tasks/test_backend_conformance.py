@@ -14,6 +14,7 @@ import pytest
 from conveyor.tasks.backends import (
     DEAD,
     DONE,
+    HISTORY_ERROR_CHARS,
     QUEUED,
     RUNNING,
     Backend,
@@ -184,6 +185,46 @@ def test_retry_requeues_later_and_keeps_the_attempt(backend: Backend) -> None:
     assert claim_ids(backend, 4) == []
     [again] = backend.claim(Q, "w", 30, 5)
     assert again.job.attempts == 2
+
+
+def test_every_attempt_is_kept_with_its_worker_times_and_error(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [first] = backend.claim(Q, "w1", 10, 1.5)
+    running = first.job
+    assert (running.worker, running.started_at) == ("w1", 1.5)
+    assert [(r.number, r.worker, r.outcome) for r in running.runs()] == [(1, "w1", RUNNING)]
+    assert backend.retry("a", first.token, run_at=2, error="Traceback...\nKeyError: 'x'", now=2.25)
+    [_second] = backend.claim(Q, "w2", 10, 3)  # w2 then dies: its lease lapses at 13
+    [third] = backend.claim(Q, "w3", 10, 13.5)
+    assert backend.fail("a", third.token, "x" * 10_000 + "ValueError: last", 14)
+    got = backend.get("a")
+    assert got is not None and got.error == "x" * 10_000 + "ValueError: last"  # whole
+    runs = [(r.number, r.worker, r.started_at, r.ended_at, r.outcome) for r in got.runs()]
+    assert runs == [
+        (1, "w1", 1.5, 2.25, "retried"),
+        (2, "w2", 3.0, 13.0, "lost"),
+        (3, "w3", 13.5, 14.0, "dead"),
+    ]
+    errors = [r.error for r in got.runs()]
+    assert errors[0] == "Traceback...\nKeyError: 'x'" and errors[1] is None
+    assert errors[2] is not None and errors[2].endswith("ValueError: last")
+    assert len(errors[2]) == HISTORY_ERROR_CHARS  # the end is kept: where the exception is
+    # requeued, it keeps its history and counts again from 1; a success is the last run
+    assert backend.requeue("a", 15)
+    [fourth] = backend.claim(Q, "w1", 10, 16)
+    assert fourth.job.attempts == 1 and len(fourth.job.history) == 3
+    assert backend.complete("a", fourth.token, b"ok", None, 17)
+    done = backend.get("a")
+    assert done is not None
+    assert [(r.number, r.outcome, r.ended_at) for r in done.runs()][3:] == [(1, "succeeded", 17)]
+
+
+def test_a_released_attempt_is_not_kept(backend: Backend) -> None:
+    backend.enqueue([job("a")], now=0)
+    [lease] = backend.claim(Q, "w1", 10, 1)
+    assert backend.release("a", lease.token, 2)
+    got = backend.get("a")
+    assert got is not None and got.history == () and got.runs() == []
 
 
 def test_fail_and_requeue(backend: Backend) -> None:

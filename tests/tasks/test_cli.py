@@ -120,6 +120,38 @@ def test_jobs_and_job_show_what_is_stored(tmp_path: Path, request: pytest.Fixtur
     assert out.exit_code == 1 and "no job 'no-such-id'" in out.output
 
 
+def test_job_shows_every_attempt(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url, q = make_queue(tmp_path, request)
+    tries: list[int] = []
+
+    @q.task(name="flaky", retries=2, backoff_s=0)
+    def flaky() -> str:
+        tries.append(1)
+        if len(tries) < 3:
+            raise KeyError(f"try {len(tries)}")
+        return "fine"
+
+    handle = q.enqueue("flaky")
+    worker = q.worker(burst=True, poll_s=0.01, burst_horizon_s=0)
+    worker.run()
+    assert handle.result(timeout_s=5) == "fine"
+    runner = CliRunner()
+    out = runner.invoke(main, ["job", url, handle.id])
+    assert out.exit_code == 0, out.output
+    runs = out.output.split("runs:\n", 1)[1].split("last error:")[0].splitlines()
+    assert [line.split()[:2] for line in runs] == [
+        ["#1", "retried"],
+        ["#2", "retried"],
+        ["#3", "succeeded"],
+    ]
+    assert "KeyError: 'try 1'" in runs[0] and "KeyError: 'try 2'" in runs[1]
+    assert all(worker.id in line for line in runs)
+    record = json.loads(runner.invoke(main, ["job", url, handle.id, "--json"]).output)
+    assert [r["outcome"] for r in record["runs"]] == ["retried", "retried", "succeeded"]
+    assert "Traceback" in record["runs"][0]["error"] and record["runs"][2]["error"] is None
+    assert record["worker"] == worker.id
+
+
 def test_requeue_of_an_unknown_or_live_job_fails(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -177,3 +177,39 @@ def test_doctor_finds_and_repairs_rows_out_of_step(db_path: Path) -> None:
         assert jobs[2].status() == "dead"
     finally:
         q.close()
+
+
+#: the jobs table as the first released version made it (before lost, progress and history)
+_FIRST_SCHEMA = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, queue TEXT NOT NULL, task TEXT NOT NULL,
+    payload BLOB NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL, key TEXT,
+    attempts INTEGER NOT NULL, enqueued_at REAL NOT NULL, run_at REAL NOT NULL,
+    lease_until REAL, token TEXT, result BLOB, error TEXT, finished_at REAL, keep_until REAL
+);
+INSERT INTO jobs (id, queue, task, payload, state, priority, attempts, enqueued_at, run_at)
+VALUES ('old', 'q', 't', x'7b7d', 'queued', 0, 0, 1.0, 1.0);
+"""
+
+
+def test_a_file_of_an_earlier_version_is_brought_up_to_date_and_keeps_its_jobs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_FIRST_SCHEMA)
+    backend = SQLiteBackend(path)
+    again = SQLiteBackend(path)  # a second process opening it at once finds it done
+    try:
+        old = backend.get("old")
+        assert old is not None and (old.lost, old.history, old.worker) == (0, (), None)
+        [lease] = again.claim("q", "w", 30, 2.0)
+        assert lease.job.id == "old" and lease.job.worker == "w"
+        assert again.retry("old", lease.token, 3.0, "boom", 2.5)
+        got = backend.get("old")
+        assert got is not None and [(r.outcome, r.error) for r in got.runs()] == [
+            ("retried", "boom")
+        ]
+    finally:
+        backend.close()
+        again.close()

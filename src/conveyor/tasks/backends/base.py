@@ -27,10 +27,15 @@ backend, including the races):
   in enqueue order, keys in parallel.
 * **Leases.** ``claim`` gives each job a fresh ``token`` and ``lease_until = now + lease_s`` and
   counts an attempt. A running job whose lease has lapsed is claimable again (by anyone), and
-  the lapse is counted in ``lost``. Every
-  call that names a token (``heartbeat``, ``complete``, ``retry``, ``fail``, ``release``) does
-  nothing and returns False unless that token still holds the job, so a worker that lost its
-  lease cannot overwrite the work of the one that took it over: exactly one outcome is kept.
+  the lapse is counted in ``lost``. Every call that names a token (``heartbeat``,
+  ``complete``, ``retry``, ``fail``, ``release``) does nothing and returns False unless that
+  token still holds the job, so a worker that lost its lease cannot overwrite the work of the
+  one that took it over: exactly one outcome is kept.
+* **History.** ``claim`` records which worker holds the job and since when (``worker``,
+  ``started_at``). An attempt that ends without success — retried, dead, or lost to a lapsed
+  lease — is appended to the job's ``history`` with its worker, times and error (the error's
+  last ``HISTORY_ERROR_CHARS`` characters), in the same change; an attempt handed back by
+  ``release`` is not counted and not kept. ``requeue`` keeps the history.
 * **Time** is passed in (``now``, seconds since the epoch): backends never read a clock for
   decisions, so tests can move time by hand. ``storage_time()`` says what the storage's clock
   reads; the queue corrects a real clock by it, so every worker judges leases on one clock.
@@ -41,6 +46,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -88,6 +94,89 @@ class Job:
     progress: float | None = None
     """what the task last said of how far it is (0 to 1), with ``progress_note``"""
     progress_note: str | None = None
+    worker: str | None = None
+    """the worker that holds the job, or held it last"""
+    started_at: float | None = None
+    """when the attempt under way (or the last one) was claimed"""
+    history: tuple[Attempt, ...] = ()
+    """the attempts that ended without success, oldest first (see :meth:`runs`)"""
+
+    def runs(self) -> list[Attempt]:
+        """Every attempt kept: the history, then the last attempt when it is under way
+        (``running``) or succeeded (``succeeded``: the job is done since it ran)."""
+        out = list(self.history)
+        last = out[-1].started_at if out else None
+        if self.started_at is not None and self.started_at != last:
+            if self.state == RUNNING:
+                out.append(Attempt(self.attempts, self.worker, self.started_at, None, RUNNING))
+            elif self.state == DONE:
+                out.append(
+                    Attempt(
+                        self.attempts, self.worker, self.started_at, self.finished_at, "succeeded"
+                    )
+                )
+        return out
+
+
+#: how much of an error each attempt in a job's history keeps: its end, where the exception is
+HISTORY_ERROR_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a job, as the job's history keeps it."""
+
+    number: int
+    worker: str | None
+    started_at: float | None
+    ended_at: float | None
+    outcome: str
+    """running, succeeded, retried, dead, or lost (its lease lapsed: the worker died or lost
+    its storage before it wrote an outcome)"""
+    error: str | None = None
+
+    def to_line(self) -> str:
+        """The attempt as the backends store it: one JSON object on a line of its own."""
+        import json
+
+        record = {
+            "n": self.number,
+            "worker": self.worker,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "outcome": self.outcome,
+            "error": None if self.error is None else self.error[-HISTORY_ERROR_CHARS:],
+        }
+        return json.dumps(record) + "\n"
+
+
+def parse_history(text: str | bytes | None) -> tuple[Attempt, ...]:
+    """A job's history as stored (JSON lines; times may be numbers or strings). A line that
+    cannot be read is skipped: reading a job never fails on its history."""
+    if not text:
+        return ()
+    import json
+
+    def when(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    out = []
+    for line in (text.decode() if isinstance(text, bytes) else text).splitlines():
+        try:
+            r = json.loads(line)
+            out.append(
+                Attempt(
+                    number=int(r["n"]),
+                    worker=r.get("worker"),
+                    started_at=when(r.get("started_at")),
+                    ended_at=when(r.get("ended_at")),
+                    outcome=str(r["outcome"]),
+                    error=r.get("error"),
+                )
+            )
+        except (ValueError, TypeError, KeyError):
+            continue
+    return tuple(out)
 
 
 @dataclass(frozen=True)

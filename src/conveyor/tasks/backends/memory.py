@@ -18,9 +18,11 @@ from typing import Any
 from .base import (
     DEAD,
     DONE,
+    HISTORY_ERROR_CHARS,
     QUEUED,
     RUNNING,
     WORKER_KEPT_S,
+    Attempt,
     Backend,
     Job,
     Lease,
@@ -132,8 +134,11 @@ class MemoryBackend(Backend):
             if job.lease_until is not None and job.lease_until > now:
                 continue  # extended since: a newer entry stands for it
             self._leave_running(job)
+            lost = self._ended(job, job.lease_until, "lost", None)
             back = self._set(
-                replace(job, state=QUEUED, token=None, lease_until=None, lost=job.lost + 1)
+                replace(
+                    job, state=QUEUED, token=None, lease_until=None, lost=job.lost + 1, history=lost
+                )
             )
             self._push(back, self._seq[job.id])
 
@@ -171,6 +176,8 @@ class MemoryBackend(Backend):
                         attempts=job.attempts + 1,
                         token=token,
                         lease_until=now + lease_s,
+                        worker=worker,
+                        started_at=now,
                     )
                 )
                 heapq.heappush(q.leases, (now + lease_s, job_id, token))
@@ -194,6 +201,12 @@ class MemoryBackend(Backend):
             heapq.heappush(self._q(job.queue).leases, (now + lease_s, job_id, token))
             return True
 
+    @staticmethod
+    def _ended(job: Job, at: float | None, outcome: str, error: str | None) -> tuple[Attempt, ...]:
+        """The job's history with its attempt under way ended as ``outcome``."""
+        kept = None if error is None else error[-HISTORY_ERROR_CHARS:]
+        return (*job.history, Attempt(job.attempts, job.worker, job.started_at, at, outcome, kept))
+
     def _end_lease(self, job_id: str, token: str, *, uncount: bool = False, **changes: Any) -> bool:
         """Apply ``changes`` to a running job if ``token`` holds it (``uncount``: the attempt
         does not count); a job going back to ``queued`` takes its old place in line."""
@@ -204,6 +217,9 @@ class MemoryBackend(Backend):
             self._leave_running(job)
             if uncount:
                 changes["attempts"] = max(0, job.attempts - 1)
+            ended = changes.pop("ended", None)
+            if ended is not None:
+                changes["history"] = self._ended(job, ended[1], ended[0], changes["error"])
             after = self._set(replace(job, token=None, lease_until=None, **changes))
             if after.state == QUEUED:
                 self._push(after, self._seq[job_id])
@@ -218,10 +234,14 @@ class MemoryBackend(Backend):
         )
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
-        return self._end_lease(job_id, token, state=QUEUED, run_at=run_at, error=error)
+        return self._end_lease(
+            job_id, token, state=QUEUED, run_at=run_at, error=error, ended=("retried", now)
+        )
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
-        return self._end_lease(job_id, token, state=DEAD, error=error, finished_at=now)
+        return self._end_lease(
+            job_id, token, state=DEAD, error=error, finished_at=now, ended=("dead", now)
+        )
 
     def release(self, job_id: str, token: str, now: float) -> bool:
         return self._end_lease(job_id, token, uncount=True, state=QUEUED, run_at=now)

@@ -56,6 +56,7 @@ from .base import (
     WorkerInfo,
     check_listing,
     fresh_job,
+    parse_history,
     redacted,
 )
 
@@ -108,6 +109,9 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         lost=int(h.get(b"lost", 0)),
         progress=number(b"progress"),
         progress_note=text(b"progress_note"),
+        worker=text(b"worker"),
+        started_at=number(b"started_at"),
+        history=parse_history(h.get(b"history")),
     )
 
 
@@ -447,7 +451,9 @@ class RedisBackend(Backend):
         # a wake-up notice counted after this point ends the next wait at once
         self._seen[queue] = self._listener().seen(queue)
         base = f"{os.urandom(8).hex()}:"
-        replies = self._script("CLAIM", [queue, _f(now), _f(now + lease_s), max(0, limit), base])
+        replies = self._script(
+            "CLAIM", [queue, _f(now), _f(now + lease_s), max(0, limit), base, worker]
+        )
         return [Lease(job, job.token or "") for job in map(_job, replies)]
 
     def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:

@@ -36,10 +36,14 @@ them before they start; the two that only read say ``no-writes`` and run even th
 
 from __future__ import annotations
 
+from .base import HISTORY_ERROR_CHARS
+
 WRITES = "#!lua\n"
 READS = "#!lua flags=no-writes\n"
 
-PRELUDE = r"""
+PRELUDE = (
+    f"local HISTORY_ERROR_CHARS = {HISTORY_ERROR_CHARS}\n"
+    + r"""
 local P = ARGV[1]
 local function jk(id) return P .. 'j:' .. id end
 local function qk(q, part) return P .. 'q:' .. q .. ':' .. part end
@@ -187,6 +191,18 @@ local function replayed(id, token, replay)
   return replay == '1' and redis.call('HGET', jk(id), 'ended') == token
 end
 
+-- the attempt under way at ``id`` ended ``at`` as ``outcome``: append it to the job's history
+-- (JSON lines; times as the strings they are stored as), with the end of ``err`` if any
+local function remember(id, outcome, at, err)
+  local k = jk(id)
+  local f = redis.call('HMGET', k, 'attempts', 'worker', 'started_at', 'history')
+  local entry = {n = tonumber(f[1]), outcome = outcome, ended_at = at or nil}
+  if f[2] then entry.worker = f[2] end
+  if f[3] then entry.started_at = f[3] end
+  if err then entry.error = string.sub(err, -HISTORY_ERROR_CHARS) end
+  redis.call('HSET', k, 'history', (f[4] or '') .. cjson.encode(entry) .. '\n')
+end
+
 -- end the lease held by ``token``; returns {queue, key} or nil
 local function end_lease(id, token, now)
   local f = held(id, token)
@@ -197,6 +213,7 @@ local function end_lease(id, token, now)
   return f
 end
 """
+)
 
 # ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at.
 # Returns per job 0 (added) or the existing job's fields.
@@ -246,9 +263,10 @@ for q, _ in pairs(woken) do wake(q) end
 return out
 """
 
-# ARGV: P, queue, now, lease_until, limit, token prefix. Returns the claimed jobs' fields.
+# ARGV: P, queue, now, lease_until, limit, token prefix, worker. Returns the claimed jobs' fields.
 CLAIM = r"""
 local q, now, lease_until, limit, base = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local worker = ARGV[7]
 check_queue(q)
 local lapsed = redis.call('ZRANGEBYSCORE', qk(q, 'leases'), '-inf', now, 'LIMIT', 0, 1000)
 local due = redis.call('ZRANGEBYSCORE', qk(q, 'delayed'), '-inf', now, 'LIMIT', 0, 1000)
@@ -263,6 +281,7 @@ end
 for _, id in ipairs(lapsed) do
   local key = redis.call('HGET', jk(id), 'key')
   leave_running(id, q, key, now)
+  remember(id, 'lost', redis.call('HGET', jk(id), 'lease_until'), false)
   redis.call('HSET', jk(id), 'state', 'queued')
   redis.call('HINCRBY', jk(id), 'lost', 1)
   redis.call('HDEL', jk(id), 'token', 'lease_until')
@@ -287,7 +306,8 @@ for n = 1, #firsts / 2 do
     redis.call('HDEL', qk(q, 'kplaced'), key)
     redis.call('SADD', qk(q, 'krun'), key)
   end
-  redis.call('HSET', k, 'state', 'running', 'token', base .. n, 'lease_until', lease_until)
+  redis.call('HSET', k, 'state', 'running', 'token', base .. n, 'lease_until', lease_until,
+    'worker', worker, 'started_at', now)
   redis.call('HINCRBY', k, 'attempts', 1)
   redis.call('ZADD', qk(q, 'leases'), lease_until, id)
   taken[n] = redis.call('HGETALL', k)
@@ -353,6 +373,7 @@ check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'queued', 'run_at', ARGV[6], 'error', ARGV[7])
+remember(id, 'retried', now, ARGV[7])
 to_queue(id, now)
 wake(f[3])
 return 1
@@ -365,6 +386,7 @@ check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'dead', 'error', ARGV[6], 'finished_at', now)
+remember(id, 'dead', now, ARGV[6])
 redis.call('SADD', qk(f[3], 'dead'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'dead')
 if f[4] then wake(f[3]) end

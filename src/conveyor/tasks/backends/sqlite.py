@@ -32,6 +32,7 @@ from ..._errors import BackendError, BackendUnavailable, ClosedResourceError, Co
 from .base import (
     DEAD,
     DONE,
+    HISTORY_ERROR_CHARS,
     QUEUED,
     RUNNING,
     STATES,
@@ -44,6 +45,7 @@ from .base import (
     WorkerInfo,
     check_listing,
     fresh_job,
+    parse_history,
     replaceable,
 )
 
@@ -68,7 +70,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     keep_until REAL,
     lost INTEGER NOT NULL DEFAULT 0,
     progress REAL,
-    progress_note TEXT
+    progress_note TEXT,
+    worker TEXT,
+    started_at REAL,
+    history TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
@@ -82,8 +87,21 @@ CREATE TABLE IF NOT EXISTS workers (
 
 _COLUMNS = (
     "id, queue, task, payload, state, priority, key, attempts, enqueued_at, run_at, "
-    "lease_until, token, result, error, finished_at, keep_until, lost, progress, progress_note"
+    "lease_until, token, result, error, finished_at, keep_until, lost, progress, progress_note, "
+    "worker, started_at, history"
 )
+
+
+def _ended(outcome: str, at: str, error: str) -> str:
+    """The SET part that appends the attempt under way to the job's history (JSON lines): it
+    ended ``at`` (SQL) as ``outcome``, with ``error`` (SQL; its end is kept). SQLite reads
+    every column in a SET at its value before the UPDATE."""
+    return (
+        "history = coalesce(history, '') || json_object('n', attempts, 'worker', worker, "
+        f"'started_at', started_at, 'ended_at', {at}, 'outcome', '{outcome}', "
+        f"'error', substr({error}, -{HISTORY_ERROR_CHARS})) || char(10)"
+    )
+
 
 _CLAIMABLE = """
 SELECT id FROM jobs AS j
@@ -107,6 +125,9 @@ def _migrate(db: sqlite3.Connection) -> None:
         ("lost", "INTEGER NOT NULL DEFAULT 0"),
         ("progress", "REAL"),
         ("progress_note", "TEXT"),
+        ("worker", "TEXT"),
+        ("started_at", "REAL"),
+        ("history", "TEXT"),
     ):
         if name in columns:
             continue
@@ -117,8 +138,13 @@ def _migrate(db: sqlite3.Connection) -> None:
                 raise
 
 
+_NAMES = tuple(_COLUMNS.split(", "))
+
+
 def _job(row: Any) -> Job:
-    return Job(*row)
+    fields = dict(zip(_NAMES, row, strict=True))
+    fields["history"] = parse_history(fields["history"])
+    return Job(**fields)
 
 
 _INSERT = (
@@ -323,15 +349,16 @@ class SQLiteBackend(Backend):
         with self._write() as db:
             db.execute(
                 "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
-                "lost = lost + 1 WHERE queue = ? AND state = 'running' AND lease_until <= ?",
+                f"lost = lost + 1, {_ended('lost', 'lease_until', 'NULL')} "
+                "WHERE queue = ? AND state = 'running' AND lease_until <= ?",
                 (queue, now),
             )
             ids = [r[0] for r in db.execute(_CLAIMABLE, (queue, now, limit))]
             tokens = [uuid.uuid4().hex for _ in ids]
             db.executemany(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, "
-                "lease_until = ? WHERE id = ?",
-                [(t, now + lease_s, i) for i, t in zip(ids, tokens, strict=True)],
+                "lease_until = ?, worker = ?, started_at = ? WHERE id = ?",
+                [(t, now + lease_s, worker, now, i) for i, t in zip(ids, tokens, strict=True)],
             )
             leases = []
             for job_id, token in zip(ids, tokens, strict=True):
@@ -378,15 +405,15 @@ class SQLiteBackend(Backend):
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
         return self._held_updates(
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
-            "error = ?",
-            [(run_at, error, job_id, token)],
+            f"error = ?, {_ended('retried', '?', '?')}",
+            [(run_at, error, now, error, job_id, token)],
         )[0]
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
         return self._held_updates(
             "UPDATE jobs SET state = 'dead', token = NULL, lease_until = NULL, error = ?, "
-            "finished_at = ?",
-            [(error, now, job_id, token)],
+            f"finished_at = ?, {_ended('dead', '?', '?')}",
+            [(error, now, now, error, job_id, token)],
         )[0]
 
     def release(self, job_id: str, token: str, now: float) -> bool:
