@@ -3,6 +3,7 @@ end in headless Chromium (Debian's ``chromium``, driven by Playwright)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from conveyor import TaskQueue
-from conveyor.dashboard import make_app, serve
+from conveyor.dashboard import make_app, make_asgi_app, serve
 
 from .conftest import eventually
 
@@ -246,3 +247,102 @@ def test_a_dashboard_others_can_reach_needs_the_token_to_be_read(queue: TaskQueu
     assert get("/").startswith("401") and get("/api/jobs").startswith("401")
     assert get("/", basic("s3cret")).startswith("200")
     assert get("/health").startswith("200")  # probes need no credentials
+
+
+class Asgi:
+    """Calls an ASGI app as a server would, one request at a time."""
+
+    def __init__(self, app: Any, root: str = "") -> None:
+        self.app = app
+        self.root = root
+
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        path, _, query = path.partition("?")
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": self.root + path,
+            "root_path": self.root,
+            "query_string": query.encode(),
+            "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+            "server": ("127.0.0.1", 8000),
+        }
+        # the body in two parts, as a server may hand it over
+        inbox = [
+            {"type": "http.request", "body": body[:3], "more_body": True},
+            {"type": "http.request", "body": body[3:], "more_body": False},
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return inbox.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        asyncio.run(self.app(scope, receive, send))
+        start, answer = sent
+        head = {k.decode(): v.decode() for k, v in start["headers"]}
+        return int(start["status"]), head, bytes(answer["body"])
+
+
+def test_as_an_asgi_app_mounted_under_a_prefix(queue: TaskQueue, dead_job: str) -> None:
+    app = make_asgi_app(queue, token="s3cret")
+    client = Asgi(app, root="/ops")
+    status, head, body = client.request("GET", "/health")
+    assert (status, body) == (200, b'{"ok": true}')
+    status, head, body = client.request("GET", f"/job/{dead_job}")
+    page = body.decode()
+    assert status == 200 and head["content-type"].startswith("text/html")
+    assert '<base href="/ops/">' in page and "<script>" not in page
+    assert f'action="job/{dead_job}/requeue"' in page  # relative: under the prefix
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    form = f"csrf={csrf}".encode()
+    assert client.request("POST", f"/job/{dead_job}/requeue", form)[0] == 401  # no token
+    status, head, _ = client.request(
+        "POST", f"/job/{dead_job}/requeue", form, {"Authorization": basic("s3cret")}
+    )
+    assert status == 303 and head["location"] == f"/ops/job/{dead_job}"
+    requeued = queue.backend.get(dead_job)
+    assert requeued is not None and requeued.state == "queued"
+    status, _, body = client.request("HEAD", "/api/queue")
+    assert status == 200 and body == b""
+    status, _, body = client.request("GET", "/api/jobs?state=queued")
+    assert [j["id"] for j in json.loads(body)] == [dead_job]
+
+
+def test_asgi_lifespan_is_answered_and_other_protocols_refused(queue: TaskQueue) -> None:
+    app = make_asgi_app(queue)
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "lifespan"}, receive, send))
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    with pytest.raises(ValueError, match="websocket"):
+        asyncio.run(app({"type": "websocket"}, receive, send))
+
+
+def test_a_wsgi_mount_keeps_links_under_its_prefix(queue: TaskQueue, dead_job: str) -> None:
+    app = make_app(queue)
+    answer: list[Any] = []
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "/admin/queue",
+        "PATH_INFO": "/jobs",
+        "QUERY_STRING": "state=dead",
+    }
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        answer.append(status)
+
+    page = b"".join(app(environ, start))
+    assert answer == ["200 OK"]
+    assert b'<base href="/admin/queue/">' in page and f'href="job/{dead_job}"'.encode() in page

@@ -1,5 +1,6 @@
 """The web dashboard: ``conveyor dashboard URL [--port 8080]``, or mounted in your own app
-(:func:`make_app` is a WSGI application).
+(:func:`make_app` is a WSGI application, :func:`make_asgi_app` an ASGI one; mounted under a
+prefix, every link follows it).
 
 Pages are rendered on the server, with no script: the queue's counts, its workers, its jobs per
 state with paging and a task filter, and each job whole with its last error's traceback. The
@@ -15,11 +16,13 @@ it is shown.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
 import hmac
 import html
+import io
 import json
 import secrets
 import time
@@ -87,12 +90,14 @@ class Dashboard:
                 return self._action(environ, path, start)
             if method not in ("GET", "HEAD"):
                 return _answer(start, "405 Method Not Allowed", "text/plain", b"GET or POST")
-            return self._get(path, query, start)
+            return self._get(path, query, start, environ.get("SCRIPT_NAME", "").rstrip("/"))
         except Exception as exc:  # the storage is away, most likely: say so, keep serving
             body = f"the queue's storage did not answer: {type(exc).__name__}: {exc}"
             return _answer(start, "503 Service Unavailable", "text/plain", body.encode())
 
-    def _get(self, path: str, query: dict[str, str], start: Start) -> Iterable[bytes]:
+    def _get(self, path: str, query: dict[str, str], start: Start, root: str) -> Iterable[bytes]:
+        """``root``: where the dashboard is mounted (``SCRIPT_NAME``); every link in a page
+        is relative to it."""
         if path == "/health":
             self.queue.stats()
             return _json(start, {"ok": True})
@@ -108,15 +113,15 @@ class Dashboard:
                 return _json(start, {"error": "no such job"}, "404 Not Found")
             return _json(start, self._job_data(job, whole=True))
         if path == "/":
-            return _html(start, "Queue", self._overview())
+            return _html(start, "Queue", self._overview(), root=root)
         if path == "/jobs":
-            return _html(start, "Jobs", self._job_list(query))
+            return _html(start, "Jobs", self._job_list(query), root=root)
         if path.startswith("/job/"):
             job = self.queue.backend.get(path[len("/job/") :])
             if job is None:
-                return _html(start, "No such job", "<p>No such job.</p>", "404 Not Found")
-            return _html(start, f"Job {job.id}", self._job_page(job))
-        return _html(start, "Not found", "<p>Nothing here.</p>", "404 Not Found")
+                return _html(start, "No such job", "<p>No such job.</p>", "404 Not Found", root)
+            return _html(start, f"Job {job.id}", self._job_page(job), root=root)
+        return _html(start, "Not found", "<p>Nothing here.</p>", "404 Not Found", root)
 
     # -- data (the JSON API, and what the pages show) -------------------------------------------
     def _queue_data(self) -> dict[str, Any]:
@@ -179,7 +184,7 @@ class Dashboard:
     def _overview(self) -> str:
         q = self._queue_data()
         rows = "".join(
-            f'<tr><td><a href="/jobs?state={state}">{label}</a></td>'
+            f'<tr><td><a href="jobs?state={state}">{label}</a></td>'
             f'<td class="n">{q[label]}</td></tr>'
             for label, state in (
                 ("ready", "queued"),
@@ -196,8 +201,8 @@ class Dashboard:
             f"<table><tr><th>state</th><th>jobs</th></tr>{rows}</table>",
         ]
         if q["dead"]:
-            parts.append(self._form("/queue/requeue-dead", "Requeue every dead job"))
-        parts.append(self._form("/queue/purge", "Purge (queued, done and dead jobs)", confirm=True))
+            parts.append(self._form("queue/requeue-dead", "Requeue every dead job"))
+        parts.append(self._form("queue/purge", "Purge (queued, done and dead jobs)", confirm=True))
         workers = self._workers_data()
         parts.append("<h2>Workers</h2>")
         if not workers:
@@ -223,27 +228,27 @@ class Dashboard:
         state, task = query.get("state", ""), query.get("task", "")
         offset = _int(query.get("offset"), 0)
         links = " ".join(
-            f'<a href="/jobs?{urlencode({"state": s, "task": task})}">{s}</a>' for s in STATES
+            f'<a href="jobs?{urlencode({"state": s, "task": task})}">{s}</a>' for s in STATES
         )
         rows = "".join(
-            f'<tr><td><a href="/job/{quote(j.id)}">{_e(j.id)}</a></td>'
+            f'<tr><td><a href="job/{quote(j.id)}">{_e(j.id)}</a></td>'
             f'<td class="{_e(j.state)}">{_e(j.state)}</td><td>{_e(j.task)}</td>'
             f'<td class="n">{j.attempts}</td><td>{_when(j.enqueued_at)}</td>'
             f"<td>{_e(((j.error or '').strip().splitlines() or [''])[-1][:120])}</td></tr>"
             for j in jobs
         )
         search = (
-            f'<form method="get" action="/jobs"><input type="hidden" name="state" '
+            f'<form method="get" action="jobs"><input type="hidden" name="state" '
             f'value="{_e(state)}"><input name="task" placeholder="task name" value="{_e(task)}">'
             "<button>Filter</button></form>"
         )
         pager = []
         if offset:
             prev = urlencode({"state": state, "task": task, "offset": max(0, offset - _PAGE)})
-            pager.append(f'<a href="/jobs?{prev}">previous</a>')
+            pager.append(f'<a href="jobs?{prev}">previous</a>')
         if len(jobs) == _PAGE:
             nxt = urlencode({"state": state, "task": task, "offset": offset + _PAGE})
-            pager.append(f'<a href="/jobs?{nxt}">next</a>')
+            pager.append(f'<a href="jobs?{nxt}">next</a>')
         return (
             f"<p>{links}</p>{search}"
             "<table><tr><th>id</th><th>state</th><th>task</th><th>tries</th><th>enqueued</th>"
@@ -302,9 +307,9 @@ class Dashboard:
         if job.error:
             parts.append(f'<h3>Last error</h3><pre id="traceback">{_e(job.error)}</pre>')
         if job.state == "dead":
-            parts.append(self._form(f"/job/{quote(job.id)}/requeue", "Requeue"))
+            parts.append(self._form(f"job/{quote(job.id)}/requeue", "Requeue"))
         if job.state == "queued":
-            parts.append(self._form(f"/job/{quote(job.id)}/cancel", "Cancel"))
+            parts.append(self._form(f"job/{quote(job.id)}/cancel", "Cancel"))
         return "".join(parts)
 
     def _form(self, action: str, label: str, confirm: bool = False) -> str:
@@ -373,7 +378,8 @@ class Dashboard:
             back = f"/job/{quote(job_id)}"
         else:
             return _answer(start, "404 Not Found", "text/plain", b"no such action")
-        start("303 See Other", [("Location", back), ("Content-Length", "0")])
+        root = environ.get("SCRIPT_NAME", "").rstrip("/")
+        start("303 See Other", [("Location", root + back), ("Content-Length", "0")])
         return [b""]
 
 
@@ -419,11 +425,14 @@ def _json(start: Start, data: Any, status: str = "200 OK") -> list[bytes]:
     return _answer(start, status, "application/json", json.dumps(data).encode())
 
 
-def _html(start: Start, title: str, body: str, status: str = "200 OK") -> list[bytes]:
+def _html(
+    start: Start, title: str, body: str, status: str = "200 OK", root: str = ""
+) -> list[bytes]:
     page = (
         f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)} - conveyor</title>"
-        f'<style>{_CSS}</style></head><body><nav><a href="/">queue</a>'
-        + "".join(f'<a href="/jobs?state={s}">{s}</a>' for s in STATES)
+        f'<base href="{_e(root)}/">'
+        f'<style>{_CSS}</style></head><body><nav><a href="./">queue</a>'
+        + "".join(f'<a href="jobs?state={s}">{s}</a>' for s in STATES)
         + f"</nav><h1>{_e(title)}</h1>{body}"
         f'<p class="note">{_when(time.time())}</p></body></html>'
     )
@@ -437,6 +446,96 @@ def make_app(queue: TaskQueue, token: str | None = None, private: bool = False) 
     """The dashboard of ``queue`` as a WSGI application, to serve or mount in your own app
     (``private=True``: reading needs the token too; do that when others can reach it)."""
     return Dashboard(queue, token, private)
+
+
+def make_asgi_app(
+    queue: TaskQueue, token: str | None = None, private: bool = False
+) -> AsgiDashboard:
+    """The dashboard of ``queue`` as an ASGI application (HTTP; lifespan answered), to mount
+    in Starlette, FastAPI, Quart or any ASGI server. The same pages, API and rules as
+    :func:`make_app`."""
+    return AsgiDashboard(Dashboard(queue, token, private))
+
+
+class AsgiDashboard:
+    """The WSGI dashboard behind an ASGI face. Each request's storage reads run off the event
+    loop, on the loop's default executor (they block on the storage); no user code runs
+    there. A body is read up to 64 KiB (an action's form is a few bytes); the rest is
+    dropped."""
+
+    _MAX_BODY = 65536
+
+    def __init__(self, dashboard: Dashboard) -> None:
+        self.dashboard = dashboard
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            raise ValueError(f"the dashboard serves HTTP, not {scope['type']!r}")
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if len(body) <= self._MAX_BODY:
+                body += message.get("body", b"")[: self._MAX_BODY + 1 - len(body)]
+            more = message.get("more_body", False)
+        environ = _environ(scope, bytes(body))
+        answer: list[Any] = []
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            answer[:] = [status, headers]
+
+        loop = asyncio.get_running_loop()
+        chunks = await loop.run_in_executor(None, lambda: list(self.dashboard(environ, start)))
+        status, headers = answer
+        await send(
+            {
+                "type": "http.response.start",
+                "status": int(status.split(" ", 1)[0]),
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            }
+        )
+        payload = b"" if scope.get("method") == "HEAD" else b"".join(chunks)
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """The WSGI environ of an ASGI HTTP request (PEP 3333 names; ``root_path`` is
+    ``SCRIPT_NAME``)."""
+    root = scope.get("root_path", "")
+    path = scope.get("path", "/")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    server = scope.get("server") or ("127.0.0.1", 80)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope.get("method", "GET"),
+        "SCRIPT_NAME": root,
+        "PATH_INFO": path or "/",
+        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
+        "CONTENT_LENGTH": str(len(body)),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1]),
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+    }
+    for name, value in scope.get("headers", []):
+        key = name.decode("latin-1").upper().replace("-", "_")
+        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if key == "CONTENT_TYPE":
+                environ[key] = value.decode("latin-1")
+            continue
+        environ[f"HTTP_{key}"] = value.decode("latin-1")
+    return environ
 
 
 def serve(
