@@ -382,14 +382,31 @@ def workers(url: str, as_json: bool) -> None:
 @click.option("--once", is_flag=True, help="Print one view and exit.")
 def top(url: str, name: str, interval_s: float, once: bool) -> None:
     """A live view of a queue: jobs per state, rates, the oldest waiting job, and every
-    worker, refreshed in place until Ctrl-C (conveyor[top]).
+    worker, refreshed in place until Ctrl-C (conveyor[top]). Given the /metrics address of
+    a pipeline run (run(metrics_port=...)), every stage of the runs there instead.
 
     \b
-    Example:
+    Examples:
         conveyor top redis://localhost:6379/0
+        conveyor top http://127.0.0.1:9191/metrics
     """
-    from .top import run
+    from .top import read_runs, render_runs, run, run_metrics
 
+    if url.startswith(("http://", "https://")):
+        try:
+            if once:
+                snap = read_runs(url)
+                if snap.error is not None:
+                    raise click.ClickException(f"nothing readable at {url}: {snap.error}")
+                view = render_runs(snap)  # says which extra is missing, if one is
+                from rich.console import Console
+
+                Console().print(view)
+            else:
+                run_metrics(url, interval_s=interval_s)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
     with _queue_at(url, name) as queue:
         try:
             run(queue, interval_s=interval_s, once=once)

@@ -6,16 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from conveyor import ManualClock, TaskQueue
+from conveyor import ManualClock, Pipeline, TaskQueue
 from conveyor.cli import main
+from conveyor.metrics import Metrics
 from conveyor.tasks.backends.base import WorkerInfo
-from conveyor.top import read, render
+from conveyor.top import read, read_runs, render, render_runs
 
 from ..conftest import eventually
 from .conftest import START
@@ -115,3 +117,45 @@ def test_the_live_view_refreshes_in_place_in_a_terminal(tmp_path: Path) -> None:
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
         q.close()
+
+
+def test_a_running_pipeline_is_read_from_its_metrics_page(gate: threading.Event) -> None:
+    def slow(x: int) -> int:
+        gate.wait(30)
+        return x
+
+    run = Pipeline(range(100)).map(lambda x: x + 1, name="inc").map(slow, name="slow").start()
+    metrics = Metrics()
+    metrics.watch_run("orders", run.stats)
+    server = metrics.serve(0)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    ticks = iter([10.0, 12.0])
+    try:
+        eventually(lambda: run.stats().stages[1].busy_workers >= 1)
+        first = read_runs(url, clock=lambda: next(ticks))
+        assert first.error is None and set(first.stages) == {("orders", "inc"), ("orders", "slow")}
+        assert first.stages["orders", "slow"]["finished"] == 0
+        text = screen(render_runs(first))
+        assert "orders" in text and "finished/s" in text
+        slow_row = next(line for line in text.splitlines() if line.startswith("slow"))
+        assert slow_row.split()[1].startswith("1/")  # one busy worker
+        gate.set()
+        for _ in run:
+            pass
+        second = read_runs(url, first, clock=lambda: next(ticks))
+        assert second.stages["orders", "slow"]["finished"] == 100
+        assert second.finished_per_s is not None
+        assert second.finished_per_s["orders", "slow"] == 50.0  # 100 in 2 s
+        assert "50.0" in screen(render_runs(second))
+        out = CliRunner().invoke(main, ["top", url, "--once"])
+        assert out.exit_code == 0, out.output
+        assert "pipelines at" in out.output and "inc" in out.output
+    finally:
+        server.close()
+
+
+def test_a_metrics_url_that_does_not_answer_is_said(tmp_path: Path) -> None:
+    gone = read_runs("http://127.0.0.1:1/metrics")
+    assert gone.error is not None and "not answering" in screen(render_runs(gone))
+    out = CliRunner().invoke(main, ["top", "http://127.0.0.1:1/metrics", "--once"])
+    assert out.exit_code == 1 and "nothing readable at http://127.0.0.1:1/metrics" in out.output
