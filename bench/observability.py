@@ -6,7 +6,7 @@
 Needs ``conveyor[metrics,otel]`` and opentelemetry-sdk (the development environment has
 them). Each round runs every variant once, in turn, on a fresh ``memory://`` queue (no
 storage I/O, so the cost of observing is as visible as it can be), on SQLite, and on memory
-with jobs that await 1 ms (closer to real work); medians over rounds, and each variant's
+with jobs that await 1 ms and 10 ms (closer to real work); medians over rounds, and each variant's
 ratio to the plain worker of the same table:
 
 * plain: no observer;
@@ -15,7 +15,9 @@ ratio to the plain worker of the same table:
   when the application has not set up OpenTelemetry);
 * traces, SDK: a ``TracerProvider`` with a ``BatchSpanProcessor`` whose exporter drops each
   batch it is given (spans made and handed over as to a real exporter; no network);
-* both: metrics and SDK traces.
+* traces, SDK 1/10: the same SDK with a sampler that records one trace in ten
+  (``ParentBased(TraceIdRatioBased(0.1))``, the usual production set-up);
+* both: metrics and SDK traces (every span recorded).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 from bench._harness import table
 
-VARIANTS = ("plain", "metrics", "traces, no SDK", "traces, SDK", "both")
+VARIANTS = ("plain", "metrics", "traces, no SDK", "traces, SDK", "traces, SDK 1/10", "both")
 
 
 def one_run(url: str, n: int, variant: str, work_s: float = 0.0) -> float:
@@ -41,13 +43,14 @@ def one_run(url: str, n: int, variant: str, work_s: float = 0.0) -> float:
     tracing: Any = False
     if variant == "traces, no SDK":
         tracing = True
-    elif variant in ("traces, SDK", "both"):
+    elif variant in ("traces, SDK", "traces, SDK 1/10", "both"):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (
             BatchSpanProcessor,
             SpanExporter,
             SpanExportResult,
         )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
         class Discard(SpanExporter):
             """Takes each batch and drops it, as an exporter that sent it would."""
@@ -55,7 +58,8 @@ def one_run(url: str, n: int, variant: str, work_s: float = 0.0) -> float:
             def export(self, spans: Any) -> SpanExportResult:
                 return SpanExportResult.SUCCESS
 
-        provider = TracerProvider()
+        sampled = variant.endswith("1/10")
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)) if sampled else None)
         provider.add_span_processor(BatchSpanProcessor(Discard()))
         tracing = Tracing(tracer_provider=provider)
     q = TaskQueue(url, tracing=tracing)
@@ -82,9 +86,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    n, rounds = (3000, 3) if args.quick else (20000, 5)
+    total, rounds = (3000, 3) if args.quick else (20000, 5)
     with tempfile.TemporaryDirectory() as tmp:
-        for storage, work_s in (("memory", 0.0), ("sqlite", 0.0), ("memory", 0.001)):
+        for storage, work_s in (
+            ("memory", 0.0),
+            ("sqlite", 0.0),
+            ("memory", 0.001),
+            ("memory", 0.01),
+        ):
+            # 10 ms jobs: a fifth as many, or a round takes minutes
+            n = total if work_s < 0.01 else total // 5
             rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(rounds):
                 for i, variant in enumerate(VARIANTS):

@@ -15,6 +15,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conveyor import ConfigurationError, TaskQueue
 from conveyor.tracing import Tracing, error_type
 
+from .current_job_tasks import my_span
+
 
 @pytest.fixture
 def exporter() -> Iterator[InMemorySpanExporter]:
@@ -80,6 +82,40 @@ def test_enqueue_and_each_attempt_are_spans_linked_by_the_job(
         s for s in processes if s.attributes and s.attributes["messaging.message.id"] == ok.id
     ]
     assert good.status.is_ok and "error.type" not in (good.attributes or {})
+
+
+@pytest.mark.parametrize("executor", ["thread", "process", "inline", "async"])
+def test_spans_a_task_makes_are_children_of_its_attempt(
+    executor: str, tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    q = traced_queue(f"sqlite:///{tmp_path / 'q.db'}", exporter)
+    if executor == "async":
+
+        @q.task(name="mine")
+        async def mine() -> list[str]:
+            return my_span()
+    else:
+        q.task(my_span, name="mine", executor=executor)
+    handle = q.enqueue("mine")
+    q.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
+    seen = handle.result(timeout_s=10)
+    q.close()
+    [attempt] = [s for s in exporter.get_finished_spans() if s.name == "process default"]
+    assert attempt.context is not None
+    assert seen == [
+        format(attempt.context.trace_id, "032x"),
+        format(attempt.context.span_id, "016x"),
+    ]
+
+
+def test_outside_a_task_and_untraced_the_current_span_is_not_a_job_s(tmp_path: Path) -> None:
+    q = TaskQueue(f"memory://{tmp_path.name}")  # not traced: nothing is attached
+    q.task(my_span, name="mine", executor="thread")
+    handle = q.enqueue("mine")
+    q.worker(burst=True, poll_s=0.05, burst_horizon_s=0, handle_signals=False).run()
+    assert handle.result(timeout_s=10) == ["0" * 32, "0" * 16]
+    assert my_span() == ["0" * 32, "0" * 16]
+    q.close()
 
 
 def test_a_batch_enqueue_is_one_send_span(exporter: InMemorySpanExporter, tmp_path: Path) -> None:

@@ -59,6 +59,10 @@ class JobContext:
     renews it while the job runs)"""
     url: str = field(default="", repr=False)  # where the queue lives (may hold a password)
     token: str = field(default="", repr=False)  # the lease this attempt holds
+    #: the trace context of this attempt's ``process`` span, when the queue is traced, so
+    #: that the task's own spans are its children: an OpenTelemetry context in this process,
+    #: its W3C headers for a process task
+    trace: Any = field(default=None, repr=False)
 
     def progress(self, fraction: float, note: str = "") -> bool:
         """Say how far the job is (0 to 1) and what it is doing: stored with the job, shown by
@@ -103,11 +107,34 @@ def current_job() -> JobContext | None:
     return _CURRENT.get()
 
 
+def _attach_trace(context: JobContext) -> Any:
+    """Make the attempt's span the current one (a token for :func:`_detach_trace`)."""
+    trace = context.trace
+    if trace is None:
+        return None
+    from opentelemetry import context as otel_context
+
+    if not isinstance(trace, otel_context.Context):  # headers, from the worker's process
+        from opentelemetry import propagate
+
+        trace = propagate.extract(trace)
+    return otel_context.attach(trace)
+
+
+def _detach_trace(token: Any) -> None:
+    if token is not None:
+        from opentelemetry import context as otel_context
+
+        otel_context.detach(token)
+
+
 async def _in_context(context: JobContext, awaitable: Any) -> Any:
     token = _CURRENT.set(context)
+    traced = _attach_trace(context)
     try:
         return await awaitable
     finally:
+        _detach_trace(traced)
         _CURRENT.reset(token)
 
 
@@ -128,9 +155,11 @@ class JobWork:
     def call(self, item: tuple[str, str, list[Any], dict[str, Any], JobContext]) -> Any:
         _, task_key, args, kwargs, context = item
         token = _CURRENT.set(context)
+        traced = _attach_trace(context)
         try:
             result = self.functions[task_key](*args, **kwargs)
         finally:
+            _detach_trace(traced)
             _CURRENT.reset(token)
         if hasattr(result, "__await__"):  # a coroutine runs later: it gets the job too
             return _in_context(context, result)

@@ -195,9 +195,13 @@ class Worker:
         self._saying: asyncio.Future[None] | None = None  # the record being written
         # the error of each run that failed, by lease token, until its observers are told
         self._errors: dict[str, str] = {}
+        #: the observer that makes each attempt's span; it also hands the span's context to
+        #: the task, so that the task's own spans are its children
+        self._traces: Any = None
         for queue in queues:
             if queue.tracing is not None:
-                self.observers.append(queue.tracing.observer())
+                self._traces = queue.tracing.observer()
+                self.observers.append(self._traces)
                 break
         if metrics_port is not None:
             from ..metrics import Metrics
@@ -660,6 +664,9 @@ class Worker:
                 lease_until=job.lease_until,
                 url=queue.url,
                 token=lease.token,
+                trace=None
+                if self._traces is None
+                else self._traces.context_of(job, portable=task.options.executor == "process"),
             )
             result = await self._call(task, lease.token, args, kwargs, context)
         except RetryTask as signal_:
