@@ -346,3 +346,58 @@ def test_a_wsgi_mount_keeps_links_under_its_prefix(queue: TaskQueue, dead_job: s
     page = b"".join(app(environ, start))
     assert answer == ["200 OK"]
     assert b'<base href="/admin/queue/">' in page and f'href="job/{dead_job}"'.encode() in page
+
+
+def test_the_queue_shows_its_workers_rates_over_the_last_minute(tmp_path: Path) -> None:
+    from conveyor import ManualClock
+    from conveyor.tasks.backends.base import WorkerInfo
+
+    clock = ManualClock(1_800_000_000.0)
+    q = TaskQueue(f"sqlite:///{tmp_path / 'q.db'}", clock=clock)
+    app = make_app(q)
+
+    def beat(processed: int, failed: int, queues: tuple[str, ...] = ("default",)) -> None:
+        for name in ("a", "b"):
+            q.backend.worker_beat(
+                WorkerInfo(
+                    id=f"{name}:{queues[0]}",
+                    host="h",
+                    pid=1,
+                    queues=queues,
+                    concurrency=4,
+                    started_at=clock.now() - 5,
+                    last_beat=clock.now(),
+                    beat_s=10.0,
+                    running=0,
+                    processed=processed,
+                    failed=failed,
+                )
+            )
+
+    def get(path: str) -> str:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": ""}
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            assert status == "200 OK"
+
+        return b"".join(app(environ, start)).decode()
+
+    try:
+        beat(100, 1)
+        beat(0, 0, queues=("other",))  # another queue's workers do not count
+        first = json.loads(get("/api/queue"))
+        assert first["done_per_s"] is None
+        assert "rates after the next refresh" in get("/")
+        clock.advance(10)
+        beat(150, 3)
+        beat(900, 900, queues=("other",))
+        second = json.loads(get("/api/queue"))
+        assert (second["done_per_s"], second["dead_per_s"]) == (10.0, 0.4)  # 2 workers, 10 s
+        page = get("/")
+        assert '<meta http-equiv="refresh" content="10">' in page
+        assert "10.0 done/s, 0.4 dead/s" in page
+        clock.advance(120)  # what is older than a minute is forgotten
+        beat(150, 3)
+        assert json.loads(get("/api/queue"))["done_per_s"] is None
+    finally:
+        q.close()

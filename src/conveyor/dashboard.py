@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -25,6 +26,7 @@ import html
 import io
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -77,6 +79,9 @@ class Dashboard:
         self.token = token
         self.private = private
         self._secret = secrets.token_bytes(32)
+        # what the workers said of themselves at earlier reads, for the rates: (at, records)
+        self._samples: collections.deque[tuple[float, list[Any]]] = collections.deque()
+        self._samples_lock = threading.Lock()
 
     # -- WSGI ---------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start: Start) -> Iterable[bytes]:
@@ -113,7 +118,7 @@ class Dashboard:
                 return _json(start, {"error": "no such job"}, "404 Not Found")
             return _json(start, self._job_data(job, whole=True))
         if path == "/":
-            return _html(start, "Queue", self._overview(), root=root)
+            return _html(start, "Queue", self._overview(), root=root, refresh_s=10)
         if path == "/jobs":
             return _html(start, "Jobs", self._job_list(query), root=root)
         if path.startswith("/job/"):
@@ -126,6 +131,7 @@ class Dashboard:
     # -- data (the JSON API, and what the pages show) -------------------------------------------
     def _queue_data(self) -> dict[str, Any]:
         s = self.queue.stats()
+        done_per_s, dead_per_s = self._rates()
         return {
             "queue": self.queue.name,
             "storage": self.queue.where,
@@ -135,7 +141,28 @@ class Dashboard:
             "done": s.done,
             "dead": s.dead,
             "oldest_waiting_s": s.oldest_waiting_s,
+            "done_per_s": done_per_s,
+            "dead_per_s": dead_per_s,
         }
+
+    def _rates(self) -> tuple[float | None, float | None]:
+        """Jobs done and dead per second over the last minute or so, from the counts this
+        queue's workers keep of themselves, as read by earlier requests (None until two reads
+        are 2 s apart: the overview reloads itself every 10 s)."""
+        from .top import worker_rates
+
+        now = self.queue.now()
+        workers = [w for w in self.queue.workers() if self.queue.name in w.queues]
+        with self._samples_lock:
+            samples = self._samples
+            while samples and now - samples[0][0] > _RATE_WINDOW_S:
+                samples.popleft()
+            if not samples or now - samples[-1][0] >= 2.0:
+                samples.append((now, workers))
+            at, before = samples[0]
+        if now - at < 2.0:
+            return None, None
+        return worker_rates(before, workers, now - at)
 
     def _workers_data(self) -> list[dict[str, Any]]:
         now = self.queue.now()
@@ -195,9 +222,15 @@ class Dashboard:
             )
         )
         oldest = q["oldest_waiting_s"]
+        rates = (
+            "rates after the next refresh"
+            if q["done_per_s"] is None
+            else f"{q['done_per_s']:,.1f} done/s, {q['dead_per_s']:,.1f} dead/s"
+        )
         parts = [
             f"<p>Queue <b>{_e(q['queue'])}</b> at {_e(q['storage'])}. Oldest waiting job: "
-            f"{'-' if oldest is None else f'{oldest:.1f} s'}.</p>",
+            f"{'-' if oldest is None else f'{oldest:.1f} s'}. "
+            f'<span id="rates">{rates}</span> (its workers, over the last minute).</p>',
             f"<table><tr><th>state</th><th>jobs</th></tr>{rows}</table>",
         ]
         if q["dead"]:
@@ -426,10 +459,17 @@ def _json(start: Start, data: Any, status: str = "200 OK") -> list[bytes]:
 
 
 def _html(
-    start: Start, title: str, body: str, status: str = "200 OK", root: str = ""
+    start: Start,
+    title: str,
+    body: str,
+    status: str = "200 OK",
+    root: str = "",
+    refresh_s: int | None = None,
 ) -> list[bytes]:
+    reload = "" if refresh_s is None else f'<meta http-equiv="refresh" content="{refresh_s}">'
     page = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)} - conveyor</title>"
+        f"<!doctype html><html><head><meta charset=utf-8>{reload}"
+        f"<title>{_e(title)} - conveyor</title>"
         f'<base href="{_e(root)}/">'
         f'<style>{_CSS}</style></head><body><nav><a href="./">queue</a>'
         + "".join(f'<a href="jobs?state={s}">{s}</a>' for s in STATES)
@@ -440,6 +480,8 @@ def _html(
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: how far back the rates look
+_RATE_WINDOW_S = 60.0
 
 
 def make_app(queue: TaskQueue, token: str | None = None, private: bool = False) -> Dashboard:

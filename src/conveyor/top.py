@@ -49,14 +49,22 @@ def read(queue: TaskQueue, before: Snapshot | None = None) -> Snapshot:
     snap = Snapshot(queue.name, queue.where, now, queue.stats(), queue.workers())
     snap.states = {w.id: w.state(now) for w in snap.workers}
     if before is not None and now > before.at:
-        elapsed = now - before.at
-        done = {w.id: w.processed for w in before.workers}
-        dead = {w.id: w.failed for w in before.workers}
-        snap.done_per_s = (
-            sum(max(0, w.processed - done.get(w.id, 0)) for w in snap.workers) / elapsed
+        snap.done_per_s, snap.dead_per_s = worker_rates(
+            before.workers, snap.workers, now - before.at
         )
-        snap.dead_per_s = sum(max(0, w.failed - dead.get(w.id, 0)) for w in snap.workers) / elapsed
     return snap
+
+
+def worker_rates(before: Any, after: Any, elapsed_s: float) -> tuple[float, float]:
+    """Jobs done and set aside as dead per second, from what the workers said of themselves
+    ``elapsed_s`` apart (a worker new since counts from 0; one forgotten since counts no
+    more)."""
+    done = {w.id: w.processed for w in before}
+    dead = {w.id: w.failed for w in before}
+    return (
+        sum(max(0, w.processed - done.get(w.id, 0)) for w in after) / elapsed_s,
+        sum(max(0, w.failed - dead.get(w.id, 0)) for w in after) / elapsed_s,
+    )
 
 
 def render(snap: Snapshot) -> Any:
