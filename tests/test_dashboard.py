@@ -111,6 +111,10 @@ def test_pages_and_api_show_the_queue_and_escape_what_jobs_carry(
         )
         assert "read-only dashboard" in page
         assert served.get("/job/nosuch")[0] == 404
+        status, found = served.get(f"/job?id=+{dead_job}+")  # the search box, spaces and all
+        assert status == 200 and f"Job {dead_job}" in found
+        assert served.get("/job?id=nosuch")[0] == 404 and served.get("/job?id=")[0] == 404
+        assert 'action="job"' in served.get("/jobs?state=dead")[1]
     finally:
         served.close()
 

@@ -121,8 +121,9 @@ class Dashboard:
             return _html(start, "Queue", self._overview(), root=root, refresh_s=10)
         if path == "/jobs":
             return _html(start, "Jobs", self._job_list(query), root=root)
-        if path.startswith("/job/"):
-            job = self.queue.backend.get(path[len("/job/") :])
+        if path.startswith("/job/") or path == "/job":  # /job?id=...: the search box
+            job_id = path[len("/job/") :] if path != "/job" else query.get("id", "").strip()
+            job = self.queue.backend.get(job_id) if job_id else None
             if job is None:
                 return _html(start, "No such job", "<p>No such job.</p>", "404 Not Found", root)
             return _html(start, f"Job {job.id}", self._job_page(job), root=root)
@@ -273,7 +274,9 @@ class Dashboard:
         search = (
             f'<form method="get" action="jobs"><input type="hidden" name="state" '
             f'value="{_e(state)}"><input name="task" placeholder="task name" value="{_e(task)}">'
-            "<button>Filter</button></form>"
+            "<button>Filter</button></form> "
+            '<form method="get" action="job"><input name="id" placeholder="job id">'
+            "<button>Find</button></form>"
         )
         pager = []
         if offset:
