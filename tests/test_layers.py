@@ -68,6 +68,8 @@ def test_no_layer_imports_a_higher_one() -> None:
                 if target not in ("", "pipeline", "channels", "compat") and not (
                     (layer == "__main__" and target == "cli")
                     or (layer == "cli" and target in ("dashboard", "top"))
+                    # the dashboard's rates are read as conveyor top reads them
+                    or (layer == "dashboard" and target == "top")
                 ):
                     problems.append(f"{path.relative_to(ROOT)} imports {mod}")
                 continue
