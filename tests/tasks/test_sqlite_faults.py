@@ -198,6 +198,7 @@ def test_a_file_of_an_earlier_version_is_brought_up_to_date_and_keeps_its_jobs(
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
         db.executescript(_FIRST_SCHEMA)
+    db.close()  # the with block commits; it does not close
     backend = SQLiteBackend(path)
     again = SQLiteBackend(path)  # a second process opening it at once finds it done
     try:
