@@ -405,3 +405,63 @@ def test_the_queue_shows_its_workers_rates_over_the_last_minute(tmp_path: Path) 
         assert json.loads(get("/api/queue"))["done_per_s"] is None
     finally:
         q.close()
+
+
+def test_prefixes_and_ids_beyond_ascii_and_a_prefix_that_names_another_site(
+    queue: TaskQueue,
+) -> None:
+    from urllib.parse import quote
+
+    @queue.task(name="t")
+    def t() -> None:
+        return None
+
+    handle = queue.enqueue("t", _id="jöb/ünïcode")
+    served = Served(queue, token=None)
+    try:  # the id through a real server: percent-encoded UTF-8 in, the job found
+        status, page = served.get("/job/" + quote(handle.id))
+        assert status == 200 and "jöb/ünïcode" in page
+    finally:
+        served.close()
+    wsgi = make_app(queue)
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        seen.append((status, headers))
+
+    def page_at(script_name: str) -> str:
+        environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": script_name, "PATH_INFO": "/"}
+        return b"".join(wsgi(environ, start)).decode()
+
+    # WSGI hands the prefix over as its bytes read as latin-1
+    assert '<base href="/%D0%BF%D0%B0%D0%BD%D0%B5%D0%BB%D1%8C/">' in page_at(
+        "/панель".encode().decode("latin-1")
+    )
+    assert '<base href="/evil.example/">' in page_at("//evil.example")  # never another site
+    csp = dict(seen[-1][1])["Content-Security-Policy"]
+    assert "base-uri 'self'" in csp and "form-action 'self'" in csp
+    client = Asgi(make_asgi_app(queue, token="s3cret"), root="/панель")
+    status, head, body = client.request("GET", "/")
+    assert status == 200 and '<base href="/%D0%BF%D0%B0%D0%BD%D0%B5%D0%BB%D1%8C/">' in body.decode()
+    status, head, _ = client.request(
+        "POST", "/queue/requeue-dead", b"", {"Authorization": "Bearer s3cret"}
+    )
+    assert status == 303 and head["location"] == "/%D0%BF%D0%B0%D0%BD%D0%B5%D0%BB%D1%8C/"
+
+
+def test_the_asgi_request_becomes_a_pep_3333_environ() -> None:
+    from conveyor.dashboard import _environ
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/ops/job/é",
+        "root_path": "/ops",
+        "query_string": b"a=1",
+        "client": ("10.0.0.7", 5555),
+        "headers": [(b"x-seen", b"one"), (b"x-seen", b"two"), (b"x_seen", b"forged")],
+    }
+    environ = _environ(scope, b"")
+    assert environ["PATH_INFO"] == "/job/é".encode().decode("latin-1")
+    assert environ["SCRIPT_NAME"] == "/ops" and environ["REMOTE_ADDR"] == "10.0.0.7"
+    assert environ["HTTP_X_SEEN"] == "one, two"  # joined; the underscore one dropped

@@ -29,6 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
@@ -85,7 +86,7 @@ class Dashboard:
 
     # -- WSGI ---------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start: Start) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/") or "/"
+        path = _wsgi_text(environ.get("PATH_INFO", "/")) or "/"
         method = environ.get("REQUEST_METHOD", "GET")
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         try:
@@ -95,7 +96,7 @@ class Dashboard:
                 return self._action(environ, path, start)
             if method not in ("GET", "HEAD"):
                 return _answer(start, "405 Method Not Allowed", "text/plain", b"GET or POST")
-            return self._get(path, query, start, environ.get("SCRIPT_NAME", "").rstrip("/"))
+            return self._get(path, query, start, _root(environ))
         except Exception as exc:  # the storage is away, most likely: say so, keep serving
             body = f"the queue's storage did not answer: {type(exc).__name__}: {exc}"
             return _answer(start, "503 Service Unavailable", "text/plain", body.encode())
@@ -414,9 +415,29 @@ class Dashboard:
             back = f"/job/{quote(job_id)}"
         else:
             return _answer(start, "404 Not Found", "text/plain", b"no such action")
-        root = environ.get("SCRIPT_NAME", "").rstrip("/")
+        root = _root(environ)
         start("303 See Other", [("Location", root + back), ("Content-Length", "0")])
         return [b""]
+
+
+def _wsgi_text(value: str) -> str:
+    """A path as WSGI gives it (the request's bytes, decoded as latin-1) as the text it is."""
+    try:
+        return value.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a server that decoded it already
+        return value
+
+
+def _root(environ: dict[str, Any]) -> str:
+    """Where the dashboard is mounted, fit for links: percent-quoted, and one leading slash
+    (``//host`` would send every link and form to another site)."""
+    script = environ.get("SCRIPT_NAME", "")
+    try:
+        raw = script.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = script.encode("utf-8")
+    root = quote(raw, safe="/").strip("/")
+    return "/" + root if root else ""
 
 
 def _int(value: Any, default: int) -> int:
@@ -439,7 +460,11 @@ def _answer(
             ("Content-Type", kind),
             ("Content-Length", str(len(body))),
             ("X-Content-Type-Options", "nosniff"),
-            ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+            (
+                "Content-Security-Policy",
+                "default-src 'none'; style-src 'unsafe-inline'; base-uri 'self'; "
+                "form-action 'self'",
+            ),
             ("X-Frame-Options", "DENY"),
             *(headers or []),
         ],
@@ -504,14 +529,17 @@ def make_asgi_app(
 
 class AsgiDashboard:
     """The WSGI dashboard behind an ASGI face. Each request's storage reads run off the event
-    loop, on the loop's default executor (they block on the storage); no user code runs
-    there. A body is read up to 64 KiB (an action's form is a few bytes); the rest is
+    loop, on four threads of the dashboard's own (they block on the storage); no user code
+    runs there. A body is read up to 64 KiB (an action's form is a few bytes); the rest is
     dropped."""
 
     _MAX_BODY = 65536
 
     def __init__(self, dashboard: Dashboard) -> None:
         self.dashboard = dashboard
+        # threads of its own for the storage reads: the loop's default executor is the host
+        # app's (name lookups, its own blocking calls), and a slow storage must not starve it
+        self._pool: ThreadPoolExecutor | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -520,6 +548,9 @@ class AsgiDashboard:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    if self._pool is not None:
+                        self._pool.shutdown(wait=False)
+                        self._pool = None
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
@@ -540,7 +571,11 @@ class AsgiDashboard:
             answer[:] = [status, headers]
 
         loop = asyncio.get_running_loop()
-        chunks = await loop.run_in_executor(None, lambda: list(self.dashboard(environ, start)))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor:dashboard")
+        chunks = await loop.run_in_executor(
+            self._pool, lambda: list(self.dashboard(environ, start))
+        )
         status, headers = answer
         await send(
             {
@@ -561,10 +596,16 @@ def _environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
     if root and path.startswith(root):
         path = path[len(root) :]
     server = scope.get("server") or ("127.0.0.1", 80)
+    client = scope.get("client") or ("", 0)
+
+    def wsgi(text: str) -> str:  # PEP 3333: the request's bytes, as latin-1
+        return text.encode("utf-8").decode("latin-1")
+
     environ: dict[str, Any] = {
         "REQUEST_METHOD": scope.get("method", "GET"),
-        "SCRIPT_NAME": root,
-        "PATH_INFO": path or "/",
+        "SCRIPT_NAME": wsgi(root),
+        "PATH_INFO": wsgi(path or "/"),
+        "REMOTE_ADDR": str(client[0]),
         "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
         "CONTENT_LENGTH": str(len(body)),
         "SERVER_NAME": str(server[0]),
@@ -579,7 +620,12 @@ def _environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
             if key == "CONTENT_TYPE":
                 environ[key] = value.decode("latin-1")
             continue
-        environ[f"HTTP_{key}"] = value.decode("latin-1")
+        if "_" in name.decode("latin-1"):
+            continue  # X_Foo would pass for X-Foo: dropped, as CGI servers do
+        key = f"HTTP_{key}"
+        text = value.decode("latin-1")
+        # a header sent twice is one value, joined (RFC 9110)
+        environ[key] = f"{environ[key]}, {text}" if key in environ else text
     return environ
 
 

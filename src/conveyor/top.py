@@ -106,10 +106,10 @@ def render(snap: Snapshot) -> Any:
     for w in snap.workers:
         state = snap.states.get(w.id, "")
         style = {"alive": "green", "gone": "red"}.get(state, "dim")
-        workers.add_row(
-            w.id,
+        workers.add_row(  # names are text, never markup: a worker may be called "[b]x"
+            Text(w.id),
             Text(state, style=style),
-            ",".join(w.queues),
+            Text(",".join(w.queues)),
             f"{w.running}/{w.concurrency}",
             f"{w.processed:,}",
             f"{w.failed:,}",
@@ -228,7 +228,7 @@ def render_runs(snap: RunsSnapshot) -> Any:
         return Group(head, Text(""), Text("no pipeline stages there (conveyor_stage_* metrics)"))
     parts: list[Any] = [head]
     for pipeline in sorted({p for p, _ in snap.stages}):
-        table = Table(title=pipeline, title_justify="left", box=None, pad_edge=False)
+        table = Table(title=Text(pipeline), title_justify="left", box=None, pad_edge=False)
         for column in (
             "stage",
             "busy",
@@ -255,7 +255,7 @@ def render_runs(snap: RunsSnapshot) -> Any:
             rate = None if snap.finished_per_s is None else snap.finished_per_s.get((p, stage))
             failed = int(f.get("failed", 0))
             table.add_row(
-                stage,
+                Text(stage),
                 f"{n('busy_workers')}/{n('workers')}",
                 f"{n('queue_depth')}/{n('queue_capacity')}",
                 n("received"),

@@ -219,6 +219,25 @@ def test_every_attempt_is_kept_with_its_worker_times_and_error(backend: Backend)
     assert [(r.number, r.outcome, r.ended_at) for r in done.runs()][3:] == [(1, "succeeded", 17)]
 
 
+def test_history_keeps_any_text_and_tells_attempts_apart_at_one_instant(
+    backend: Backend,
+) -> None:
+    backend.enqueue([job("a")], now=0)
+    [first] = backend.claim(Q, "w1", 10, 5)
+    # a cut inside a character would be invalid UTF-8 (a byte count on the storage's side)
+    error = "é" * 3000 + "\x00 x" + "ü" * 2000 + "ValueError: fin"
+    assert backend.retry("a", first.token, run_at=5, error=error, now=5)
+    [second] = backend.claim(Q, "w1", 10, 5)  # the same instant as the first
+    got = backend.get("a")
+    assert got is not None and got.error == error  # the job's own error whole
+    assert [(r.number, r.outcome) for r in got.runs()] == [(1, "retried"), (2, RUNNING)]
+    kept = got.runs()[0].error
+    assert kept is not None and len(kept) == HISTORY_ERROR_CHARS and kept.endswith("fin")
+    assert kept == error[-HISTORY_ERROR_CHARS:].replace("\x00", "\ufffd")
+    assert [lease.job.id for lease in backend.claim(Q, "w2", 10, 20)] == ["a"]  # still readable
+    assert second.token != first.token
+
+
 def test_a_released_attempt_is_not_kept(backend: Backend) -> None:
     backend.enqueue([job("a")], now=0)
     [lease] = backend.claim(Q, "w1", 10, 1)

@@ -154,6 +154,19 @@ def test_a_running_pipeline_is_read_from_its_metrics_page(gate: threading.Event)
         server.close()
 
 
+def test_names_from_the_page_are_shown_as_text_not_markup() -> None:
+    from conveyor.top import RunsSnapshot
+
+    stages = {("[bold]p", "parse[/json]"): {"finished": 3.0, "received": 3.0}}
+    text = screen(render_runs(RunsSnapshot("http://x/metrics", 0.0, stages)))
+    assert "parse[/json]" in text and "[bold]p" in text
+    snap_worker = worker("[red]w[/red]", START, processed=1)
+    q = TaskQueue("memory://markup", clock=ManualClock(START))
+    q.backend.worker_beat(snap_worker)
+    assert "[red]w[/red]" in screen(render(read(q)))
+    q.close()
+
+
 def test_a_metrics_url_that_does_not_answer_is_said(tmp_path: Path) -> None:
     gone = read_runs("http://127.0.0.1:1/metrics")
     assert gone.error is not None and "not answering" in screen(render_runs(gone))

@@ -130,11 +130,19 @@ def _detach_trace(token: Any) -> None:
 
 async def _in_context(context: JobContext, awaitable: Any) -> Any:
     token = _CURRENT.set(context)
-    traced = _attach_trace(context)
     try:
-        return await awaitable
+        try:
+            traced = _attach_trace(context)
+        except BaseException:
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()  # it will never be awaited: no "never awaited" warning later
+            raise
+        try:
+            return await awaitable
+        finally:
+            _detach_trace(traced)
     finally:
-        _detach_trace(traced)
         _CURRENT.reset(token)
 
 
@@ -155,11 +163,13 @@ class JobWork:
     def call(self, item: tuple[str, str, list[Any], dict[str, Any], JobContext]) -> Any:
         _, task_key, args, kwargs, context = item
         token = _CURRENT.set(context)
-        traced = _attach_trace(context)
         try:
-            result = self.functions[task_key](*args, **kwargs)
+            traced = _attach_trace(context)
+            try:
+                result = self.functions[task_key](*args, **kwargs)
+            finally:
+                _detach_trace(traced)
         finally:
-            _detach_trace(traced)
             _CURRENT.reset(token)
         if hasattr(result, "__await__"):  # a coroutine runs later: it gets the job too
             return _in_context(context, result)

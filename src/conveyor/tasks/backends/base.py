@@ -105,8 +105,8 @@ class Job:
         """Every attempt kept: the history, then the last attempt when it is under way
         (``running``) or succeeded (``succeeded``: the job is done since it ran)."""
         out = list(self.history)
-        last = out[-1].started_at if out else None
-        if self.started_at is not None and self.started_at != last:
+        last = (out[-1].number, out[-1].started_at) if out else None
+        if self.started_at is not None and (self.attempts, self.started_at) != last:
             if self.state == RUNNING:
                 out.append(Attempt(self.attempts, self.worker, self.started_at, None, RUNNING))
             elif self.state == DONE:
@@ -120,6 +120,15 @@ class Job:
 
 #: how much of an error each attempt in a job's history keeps: its end, where the exception is
 HISTORY_ERROR_CHARS = 4000
+
+
+def kept_error(error: str | None) -> str | None:
+    """What a job's history keeps of an attempt's error: its last ``HISTORY_ERROR_CHARS``
+    characters, a NUL (which SQLite's text functions stop at) as U+FFFD. Every backend
+    stores this, computed here, so that all keep the same."""
+    if error is None:
+        return None
+    return error[-HISTORY_ERROR_CHARS:].replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,7 @@ class Attempt:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "outcome": self.outcome,
-            "error": None if self.error is None else self.error[-HISTORY_ERROR_CHARS:],
+            "error": kept_error(self.error),
         }
         return json.dumps(record) + "\n"
 
@@ -161,7 +170,9 @@ def parse_history(text: str | bytes | None) -> tuple[Attempt, ...]:
         return None if value is None else float(value)
 
     out = []
-    for line in (text.decode() if isinstance(text, bytes) else text).splitlines():
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    for line in text.splitlines():
         try:
             r = json.loads(line)
             out.append(

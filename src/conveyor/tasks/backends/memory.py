@@ -18,7 +18,6 @@ from typing import Any
 from .base import (
     DEAD,
     DONE,
-    HISTORY_ERROR_CHARS,
     QUEUED,
     RUNNING,
     WORKER_KEPT_S,
@@ -31,6 +30,7 @@ from .base import (
     WorkerInfo,
     check_listing,
     fresh_job,
+    kept_error,
     replaceable,
 )
 
@@ -204,8 +204,8 @@ class MemoryBackend(Backend):
     @staticmethod
     def _ended(job: Job, at: float | None, outcome: str, error: str | None) -> tuple[Attempt, ...]:
         """The job's history with its attempt under way ended as ``outcome``."""
-        kept = None if error is None else error[-HISTORY_ERROR_CHARS:]
-        return (*job.history, Attempt(job.attempts, job.worker, job.started_at, at, outcome, kept))
+        attempt = Attempt(job.attempts, job.worker, job.started_at, at, outcome, kept_error(error))
+        return (*job.history, attempt)
 
     def _end_lease(self, job_id: str, token: str, *, uncount: bool = False, **changes: Any) -> bool:
         """Apply ``changes`` to a running job if ``token`` holds it (``uncount``: the attempt

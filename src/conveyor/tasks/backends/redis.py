@@ -56,6 +56,7 @@ from .base import (
     WorkerInfo,
     check_listing,
     fresh_job,
+    kept_error,
     parse_history,
     redacted,
 )
@@ -488,10 +489,11 @@ class RedisBackend(Backend):
         return out
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
-        return bool(self._tolerant("RETRY", [_f(now)], [job_id, token, _f(run_at), error]))
+        kept = kept_error(error)
+        return bool(self._tolerant("RETRY", [_f(now)], [job_id, token, _f(run_at), error, kept]))
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
-        return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error]))
+        return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error, kept_error(error)]))
 
     def release(self, job_id: str, token: str, now: float) -> bool:
         return bool(self._tolerant("RELEASE", [_f(now)], [job_id, token]))

@@ -36,14 +36,10 @@ them before they start; the two that only read say ``no-writes`` and run even th
 
 from __future__ import annotations
 
-from .base import HISTORY_ERROR_CHARS
-
 WRITES = "#!lua\n"
 READS = "#!lua flags=no-writes\n"
 
-PRELUDE = (
-    f"local HISTORY_ERROR_CHARS = {HISTORY_ERROR_CHARS}\n"
-    + r"""
+PRELUDE = r"""
 local P = ARGV[1]
 local function jk(id) return P .. 'j:' .. id end
 local function qk(q, part) return P .. 'q:' .. q .. ':' .. part end
@@ -192,14 +188,15 @@ local function replayed(id, token, replay)
 end
 
 -- the attempt under way at ``id`` ended ``at`` as ``outcome``: append it to the job's history
--- (JSON lines; times as the strings they are stored as), with the end of ``err`` if any
+-- (JSON lines; times as the strings they are stored as), with ``err`` if any (as Python cut
+-- it: by characters, where a cut here would count bytes and could split one)
 local function remember(id, outcome, at, err)
   local k = jk(id)
   local f = redis.call('HMGET', k, 'attempts', 'worker', 'started_at', 'history')
   local entry = {n = tonumber(f[1]), outcome = outcome, ended_at = at or nil}
   if f[2] then entry.worker = f[2] end
   if f[3] then entry.started_at = f[3] end
-  if err then entry.error = string.sub(err, -HISTORY_ERROR_CHARS) end
+  if err then entry.error = err end
   redis.call('HSET', k, 'history', (f[4] or '') .. cjson.encode(entry) .. '\n')
 end
 
@@ -213,7 +210,6 @@ local function end_lease(id, token, now)
   return f
 end
 """
-)
 
 # ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at.
 # Returns per job 0 (added) or the existing job's fields.
@@ -366,27 +362,27 @@ for q, _ in pairs(woken) do wake(q) end
 return out
 """
 
-# ARGV: P, now, replay, id, token, run_at, error
+# ARGV: P, now, replay, id, token, run_at, error, the error as the history keeps it
 RETRY = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'queued', 'run_at', ARGV[6], 'error', ARGV[7])
-remember(id, 'retried', now, ARGV[7])
+remember(id, 'retried', now, ARGV[8])
 to_queue(id, now)
 wake(f[3])
 return 1
 """
 
-# ARGV: P, now, replay, id, token, error
+# ARGV: P, now, replay, id, token, error, the error as the history keeps it
 FAIL = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 check_job(id)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'dead', 'error', ARGV[6], 'finished_at', now)
-remember(id, 'dead', now, ARGV[6])
+remember(id, 'dead', now, ARGV[7])
 redis.call('SADD', qk(f[3], 'dead'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'dead')
 if f[4] then wake(f[3]) end

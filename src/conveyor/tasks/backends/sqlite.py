@@ -32,7 +32,6 @@ from ..._errors import BackendError, BackendUnavailable, ClosedResourceError, Co
 from .base import (
     DEAD,
     DONE,
-    HISTORY_ERROR_CHARS,
     QUEUED,
     RUNNING,
     STATES,
@@ -45,6 +44,7 @@ from .base import (
     WorkerInfo,
     check_listing,
     fresh_job,
+    kept_error,
     parse_history,
     replaceable,
 )
@@ -94,12 +94,12 @@ _COLUMNS = (
 
 def _ended(outcome: str, at: str, error: str) -> str:
     """The SET part that appends the attempt under way to the job's history (JSON lines): it
-    ended ``at`` (SQL) as ``outcome``, with ``error`` (SQL; its end is kept). SQLite reads
-    every column in a SET at its value before the UPDATE."""
+    ended ``at`` (SQL) as ``outcome``, with ``error`` (SQL: what ``kept_error`` keeps).
+    SQLite reads every column in a SET at its value before the UPDATE."""
     return (
         "history = coalesce(history, '') || json_object('n', attempts, 'worker', worker, "
         f"'started_at', started_at, 'ended_at', {at}, 'outcome', '{outcome}', "
-        f"'error', substr({error}, -{HISTORY_ERROR_CHARS})) || char(10)"
+        f"'error', {error}) || char(10)"
     )
 
 
@@ -406,14 +406,14 @@ class SQLiteBackend(Backend):
         return self._held_updates(
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
             f"error = ?, {_ended('retried', '?', '?')}",
-            [(run_at, error, now, error, job_id, token)],
+            [(run_at, error, now, kept_error(error), job_id, token)],
         )[0]
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
         return self._held_updates(
             "UPDATE jobs SET state = 'dead', token = NULL, lease_until = NULL, error = ?, "
             f"finished_at = ?, {_ended('dead', '?', '?')}",
-            [(error, now, now, error, job_id, token)],
+            [(error, now, now, kept_error(error), job_id, token)],
         )[0]
 
     def release(self, job_id: str, token: str, now: float) -> bool:
