@@ -641,6 +641,8 @@ def serve(
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
+    # a thread per request, running the dashboard's own code (reads of the storage, pages):
+    # no user code runs on them
     class _Threaded(socketserver.ThreadingMixIn, WSGIServer):
         daemon_threads = True
 

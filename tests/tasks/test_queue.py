@@ -324,7 +324,8 @@ def test_a_second_signal_stops_at_once_and_hands_jobs_back(q: TaskQueue) -> None
         running = asyncio.ensure_future(worker.arun())
         await asyncio.to_thread(started.wait, 5)
         os.kill(os.getpid(), signal.SIGTERM)  # first: finish running jobs (for up to an hour)
-        await asyncio.sleep(0.05)
+        while not worker.stopping:  # the handler runs on the loop: yield until it has
+            await asyncio.sleep(0)
         assert not running.done()
         t0 = time.monotonic()
         os.kill(os.getpid(), signal.SIGINT)  # second: stop now

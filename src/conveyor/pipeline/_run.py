@@ -167,6 +167,8 @@ class Run(Generic[T_co]):
             return self._given_loop
         with self._lock:
             if self._loop_thread is None:
+                # the engine's host for the async kind's loop: async stages run on it as the
+                # async kind's workers, as they would on a loop the caller gave
                 self._loop_thread = LoopThread()
             return self._loop_thread.loop
 

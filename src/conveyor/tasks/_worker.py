@@ -310,6 +310,8 @@ class Worker:
         nap.cancel()
 
     async def _io_call(self, fn: Any, *args: Any) -> Any:
+        """A backend call (claim, ack, beat, ...) on the worker's I/O threads: the backend's
+        own I/O only, never a task's code (tasks run on the engine's kinds)."""
         assert self._loop is not None
         return await self._loop.run_in_executor(self._io, fn, *args)
 
@@ -432,7 +434,8 @@ class Worker:
                 wait_s = min(wait_s, max(0.0, at - queue.now()) + 0.001)
         if len(self.queues) == 1:
             queue = self.queues[0]
-            # a stopped worker does not wait for its last wait to end: keeping each one short
+            # the backend's wait for work, on the waiter thread (no user code runs there). A
+            # stopped worker does not wait for its last wait to end: keeping each one short
             # bounds how long that thread outlives the worker (and holds up interpreter exit)
             woken = self._loop.run_in_executor(
                 self._waiter, queue.backend.wait_for_work, queue.name, min(wait_s, _WAIT_SLICE_S)
