@@ -326,11 +326,7 @@ def job(url: str, job_id: str, name: str, as_json: bool) -> None:
     if runs:
         click.echo("runs:")
     for run in found.runs():
-        took = (
-            ""
-            if run.ended_at is None or run.started_at is None
-            else (f"{run.ended_at - run.started_at:.3f} s")
-        )
+        took = "" if run.duration_s is None else f"{run.duration_s:.3f} s"
         click.echo(
             f"  #{run.number:<3} {run.outcome:<9}  {(_when(run.started_at) or '-')[:23]:<23}  "
             f"{took:>11}  {run.worker or '-'}  {_last_line(run.error)[:60]}"

@@ -131,9 +131,10 @@ class Dashboard:
         return _html(start, "Not found", "<p>Nothing here.</p>", "404 Not Found", root)
 
     # -- data (the JSON API, and what the pages show) -------------------------------------------
-    def _queue_data(self) -> dict[str, Any]:
+    def _queue_data(self, workers: list[Any] | None = None) -> dict[str, Any]:
+        """``workers``: the records, when the caller has read them already."""
         s = self.queue.stats()
-        done_per_s, dead_per_s = self._rates()
+        done_per_s, dead_per_s = self._rates(self.queue.workers() if workers is None else workers)
         return {
             "queue": self.queue.name,
             "storage": self.queue.where,
@@ -147,14 +148,14 @@ class Dashboard:
             "dead_per_s": dead_per_s,
         }
 
-    def _rates(self) -> tuple[float | None, float | None]:
+    def _rates(self, records: list[Any]) -> tuple[float | None, float | None]:
         """Jobs done and dead per second over the last minute or so, from the counts this
         queue's workers keep of themselves, as read by earlier requests (None until two reads
         are 2 s apart: the overview reloads itself every 10 s)."""
         from .top import worker_rates
 
         now = self.queue.now()
-        workers = [w for w in self.queue.workers() if self.queue.name in w.queues]
+        workers = [w for w in records if self.queue.name in w.queues]
         with self._samples_lock:
             samples = self._samples
             while samples and now - samples[0][0] > _RATE_WINDOW_S:
@@ -166,10 +167,10 @@ class Dashboard:
             return None, None
         return worker_rates(before, workers, now - at)
 
-    def _workers_data(self) -> list[dict[str, Any]]:
+    def _workers_data(self, workers: list[Any] | None = None) -> list[dict[str, Any]]:
         now = self.queue.now()
         out = []
-        for w in self.queue.workers():
+        for w in self.queue.workers() if workers is None else workers:
             record = json.loads(w.to_json())
             record["state"] = w.state(now)
             out.append(record)
@@ -194,7 +195,7 @@ class Dashboard:
             "finished_at": job.finished_at,
             "progress": job.progress,
             "progress_note": job.progress_note,
-            "error": (job.error or "").strip().splitlines()[-1:] if not whole else job.error,
+            "error": job.error if whole else ([_last_line(job.error)] if job.error else []),
         }
         if whole:
             data.update(
@@ -211,7 +212,8 @@ class Dashboard:
 
     # -- pages ----------------------------------------------------------------------------------
     def _overview(self) -> str:
-        q = self._queue_data()
+        records = self.queue.workers()  # read once: for the rates and for the table
+        q = self._queue_data(records)
         rows = "".join(
             f'<tr><td><a href="jobs?state={state}">{label}</a></td>'
             f'<td class="n">{q[label]}</td></tr>'
@@ -238,7 +240,7 @@ class Dashboard:
         if q["dead"]:
             parts.append(self._form("queue/requeue-dead", "Requeue every dead job"))
         parts.append(self._form("queue/purge", "Purge (queued, done and dead jobs)", confirm=True))
-        workers = self._workers_data()
+        workers = self._workers_data(records)
         parts.append("<h2>Workers</h2>")
         if not workers:
             parts.append('<p class="note">No worker has run here in the last day.</p>')
@@ -269,7 +271,7 @@ class Dashboard:
             f'<tr><td><a href="job/{quote(j.id)}">{_e(j.id)}</a></td>'
             f'<td class="{_e(j.state)}">{_e(j.state)}</td><td>{_e(j.task)}</td>'
             f'<td class="n">{j.attempts}</td><td>{_when(j.enqueued_at)}</td>'
-            f"<td>{_e(((j.error or '').strip().splitlines() or [''])[-1][:120])}</td></tr>"
+            f"<td>{_e(_last_line(j.error)[:120])}</td></tr>"
             for j in jobs
         )
         search = (
@@ -323,16 +325,11 @@ class Dashboard:
                 "<th>worker</th><th>started</th><th>took</th><th>error</th></tr>"
             )
             for run in runs:
-                took = (
-                    ""
-                    if run.ended_at is None or run.started_at is None
-                    else f"{run.ended_at - run.started_at:.3f} s"
-                )
+                took = "" if run.duration_s is None else f"{run.duration_s:.3f} s"
                 error = ""
                 if run.error:
-                    last = run.error.strip().splitlines()[-1:] or [""]
                     error = (
-                        f"<details><summary>{_e(last[0])}</summary>"
+                        f"<details><summary>{_e(_last_line(run.error))}</summary>"
                         f"<pre>{_e(run.error)}</pre></details>"
                     )
                 parts.append(
@@ -418,6 +415,12 @@ class Dashboard:
         root = _root(environ)
         start("303 See Other", [("Location", root + back), ("Content-Length", "0")])
         return [b""]
+
+
+def _last_line(error: str | None) -> str:
+    """The line of a traceback that says what went wrong: its last."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def _wsgi_text(value: str) -> str:

@@ -144,6 +144,13 @@ class Attempt:
     its storage before it wrote an outcome)"""
     error: str | None = None
 
+    @property
+    def duration_s(self) -> float | None:
+        """How long it ran (None while it runs, or when a time is not known)."""
+        if self.ended_at is None or self.started_at is None:
+            return None
+        return self.ended_at - self.started_at
+
     def to_line(self) -> str:
         """The attempt as the backends store it: one JSON object on a line of its own."""
         import json
