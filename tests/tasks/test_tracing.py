@@ -108,6 +108,34 @@ def test_spans_a_task_makes_are_children_of_its_attempt(
     ]
 
 
+def test_a_task_that_raises_a_base_exception_leaves_no_span_current_behind(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    q = traced_queue(f"memory://{tmp_path.name}", exporter)
+
+    @q.task(name="exits", retries=0)
+    def exits() -> None:
+        raise SystemExit("the task's own exit")
+
+    q.task(my_span, name="mine", executor="thread")
+    first = q.enqueue("exits")
+    second = q.enqueue("mine")
+    q.worker(concurrency=1, burst=True, poll_s=0.05, burst_horizon_s=0).run()
+    assert first.status() == "dead" and "SystemExit" in (first.info().error or "")
+    seen = second.result(timeout_s=10)
+    [mine] = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "process default"
+        and s.attributes
+        and s.attributes.get("messaging.message.id") == second.id
+    ]
+    assert mine.context is not None
+    assert seen == [format(mine.context.trace_id, "032x"), format(mine.context.span_id, "016x")]
+    assert my_span() == ["0" * 32, "0" * 16]  # and nothing is left on this thread either
+    q.close()
+
+
 def test_outside_a_task_and_untraced_the_current_span_is_not_a_job_s(tmp_path: Path) -> None:
     q = TaskQueue(f"memory://{tmp_path.name}")  # not traced: nothing is attached
     q.task(my_span, name="mine", executor="thread")
