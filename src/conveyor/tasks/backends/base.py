@@ -244,12 +244,21 @@ class WorkerInfo:
     failed: int = 0
     stopped_at: float | None = None
     """when it stopped (and said so); None while it runs, or if it died"""
+    host_key: str = ""
+    """its machine and process namespace (workers with the same key see the same pids)"""
+    pid_started: int = 0
+    """when its process started (clock ticks since boot): a pid taken by another process
+    since has another start time"""
+    reclaimed_at: float | None = None
+    """when another worker found it dead and ended its leases"""
 
     def state(self, now: float) -> str:
         """``alive``, ``stopped`` (it said so) or ``gone`` (it stopped beating: it died, or
         lost its storage)."""
         if self.stopped_at is not None:
             return "stopped"
+        if self.reclaimed_at is not None and self.reclaimed_at >= self.last_beat:
+            return "gone"
         if now - self.last_beat > self.beat_s * WORKER_MISSED_BEATS:
             return "gone"
         return "alive"
@@ -266,7 +275,8 @@ class WorkerInfo:
 
         record = json.loads(text)
         record["queues"] = tuple(record["queues"])
-        return cls(**record)
+        known = cls.__dataclass_fields__
+        return cls(**{name: value for name, value in record.items() if name in known})
 
 
 def redacted(url: str) -> str:
@@ -381,9 +391,10 @@ class Backend(ABC):
         """Running → dead with ``error``. False if ``token`` no longer holds the job."""
 
     @abstractmethod
-    def release(self, job_id: str, token: str, now: float) -> bool:
-        """Running → queued, claimable at once, and the attempt is not counted (a worker shutting
-        down gives the job back). False if ``token`` no longer holds the job."""
+    def release(self, job_id: str, token: str, now: float, run_at: float | None = None) -> bool:
+        """Running → queued, claimable at once (or from ``run_at``), and the attempt is not
+        counted: a worker shutting down gives the job back, or one that does not know its
+        task hands it on. False if ``token`` no longer holds the job."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job | None:

@@ -243,8 +243,9 @@ class MemoryBackend(Backend):
             job_id, token, state=DEAD, error=error, finished_at=now, ended=("dead", now)
         )
 
-    def release(self, job_id: str, token: str, now: float) -> bool:
-        return self._end_lease(job_id, token, uncount=True, state=QUEUED, run_at=now)
+    def release(self, job_id: str, token: str, now: float, run_at: float | None = None) -> bool:
+        at = now if run_at is None else run_at
+        return self._end_lease(job_id, token, uncount=True, state=QUEUED, run_at=at)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

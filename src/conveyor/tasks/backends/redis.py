@@ -495,8 +495,9 @@ class RedisBackend(Backend):
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
         return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error, kept_error(error)]))
 
-    def release(self, job_id: str, token: str, now: float) -> bool:
-        return bool(self._tolerant("RELEASE", [_f(now)], [job_id, token]))
+    def release(self, job_id: str, token: str, now: float, run_at: float | None = None) -> bool:
+        at = now if run_at is None else run_at
+        return bool(self._tolerant("RELEASE", [_f(now)], [job_id, token, _f(at)]))
 
     def get(self, job_id: str) -> Job | None:
         raw = self._call(self.client.hgetall, self.prefix + "j:" + job_id)

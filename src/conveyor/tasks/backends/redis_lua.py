@@ -389,7 +389,7 @@ if f[4] then wake(f[3]) end
 return 1
 """
 
-# ARGV: P, now, replay, id, token
+# ARGV: P, now, replay, id, token, run_at
 RELEASE = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 check_job(id)
@@ -398,7 +398,7 @@ if not f then return replayed(id, token, replay) and 1 or 0 end
 local k = jk(id)
 local attempts = tonumber(redis.call('HGET', k, 'attempts'))
 if attempts > 0 then attempts = attempts - 1 end
-redis.call('HSET', k, 'state', 'queued', 'run_at', now, 'attempts', attempts)
+redis.call('HSET', k, 'state', 'queued', 'run_at', ARGV[6] or now, 'attempts', attempts)
 to_queue(id, now)
 wake(f[3])
 return 1

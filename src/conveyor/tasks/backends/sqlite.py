@@ -416,11 +416,11 @@ class SQLiteBackend(Backend):
             [(error, now, now, kept_error(error), job_id, token)],
         )[0]
 
-    def release(self, job_id: str, token: str, now: float) -> bool:
+    def release(self, job_id: str, token: str, now: float, run_at: float | None = None) -> bool:
         return self._held_updates(
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, run_at = ?, "
             "attempts = MAX(0, attempts - 1)",
-            [(now, job_id, token)],
+            [(now if run_at is None else run_at, job_id, token)],
         )[0]
 
     def get(self, job_id: str) -> Job | None:
