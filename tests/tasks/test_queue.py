@@ -178,7 +178,9 @@ def test_retry_task_and_cancel_task_signals(q: TaskQueue) -> None:
     assert calls.count("stop") == 1
 
 
-def test_unknown_task_and_changed_arguments_go_dead_with_a_reason(q: TaskQueue) -> None:
+def test_changed_arguments_go_dead_and_an_unknown_task_waits_for_a_worker_that_knows_it(
+    q: TaskQueue,
+) -> None:
     @q.task(name="known")
     def known(a: int) -> int:
         return a
@@ -186,10 +188,42 @@ def test_unknown_task_and_changed_arguments_go_dead_with_a_reason(q: TaskQueue) 
     ghost = q.enqueue("nobody.knows", 1)
     changed = q.enqueue("known", 1, 2)  # by name: the signature is checked when it runs
     drain(q)
-    with pytest.raises(TaskFailed, match=r"no worker knows task .nobody\.knows."):
-        ghost.result()
     with pytest.raises(TaskFailed, match="no longer match"):
         changed.result()
+    # handed back for a worker that knows it (a rolling deploy), the attempt not counted; a
+    # burst worker leaves it beyond its horizon, so it does not wait for it
+    info = ghost.info()
+    assert info.state == "queued" and info.attempts == 0 and info.run_at > q.now() + 5
+
+
+def test_an_unknown_task_runs_on_a_worker_that_knows_it_and_is_dead_after_unknown_task_s(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    ghost = q.enqueue("newer.task", 2)
+    doomed = q.enqueue("newer.task", 3)
+    q.worker(burst=True, poll_s=0.05, handle_signals=False).run()
+    assert ghost.status() == "queued" and doomed.status() == "queued"
+    # a newer worker, on the same storage, knows the task: it runs the job once it is due
+    newer = TaskQueue(q.url, clock=clock)
+    try:
+
+        @newer.task(name="newer.task")
+        def double(x: int) -> int:
+            return 2 * x
+
+        newer.cancel(doomed.id)  # kept for the old worker below
+        clock.advance(30)
+        newer.worker(burst=True, poll_s=0.05, handle_signals=False).run()
+        assert ghost.result(timeout_s=5) == 4
+        assert ghost.info().attempts == 1  # the hand-back was not counted
+    finally:
+        newer.close()
+    q.requeue(doomed.id)
+    clock.advance(3600)  # past unknown_task_s, which counts from the enqueue
+    q.worker(burst=True, poll_s=0.05, handle_signals=False, unknown_task_s=3600).run()
+    with pytest.raises(TaskFailed, match=r"no worker that knows task 'newer\.task' took it"):
+        doomed.result(timeout_s=5)
 
 
 @pytest.mark.parametrize("kind", ["async", "thread"])

@@ -125,13 +125,13 @@ def test_a_pipeline_retry_of_5000_attempts_runs_them_all_and_then_fails() -> Non
     assert calls == 5000
 
 
-def test_a_claim_past_the_attempts_makes_the_job_dead_without_running_it(
+def test_a_job_whose_worker_died_max_crashes_times_is_dead_without_running_again(
     clocked: tuple[TaskQueue, ManualClock],
 ) -> None:
     q, clock = clocked
     runs: list[int] = []
 
-    @q.task(retries=1)
+    @q.task(retries=5, max_crashes=2)
     def crashes_its_worker() -> None:
         runs.append(1)
 
@@ -145,8 +145,37 @@ def test_a_claim_past_the_attempts_makes_the_job_dead_without_running_it(
     info = job.info()
     assert runs == [] and info.state == "dead" and info.lost == 2 and info.attempts == 3
     assert info.error is not None and "died 2 times" in info.error
+    assert "max_crashes=2" in info.error
     q.requeue(job.id)
     assert (job.info().attempts, job.info().lost) == (0, 0)
+
+
+def test_crashes_are_counted_apart_from_retries(clocked: tuple[TaskQueue, ManualClock]) -> None:
+    """A task without retries still runs again after its worker died (twice here, under the
+    default max_crashes=3); its own failure then ends it, as retries=0 says."""
+    q, clock = clocked
+    runs: list[int] = []
+
+    @q.task(retries=0)
+    def fails() -> None:
+        runs.append(1)
+        raise ValueError("its own failure")
+
+    job = fails.enqueue()
+    for attempt in (1, 2):
+        q.backend.claim(q.name, f"doomed-{attempt}", 10, q.now())
+        clock.advance(11)
+    q.worker(burst=True, poll_s=0.05, handle_signals=False).run()
+    info = job.info()
+    assert runs == [1] and info.state == "dead" and info.lost == 2
+    assert info.error is not None and "its own failure" in info.error
+    assert [a.outcome for a in info.runs()] == ["lost", "lost", "dead"]
+
+
+def test_max_crashes_is_checked_at_registration(q: TaskQueue) -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="max_crashes"):
+            q.task(max_crashes=bad)(lambda: None)  # type: ignore[arg-type]
 
 
 def test_a_worker_that_retakes_its_own_lapsed_job_keeps_the_second_run_alive(

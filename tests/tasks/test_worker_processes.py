@@ -115,6 +115,31 @@ def test_sigkill_mid_task_runs_it_again_after_the_lease_with_one_result(env: Env
     assert job.info().attempts == 2
 
 
+def test_sigkill_mid_task_runs_it_again_at_once_on_a_worker_that_finds_it_dead(
+    env: Env,
+) -> None:
+    """The killed worker is not waited for (a zombie until the end): another worker on the
+    machine sees that its pid no longer runs and ends its leases, long before the 60 s lease
+    would lapse."""
+    job = env.queue.enqueue("record", "r", hold=True)
+    first = env.worker("--lease-s", "60")
+    eventually(lambda: env.started("r") == [str(first.pid)], timeout_s=20)
+    second = env.worker("--lease-s", "60", banner=True)
+    first.send_signal(signal.SIGKILL)
+    eventually(lambda: len(env.started("r")) == 2, timeout_s=20)
+    assert env.started("r") == [str(first.pid), str(second.pid)]
+    env.gate.touch()
+    assert job.result(timeout_s=10) == "r"
+    info = job.info()
+    assert (info.attempts, info.lost) == (2, 1)
+    [lost, kept] = info.runs()
+    assert lost.outcome == "lost" and lost.worker is not None
+    assert f":{first.pid}:" in lost.worker and kept.outcome == "succeeded"
+    [record] = [w for w in env.queue.workers() if w.pid == first.pid]
+    assert record.reclaimed_at is not None and record.state(env.queue.now()) == "gone"
+    assert first.wait(10) == -signal.SIGKILL
+
+
 def test_sigterm_mid_task_hands_it_to_another_worker_within_a_second(env: Env) -> None:
     job = env.queue.enqueue("record", "t", hold=True)
     first = env.worker("--lease-s", "60", "--shutdown-grace-s", "0.1")

@@ -320,6 +320,7 @@ class TaskOptions:
     priority: int
     executor: str
     keep_result_s: float | None
+    max_crashes: int = 3
 
     def delay_s(self, attempt: int) -> float:
         """The wait after failed attempt number ``attempt``, as for a pipeline's ``Retry``."""
@@ -425,6 +426,9 @@ class TaskSettings(TypedDict, total=False):
     executor: str
     #: how long results are kept (default: the queue's)
     keep_result_s: float | None
+    #: how many times the worker running a job may die under it (its lease lapses) before the
+    #: job is dead instead of run again (default 3)
+    max_crashes: int
 
 
 class TaskDecorator(Protocol):
@@ -555,8 +559,11 @@ class TaskQueue:
         return self._follows and (at is None or time.monotonic() - at >= _SKEW_EVERY_S)
 
     def measure_skew(self) -> None:
-        """Compare our clock with the storage's now (one round trip to a server)."""
+        """Compare our clock with the storage's now (one round trip to a server). A clock
+        that does not follow the storage's (a manual one, a time function) is left alone."""
         self._skew_at = time.monotonic()
+        if not self._follows:
+            return
         try:
             before = self.clock.time()
             storage = self.backend.storage_time()
@@ -600,6 +607,7 @@ class TaskQueue:
         priority: int = 0,
         executor: str = "thread",
         keep_result_s: float | None = -1.0,
+        max_crashes: int = 3,
     ) -> Any:
         """Register ``fn`` (``async def``, or a plain function run on a thread — or, with
         ``executor="process"``, a process). Use as ``@q.task`` or ``@q.task(retries=5)``."""
@@ -609,6 +617,8 @@ class TaskQueue:
                 raise ConfigurationError(f"a task is a function, not {f!r}")
             if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
                 raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
+            if isinstance(max_crashes, bool) or not isinstance(max_crashes, int) or max_crashes < 1:
+                raise ConfigurationError(f"max_crashes must be an int >= 1, not {max_crashes!r}")
             if executor not in EXECUTORS:
                 raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
             if timeout_s is not None and (
@@ -641,7 +651,15 @@ class TaskQueue:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             keep = self.keep_result_s if keep_result_s == -1.0 else keep_result_s
             options = TaskOptions(
-                retries, backoff_s, max_backoff_s, jitter, timeout_s, priority, executor, keep
+                retries,
+                backoff_s,
+                max_backoff_s,
+                jitter,
+                timeout_s,
+                priority,
+                executor,
+                keep,
+                max_crashes,
             )
             task: Task[Any, Any] = Task(self, f, task_name, options)
             self.tasks[task_name] = task

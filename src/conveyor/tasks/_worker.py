@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -44,12 +46,17 @@ from .._errors import (
     WorkerCrashed,
 )
 from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
+from ._liveness import host_key, process_started, why_gone
 from ._queue import CancelTask, RetryTask, Task, TaskQueue
-from .backends import Job, Lease
+from .backends import RUNNING, Backend, Job, Lease
 from .backends.base import WorkerInfo
 
 log = logging.getLogger("conveyor.worker")
 
+#: how often a worker writes its record and looks for workers that died, at most
+_BEAT_S = 1.0
+#: how long a job of a task this worker does not know waits before another try (about)
+_UNKNOWN_PAUSE_S = 5.0
 #: how often expired results are swept
 _EXPIRE_EVERY_S = 60.0
 #: pauses between attempts while the backend is unavailable
@@ -126,7 +133,9 @@ class Worker:
     ``lease_s`` (30), ``shutdown_grace_s`` (10), ``poll_s`` (the longest wait between two looks
     at a queue that cannot wake us; default 1), ``handle_signals`` (True); for process tasks,
     ``start_method`` (as for process stages: ``forkserver`` on Linux) and
-    ``max_items_per_worker`` (replace a worker process after that many jobs).
+    ``max_items_per_worker`` (replace a worker process after that many jobs);
+    ``unknown_task_s`` (3600: how long a job of a task this worker does not know is handed
+    back for another worker before it is dead).
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class Worker:
         start_method: str | None = None,
         max_items_per_worker: int | None = None,
         metrics_port: int | None = None,
+        unknown_task_s: float = 3600.0,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
@@ -151,6 +161,13 @@ class Worker:
             raise ConfigurationError("lease_s and poll_s must be positive, shutdown_grace_s >= 0")
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
+        if (
+            isinstance(unknown_task_s, bool)
+            or not isinstance(unknown_task_s, int | float)
+            or not unknown_task_s >= 0
+        ):
+            raise ConfigurationError(f"unknown_task_s must be >= 0 seconds, not {unknown_task_s!r}")
+        self.unknown_task_s = float(unknown_task_s)
         self.queues = queues
         #: the time leases, heartbeats and pauses follow: the first queue's clock
         self.clock = queues[0].clock
@@ -188,6 +205,12 @@ class Worker:
         self._ended: asyncio.Event | None = None
         self._next_expire = 0.0
         self._beat_overdue = False
+        #: how often the worker writes its record (and looks for workers that died); leases
+        #: are renewed every third of ``lease_s``, from ``_renew_at`` on (the worker's clock)
+        self._beat_s = min(_BEAT_S, lease_s / 3)
+        self._renew_at = 0.0
+        #: when this worker last looked for dead workers (its clock)
+        self._looked_at: float | None = None
         #: why the worker gave up (a loop that kept failing), raised by run() once stopped
         self.failure: BaseException | None = None
         #: told of every attempt as it starts and ends (metrics, traces); see JobObserver
@@ -236,7 +259,8 @@ class Worker:
             await self._io_call(queue.measure_skew)
         self._ended = asyncio.Event()
         self._started_at = self.queues[0].now()
-        await self._say_who()
+        self._renew_at = self.clock.now() + self.lease_s / 3
+        await self._beat()
         server = None
         if self.metrics is not None:
             server = self.metrics_server = self.metrics.serve(self.metrics_port)
@@ -481,15 +505,27 @@ class Worker:
         task.add_done_callback(forget)
 
     async def _heartbeat_round(self) -> None:
-        """Renew every running job's lease each third of ``lease_s``, one call per queue.
-        After a round that failed, the next one beats after the supervisor's back-off alone:
-        the leases are running out."""
+        """One beat: every third of ``lease_s``, renew every running job's lease (one call
+        per queue); every ``beat_s`` (a second, or less with a short lease), write this
+        worker's record and look for workers that died. After a round that failed, the next
+        one runs after the supervisor's back-off alone: the leases are running out."""
         if not self._beat_overdue:
-            await self.clock.sleep(self.lease_s / 3)
+            wait = min(self._beat_s, max(0.0, self._renew_at - self.clock.now()))
+            await self.clock.sleep(wait)
         self._beat_overdue = True
         for queue in self.queues:
             if queue.skew_due():
                 await self._io_call(queue.measure_skew)
+        if self.clock.now() >= self._renew_at:
+            await self._renew_leases()
+            self._renew_at = self.clock.now() + self.lease_s / 3
+        self._beat_overdue = False
+        # the record is written beside the next sleep, not before it: the leases' beat keeps
+        # its rhythm whatever the storage takes to store the record
+        if self._saying is None or self._saying.done():
+            self._saying = asyncio.ensure_future(self._beat())
+
+    async def _renew_leases(self) -> None:
         per_queue: dict[TaskQueue, list[Lease]] = {}
         for _, queue, lease in list(self._running.values()):
             if lease.token not in self._settling:
@@ -506,11 +542,38 @@ class Worker:
                     log.warning(
                         "job %s: lease lost; its outcome here will not be kept", lease.job.id
                     )
-        self._beat_overdue = False
-        # the record is written beside the next sleep, not before it: the leases' beat keeps
-        # its rhythm whatever the storage takes to store the record
-        if self._saying is None or self._saying.done():
-            self._saying = asyncio.ensure_future(self._say_who())
+
+    async def _beat(self) -> None:
+        await self._say_who()
+        try:
+            await self._look_for_the_dead()
+        except Exception as exc:  # looked for again at the next beat; the leases still hold
+            log.warning("worker %s: could not look for workers that died (%s)", self.id, exc)
+
+    async def _look_for_the_dead(self) -> None:
+        """End at once the leases of every worker found dead (see ``_liveness``): their jobs
+        are claimable now, not when their leases lapse, and count as lost like any lapse."""
+        at = self.clock.now()
+        judge_beats = self._looked_at is not None and at - self._looked_at <= 2 * self._beat_s
+        self._looked_at = at
+        for queue in {id(q.backend): q for q in self.queues}.values():
+            records = await self._io_call(queue.backend.workers)
+            now = queue.now()
+            for record in records:
+                why = why_gone(record, self.id, now, judge_beats)
+                if why is not None:
+                    ended = await self._io_call(_end_leases_of, queue.backend, record, now)
+                    log.warning(
+                        "worker %s found worker %s (%s, pid %d) dead: %s; %s",
+                        self.id,
+                        record.id,
+                        record.host,
+                        record.pid,
+                        why,
+                        f"its {ended} job(s) run again now" if ended else "it held no job",
+                    )
+                    if ended and self._ended is not None:
+                        self._ended.set()  # look for work at once
 
     async def _say_who(self, stopped: bool = False) -> None:
         """Write this worker's record (``conveyor workers``) to each storage it works from.
@@ -526,11 +589,13 @@ class Worker:
                 concurrency=self.concurrency,
                 started_at=self._started_at,
                 last_beat=now,
-                beat_s=self.lease_s / 3,
+                beat_s=self._beat_s,
                 running=len(self._running),
                 processed=self.processed,
                 failed=self.failed,
                 stopped_at=now if stopped else None,
+                host_key=host_key(),
+                pid_started=max(0, process_started(os.getpid()) or 0),
             )
             try:
                 await self._io_call(queue.backend.worker_beat, info)
@@ -637,19 +702,16 @@ class Worker:
         job = lease.job
         task = queue.tasks.get(job.task)
         if task is None:
-            known = ", ".join(sorted(queue.tasks)) or "none"
-            return await self._dead(
-                queue, lease, f"no worker knows task {job.task!r} (this worker knows: {known})"
-            )
-        if job.attempts > task.options.retries + 1:
-            # every claim counts an attempt before the job runs: one that keeps killing its
-            # worker (or whose worker keeps losing its storage) uses them up like any failure
+            return await self._unknown(queue, lease)
+        if job.lost >= task.options.max_crashes:
+            # every lapse is counted when the job is claimed again: a job that keeps killing
+            # its worker (or whose worker keeps losing its storage) is not run forever
             times = "once" if job.lost == 1 else f"{job.lost} times"
             return await self._dead(
                 queue,
                 lease,
                 f"the worker running it died {times} before writing an outcome (its lease "
-                f"lapsed); with retries={task.options.retries} it is not run again",
+                f"lapsed); with max_crashes={task.options.max_crashes} it is not run again",
             )
         try:
             if isinstance(payload, Exception):
@@ -802,13 +864,43 @@ class Worker:
     ) -> str:
         job = lease.job
         self._settle(lease.token)
-        if job.attempts > task.options.retries:
+        # attempts its worker died in are counted by max_crashes, not by retries
+        if job.attempts - job.lost > task.options.retries:
             return await self._dead(queue, lease, error)
         self._errors[lease.token] = error
         wait = task.options.delay_s(job.attempts) if delay_s is None else delay_s
         now = queue.now()
         await self._io_call(queue.backend.retry, job.id, lease.token, now + wait, error, now)
         return "retried"
+
+    async def _unknown(self, queue: TaskQueue, lease: Lease) -> str:
+        """A job of a task this worker does not know (a rolling deploy: a newer producer, an
+        older worker) goes back to the queue for a worker that knows it, a little later and
+        without counting the attempt; it is dead once it has waited ``unknown_task_s``."""
+        job = lease.job
+        known = ", ".join(sorted(queue.tasks)) or "none"
+        now = queue.now()
+        if now - job.enqueued_at >= self.unknown_task_s:
+            return await self._dead(
+                queue,
+                lease,
+                f"no worker that knows task {job.task!r} took it within unknown_task_s="
+                f"{self.unknown_task_s:g} (the last that tried knows: {known})",
+            )
+        self._settle(lease.token)
+        pause = _UNKNOWN_PAUSE_S * (0.5 + random.random())
+        if self.burst:  # a burst worker drains what it can run: this one is left for others
+            pause = max(pause, self.burst_horizon_s + 1.0)
+        later = now + pause
+        log.warning(
+            "job %s: this worker does not know task %r (it knows: %s); handed back for a "
+            "worker that does",
+            job.id,
+            job.task,
+            known,
+        )
+        await self._io_call(queue.backend.release, job.id, lease.token, now, later)
+        return "postponed"
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> str:
         self._errors[lease.token] = error
@@ -924,6 +1016,27 @@ def _mismatch(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> 
     except TypeError as exc:
         return str(exc) or "they do not bind"
     return ""
+
+
+def _end_leases_of(backend: Backend, record: WorkerInfo, now: float) -> int:
+    """End now the lease of every job the dead worker of ``record`` holds, then mark its
+    record (so that it is not looked at again until it beats, if it ever does). A lease ended
+    is one heartbeat of no length: it still names the dead worker's token, so a job claimed by
+    someone else meanwhile is not touched; the next claim takes the job and counts it lost.
+    Built on the backend contract alone (listing and heartbeats), so every backend has it."""
+    held: list[tuple[str, str]] = []
+    page = 1000
+    for name in record.queues:
+        offset = 0
+        while True:
+            running = backend.jobs(name, RUNNING, limit=page, offset=offset)
+            held += [(j.id, j.token) for j in running if j.worker == record.id and j.token]
+            if len(running) < page:
+                break
+            offset += page
+    ended = sum(backend.heartbeat_many(held, 0.0, now)) if held else 0
+    backend.worker_beat(dataclasses.replace(record, reclaimed_at=now))
+    return ended
 
 
 def _task_key(task: Task[Any, Any]) -> str:
