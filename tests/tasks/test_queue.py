@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,11 +14,14 @@ import pytest
 from conveyor import (
     CancelTask,
     ConfigurationError,
+    JobNotFound,
     ManualClock,
     RetryTask,
     TaskFailed,
     TaskQueue,
 )
+
+from .conftest import queue_url
 
 
 def drain(q: TaskQueue, **options: Any) -> None:
@@ -78,6 +82,60 @@ def test_pickle_payloads_when_asked(tmp_path: Path) -> None:
         job = size.enqueue({1, 2})
         drain(q)
         assert job.result() == frozenset({1, 2})
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+def test_msgpack_payloads_keep_bytes_and_non_string_keys(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    with TaskQueue(queue_url(backend, request, tmp_path), serializer="msgpack") as q:
+
+        @q.task
+        def echo(blob: bytes, table: dict[int, str], pair: tuple[int, int]) -> Any:
+            return [blob, table, pair]
+
+        job = echo.enqueue(b"\x00\xff", {1: "a", 2: "b"}, (3, 4))
+        drain(q)
+        assert job.result(timeout_s=5) == [b"\x00\xff", {1: "a", 2: "b"}, [3, 4]]
+        with pytest.raises(ConfigurationError, match=r"argument 0 .*set.*MessagePack"):
+            echo.enqueue({1}, {}, (0, 0))  # type: ignore[call-overload]
+        with pytest.raises(ConfigurationError, match=r"argument 0 .*MessagePack"):
+            echo.enqueue(2**70, {}, (0, 0))  # type: ignore[call-overload]
+
+
+def test_msgpack_without_its_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "msgpack", None)
+    with pytest.raises(ConfigurationError, match=r"conveyor\[msgpack\]"):
+        TaskQueue(serializer="msgpack")
+
+
+def test_a_payload_over_max_payload_bytes_is_refused_with_its_size(q: TaskQueue) -> None:
+    @q.task
+    def take(text: str) -> int:
+        return len(text)
+
+    with pytest.raises(
+        ConfigurationError, match=r"2,097,177 bytes as json.*max_payload_bytes=1,048,576"
+    ):
+        take.enqueue("x" * (2 << 20))
+    with pytest.raises(ConfigurationError, match="max_payload_bytes"):
+        q.enqueue_many(take, [(("a",), {}), (("x" * (2 << 20),), {})])
+    assert q.stats().queued == 0  # nothing of a refused batch is stored
+    ok = take.enqueue("x" * ((1 << 20) - 100))
+    drain(q)
+    assert ok.result(timeout_s=5) == (1 << 20) - 100
+
+
+def test_max_payload_bytes_can_be_raised_or_lifted(tmp_path: Path) -> None:
+    with TaskQueue(f"sqlite:///{tmp_path / 'big.db'}", max_payload_bytes=None) as q:
+        job = q.enqueue("anything", "x" * (3 << 20))
+        assert len(job.info().payload) > 3 << 20
+    small = TaskQueue(max_payload_bytes=10)
+    with pytest.raises(ConfigurationError, match="bytes as json"):
+        small.enqueue("anything", "twelve chars")
+    for bad in (0, -1, 1.5, True, "1MB"):
+        with pytest.raises(ConfigurationError, match="max_payload_bytes"):
+            TaskQueue(max_payload_bytes=bad)  # type: ignore[arg-type]
 
 
 def test_ids_dedup_finish_and_unfinish(q: TaskQueue) -> None:
@@ -385,6 +443,30 @@ def test_results_are_kept_for_keep_result_s(q: TaskQueue) -> None:
     assert not q.enqueue("brief", _id="same").added  # its result is still kept
     clock.advance(10)
     assert q.enqueue("brief", _id="same").added  # kept 10 s, then the id is free again
+
+
+def test_a_result_kept_half_a_second_is_unknown_once_it_expired_swept_or_not(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+
+    @q.task(name="brief", keep_result_s=0.5)
+    def brief() -> str:
+        return "r"
+
+    job = q.enqueue("brief", _id="short")
+    drain(q)
+    assert job.status() == "done" and job.result() == "r"
+    clock.advance(0.5)
+    # not swept yet: the stored job is still there, but it is expired to every reader
+    assert q.backend.get("short") is not None
+    assert job.status() == "unknown" and q.get("short") is None
+    with pytest.raises(JobNotFound):
+        job.result(timeout_s=0)
+    assert q.job("short").task == ""
+    # a worker of a queue that keeps results briefly sweeps as often (here: as it starts)
+    q.worker(burst=True, handle_signals=False).run()
+    assert q.backend.get("short") is None
 
 
 @pytest.mark.timeout(30)

@@ -57,8 +57,10 @@ log = logging.getLogger("conveyor.worker")
 _BEAT_S = 1.0
 #: how long a job of a task this worker does not know waits before another try (about)
 _UNKNOWN_PAUSE_S = 5.0
-#: how often expired results are swept
+#: how often expired results are swept, at most and at least (a queue that keeps results for
+#: less than a minute is swept as often as they expire)
 _EXPIRE_EVERY_S = 60.0
+_EXPIRE_EVERY_MIN_S = 1.0
 #: pauses between attempts while the backend is unavailable
 _OUTAGE_FIRST_PAUSE_S = 0.5
 _OUTAGE_MAX_PAUSE_S = 10.0
@@ -204,6 +206,10 @@ class Worker:
         #: set when a job ends: a burst worker waiting for work looks again at once
         self._ended: asyncio.Event | None = None
         self._next_expire = 0.0
+        keeps = [q.keep_result_s for q in self.queues]
+        keeps += [t.options.keep_result_s for q in self.queues for t in q.tasks.values()]
+        shortest = min((k for k in keeps if k is not None), default=_EXPIRE_EVERY_S)
+        self._expire_every_s = min(_EXPIRE_EVERY_S, max(_EXPIRE_EVERY_MIN_S, shortest))
         self._beat_overdue = False
         #: how often the worker writes its record (and looks for workers that died); leases
         #: are renewed every third of ``lease_s``, from ``_renew_at`` on (the worker's clock)
@@ -427,7 +433,7 @@ class Worker:
                 free -= len(leases)
             now = self.queues[0].now()
             if now >= self._next_expire:
-                self._next_expire = now + _EXPIRE_EVERY_S
+                self._next_expire = now + self._expire_every_s
                 for queue in self.queues:
                     await self._io_call(queue.backend.expire, now)
             if claimed:
