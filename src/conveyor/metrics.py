@@ -30,6 +30,7 @@ _OUTCOME_COUNTER = {
     "succeeded": "succeeded",
     "retried": "retried",
     "dead": "dead",
+    "postponed": "postponed",
     "not kept": "not_kept",
 }
 
@@ -64,6 +65,10 @@ class Metrics:
         )
         self.retried = counter("conveyor_jobs_retried", "Attempts that failed and will run again")
         self.dead = counter("conveyor_jobs_dead", "Jobs set aside as dead (dead-lettered)")
+        self.postponed = counter(
+            "conveyor_jobs_postponed",
+            "Attempts handed back, uncounted, for a worker that knows the task",
+        )
         self.not_kept = counter(
             "conveyor_jobs_not_kept",
             "Attempts whose outcome was not kept (the lease was lost, or the storage failed)",
@@ -97,6 +102,7 @@ class Metrics:
                     "failed",
                     "retried",
                     "dead",
+                    "postponed",
                     "not_kept",
                     "in_progress",
                     "duration",
@@ -120,9 +126,19 @@ class Metrics:
             children["failed"].inc()
 
     def watch(self, worker: Any) -> None:
-        """Count ``worker``'s attempts, and show its queues' depth at each scrape."""
-        worker.observers.append(self)
-        self._queues.extend(q for q in worker.queues if q not in self._queues)
+        """Count the attempts at ``worker``'s queues (through their hooks: once per queue,
+        however many workers share it), and show their depth at each scrape."""
+        for queue in worker.queues:
+            if queue in self._queues:
+                continue
+            self._queues.append(queue)
+            name = queue.name
+            queue.before_attempt(lambda job, name=name: self.job_started(name, job))
+            queue.after_attempt(
+                lambda job, outcome, took, error, name=name: self.job_ended(
+                    name, job, outcome, took, error
+                )
+            )
 
     def watch_run(self, name: str, stats: Callable[[], RunStats]) -> None:
         """Show a pipeline run's stages (``stats`` is read at each scrape)."""

@@ -62,6 +62,7 @@ class Tracing:
         self._trace = trace
         self._propagate = propagate
         self.tracer = trace.get_tracer("conveyor", version, tracer_provider=tracer_provider)
+        self._attempts = _Attempts(self)
 
     @contextmanager
     def sending(
@@ -89,9 +90,29 @@ class Tracing:
 
             yield carrier, named
 
-    def observer(self) -> _Attempts:
-        """What a worker tells of each attempt, as spans."""
-        return _Attempts(self)
+    def watch(self, queue: Any) -> None:
+        """Make a span of each attempt at ``queue``'s jobs (a ``TaskQueue``), through its
+        hooks, linked to the span that enqueued the job."""
+        attempts = self._attempts
+        serializer, name = queue.serializer, queue.name
+
+        def started(job: Any) -> None:
+            try:
+                body = serializer.loads(job.payload)
+            except Exception:  # the worker fails the job on it: the span says so
+                body = None
+            carrier = body.get("trace") if isinstance(body, dict) else None
+            attempts.job_started(name, job, carrier)
+
+        def ended(job: Any, outcome: str, duration_s: float, error: str | None) -> None:
+            attempts.job_ended(name, job, outcome, duration_s, error)
+
+        queue.before_attempt(started)
+        queue.after_attempt(ended)
+
+    def context_of(self, job: Any, portable: bool) -> Any:
+        """The context of ``job``'s attempt span, for the task's code (see ``_Attempts``)."""
+        return self._attempts.context_of(job, portable)
 
 
 class _Attempts:

@@ -483,6 +483,33 @@ class TaskDecorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
+class Hooks:
+    """What a queue calls as its jobs move: lists of functions, called in the order they were
+    added (see :meth:`TaskQueue.on_enqueue` and the others).
+
+    A hook that raises — anything, ``SystemExit`` included — is logged with its traceback and
+    changes nothing: the job's outcome is already written, and the next hook is still called.
+    """
+
+    def __init__(self) -> None:
+        self.enqueued: list[Callable[[Job], object]] = []
+        self.before_attempt: list[Callable[[Job], object]] = []
+        self.after_attempt: list[Callable[[Job, str, float, str | None], object]] = []
+        self.dead: list[Callable[[Job, str], object]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.enqueued or self.before_attempt or self.after_attempt or self.dead)
+
+
+def call_hooks(hooks: list[Callable[..., object]], *args: Any) -> None:
+    """Call each hook with ``args``; what one raises is logged and goes no further."""
+    for hook in hooks:
+        try:
+            hook(*args)
+        except BaseException:  # a hook's failure is not the job's, nor the worker's
+            log.exception("hook %s raised; ignored", getattr(hook, "__qualname__", hook))
+
+
 class JobHandle(Generic[R]):
     """A job enqueued (or found) by id; ``R`` is its result's type."""
 
@@ -588,6 +615,10 @@ class TaskQueue:
 
             self.tracing = tracing if isinstance(tracing, Tracing) else Tracing()
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: functions called as jobs are enqueued, start, end and die (see on_enqueue...)
+        self.hooks = Hooks()
+        if self.tracing is not None:
+            self.tracing.watch(self)
         self._follows = bool(getattr(self.clock, "follows_storage", False))
         #: the storage's clock minus ours, and when it was measured (monotonic)
         self._skew = 0.0
@@ -724,6 +755,38 @@ class TaskQueue:
 
         return register(fn) if fn is not None else register
 
+    # -- hooks -------------------------------------------------------------------------------
+    def on_enqueue(self, hook: Callable[[Job], object]) -> Callable[[Job], object]:
+        """Call ``hook(job)`` for each job an enqueue adds (not for an id already there),
+        after it is stored, on the thread that enqueued. Usable as a decorator."""
+        self.hooks.enqueued.append(hook)
+        return hook
+
+    def before_attempt(self, hook: Callable[[Job], object]) -> Callable[[Job], object]:
+        """Call ``hook(job)`` as a worker starts an attempt (``job.attempts`` counts it), on
+        the worker's event loop, before the task runs: keep it quick, as for an inline
+        task."""
+        self.hooks.before_attempt.append(hook)
+        return hook
+
+    def after_attempt(
+        self, hook: Callable[[Job, str, float, str | None], object]
+    ) -> Callable[[Job, str, float, str | None], object]:
+        """Call ``hook(job, outcome, duration_s, error)`` as an attempt ends, once its
+        outcome is written, on the worker's event loop. ``outcome``: ``succeeded``,
+        ``retried``, ``dead``, ``postponed`` (handed on to a worker that knows the task) or
+        ``not kept`` (the lease was lost, or the outcome could not be written); ``error``:
+        the traceback or the reason, for the outcomes that have one."""
+        self.hooks.after_attempt.append(hook)
+        return hook
+
+    def on_dead(self, hook: Callable[[Job, str], object]) -> Callable[[Job, str], object]:
+        """Call ``hook(job, error)`` when a job goes dead: its last attempt failed, it can
+        never run (a worker said why), or it was cancelled before running (then on the
+        thread that cancelled)."""
+        self.hooks.dead.append(hook)
+        return hook
+
     # -- enqueueing --------------------------------------------------------------------------
     def _new_job(
         self,
@@ -802,9 +865,11 @@ class TaskQueue:
                 new = self._new_job(task, args, kwargs, carrier)
                 named([new.id])
                 [(job, added)] = self.backend.enqueue([new], self.now())
-            return JobHandle(self, job.id, job.task, added)
-        new = self._new_job(task, args, kwargs)
-        [(job, added)] = self.backend.enqueue([new], self.now())
+        else:
+            new = self._new_job(task, args, kwargs)
+            [(job, added)] = self.backend.enqueue([new], self.now())
+        if added and self.hooks.enqueued:
+            call_hooks(self.hooks.enqueued, job)
         return JobHandle(self, job.id, job.task, added)
 
     def enqueue_many(
@@ -822,9 +887,13 @@ class TaskQueue:
                 ]
                 named([new.id for new in news])
                 stored = self.backend.enqueue(news, self.now())
-            return [JobHandle(self, job.id, job.task, added) for job, added in stored]
-        news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
-        stored = self.backend.enqueue(news, self.now())
+        else:
+            news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
+            stored = self.backend.enqueue(news, self.now())
+        if self.hooks.enqueued:
+            for job, added in stored:
+                if added:
+                    call_hooks(self.hooks.enqueued, job)
         return [JobHandle(self, job.id, job.task, added) for job, added in stored]
 
     def job(self, job_id: str) -> JobHandle[Any]:
@@ -873,7 +942,12 @@ class TaskQueue:
     def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
         """A queued job will not run: it is dead with ``reason`` (``requeue`` brings it
         back). False if it is not queued (running, done, dead or unknown)."""
-        return self.backend.cancel(job_id, reason, self.now())
+        cancelled = self.backend.cancel(job_id, reason, self.now())
+        if cancelled and self.hooks.dead:
+            job = self.backend.get(job_id)
+            if job is not None:
+                call_hooks(self.hooks.dead, job, reason)
+        return cancelled
 
     def requeue_dead(self) -> int:
         return self.backend.requeue_dead(self.name, self.now())

@@ -36,7 +36,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 from .._errors import (
     BackendUnavailable,
@@ -47,8 +47,8 @@ from .._errors import (
 )
 from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._liveness import host_key, process_started, why_gone
-from ._queue import CancelTask, RetryTask, Task, TaskQueue
-from .backends import RUNNING, Backend, Job, Lease
+from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks
+from .backends import RUNNING, Backend, Lease
 from .backends.base import WorkerInfo
 
 log = logging.getLogger("conveyor.worker")
@@ -219,19 +219,9 @@ class Worker:
         self._looked_at: float | None = None
         #: why the worker gave up (a loop that kept failing), raised by run() once stopped
         self.failure: BaseException | None = None
-        #: told of every attempt as it starts and ends (metrics, traces); see JobObserver
-        self.observers: list[JobObserver] = []
         self._saying: asyncio.Future[None] | None = None  # the record being written
-        # the error of each run that failed, by lease token, until its observers are told
+        # the error of each run that failed, by lease token, until the hooks are told
         self._errors: dict[str, str] = {}
-        #: the observer that makes each attempt's span; it also hands the span's context to
-        #: the task, so that the task's own spans are its children
-        self._traces: Any = None
-        for queue in queues:
-            if queue.tracing is not None:
-                self._traces = queue.tracing.observer()
-                self.observers.append(self._traces)
-                break
         if metrics_port is not None:
             from ..metrics import Metrics
 
@@ -673,18 +663,17 @@ class Worker:
         self._acks.clear()
 
     async def _run(self, queue: TaskQueue, lease: Lease) -> None:
-        """Run one job to its outcome; one heartbeat loop renews every lease meanwhile."""
-        observers = self.observers
+        """Run one job to its outcome; one heartbeat loop renews every lease meanwhile. The
+        queue's hooks are told as the attempt starts and ends (and as the job dies)."""
+        hooks = queue.hooks
         began = time.perf_counter()
         payload: Any = None
         try:
             payload = queue.serializer.loads(lease.job.payload)
         except Exception as exc:  # the job fails on it below, as dead
             payload = exc
-        if observers:
-            carrier = payload.get("trace") if isinstance(payload, dict) else None
-            for observer in observers:
-                observer.job_started(queue.name, lease.job, carrier)
+        if hooks.before_attempt:
+            call_hooks(hooks.before_attempt, lease.job)
         outcome = "not kept"
         try:
             outcome = await self._run_job(queue, lease, payload)
@@ -699,8 +688,10 @@ class Worker:
         finally:
             took = time.perf_counter() - began
             error = self._errors.pop(lease.token, None)
-            for observer in observers:
-                observer.job_ended(queue.name, lease.job, outcome, took, error)
+            if hooks.after_attempt:
+                call_hooks(hooks.after_attempt, lease.job, outcome, took, error)
+            if outcome == "dead" and hooks.dead:
+                call_hooks(hooks.dead, lease.job, error or "")
 
     async def _run_job(self, queue: TaskQueue, lease: Lease, payload: Any) -> str:
         """Run the job and write its outcome; returns it: succeeded, retried, dead, or
@@ -736,8 +727,8 @@ class Worker:
                 url=queue.url,
                 token=lease.token,
                 trace=None
-                if self._traces is None
-                else self._traces.context_of(job, portable=task.options.executor == "process"),
+                if queue.tracing is None
+                else queue.tracing.context_of(job, portable=task.options.executor == "process"),
             )
             result = await self._call(task, lease.token, args, kwargs, context)
         except RetryTask as signal_:
@@ -913,8 +904,8 @@ class Worker:
         self.failed += 1
         self._settle(lease.token)
         log.error("job %s (%s) is dead: %s", lease.job.id, lease.job.task, error.strip())
-        await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.now())
-        return "dead"
+        ok = await self._io_call(queue.backend.fail, lease.job.id, lease.token, error, queue.now())
+        return "dead" if ok else "not kept"
 
     # -- shutdown ----------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -962,24 +953,6 @@ class Worker:
             except Exception as exc:
                 log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
         self._running.clear()
-
-
-class JobObserver(Protocol):
-    """Told of each attempt a worker makes, on the worker's event loop: keep it quick.
-
-    The observers are conveyor's own (metrics, traces), and the loop is the one the worker's
-    caller runs (``run()`` runs it on the calling thread): no thread is started for them, and
-    they are not a place for a task's code, which runs on the engine's kinds only.
-    """
-
-    def job_started(self, queue: str, job: Job, carrier: dict[str, str] | None) -> None:
-        """``carrier``: the trace context stored with the job at enqueue, if any."""
-
-    def job_ended(
-        self, queue: str, job: Job, outcome: str, duration_s: float, error: str | None
-    ) -> None:
-        """``outcome``: succeeded, retried, dead, or "not kept" (the lease was lost, or the
-        outcome could not be written); ``error``: why it failed (a traceback, or words)."""
 
 
 #: conveyor's own source files: their frames are dropped from the tracebacks a job keeps
