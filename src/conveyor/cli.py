@@ -373,6 +373,60 @@ def workers(url: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, every field.")
+@click.option("--remove", "remove", metavar="NAME", help="Remove this schedule instead.")
+def schedules(url: str, as_json: bool, remove: str | None) -> None:
+    """List the schedules of a storage (every queue's): when each runs next, and its last
+    tick's job.
+
+    \b
+    Example:
+        conveyor schedules sqlite:///tasks.db
+        conveyor schedules sqlite:///tasks.db --remove old-report
+    """
+    with _queue_at(url, "default") as queue:
+        if remove is not None:
+            found = [s for s in queue.schedules(all_queues=True) if s.name == remove]
+            if not found:
+                raise click.ClickException(f"no schedule named {remove!r}")
+            with _queue_at(url, found[0].queue) as owner:
+                owner.unschedule(remove)
+            click.echo(f"removed schedule {remove!r}")
+            return
+        rows = []
+        for info in queue.schedules(all_queues=True):
+            try:
+                upcoming = queue.next_tick(info)
+            except Exception as exc:  # a plan this installation cannot read (no cronsim, say)
+                upcoming, why = None, str(exc)
+            else:
+                why = ""
+            rows.append((info, upcoming, why))
+    if as_json:
+        for info, upcoming, why in rows:
+            record = json.loads(info.to_json())
+            del record["payload"]
+            record.update(next_tick=_when(upcoming), last_tick=_when(info.last_tick))
+            if why:
+                record["problem"] = why
+            click.echo(json.dumps(record))
+        return
+    if not rows:
+        click.echo("no schedules here", err=True)
+        return
+    width = max(4, *(len(info.name) for info, _, _ in rows))
+    click.echo(f"{'NAME':<{width}}  {'QUEUE':<10}  {'WHEN':<22}  {'NEXT':<24}  LAST JOB")
+    for info, upcoming, why in rows:
+        plan = f"every {info.every_s:g} s" if info.every_s is not None else f"{info.cron} {info.tz}"
+        shown = why[:24] if why else (_when(upcoming) or "-")
+        click.echo(
+            f"{info.name:<{width}}  {info.queue[:10]:<10}  {plan[:22]:<22}  {shown:<24}  "
+            f"{info.last_job or '-'}"
+        )
+
+
+@main.command()
+@click.argument("url")
 @_QUEUE_OPTION
 @click.option("--interval-s", default=1.0, show_default=True, type=click.FloatRange(0.1))
 @click.option("--once", is_flag=True, help="Print one view and exit.")

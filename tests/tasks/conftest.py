@@ -105,3 +105,15 @@ class Running:
             clock.advance(step_s)
         self.thread.join(10)
         assert not self.thread.is_alive()
+
+
+def next_beat(run: Running, clock: ManualClock, step_s: float = 1.0) -> None:
+    """Once the worker has written its record and looked at the others (and waits for its
+    next beat), move the clock on to that beat."""
+
+    def waiting() -> bool:
+        saying = run.worker._saying
+        return clock.sleepers() >= 1 and (saying is None or saying.done())
+
+    eventually(waiting)
+    clock.advance(step_s)

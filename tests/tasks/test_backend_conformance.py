@@ -19,6 +19,7 @@ from conveyor.tasks.backends import (
     RUNNING,
     Backend,
     NewJob,
+    ScheduleInfo,
     SQLiteBackend,
 )
 
@@ -546,3 +547,53 @@ def test_progress_is_stored_only_for_the_lease_that_holds_the_job(backend: Backe
     assert backend.complete("a", lease.token, None, None, 3.0)
     done = backend.get("a")
     assert done is not None and done.progress == 0.25  # the last word stays with the job
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+
+def schedule(through: float = 0.0, **changes: object) -> ScheduleInfo:
+    info = ScheduleInfo(name="s", queue=Q, task="t", payload=b"\x00{}", every_s=1.0)
+    return ScheduleInfo(**{**info.__dict__, "through": through, **changes})
+
+
+def test_a_schedule_changes_only_from_what_was_expected(backend: Backend) -> None:
+    first = schedule(10.0)
+    assert not backend.swap_schedule("s", first, schedule(11.0))  # there is none yet
+    assert backend.swap_schedule("s", None, first)
+    assert backend.schedules() == [first]  # payload bytes and all, as stored
+    assert not backend.swap_schedule("s", None, first)  # there is one now
+    assert not backend.swap_schedule("s", schedule(9.0), schedule(12.0), [job("x")], 12.0)
+    assert backend.get("x") is None  # a swap refused enqueues nothing
+    moved = schedule(12.0, last_tick=12.0, last_job="s@12")
+    assert backend.swap_schedule("s", first, moved, [job("s@12", run_at=12.0)], 11.5)
+    assert backend.schedules() == [moved]
+    ticked = backend.get("s@12")
+    assert ticked is not None and ticked.state == QUEUED and ticked.run_at == 12.0
+    assert backend.swap_schedule("s", moved, None)
+    assert backend.schedules() == []
+    other = schedule(name="a", cron="* * * * *", every_s=None, tz="Asia/Tokyo")
+    assert backend.swap_schedule("a", None, other)
+    assert backend.swap_schedule("s", None, first)
+    assert [x.name for x in backend.schedules()] == ["a", "s"]
+
+
+def test_racing_swaps_of_one_schedule_let_exactly_one_through(backend: Backend) -> None:
+    base = schedule(0.0)
+    assert backend.swap_schedule("s", None, base)
+    won: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def racer(i: int) -> None:
+        barrier.wait(10)
+        if backend.swap_schedule("s", base, schedule(1.0, last_job=f"by {i}"), [job(f"t{i}")], 1.0):
+            won.append(i)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1
+    assert [backend.get(f"t{i}") is not None for i in range(8)].count(True) == 1
+    assert backend.schedules()[0].last_job == f"by {won[0]}"

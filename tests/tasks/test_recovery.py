@@ -14,7 +14,7 @@ from conveyor.tasks._liveness import host_key, process_started, why_gone
 from conveyor.tasks.backends.base import WorkerInfo
 
 from ..conftest import eventually
-from .conftest import Running
+from .conftest import Running, next_beat
 
 
 def ghost(
@@ -46,18 +46,6 @@ def ghost(
     info = dataclasses.replace(info, **record)  # type: ignore[arg-type]
     q.backend.worker_beat(info)
     return job_id, info
-
-
-def next_beat(run: Running, clock: ManualClock, step_s: float = 1.0) -> None:
-    """Once the worker has written its record and looked at the others (and waits for its
-    next beat), move the clock on to that beat."""
-
-    def waiting() -> bool:
-        saying = run.worker._saying
-        return clock.sleepers() >= 1 and (saying is None or saying.done())
-
-    eventually(waiting)
-    clock.advance(step_s)
 
 
 def echo_task(q: TaskQueue) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conveyor import BackendError, BackendUnavailable, ManualClock, TaskQueue
-from conveyor.tasks.backends import Backend, NewJob
+from conveyor.tasks.backends import Backend, NewJob, ScheduleInfo
 
 from ..conftest import eventually
 from ..redis_server import RedisServer
@@ -72,7 +72,11 @@ CORRUPTIONS = [
     "q:q:krun",
     "q:q:kplaced",
     "q:q:k:user",
+    "schedules",
 ]
+
+#: a schedule whose swap enqueues a keyed tick (every key a tick may touch is then checked)
+SCHEDULE = ScheduleInfo(name="s", queue=Q, task="t", payload=b"{}", every_s=1.0)
 
 
 def operations(b: Backend, tokens: dict[str, str]) -> list[tuple[str, Callable[[], object]]]:
@@ -90,6 +94,11 @@ def operations(b: Backend, tokens: dict[str, str]) -> list[tuple[str, Callable[[
         ("requeue", lambda: b.requeue_dead(Q, 4.0)),
         ("expire", lambda: b.expire(1000.0)),
         ("purge", lambda: b.purge(Q)),
+        ("swap schedule", lambda: b.swap_schedule("s", None, SCHEDULE, [job("tick")], 4.0)),
+        (
+            "swap schedule, keyed tick",
+            lambda: b.swap_schedule("s", None, SCHEDULE, [job("tick2", key="user")], 4.0),
+        ),
     ]
 
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import (
     TYPE_CHECKING,
@@ -38,8 +38,9 @@ from .._errors import (
     JobNotFound,
     TaskFailed,
 )
+from ._schedules import advance, check_plan, next_tick
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
-from .backends.base import WorkerInfo, redacted, replaceable
+from .backends.base import ScheduleInfo, WorkerInfo, redacted, replaceable
 
 if TYPE_CHECKING:
     from ..tracing import Tracing
@@ -203,6 +204,9 @@ SERIALIZERS: dict[str, type[Serializer]] = {
 #: Storage of jobs is not storage of data: put big inputs where they belong, send their name.
 MAX_PAYLOAD_BYTES = 1 << 20
 
+
+#: how many times a change of a schedule is tried when others change it at the same moment
+_SWAP_TRIES = 100
 
 #: priorities are stored as 32-bit signed ints on every backend
 PRIORITY_LIMIT = 2**31
@@ -617,6 +621,8 @@ class TaskQueue:
         self.tasks: dict[str, Task[Any, Any]] = {}
         #: functions called as jobs are enqueued, start, end and die (see on_enqueue...)
         self.hooks = Hooks()
+        #: the schedules of ``@q.periodic``, by name, written by each worker as it starts
+        self._periodic: dict[str, ScheduleInfo] = {}
         if self.tracing is not None:
             self.tracing.watch(self)
         self._follows = bool(getattr(self.clock, "follows_storage", False))
@@ -754,6 +760,165 @@ class TaskQueue:
             return task
 
         return register(fn) if fn is not None else register
+
+    # -- schedules ---------------------------------------------------------------------------
+    def periodic(
+        self,
+        cron: str | None = None,
+        /,
+        *,
+        every_s: float | None = None,
+        tz: str = "UTC",
+        catch_up: str = "last",
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Unpack[TaskSettings],
+    ) -> TaskDecorator:
+        """Register a task and run it on a schedule: ``@q.periodic("*/5 * * * *")`` (cron, read
+        in ``tz``; ``conveyor[cron]``) or ``@q.periodic(every_s=30)``, with ``args`` and
+        ``kwargs``. The schedule is named after the task; each worker of this queue writes it
+        as it starts, and each tick is enqueued once however many run. ``catch_up`` says what
+        happens to ticks missed while no worker ran: ``last`` (the latest runs), ``all``, or
+        ``none``. The other options are the task's (see :meth:`task`)."""
+        check_plan(cron, every_s, tz, catch_up)
+        register = self.task(**options)
+
+        def schedule(fn: Callable[..., Any]) -> Task[Any, Any]:
+            task = register(fn)
+            self._periodic[task.name] = self._schedule_info(
+                task.name, cron, task, args, kwargs, every_s, tz, catch_up, "code"
+            )
+            return task
+
+        return cast(TaskDecorator, schedule)
+
+    def schedule(
+        self,
+        name: str,
+        cron: str | None,
+        task: Task[Any, Any] | str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        every_s: float | None = None,
+        tz: str = "UTC",
+        catch_up: str = "last",
+    ) -> ScheduleInfo:
+        """Add (or change) the schedule ``name`` now, in storage, while workers run:
+        ``q.schedule("report", "0 7 * * mon", "reports.weekly", [team])``, or ``cron=None``
+        with ``every_s=``. A schedule changed keeps how far it had got; it is kept until
+        :meth:`unschedule`."""
+        check_plan(cron, every_s, tz, catch_up)
+        info = self._schedule_info(name, cron, task, args, kwargs, every_s, tz, catch_up, "api")
+        return self._put_schedule(info)
+
+    def unschedule(self, name: str) -> bool:
+        """Remove the schedule ``name``; False if there was none. A tick already enqueued (a
+        beat ahead of its time) still runs: cancel it by its id if need be."""
+        for _ in range(_SWAP_TRIES):
+            current = self._stored_schedule(name)
+            if current is None:
+                return False
+            if self.backend.swap_schedule(name, current, None):
+                self._periodic.pop(name, None)
+                return True
+        raise BackendError(f"schedule {name!r} kept changing while it was being removed")
+
+    def schedules(self, *, all_queues: bool = False) -> list[ScheduleInfo]:
+        """This queue's schedules as stored (``all_queues``: those of every queue of the
+        storage), by name; :meth:`next_tick` says when each runs."""
+        found = self.backend.schedules()
+        return found if all_queues else [info for info in found if info.queue == self.name]
+
+    def next_tick(self, schedule: ScheduleInfo) -> float | None:
+        """When ``schedule``'s next tick is due (seconds since the epoch), or None if it has
+        none left."""
+        return next_tick(schedule, max(self.now(), schedule.through))
+
+    def publish_schedules(self) -> None:
+        """Write this queue's ``@q.periodic`` schedules to storage (each worker does it as it
+        starts): a schedule whose plan is unchanged keeps how far it had got."""
+        for info in list(self._periodic.values()):
+            self._put_schedule(info)
+
+    def run_schedules(self, lookahead_s: float = 0.0) -> list[str]:
+        """Enqueue the ticks due now (and within ``lookahead_s``) of this queue's schedules;
+        the ids of the jobs enqueued. Workers do this at each beat; call it yourself to run
+        schedules without a worker."""
+        now = self.now()
+        ids: list[str] = []
+        for info in self.schedules():
+            try:
+                added = advance(self, info, now, lookahead_s)
+            except ConfigurationError as exc:  # written by a release that knows more
+                log.error("schedule %s cannot run here: %s", info.name, exc)
+                continue
+            ids += added
+            if added and self.hooks.enqueued:
+                for job_id in added:
+                    job = self.backend.get(job_id)
+                    if job is not None:
+                        call_hooks(self.hooks.enqueued, job)
+        return ids
+
+    def _schedule_info(
+        self,
+        name: str,
+        cron: str | None,
+        task: Task[Any, Any] | str,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any] | None,
+        every_s: float | None,
+        tz: str,
+        catch_up: str,
+        source: str,
+    ) -> ScheduleInfo:
+        _check_name("a schedule's name", name)
+        if not isinstance(args, tuple | list):
+            raise ConfigurationError(f"args is a tuple or list, not {args!r}")
+        extra = dict(kwargs or {})
+        if any(k.startswith("_") for k in extra):
+            raise ConfigurationError("a schedule's kwargs are the task's; _options do not apply")
+        new = self._new_job(task, tuple(args), extra)
+        return ScheduleInfo(
+            name=name,
+            queue=self.name,
+            task=new.task,
+            payload=new.payload,
+            cron=cron,
+            every_s=None if every_s is None else float(every_s),
+            tz=tz,
+            catch_up=catch_up,
+            priority=new.priority,
+            through=0.0,
+            source=source,
+        )
+
+    def _stored_schedule(self, name: str) -> ScheduleInfo | None:
+        return next((s for s in self.backend.schedules() if s.name == name), None)
+
+    def _put_schedule(self, info: ScheduleInfo) -> ScheduleInfo:
+        for _ in range(_SWAP_TRIES):
+            current = self._stored_schedule(info.name)
+            if current is not None and current.queue != self.name:
+                raise ConfigurationError(
+                    f"schedule {info.name!r} belongs to queue {current.queue!r}; schedule names "
+                    "are shared by the queues of one storage"
+                )
+            if current is None:
+                new = replace(info, through=self.now())  # ticks from now on
+            else:
+                new = replace(
+                    info,
+                    through=current.through,
+                    last_tick=current.last_tick,
+                    last_job=current.last_job,
+                )
+                if new == current:
+                    return current
+            if self.backend.swap_schedule(info.name, current, new):
+                return new
+        raise BackendError(f"schedule {info.name!r} kept changing while it was being written")
 
     # -- hooks -------------------------------------------------------------------------------
     def on_enqueue(self, hook: Callable[[Job], object]) -> Callable[[Job], object]:

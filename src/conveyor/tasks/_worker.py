@@ -220,6 +220,9 @@ class Worker:
         #: why the worker gave up (a loop that kept failing), raised by run() once stopped
         self.failure: BaseException | None = None
         self._saying: asyncio.Future[None] | None = None  # the record being written
+        #: the queues whose ``@q.periodic`` schedules this worker has written
+        self._published: set[TaskQueue] = set()
+        self._scheduled_once = False
         # the error of each run that failed, by lease token, until the hooks are told
         self._errors: dict[str, str] = {}
         if metrics_port is not None:
@@ -545,6 +548,24 @@ class Worker:
             await self._look_for_the_dead()
         except Exception as exc:  # looked for again at the next beat; the leases still hold
             log.warning("worker %s: could not look for workers that died (%s)", self.id, exc)
+        await self._run_schedules()
+
+    async def _run_schedules(self) -> None:
+        """Enqueue the ticks of the queues' schedules that are due within two beats (with
+        ``run_at`` at the tick: they start on time). A burst worker enqueues what is due as it
+        starts, and no more: it would otherwise never find its queue drained."""
+        if self.burst and self._scheduled_once:
+            return
+        lookahead_s = 0.0 if self.burst else 2 * self._beat_s
+        for queue in self.queues:
+            try:
+                if queue not in self._published:
+                    await self._io_call(queue.publish_schedules)
+                    self._published.add(queue)
+                await self._io_call(queue.run_schedules, lookahead_s)
+            except Exception as exc:  # tried again at the next beat: nothing is lost by waiting
+                log.warning("worker %s: could not run the schedules (%s)", self.id, exc)
+        self._scheduled_once = True
 
     async def _look_for_the_dead(self) -> None:
         """End at once the leases of every worker found dead (see ``_liveness``): their jobs

@@ -11,5 +11,6 @@ from .base import Job as Job
 from .base import Lease as Lease
 from .base import NewJob as NewJob
 from .base import QueueCounts as QueueCounts
+from .base import ScheduleInfo as ScheduleInfo
 from .memory import MemoryBackend as MemoryBackend
 from .sqlite import SQLiteBackend as SQLiteBackend

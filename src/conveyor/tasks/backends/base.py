@@ -36,6 +36,10 @@ backend, including the races):
   lease — is appended to the job's ``history`` with its worker, times and error (the error's
   last ``HISTORY_ERROR_CHARS`` characters), in the same change; an attempt handed back by
   ``release`` is not counted and not kept. ``requeue`` keeps the history.
+* **Schedules** are records changed only by compare-and-set (``swap_schedule``), together
+  with the jobs of the ticks they move past, in one transaction: however many workers run a
+  schedule, each tick's job is enqueued once (and its id, derived from the schedule and the
+  tick, makes a second attempt a no-op besides).
 * **Time** is passed in (``now``, seconds since the epoch): backends never read a clock for
   decisions, so tests can move time by hand. ``storage_time()`` says what the storage's clock
   reads; the queue corrects a real clock by it, so every worker judges leases on one clock.
@@ -279,6 +283,76 @@ class WorkerInfo:
         return cls(**{name: value for name, value in record.items() if name in known})
 
 
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A schedule as stored: what it enqueues and when, and how far it has got.
+
+    Exactly one of ``cron`` (five fields, read in ``tz``) and ``every_s`` (ticks at the
+    multiples of ``every_s`` since the epoch, so every machine finds the same ticks) is set.
+    ``through`` says up to when its ticks have been dealt with (enqueued, or skipped by the
+    ``catch_up`` policy); each advance is a compare-and-set on the whole record, so two
+    schedulers cannot both enqueue a tick.
+    """
+
+    name: str
+    queue: str
+    task: str
+    payload: bytes
+    """the arguments, as the queue's serializer wrote them"""
+    cron: str | None = None
+    every_s: float | None = None
+    tz: str = "UTC"
+    catch_up: str = "last"
+    """``last``: after a gap, the latest missed tick runs; ``all``: every missed tick runs;
+    ``none``: a tick more than ``SCHEDULE_LATE_S`` late is skipped"""
+    priority: int = 0
+    through: float = 0.0
+    last_tick: float | None = None
+    """the time of the last tick enqueued"""
+    last_job: str | None = None
+    """the id of that tick's job"""
+    source: str = "code"
+    """``code`` (``@q.periodic``, written by each worker as it starts) or ``api``
+    (``q.schedule(...)``, kept until removed)"""
+
+    def plan(self) -> tuple[Any, ...]:
+        """What it enqueues and when, without how far it has got."""
+        return (
+            self.queue,
+            self.task,
+            self.payload,
+            self.cron,
+            self.every_s,
+            self.tz,
+            self.catch_up,
+            self.priority,
+        )
+
+    def to_json(self) -> str:
+        import base64
+        import json
+
+        record: dict[str, Any] = {
+            name: getattr(self, name) for name in self.__dataclass_fields__ if name != "payload"
+        }
+        record["payload"] = base64.b64encode(self.payload).decode()
+        return json.dumps(record, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ScheduleInfo:
+        import base64
+        import json
+
+        record = json.loads(text)
+        record["payload"] = base64.b64decode(record["payload"])
+        known = cls.__dataclass_fields__
+        return cls(**{name: value for name, value in record.items() if name in known})
+
+
+#: how late a tick may be and still run under ``catch_up="none"``, seconds
+SCHEDULE_LATE_S = 60.0
+
+
 def redacted(url: str) -> str:
     """``url`` with its password replaced by ``***``, fit for logs and messages."""
     from urllib.parse import urlparse
@@ -467,6 +541,24 @@ class Backend(ABC):
     @abstractmethod
     def workers(self) -> list[WorkerInfo]:
         """Every worker record kept, newest beat first."""
+
+    @abstractmethod
+    def swap_schedule(
+        self,
+        name: str,
+        expected: ScheduleInfo | None,
+        new: ScheduleInfo | None,
+        jobs: Sequence[NewJob] = (),
+        now: float = 0.0,
+    ) -> bool:
+        """If the schedule stored under ``name`` is exactly ``expected`` (None: there is
+        none), store ``new`` in its place (None: remove it) and enqueue ``jobs`` as
+        ``enqueue`` would, all in one transaction, and return True. Otherwise change
+        nothing and return False: someone else changed it first."""
+
+    @abstractmethod
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule stored, of every queue, by name."""
 
     def doctor(self, now: float, repair: bool = False) -> list[str]:
         """Look for what is out of step — a job whose indexes disagree with its state (left

@@ -27,6 +27,7 @@ from .base import (
     Lease,
     NewJob,
     QueueCounts,
+    ScheduleInfo,
     WorkerInfo,
     check_listing,
     fresh_job,
@@ -54,6 +55,7 @@ class MemoryBackend(Backend):
         self._changed = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, WorkerInfo] = {}
+        self._schedules: dict[str, ScheduleInfo] = {}
         self._seq: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._next_seq = 0
@@ -99,22 +101,25 @@ class MemoryBackend(Backend):
 
     # -- the contract ---------------------------------------------------------------------------
     def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
-        out: list[tuple[Job, bool]] = []
         with self._lock:
-            for new in jobs:
-                old = self._jobs.get(new.id)
-                if old is not None and not replaceable(old, now):
-                    out.append((old, False))
-                    continue
-                if old is not None:
-                    self._forget(old)
-                job = fresh_job(new, now)
-                seq = self._next_seq
-                self._next_seq += 1
-                self._seq[job.id] = seq
-                self._set(job)
-                self._push(job, seq)
-                out.append((job, True))
+            return self._enqueue(jobs, now)
+
+    def _enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+        out: list[tuple[Job, bool]] = []
+        for new in jobs:
+            old = self._jobs.get(new.id)
+            if old is not None and not replaceable(old, now):
+                out.append((old, False))
+                continue
+            if old is not None:
+                self._forget(old)
+            job = fresh_job(new, now)
+            seq = self._next_seq
+            self._next_seq += 1
+            self._seq[job.id] = seq
+            self._set(job)
+            self._push(job, seq)
+            out.append((job, True))
         return out
 
     def _forget(self, job: Job) -> None:
@@ -262,6 +267,28 @@ class MemoryBackend(Backend):
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
             return sorted(self._workers.values(), key=lambda w: -w.last_beat)
+
+    def swap_schedule(
+        self,
+        name: str,
+        expected: ScheduleInfo | None,
+        new: ScheduleInfo | None,
+        jobs: Sequence[NewJob] = (),
+        now: float = 0.0,
+    ) -> bool:
+        with self._lock:
+            if self._schedules.get(name) != expected:
+                return False
+            if new is None:
+                self._schedules.pop(name, None)
+            else:
+                self._schedules[name] = new
+            self._enqueue(jobs, now)
+            return True
+
+    def schedules(self) -> list[ScheduleInfo]:
+        with self._lock:
+            return [self._schedules[name] for name in sorted(self._schedules)]
 
     def jobs(
         self,

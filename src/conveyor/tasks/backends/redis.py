@@ -53,6 +53,7 @@ from .base import (
     Lease,
     NewJob,
     QueueCounts,
+    ScheduleInfo,
     WorkerInfo,
     check_listing,
     fresh_job,
@@ -116,6 +117,19 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
     )
 
 
+def _job_args(jobs: Sequence[NewJob]) -> list[Any]:
+    """What the scripts that enqueue take of each job: seven values."""
+    args: list[Any] = []
+    for new in jobs:
+        if not -_PRIORITY_LIMIT < new.priority < _PRIORITY_LIMIT:
+            raise ConfigurationError(
+                f"priority {new.priority} is out of range for Redis (|priority| < 2**31)"
+            )
+        key = "" if new.key is None else new.key
+        args += [new.id, new.queue, new.task, new.payload, new.priority, key, _f(new.run_at)]
+    return args
+
+
 def _refused(where: str, prefix: str, exc: ResponseError) -> BackendError:
     """What a script's error means to the user: every script checks what it will change before
     its first write, so it was refused whole."""
@@ -154,6 +168,8 @@ def _kind_of(rest: str) -> str | None:
         return "string"
     if rest == "workers":
         return "zset"
+    if rest == "schedules":
+        return "hash"
     if rest.startswith("q:"):
         part = rest.rsplit(":", 1)[-1]
         if part in _QUEUE_PARTS:
@@ -294,6 +310,7 @@ class RedisBackend(Backend):
             )
             for name in (
                 "ENQUEUE",
+                "SWAP_SCHEDULE",
                 "CLAIM",
                 "HEARTBEAT",
                 "COMPLETE",
@@ -423,22 +440,7 @@ class RedisBackend(Backend):
         out: list[tuple[Job, bool]] = []
         for start in range(0, len(jobs), _CHUNK):
             chunk = jobs[start : start + _CHUNK]
-            args: list[Any] = []
-            for new in chunk:
-                if not -_PRIORITY_LIMIT < new.priority < _PRIORITY_LIMIT:
-                    raise ConfigurationError(
-                        f"priority {new.priority} is out of range for Redis (|priority| < 2**31)"
-                    )
-                args += [
-                    new.id,
-                    new.queue,
-                    new.task,
-                    new.payload,
-                    new.priority,
-                    "" if new.key is None else new.key,
-                    _f(new.run_at),
-                ]
-            replies = self._script("ENQUEUE", [_f(now), *args])
+            replies = self._script("ENQUEUE", [_f(now), *_job_args(chunk)])
             for new, reply in zip(chunk, replies, strict=True):
                 if reply == 0:
                     out.append((fresh_job(new, now), True))
@@ -514,6 +516,23 @@ class RedisBackend(Backend):
             pipe.execute()
 
         self._call(beat)
+
+    def swap_schedule(
+        self,
+        name: str,
+        expected: ScheduleInfo | None,
+        new: ScheduleInfo | None,
+        jobs: Sequence[NewJob] = (),
+        now: float = 0.0,
+    ) -> bool:
+        was = "" if expected is None else expected.to_json()
+        record = "" if new is None else new.to_json()
+        args = [name, was, record, _f(now), *_job_args(jobs)]
+        return bool(self._script("SWAP_SCHEDULE", args))
+
+    def schedules(self) -> list[ScheduleInfo]:
+        raw = self._call(self.client.hgetall, self.prefix + "schedules")
+        return [ScheduleInfo.from_json(raw[name]) for name in sorted(raw)]
 
     def workers(self) -> list[WorkerInfo]:
         index = self.prefix + "workers"

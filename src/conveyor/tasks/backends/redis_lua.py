@@ -17,6 +17,7 @@ Layout under the prefix ``P`` (``conveyor:`` by default)::
     P q:<q>:krun          set: keys with a running job
     P wake:<q>            channel: something may have become claimable
     P ended:<id>          channel: the job ended (done or dead)
+    P schedules           hash: schedule name -> its record (JSON)
 
 A job without a key is "placed" (in ready or delayed) whenever it is queued. A keyed job is
 placed only while it is the first queued job of its key and no job of its key runs; the others
@@ -209,55 +210,77 @@ local function end_lease(id, token, now)
   redis.call('HSET', jk(id), 'ended', token)
   return f
 end
+
+-- enqueue the jobs given from ARGV[first] on, 7 values each (see redis.py), at ``now``;
+-- per job, 0 if added, or the fields of the job already there
+local function enqueue_from(first, now)
+  local out = {}
+  local woken = {}
+  for i = first, #ARGV, 7 do
+    check_job(ARGV[i])
+    check_queue(ARGV[i + 1])
+    if ARGV[i + 5] ~= '' then check_key(ARGV[i + 1], ARGV[i + 5]) end
+  end
+  for i = first, #ARGV, 7 do
+    local id, q = ARGV[i], ARGV[i + 1]
+    local k = jk(id)
+    local st = redis.call('HMGET', k, 'state', 'keep_until')
+    local keep = true
+    if st[1] == 'dead' or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(now)) then
+      forget(id)
+    elseif st[1] then
+      keep = false
+    end
+    if keep then
+      local seq = redis.call('INCR', P .. 'seq')
+      local run_at = ARGV[i + 6]
+      redis.call('HSET', k, 'id', id, 'queue', q, 'task', ARGV[i + 2], 'payload', ARGV[i + 3],
+        'state', 'queued', 'priority', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now,
+        'run_at', run_at, 'seq', seq)
+      if ARGV[i + 5] ~= '' then
+        redis.call('HSET', k, 'key', ARGV[i + 5])
+        to_queue(id, now)
+      else
+        redis.call('ZADD', qk(q, 'runat'), run_at, id)
+        if tonumber(run_at) <= tonumber(now) then
+          redis.call('ZADD', qk(q, 'ready'), 0, member(id, ARGV[i + 4], seq))
+        else
+          redis.call('ZADD', qk(q, 'delayed'), run_at, id)
+        end
+      end
+      woken[q] = true
+      out[#out + 1] = 0
+    else
+      out[#out + 1] = redis.call('HGETALL', k)
+    end
+  end
+  for q, _ in pairs(woken) do wake(q) end
+  return out
+end
 """
 
 # ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at.
 # Returns per job 0 (added) or the existing job's fields.
 ENQUEUE = r"""
-local now = ARGV[2]
-local out = {}
-local woken = {}
-for i = 3, #ARGV, 7 do
-  check_job(ARGV[i])
-  check_queue(ARGV[i + 1])
-  if ARGV[i + 5] ~= '' then check_key(ARGV[i + 1], ARGV[i + 5]) end
-end
-for i = 3, #ARGV, 7 do
-  local id, q = ARGV[i], ARGV[i + 1]
-  local k = jk(id)
-  local st = redis.call('HMGET', k, 'state', 'keep_until')
-  local keep = true
-  if st[1] == 'dead' or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(now)) then
-    forget(id)
-  elseif st[1] then
-    keep = false
-  end
-  if keep then
-    local seq = redis.call('INCR', P .. 'seq')
-    local run_at = ARGV[i + 6]
-    redis.call('HSET', k, 'id', id, 'queue', q, 'task', ARGV[i + 2], 'payload', ARGV[i + 3],
-      'state', 'queued', 'priority', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now,
-      'run_at', run_at, 'seq', seq)
-    if ARGV[i + 5] ~= '' then
-      redis.call('HSET', k, 'key', ARGV[i + 5])
-      to_queue(id, now)
-    else
-      redis.call('ZADD', qk(q, 'runat'), run_at, id)
-      if tonumber(run_at) <= tonumber(now) then
-        redis.call('ZADD', qk(q, 'ready'), 0, member(id, ARGV[i + 4], seq))
-      else
-        redis.call('ZADD', qk(q, 'delayed'), run_at, id)
-      end
-    end
-    woken[q] = true
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = redis.call('HGETALL', k)
-  end
-end
-for q, _ in pairs(woken) do wake(q) end
-return out
+return enqueue_from(3, ARGV[2])
 """
+
+# ARGV: P, name, the record expected ('' for none), the new record ('' to remove), now, then
+# jobs as for ENQUEUE. Returns 1 if swapped (and the jobs enqueued), 0 if the record differed.
+SWAP_SCHEDULE = r"""
+local key = P .. 'schedules'
+expect(key, 'hash')
+local current = redis.call('HGET', key, ARGV[2])
+if (current or '') ~= ARGV[3] then return 0 end
+enqueue_from(6, ARGV[5])  -- checks every key it writes before the first write
+if ARGV[4] == '' then
+  redis.call('HDEL', key, ARGV[2])
+else
+  redis.call('HSET', key, ARGV[2], ARGV[4])
+end
+return 1
+"""
+
 
 # ARGV: P, queue, now, lease_until, limit, token prefix, worker. Returns the claimed jobs' fields.
 CLAIM = r"""

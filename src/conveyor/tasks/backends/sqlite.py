@@ -41,6 +41,7 @@ from .base import (
     Lease,
     NewJob,
     QueueCounts,
+    ScheduleInfo,
     WorkerInfo,
     check_listing,
     fresh_job,
@@ -81,6 +82,10 @@ CREATE INDEX IF NOT EXISTS jobs_keep ON jobs (keep_until) WHERE state = 'done';
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     last_beat REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
 """
@@ -322,26 +327,60 @@ class SQLiteBackend(Backend):
                 cur = db.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", _row(new, now))
             if cur.rowcount == 1:
                 return [(fresh_job(new, now), True)]
-        out: list[tuple[Job, bool]] = []
         with self._write() as db:
-            rows = []
-            added: dict[str, Job] = {}  # an id twice in one batch: the first one counts
-            for new in jobs:
-                if new.id in added:
-                    out.append((added[new.id], False))
-                    continue
-                old = self._read(db, new.id)
-                if old is not None and not replaceable(old, now):
-                    out.append((old, False))
-                    continue
-                if old is not None:
-                    db.execute("DELETE FROM jobs WHERE id = ?", (new.id,))
-                job = fresh_job(new, now)
-                rows.append(_row(new, now))
-                added[job.id] = job
-                out.append((job, True))
-            db.executemany(_INSERT, rows)
+            return self._enqueue(db, jobs, now)
+
+    def _enqueue(
+        self, db: sqlite3.Connection, jobs: Sequence[NewJob], now: float
+    ) -> list[tuple[Job, bool]]:
+        """``enqueue``, inside the caller's write transaction."""
+        out: list[tuple[Job, bool]] = []
+        rows = []
+        added: dict[str, Job] = {}  # an id twice in one batch: the first one counts
+        for new in jobs:
+            if new.id in added:
+                out.append((added[new.id], False))
+                continue
+            old = self._read(db, new.id)
+            if old is not None and not replaceable(old, now):
+                out.append((old, False))
+                continue
+            if old is not None:
+                db.execute("DELETE FROM jobs WHERE id = ?", (new.id,))
+            job = fresh_job(new, now)
+            rows.append(_row(new, now))
+            added[job.id] = job
+            out.append((job, True))
+        db.executemany(_INSERT, rows)
         return out
+
+    def swap_schedule(
+        self,
+        name: str,
+        expected: ScheduleInfo | None,
+        new: ScheduleInfo | None,
+        jobs: Sequence[NewJob] = (),
+        now: float = 0.0,
+    ) -> bool:
+        with self._write() as db:
+            row = db.execute("SELECT record FROM schedules WHERE name = ?", (name,)).fetchone()
+            if (row[0] if row else None) != (None if expected is None else expected.to_json()):
+                return False
+            if new is None:
+                db.execute("DELETE FROM schedules WHERE name = ?", (name,))
+            else:
+                db.execute(
+                    "INSERT INTO schedules (name, record) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET record = excluded.record",
+                    (name, new.to_json()),
+                )
+            self._enqueue(db, jobs, now)
+        return True
+
+    def schedules(self) -> list[ScheduleInfo]:
+        with self._db() as db:
+            rows = db.execute("SELECT record FROM schedules ORDER BY name").fetchall()
+        return [ScheduleInfo.from_json(record) for (record,) in rows]
 
     def claim(
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1

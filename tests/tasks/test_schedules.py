@@ -1,0 +1,267 @@
+"""Schedules: each tick enqueued once however many look, missed ticks by the catch-up policy,
+cron in a time zone, schedules changed while workers run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conveyor import ConfigurationError, ManualClock, TaskQueue
+from conveyor.cli import main
+
+from ..conftest import eventually
+from .conftest import START, Running, next_beat, queue_url
+
+MINUTE = 60.0
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def test_each_tick_is_enqueued_once_with_an_id_from_the_tick(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    ran: list[str] = []
+
+    @q.periodic(every_s=MINUTE, name="sweep", args=("floor",))
+    def sweep(where: str) -> str:
+        ran.append(where)
+        return where
+
+    q.publish_schedules()  # as a worker does when it starts: ticks from now on
+    assert q.run_schedules() == []
+    first = (START // MINUTE + 1) * MINUTE
+    clock.advance(first - START)
+    ids = q.run_schedules()
+    expected = "sweep@" + datetime.fromtimestamp(first, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert ids == [expected]
+    assert q.run_schedules() == []  # the same tick is not enqueued twice
+    job = q.job(expected).info()
+    assert (job.run_at, job.task) == (first, "sweep")
+    [info] = q.schedules()
+    assert (info.last_tick, info.last_job, info.through) == (first, expected, first)
+    q.worker(burst=True, handle_signals=False).run()
+    assert ran == ["floor"]
+
+
+def test_ticks_are_enqueued_ahead_with_run_at_at_the_tick(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, _ = clocked
+    q.schedule("beat", None, "t", every_s=10)
+    first = (START // 10 + 1) * 10
+    ids = q.run_schedules(lookahead_s=first - START + 25)  # three ticks ahead
+    assert len(ids) == 3
+    assert [q.job(i).info().run_at for i in ids] == [first, first + 10, first + 20]
+    assert q.stats().delayed == 3
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+def test_many_schedulers_at_once_enqueue_each_tick_once(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    clock = ManualClock(START)
+    url = queue_url(backend, request, tmp_path)
+    queues = [TaskQueue(url, clock=clock) for _ in range(6)]
+    if backend == "memory":  # one process: one memory store under one name
+        assert all(q.backend is queues[0].backend for q in queues)
+    queues[0].schedule("often", None, "t", every_s=1)
+    enqueued: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(queues))
+
+    def scheduler(q: TaskQueue) -> None:
+        for _ in range(20):
+            barrier.wait(10)
+            if q is queues[0]:
+                clock.advance(1)
+            barrier.wait(10)
+            ids = q.run_schedules()
+            with lock:
+                enqueued.extend(ids)
+
+    threads = [threading.Thread(target=scheduler, args=(q,)) for q in queues]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(enqueued) == len(set(enqueued)) == 20
+    assert queues[0].stats().queued == 20
+    for q in queues:
+        q.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [("last", [9]), ("all", list(range(10))), ("none", [9])],
+)
+def test_missed_ticks_follow_catch_up(
+    clocked: tuple[TaskQueue, ManualClock], policy: str, expected: list[int]
+) -> None:
+    """Ten minutes with no worker, a tick a minute: the policy says which run. Under "none"
+    only the tick that is less than a minute late runs."""
+    q, clock = clocked
+    q.schedule("m", None, "t", every_s=MINUTE, catch_up=policy)
+    first = (START // MINUTE + 1) * MINUTE
+    clock.advance(first - START + 9 * MINUTE + 30)  # 30 s after the tenth tick
+    ids = q.run_schedules()
+    assert [round((q.job(i).info().run_at - first) / MINUTE) for i in ids] == expected
+    assert q.run_schedules() == []
+
+
+def test_catch_up_none_skips_every_tick_that_is_over_a_minute_late(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    q.schedule("hourly", "0 * * * *", "t", catch_up="none")
+    clock.advance(3 * 3600 + 120)  # every tick is at least two minutes late now
+    assert q.run_schedules() == []
+    [info] = q.schedules()
+    assert info.through > START and info.last_tick is None
+
+
+def test_cron_is_read_in_its_time_zone_across_a_change_of_offset(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    clock.advance(at("2026-03-27T12:00:00") - clock.now())  # before Paris moves to summer time
+    q.schedule("breakfast", "0 7 * * *", "t", tz="Europe/Paris")
+    clock.advance(3 * 86400)
+    ids = q.run_schedules()  # catch_up="last": the latest of the three mornings
+    [info] = q.schedules()
+    runs = [q.job(i).info().run_at for i in ids]
+    assert runs == [at("2026-03-30T05:00:00")]  # 07:00 at +02:00
+    assert q.next_tick(info) == at("2026-03-31T05:00:00")
+    q.schedule("breakfast", "0 7 * * *", "t", tz="Europe/Paris", catch_up="all")
+    assert q.run_schedules() == []  # a changed plan keeps how far it had got
+
+
+def test_schedules_are_added_changed_and_removed_while_workers_run(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    seen: list[int] = []
+
+    @q.task(name="count")
+    def count(n: int) -> None:
+        seen.append(n)
+
+    run = Running(q.worker(name="w", handle_signals=False, poll_s=0.05))
+    try:
+        q.schedule("c", None, count, [1], every_s=1)
+        for _ in range(4):  # each beat enqueues the ticks of the next two seconds
+            next_beat(run, clock)
+        eventually(lambda: len(seen) >= 3)
+        q.schedule("c", None, count, [2], every_s=1)  # new arguments from the next tick on
+        for _ in range(3):
+            next_beat(run, clock)
+        eventually(lambda: 2 in seen)
+        assert q.unschedule("c") and not q.unschedule("c")
+        next_beat(run, clock, 0)  # a beat that began before the removal has ended
+        left = q.stats().queued
+        assert left <= 3  # at most the ticks of two seconds ahead (and one at the edge)
+        for _ in range(5):
+            next_beat(run, clock)
+        # once removed, nothing more is enqueued: what was queued ahead runs, and no more
+        eventually(lambda: q.stats().queued == 0 and q.stats().running == 0)
+        assert q.stats().done == len(seen)
+        assert seen == sorted(seen) and set(seen) == {1, 2}
+    finally:
+        run.stop()
+    assert run.raised == []
+
+
+def test_a_burst_worker_writes_its_periodic_schedules_and_runs_what_is_due(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    ran: list[float] = []
+
+    @q.periodic(every_s=MINUTE, name="tidy")
+    def tidy() -> None:
+        ran.append(q.now())
+
+    q.worker(burst=True, handle_signals=False).run()  # writes the schedule: nothing due yet
+    assert [s.name for s in q.schedules()] == ["tidy"] and ran == []
+    clock.advance(2 * MINUTE)
+    q.worker(burst=True, handle_signals=False).run()
+    assert len(ran) == 1
+    again = TaskQueue(q.url, clock=clock)
+    again.periodic(every_s=MINUTE, name="tidy")(lambda: None)
+    again.publish_schedules()  # the same plan from another process: it keeps its place
+    [info] = q.schedules()
+    assert info.last_tick is not None and info.through >= info.last_tick
+
+
+def test_schedules_are_checked_when_made() -> None:
+    q = TaskQueue("memory://checked-schedules")
+    for cron, options, match in [
+        (None, {}, "one of the two"),
+        ("* * * * *", {"every_s": 5}, "one of the two"),
+        ("every minute", {}, "bad cron expression"),
+        ("61 * * * *", {}, "bad cron expression"),
+        (None, {"every_s": 0}, "every_s"),
+        (None, {"every_s": float("nan")}, "every_s"),
+        (None, {"every_s": True}, "every_s"),
+        ("* * * * *", {"tz": "Mars/Olympus"}, "unknown time zone"),
+        ("* * * * *", {"catch_up": "some"}, "catch_up"),
+    ]:
+        with pytest.raises(ConfigurationError, match=match):
+            q.schedule("s", cron, "t", **options)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="a schedule's name"):
+        q.schedule("", None, "t", every_s=1)
+    with pytest.raises(ConfigurationError, match="cannot be sent as JSON"):
+        q.schedule("s", None, "t", [{1, 2}], every_s=1)
+    with pytest.raises(ConfigurationError, match="_options"):
+        q.schedule("s", None, "t", kwargs={"_delay_s": 1}, every_s=1)
+    assert q.schedules() == []
+
+
+def test_a_schedule_name_belongs_to_one_queue(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with TaskQueue(url, name="a") as a, TaskQueue(url, name="b") as b:
+        a.schedule("shared", None, "t", every_s=1)
+        with pytest.raises(ConfigurationError, match="belongs to queue 'a'"):
+            b.schedule("shared", None, "t", every_s=1)
+        assert [s.name for s in b.schedules(all_queues=True)] == ["shared"]
+        assert b.schedules() == []
+
+
+def test_cron_without_cronsim_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cronsim", None)
+    with pytest.raises(ConfigurationError, match=r"conveyor\[cron\]"):
+        TaskQueue("memory://no-cronsim").schedule("s", "* * * * *", "t")
+    TaskQueue("memory://no-cronsim").schedule("s", None, "t", every_s=1)  # needs nothing
+
+
+def test_conveyor_schedules_lists_and_removes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    clock = ManualClock(START)
+    with TaskQueue(url, clock=clock) as q:
+        q.schedule("nightly", "0 3 * * *", "t", tz="Europe/Paris")
+        q.schedule("often", None, "t", every_s=30)
+        clock.advance(31)
+        q.run_schedules()
+    runner = CliRunner()
+    out = runner.invoke(main, ["schedules", url])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].split() == ["NAME", "QUEUE", "WHEN", "NEXT", "LAST", "JOB"]
+    assert lines[1].startswith("nightly") and "0 3 * * * Europe/Paris" in lines[1]
+    assert lines[2].startswith("often") and "every 30 s" in lines[2] and "often@" in lines[2]
+    out = runner.invoke(main, ["schedules", url, "--json"])
+    records = [json.loads(line) for line in out.output.splitlines()]
+    assert [r["name"] for r in records] == ["nightly", "often"]
+    assert "payload" not in records[0] and records[0]["next_tick"].endswith("+00:00")
+    out = runner.invoke(main, ["schedules", url, "--remove", "often"])
+    assert out.exit_code == 0 and "removed" in out.output
+    out = runner.invoke(main, ["schedules", url, "--remove", "often"])
+    assert out.exit_code != 0 and "no schedule named 'often'" in out.output
