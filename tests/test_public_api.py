@@ -30,6 +30,7 @@ EXPECTED = {
     "Run",
     "RunStats",
     "RunTimeout",
+    "Signature",
     "Skip",
     "Stage",
     "StageFailed",
@@ -42,8 +43,12 @@ EXPECTED = {
     "TaskQueue",
     "Worker",
     "WorkerCrashed",
+    "WorkflowHandle",
     "WouldBlock",
+    "chain",
+    "chord",
     "current_job",
+    "group",
 }
 
 

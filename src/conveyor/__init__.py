@@ -45,10 +45,15 @@ from .tasks import CancelTask as CancelTask
 from .tasks import JobContext as JobContext
 from .tasks import JobHandle as JobHandle
 from .tasks import RetryTask as RetryTask
+from .tasks import Signature as Signature
 from .tasks import Task as Task
 from .tasks import TaskQueue as TaskQueue
 from .tasks import Worker as Worker
+from .tasks import WorkflowHandle as WorkflowHandle
+from .tasks import chain as chain
+from .tasks import chord as chord
 from .tasks import current_job as current_job
+from .tasks import group as group
 
 __version__ = "0.1.0"
 
@@ -78,6 +83,7 @@ __all__ = [
     "Run",
     "RunStats",
     "RunTimeout",
+    "Signature",
     "Skip",
     "Stage",
     "StageFailed",
@@ -90,8 +96,12 @@ __all__ = [
     "TaskQueue",
     "Worker",
     "WorkerCrashed",
+    "WorkflowHandle",
     "WouldBlock",
+    "chain",
+    "chord",
     "current_job",
+    "group",
 ]
 
 # Tracebacks and reprs show the public path, not the private module a name lives in.

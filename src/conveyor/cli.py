@@ -180,6 +180,7 @@ def info(url: str, name: str) -> None:
         ("running", stats.running),
         ("done (kept)", stats.done),
         ("dead", stats.dead),
+        ("waiting (steps)", stats.waiting),
         (
             "oldest waiting",
             "-" if stats.oldest_waiting_s is None else f"{stats.oldest_waiting_s:.1f} s",

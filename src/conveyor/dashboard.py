@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, quote, urlencode
 
 from . import ConfigurationError, TaskQueue
 
-STATES = ("queued", "running", "done", "dead")
+STATES = ("queued", "running", "done", "dead", "waiting")
 _PAGE = 50
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -143,6 +143,7 @@ class Dashboard:
             "running": s.running,
             "done": s.done,
             "dead": s.dead,
+            "waiting": s.waiting,
             "oldest_waiting_s": s.oldest_waiting_s,
             "done_per_s": done_per_s,
             "dead_per_s": dead_per_s,
@@ -223,6 +224,7 @@ class Dashboard:
                 ("running", "running"),
                 ("done", "done"),
                 ("dead", "dead"),
+                ("waiting", "waiting"),
             )
         )
         oldest = q["oldest_waiting_s"]

@@ -210,6 +210,7 @@ class _Live:
                     ("running", counts.running),
                     ("done", counts.done),
                     ("dead", counts.dead),
+                    ("waiting", counts.waiting),
                 ):
                     depth.add_metric([queue.name, state], value)
                 if counts.oldest_waiting_s is not None:

@@ -17,6 +17,7 @@ from conveyor.tasks.backends import (
     HISTORY_ERROR_CHARS,
     QUEUED,
     RUNNING,
+    WAITING,
     Backend,
     NewJob,
     ScheduleInfo,
@@ -597,3 +598,132 @@ def test_racing_swaps_of_one_schedule_let_exactly_one_through(backend: Backend) 
     assert len(won) == 1
     assert [backend.get(f"t{i}") is not None for i in range(8)].count(True) == 1
     assert backend.schedules()[0].last_job == f"by {won[0]}"
+
+
+# -- jobs that wait for others (workflows) --------------------------------------------------
+
+
+def step(
+    i: str, waits_for: int = 0, then: tuple[tuple[str, int], ...] = (), **more: object
+) -> NewJob:
+    return NewJob(
+        id=i,
+        queue=Q,
+        task="t",
+        payload=i.encode(),
+        waits_for=waits_for,
+        then=then,
+        **more,  # type: ignore[arg-type]
+    )
+
+
+def finish_claimed(b: Backend, job_id: str, result: bytes | None, now: float) -> None:
+    """Complete ``job_id`` (claiming what is claimable first, if it is not running yet)."""
+    found = b.get(job_id)
+    if found is not None and found.state != RUNNING:
+        b.claim(Q, "w", 30, now, 10)
+    held = b.get(job_id)
+    assert held is not None and held.token is not None
+    assert b.complete(job_id, held.token, result, None, now)
+
+
+def test_a_waiting_job_is_queued_when_what_it_waits_for_is_done(backend: Backend) -> None:
+    stored = backend.enqueue(
+        [step("a", then=(("b", 0),)), step("b", 1, (("c", 0),)), step("c", 1)], now=1.0
+    )
+    assert [job.state for job, _ in stored] == [QUEUED, WAITING, WAITING]
+    assert backend.counts(Q, 1.0).waiting == 2
+    assert {j.id for j in backend.jobs(Q, WAITING)} == {"b", "c"}
+    assert claim_ids(backend, 100.0) == ["a"]  # the others are never claimable while waiting
+    assert claim_ids(backend, 100.0) == []
+    finish_claimed(backend, "a", b"ra", 2.0)
+    b = backend.get("b")
+    assert b is not None and b.state == QUEUED and b.inputs == ((0, b"ra"),) and b.waits_for == 0
+    assert backend.get("c").state == WAITING  # type: ignore[union-attr]
+    finish_claimed(backend, "b", None, 3.0)
+    c = backend.get("c")
+    assert c is not None and c.state == QUEUED and c.inputs == ((0, None),)
+    assert backend.counts(Q, 3.0).waiting == 0
+
+
+def test_a_job_waiting_for_several_takes_each_result_at_its_place(backend: Backend) -> None:
+    backend.enqueue(
+        [step("x", then=(("all", 0),)), step("y", then=(("all", 1),)), step("all", 2)], now=1.0
+    )
+    finish_claimed(backend, "y", b"ry", 2.0)
+    waiting = backend.get("all")
+    assert waiting is not None and waiting.state == WAITING and waiting.waits_for == 1
+    finish_claimed(backend, "x", b"rx", 3.0)
+    ready = backend.get("all")
+    assert ready is not None and ready.state == QUEUED and ready.inputs == ((0, b"rx"), (1, b"ry"))
+
+
+def test_a_dead_job_takes_every_job_waiting_behind_it_with_it(backend: Backend) -> None:
+    backend.enqueue(
+        [
+            step("a", then=(("b", 0), ("side", 0))),
+            step("b", 1, (("c", 0),)),
+            step("c", 1),
+            step("side", 1),
+            step("other"),
+        ],
+        now=1.0,
+    )
+    [lease] = backend.claim(Q, "w", 30, 2.0, 1)
+    assert backend.fail("a", lease.token, "Traceback...\nValueError: bad input", 3.0)
+    for dep in ("b", "c", "side"):
+        job = backend.get(dep)
+        assert job is not None and job.state == DEAD and job.finished_at == 3.0
+        assert job.error is not None and job.error.startswith("not run: job ")
+        assert job.error.endswith("ValueError: bad input")
+    assert "job b (t)" in (backend.get("c").error or "")  # type: ignore[union-attr]
+    assert backend.get("other").state == QUEUED  # type: ignore[union-attr]
+    assert backend.counts(Q, 3.0).waiting == 0 and backend.counts(Q, 3.0).dead == 4
+
+
+def test_cancel_finish_and_purge_reach_waiting_jobs(backend: Backend) -> None:
+    backend.enqueue([step("a", then=(("b", 0),)), step("b", 1, (("c", 0),)), step("c", 1)], 1.0)
+    assert backend.cancel("b", "not wanted", 2.0)  # a waiting job can be cancelled
+    assert backend.get("c").state == DEAD  # type: ignore[union-attr]
+    assert not backend.cancel("b", "again", 2.0)
+    backend.enqueue([step("p", then=(("q", 0),)), step("q", 1)], 3.0)
+    backend.finish("p", 4.0)  # done by hand: what waits for it goes on, with no result
+    q = backend.get("q")
+    assert q is not None and q.state == QUEUED and q.inputs == ((0, None),)
+    backend.enqueue([step("r", then=(("s", 0),)), step("s", 1)], 5.0)
+    assert backend.purge(Q) >= 5
+    assert backend.get("s") is None and backend.counts(Q, 5.0).waiting == 0
+
+
+def test_racing_ends_of_what_a_job_waits_for_queue_it_once(backend: Backend) -> None:
+    n = 8
+    backend.enqueue([*(step(f"m{i}", then=(("cb", i),)) for i in range(n)), step("cb", n)], now=1.0)
+    leases = backend.claim(Q, "w", 30, 2.0, n)
+    assert len(leases) == n
+    barrier = threading.Barrier(n)
+
+    def end(lease: object) -> None:
+        barrier.wait(10)
+        assert backend.complete(lease.job.id, lease.token, lease.job.id.encode(), None, 3.0)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=end, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    cb = backend.get("cb")
+    assert cb is not None and cb.state == QUEUED
+    assert cb.inputs == tuple((i, f"m{i}".encode()) for i in range(n))
+    assert claim_ids(backend, 4.0) == ["cb"]
+    assert backend.doctor(4.0) == []
+
+
+def test_a_waiting_job_with_a_key_keeps_its_place_in_the_key_line(backend: Backend) -> None:
+    backend.enqueue(
+        [step("a", then=(("k1", 0),)), step("k1", 1, key="user"), job("k2", key="user")], 1.0
+    )
+    assert claim_ids(backend, 2.0) == ["a", "k2"]  # k1 waits: it holds nothing up meanwhile
+    finish_claimed(backend, "a", None, 3.0)
+    assert claim_ids(backend, 4.0) == []  # k2 of the same key runs: k1 waits its turn
+    finish_claimed(backend, "k2", None, 5.0)
+    assert claim_ids(backend, 6.0) == ["k1"]

@@ -9,3 +9,8 @@ from ._queue import RetryTask as RetryTask
 from ._queue import Task as Task
 from ._queue import TaskQueue as TaskQueue
 from ._worker import Worker as Worker
+from ._workflows import Signature as Signature
+from ._workflows import WorkflowHandle as WorkflowHandle
+from ._workflows import chain as chain
+from ._workflows import chord as chord
+from ._workflows import group as group

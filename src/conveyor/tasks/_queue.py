@@ -39,6 +39,7 @@ from .._errors import (
     TaskFailed,
 )
 from ._schedules import advance, check_plan, next_tick
+from ._workflows import Flow, Signature, WorkflowHandle, compile_workflow
 from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
 from .backends.base import ScheduleInfo, WorkerInfo, redacted, replaceable
 
@@ -448,6 +449,11 @@ class Task(Generic[P, R]):
     ) -> list[JobHandle[R]]:
         """Add many jobs in one transaction: ``calls`` are ``(args, kwargs)`` pairs."""
         return self.queue.enqueue_many(self, calls)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """This task's call, not made yet: a step of a workflow (``chain``, ``group``,
+        ``chord``). In a chain, the result before it comes first, then ``args``."""
+        return Signature(self, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} of {self.queue.where}>"
@@ -959,7 +965,10 @@ class TaskQueue:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         carrier: dict[str, str] | None = None,
+        after: tuple[str, int] | None = None,
     ) -> NewJob:
+        """The job a call stands for, checked. ``after``: a step of a workflow, given what it
+        waited for (how, and of how many) before ``args`` (see ``_workflows``)."""
         task_name = task if isinstance(task, str) else task.name
         options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("_")}
         job_id = options.pop("_id", None)
@@ -981,6 +990,8 @@ class TaskQueue:
         body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
         if carrier:
             body["trace"] = carrier
+        if after is not None:
+            body["after"] = list(after)
         try:
             payload = serializer.dumps(body)
         except Exception:
@@ -994,8 +1005,9 @@ class TaskQueue:
                 "or raise the limit"
             )
         if not isinstance(task, str):
+            given = args if after is None else (None, *args)  # what it waited for comes first
             try:
-                task.signature.bind(*args, **kwargs)
+                task.signature.bind(*given, **kwargs)
             except TypeError as exc:
                 raise ConfigurationError(f"task {task_name!r}: {exc}") from None
         now = self.now()
@@ -1060,6 +1072,27 @@ class TaskQueue:
                 if added:
                     call_hooks(self.hooks.enqueued, job)
         return [JobHandle(self, job.id, job.task, added) for job, added in stored]
+
+    def enqueue_workflow(self, flow: Flow, *, _id: str | None = None) -> WorkflowHandle[Any]:
+        """Enqueue a ``chain``, ``group`` or ``chord`` (or one ``task.s(...)``) whole, in one
+        transaction. ``_id`` names the workflow (its steps are ``<id>.0``, ``<id>.1``...): a
+        workflow enqueued again under the same id adds nothing while its steps are there."""
+        _check_name("_id", _id)
+        workflow_id = _id or new_id()
+        news, exits, many = compile_workflow(self, flow, workflow_id)
+        if self.tracing is not None:
+            with self.tracing.sending(self.name, len(news)) as (carrier, named):
+                news, exits, many = compile_workflow(self, flow, workflow_id, carrier)
+                named([new.id for new in news])
+                stored = self.backend.enqueue(news, self.now())
+        else:
+            stored = self.backend.enqueue(news, self.now())
+        if self.hooks.enqueued:
+            for job, added in stored:
+                if added:
+                    call_hooks(self.hooks.enqueued, job)
+        ids = [new.id for new in news]
+        return WorkflowHandle(self, workflow_id, ids, exits, many, any(a for _, a in stored))
 
     def job(self, job_id: str) -> JobHandle[Any]:
         """A handle for an existing job."""

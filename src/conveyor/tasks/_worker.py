@@ -48,6 +48,7 @@ from .._errors import (
 from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._liveness import host_key, process_started, why_gone
 from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks
+from ._workflows import waited_for
 from .backends import RUNNING, Backend, Lease
 from .backends.base import WorkerInfo
 
@@ -735,6 +736,10 @@ class Worker:
             if isinstance(payload, Exception):
                 raise payload
             args, kwargs = list(payload["args"]), dict(payload["kwargs"])
+            if "after" in payload:  # a step of a workflow: what it waited for comes first
+                args.insert(0, waited_for(queue, job, payload["after"]))
+        except ValueError as exc:
+            return await self._dead(queue, lease, f"the job cannot run: {exc}")
         except Exception as exc:
             return await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
         try:

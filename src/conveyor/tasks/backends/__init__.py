@@ -5,6 +5,7 @@ from .base import DONE as DONE
 from .base import HISTORY_ERROR_CHARS as HISTORY_ERROR_CHARS
 from .base import QUEUED as QUEUED
 from .base import RUNNING as RUNNING
+from .base import WAITING as WAITING
 from .base import Attempt as Attempt
 from .base import Backend as Backend
 from .base import Job as Job

@@ -12,6 +12,14 @@ States::
       │  └──retry/release┘ └─lease lapses: any claim takes it again
       └──────────── requeue (dead → queued)
 
+A job enqueued with ``waits_for > 0`` (a step of a workflow) is ``waiting``: never claimable,
+until that many of the jobs that list it in their ``then`` are done. The change that makes a
+job ``done`` (``complete``, ``finish``) also stores its result among the inputs of each job in
+its ``then`` and counts down their ``waits_for``, queueing those that reach 0; the change that
+makes it ``dead`` (``fail``, ``cancel``) makes every job waiting for it, and every job waiting
+for those, ``dead`` too (``not_run_because``). So a crash between two steps can neither lose
+nor repeat the next one, and nothing waits for a job that will never be done.
+
 ``finish(id)`` puts a job in ``done`` from any state (or records a ``done`` id never seen);
 ``unfinish(id)`` forgets a ``done`` job so that its id can be enqueued again.
 
@@ -56,7 +64,8 @@ QUEUED = "queued"
 RUNNING = "running"
 DONE = "done"
 DEAD = "dead"
-STATES = (QUEUED, RUNNING, DONE, DEAD)
+WAITING = "waiting"
+STATES = (QUEUED, RUNNING, DONE, DEAD, WAITING)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,12 @@ class NewJob:
     priority: int = 0
     key: str | None = None
     run_at: float = 0.0
+    waits_for: int = 0
+    """how many jobs must be done before this one is queued (a step of a workflow): it is
+    ``waiting`` until then"""
+    then: tuple[tuple[str, int], ...] = ()
+    """the jobs waiting for this one, each with the place its result takes among their
+    inputs"""
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,12 @@ class Job:
     """when the attempt under way (or the last one) was claimed"""
     history: tuple[Attempt, ...] = ()
     """the attempts that ended without success, oldest first (see :meth:`runs`)"""
+    waits_for: int = 0
+    """how many of the jobs it waits for are not done yet (``waiting`` while > 0)"""
+    then: tuple[tuple[str, int], ...] = ()
+    """the jobs that wait for this one, and the place of its result among their inputs"""
+    inputs: tuple[tuple[int, bytes | None], ...] = ()
+    """the results of the jobs it waited for, as each was done, in the order of their places"""
 
     def runs(self) -> list[Attempt]:
         """Every attempt kept: the history, then the last attempt when it is under way
@@ -221,6 +242,8 @@ class QueueCounts:
     oldest_waiting_s: float | None
     leases: tuple[tuple[str, float], ...] = field(default=())
     """(job id, seconds left) of every running job, soonest to lapse first"""
+    waiting: int = 0
+    """jobs waiting for others to be done (steps of workflows)"""
 
 
 #: how long a worker's record is kept after its last beat (a stopped or gone worker stays
@@ -389,12 +412,22 @@ def fresh_job(new: NewJob, now: float) -> Job:
         queue=new.queue,
         task=new.task,
         payload=new.payload,
-        state=QUEUED,
+        state=WAITING if new.waits_for > 0 else QUEUED,
         priority=new.priority,
         key=new.key,
         attempts=0,
         enqueued_at=now,
         run_at=new.run_at,
+        waits_for=new.waits_for,
+        then=new.then,
+    )
+
+
+def not_run_because(job_id: str, task: str, error: str | None) -> str:
+    """The error of a job that waited for ``job_id`` (of ``task``), dead with ``error``: the
+    waiting job will not run either."""
+    return (
+        f"not run: job {job_id} ({task}), which it waited for, is dead:\n{kept_error(error) or ''}"
     )
 
 
@@ -508,8 +541,8 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
-        """Queued → dead with ``reason`` as its error (it never runs; ``requeue`` brings it
-        back); False, and nothing changes, if the job is not queued."""
+        """Queued (or waiting) → dead with ``reason`` as its error (it never runs; ``requeue``
+        brings it back); False, and nothing changes, if the job is neither."""
 
     @abstractmethod
     def requeue_dead(self, queue: str, now: float) -> int:

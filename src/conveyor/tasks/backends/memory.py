@@ -20,6 +20,7 @@ from .base import (
     DONE,
     QUEUED,
     RUNNING,
+    WAITING,
     WORKER_KEPT_S,
     Attempt,
     Backend,
@@ -32,6 +33,7 @@ from .base import (
     check_listing,
     fresh_job,
     kept_error,
+    not_run_because,
     replaceable,
 )
 
@@ -118,9 +120,39 @@ class MemoryBackend(Backend):
             self._next_seq += 1
             self._seq[job.id] = seq
             self._set(job)
-            self._push(job, seq)
+            if job.state == QUEUED:
+                self._push(job, seq)
             out.append((job, True))
         return out
+
+    def _follow(self, job: Job, now: float) -> None:
+        """``job`` is now done or dead: tell the jobs that wait for it (see the contract)."""
+        if job.state == DONE:
+            for dep_id, place in job.then:
+                dep = self._jobs.get(dep_id)
+                if dep is None or dep.state != WAITING:
+                    continue
+                left = dep.waits_for - 1
+                dep = replace(
+                    dep,
+                    waits_for=left,
+                    inputs=tuple(sorted((*dep.inputs, (place, job.result)), key=lambda x: x[0])),
+                    state=QUEUED if left <= 0 else WAITING,
+                )
+                self._set(dep)
+                if dep.state == QUEUED:
+                    self._push(dep, self._seq[dep.id])
+            return
+        blocked = [job]
+        while blocked:
+            dead = blocked.pop()
+            for dep_id, _ in dead.then:
+                dep = self._jobs.get(dep_id)
+                if dep is not None and dep.state == WAITING:
+                    error = not_run_because(dead.id, dead.task, dead.error)
+                    blocked.append(
+                        self._set(replace(dep, state=DEAD, error=error, finished_at=now))
+                    )
 
     def _forget(self, job: Job) -> None:
         self._leave_running(job)
@@ -228,6 +260,8 @@ class MemoryBackend(Backend):
             after = self._set(replace(job, token=None, lease_until=None, **changes))
             if after.state == QUEUED:
                 self._push(after, self._seq[job_id])
+            elif after.then:
+                self._follow(after, after.finished_at or 0.0)
             return True
 
     def complete(
@@ -337,11 +371,14 @@ class MemoryBackend(Backend):
             if job.state == QUEUED:
                 self._unqueue_key(job, self._seq[job_id])
             self._leave_running(job)
-            self._set(
+            was = job.state
+            done = self._set(
                 replace(
                     job, state=DONE, token=None, lease_until=None, finished_at=now, keep_until=None
                 )
             )
+            if was != DONE:
+                self._follow(done, now)
 
     def progress(self, job_id: str, token: str, fraction: float, note: str) -> bool:
         with self._lock:
@@ -354,10 +391,11 @@ class MemoryBackend(Backend):
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is None or job.state != QUEUED:
+            if job is None or job.state not in (QUEUED, WAITING):
                 return False
-            self._unqueue_key(job, self._seq[job_id])
-            self._set(replace(job, state=DEAD, error=reason, finished_at=now))
+            if job.state == QUEUED:
+                self._unqueue_key(job, self._seq[job_id])
+            self._follow(self._set(replace(job, state=DEAD, error=reason, finished_at=now)), now)
             return True
 
     def unfinish(self, job_id: str) -> bool:
@@ -429,6 +467,7 @@ class MemoryBackend(Backend):
             dead=sum(1 for j in jobs if j.state == DEAD),
             oldest_waiting_s=None if oldest is None else max(0.0, now - oldest),
             leases=tuple((j.id, (j.lease_until or now) - now) for j in running),
+            waiting=sum(1 for j in jobs if j.state == WAITING),
         )
 
     def next_run_at(self, queue: str) -> float | None:

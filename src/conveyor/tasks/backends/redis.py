@@ -18,6 +18,7 @@ query options are redis-py's.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -47,6 +48,7 @@ from .base import (
     DONE,
     QUEUED,
     RUNNING,
+    WAITING,
     WORKER_KEPT_S,
     Backend,
     Job,
@@ -114,11 +116,18 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         worker=text(b"worker"),
         started_at=number(b"started_at"),
         history=parse_history(h.get(b"history")),
+        waits_for=int(h.get(b"waits_for", 0)),
+        then=tuple((dep, place) for dep, place in json.loads(h[b"then"])) if b"then" in h else (),
+        inputs=tuple(
+            sorted(
+                (int(name[3:]), value or None) for name, value in h.items() if name[:3] == b"in:"
+            )
+        ),
     )
 
 
 def _job_args(jobs: Sequence[NewJob]) -> list[Any]:
-    """What the scripts that enqueue take of each job: seven values."""
+    """What the scripts that enqueue take of each job: nine values."""
     args: list[Any] = []
     for new in jobs:
         if not -_PRIORITY_LIMIT < new.priority < _PRIORITY_LIMIT:
@@ -126,7 +135,9 @@ def _job_args(jobs: Sequence[NewJob]) -> list[Any]:
                 f"priority {new.priority} is out of range for Redis (|priority| < 2**31)"
             )
         key = "" if new.key is None else new.key
+        then = json.dumps([list(pair) for pair in new.then]) if new.then else ""
         args += [new.id, new.queue, new.task, new.payload, new.priority, key, _f(new.run_at)]
+        args += [new.waits_for, then]
     return args
 
 
@@ -152,6 +163,7 @@ _QUEUE_PARTS = {
     "done": "set",
     "dead": "set",
     "krun": "set",
+    "waiting": "set",
     "kplaced": "hash",
 }
 
@@ -563,6 +575,7 @@ class RedisBackend(Backend):
             RUNNING: lambda r: r.zrange(q + "leases", 0, -1),
             DONE: lambda r: r.smembers(q + "done"),
             DEAD: lambda r: r.smembers(q + "dead"),
+            WAITING: lambda r: r.smembers(q + "waiting"),
         }
         wanted = [state] if state is not None else list(reads)
 
@@ -630,7 +643,7 @@ class RedisBackend(Backend):
                 return total
 
     def counts(self, queue: str, now: float) -> QueueCounts:
-        queued, delayed, running, done, dead, oldest, flat = self._script(
+        queued, delayed, running, done, dead, oldest, flat, waiting = self._script(
             "COUNTS", [queue, _f(now)]
         )
         leases = tuple((flat[i].decode(), float(flat[i + 1]) - now) for i in range(0, len(flat), 2))
@@ -642,6 +655,7 @@ class RedisBackend(Backend):
             dead=int(dead),
             oldest_waiting_s=None if oldest == b"" else max(0.0, now - float(oldest)),
             leases=leases,
+            waiting=int(waiting),
         )
 
     def next_run_at(self, queue: str) -> float | None:

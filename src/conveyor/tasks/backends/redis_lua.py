@@ -12,6 +12,8 @@ Layout under the prefix ``P`` (``conveyor:`` by default)::
     P q:<q>:delayed       zset: placed jobs waiting for run_at
     P q:<q>:leases        zset: running jobs by lease_until
     P q:<q>:done, :dead   sets
+    P q:<q>:waiting       set: jobs waiting for others to be done (their hash: waits_for, then
+                          as JSON [[id, place], ...], and each input's result as in:<place>)
     P q:<q>:k:<key>       zset: the key's queued jobs, by seq
     P q:<q>:kplaced       hash: key -> the one job of that key in ready/delayed
     P q:<q>:krun          set: keys with a running job
@@ -64,7 +66,7 @@ local function check_queue(q)
   expect(P .. 'seq', 'string')
   expect(P .. 'expiry', 'zset')
   for _, part in ipairs({'runat', 'ready', 'delayed', 'leases'}) do expect(qk(q, part), 'zset') end
-  for _, part in ipairs({'done', 'dead', 'krun'}) do expect(qk(q, part), 'set') end
+  for _, part in ipairs({'done', 'dead', 'krun', 'waiting'}) do expect(qk(q, part), 'set') end
   expect(qk(q, 'kplaced'), 'hash')
 end
 
@@ -171,6 +173,8 @@ local function forget(id)
     redis.call('ZREM', P .. 'expiry', id)
   elseif state == 'dead' then
     redis.call('SREM', qk(q, 'dead'), id)
+  elseif state == 'waiting' then
+    redis.call('SREM', qk(q, 'waiting'), id)
   end
   redis.call('DEL', jk(id))
   return q, key, state
@@ -211,17 +215,86 @@ local function end_lease(id, token, now)
   return f
 end
 
--- enqueue the jobs given from ARGV[first] on, 7 values each (see redis.py), at ``now``;
+-- the jobs waiting for ``id``: its 'then' field, {dependent, place} pairs
+local function dependents(id)
+  local raw = redis.call('HGET', jk(id), 'then')
+  if not raw or raw == '' then return {} end
+  return cjson.decode(raw)
+end
+
+-- before any write: check every key that telling the jobs waiting for ``id`` may touch (all
+-- those waiting behind it, when ``dead``: they die with it)
+local function check_follow(id, dead)
+  local seen = {}
+  local stack = {id}
+  while #stack > 0 do
+    local current = table.remove(stack)
+    for _, pair in ipairs(dependents(current)) do
+      local dep = pair[1]
+      if not seen[dep] then
+        seen[dep] = true
+        check_job(dep)
+        if dead and redis.call('HGET', jk(dep), 'state') == 'waiting' then
+          stack[#stack + 1] = dep
+        end
+      end
+    end
+  end
+end
+
+-- ``id`` is done with ``result`` (false: none): each job waiting for it takes the result at
+-- its place and counts down; one that waits for nothing more is queued
+local function follow_done(id, result, now)
+  for _, pair in ipairs(dependents(id)) do
+    local dep, where = pair[1], pair[2]
+    local k = jk(dep)
+    if redis.call('HGET', k, 'state') == 'waiting' then
+      redis.call('HSET', k, 'in:' .. where, result or '')
+      if redis.call('HINCRBY', k, 'waits_for', -1) <= 0 then
+        local q = redis.call('HGET', k, 'queue')
+        redis.call('SREM', qk(q, 'waiting'), dep)
+        redis.call('HSET', k, 'state', 'queued')
+        to_queue(dep, now)
+        wake(q)
+      end
+    end
+  end
+end
+
+-- ``id`` is dead: every job waiting for it (and for those) is dead too, with the reason
+local function follow_dead(id, now)
+  local stack = {id}
+  while #stack > 0 do
+    local current = table.remove(stack)
+    local f = redis.call('HMGET', jk(current), 'task', 'error')
+    local why = 'not run: job ' .. current .. ' (' .. (f[1] or '') .. '), which it waited for, '
+      .. 'is dead:\n' .. string.sub(f[2] or '', -4000)
+    for _, pair in ipairs(dependents(current)) do
+      local dep = pair[1]
+      local k = jk(dep)
+      if redis.call('HGET', k, 'state') == 'waiting' then
+        local q = redis.call('HGET', k, 'queue')
+        redis.call('SREM', qk(q, 'waiting'), dep)
+        redis.call('HSET', k, 'state', 'dead', 'error', why, 'finished_at', now)
+        redis.call('SADD', qk(q, 'dead'), dep)
+        redis.call('PUBLISH', P .. 'ended:' .. dep, 'dead')
+        stack[#stack + 1] = dep
+      end
+    end
+  end
+end
+
+-- enqueue the jobs given from ARGV[first] on, 9 values each (see redis.py), at ``now``;
 -- per job, 0 if added, or the fields of the job already there
 local function enqueue_from(first, now)
   local out = {}
   local woken = {}
-  for i = first, #ARGV, 7 do
+  for i = first, #ARGV, 9 do
     check_job(ARGV[i])
     check_queue(ARGV[i + 1])
     if ARGV[i + 5] ~= '' then check_key(ARGV[i + 1], ARGV[i + 5]) end
   end
-  for i = first, #ARGV, 7 do
+  for i = first, #ARGV, 9 do
     local id, q = ARGV[i], ARGV[i + 1]
     local k = jk(id)
     local st = redis.call('HMGET', k, 'state', 'keep_until')
@@ -237,8 +310,12 @@ local function enqueue_from(first, now)
       redis.call('HSET', k, 'id', id, 'queue', q, 'task', ARGV[i + 2], 'payload', ARGV[i + 3],
         'state', 'queued', 'priority', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now,
         'run_at', run_at, 'seq', seq)
-      if ARGV[i + 5] ~= '' then
-        redis.call('HSET', k, 'key', ARGV[i + 5])
+      if ARGV[i + 5] ~= '' then redis.call('HSET', k, 'key', ARGV[i + 5]) end
+      if ARGV[i + 8] ~= '' then redis.call('HSET', k, 'then', ARGV[i + 8]) end
+      if tonumber(ARGV[i + 7]) > 0 then
+        redis.call('HSET', k, 'state', 'waiting', 'waits_for', ARGV[i + 7])
+        redis.call('SADD', qk(q, 'waiting'), id)
+      elseif ARGV[i + 5] ~= '' then
         to_queue(id, now)
       else
         redis.call('ZADD', qk(q, 'runat'), run_at, id)
@@ -259,7 +336,8 @@ local function enqueue_from(first, now)
 end
 """
 
-# ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at.
+# ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at,
+# waits_for, then (JSON, '' for none).
 # Returns per job 0 (added) or the existing job's fields.
 ENQUEUE = r"""
 return enqueue_from(3, ARGV[2])
@@ -358,7 +436,10 @@ COMPLETE = r"""
 local now, replay = ARGV[2], ARGV[3]
 local out = {}
 local woken = {}
-for i = 4, #ARGV, 5 do check_job(ARGV[i]) end
+for i = 4, #ARGV, 5 do
+  check_job(ARGV[i])
+  check_follow(ARGV[i], false)
+end
 for i = 4, #ARGV, 5 do
   local id, token = ARGV[i], ARGV[i + 1]
   local f = end_lease(id, token, now)
@@ -373,6 +454,7 @@ for i = 4, #ARGV, 5 do
     end
     redis.call('SADD', qk(f[3], 'done'), id)
     redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
+    follow_done(id, ARGV[i + 2] == '1' and ARGV[i + 3], now)
     if f[4] then woken[f[3]] = true end
     out[#out + 1] = 1
   elseif replayed(id, token, replay) then
@@ -402,12 +484,14 @@ return 1
 FAIL = r"""
 local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 check_job(id)
+check_follow(id, true)
 local f = end_lease(id, token, now)
 if not f then return replayed(id, token, replay) and 1 or 0 end
 redis.call('HSET', jk(id), 'state', 'dead', 'error', ARGV[6], 'finished_at', now)
 remember(id, 'dead', now, ARGV[7])
 redis.call('SADD', qk(f[3], 'dead'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'dead')
+follow_dead(id, now)
 if f[4] then wake(f[3]) end
 return 1
 """
@@ -435,6 +519,7 @@ check_queue('')
 local k = jk(id)
 local f = redis.call('HMGET', k, 'state', 'queue', 'key')
 local state, q, key = f[1], f[2], f[3]
+check_follow(id, false)
 if not state then
   q = ''
   redis.call('HSET', k, 'id', id, 'queue', '', 'task', '', 'payload', '', 'priority', 0,
@@ -449,12 +534,15 @@ elseif state == 'running' then
   if key then wake(q) end
 elseif state == 'dead' then
   redis.call('SREM', qk(q, 'dead'), id)
+elseif state == 'waiting' then
+  redis.call('SREM', qk(q, 'waiting'), id)
 end
 redis.call('ZREM', P .. 'expiry', id)
 redis.call('HDEL', k, 'keep_until')
 redis.call('HSET', k, 'state', 'done', 'finished_at', now)
 redis.call('SADD', qk(q, 'done'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
+if state ~= 'done' then follow_done(id, false, now) end
 """
 
 # ARGV: P, id, token, fraction, note
@@ -472,13 +560,19 @@ local now, id, reason = ARGV[2], ARGV[3], ARGV[4]
 check_job(id)
 local k = jk(id)
 local f = redis.call('HMGET', k, 'state', 'queue', 'key')
-if f[1] ~= 'queued' then return 0 end
+if f[1] ~= 'queued' and f[1] ~= 'waiting' then return 0 end
+check_follow(id, true)
 local q, key = f[2], f[3]
-leave_queue(id, q, key)
-if key then settle_key(q, key, now) end
+if f[1] == 'queued' then
+  leave_queue(id, q, key)
+  if key then settle_key(q, key, now) end
+else
+  redis.call('SREM', qk(q, 'waiting'), id)
+end
 redis.call('HSET', k, 'state', 'dead', 'error', reason, 'finished_at', now)
 redis.call('SADD', qk(q, 'dead'), id)
 redis.call('PUBLISH', P .. 'ended:' .. id, 'dead')
+follow_dead(id, now)
 wake(q)
 return 1
 """
@@ -521,6 +615,7 @@ local parts = {
   redis.call('ZRANGE', qk(q, 'runat'), 0, -1),
   redis.call('SMEMBERS', qk(q, 'done')),
   redis.call('SMEMBERS', qk(q, 'dead')),
+  redis.call('SMEMBERS', qk(q, 'waiting')),
 }
 check_queue(q)
 for _, ids in ipairs(parts) do
@@ -562,6 +657,7 @@ return {
   redis.call('SCARD', qk(q, 'dead')),
   oldest,
   redis.call('ZRANGE', qk(q, 'leases'), 0, -1, 'WITHSCORES'),
+  redis.call('SCARD', qk(q, 'waiting')),
 }
 """
 
@@ -617,10 +713,11 @@ local at = {
   leases = redis.call('ZSCORE', qk(q, 'leases'), id) ~= false,
   done = redis.call('SISMEMBER', qk(q, 'done'), id) == 1,
   dead = redis.call('SISMEMBER', qk(q, 'dead'), id) == 1,
+  waiting = redis.call('SISMEMBER', qk(q, 'waiting'), id) == 1,
   line = key and redis.call('ZSCORE', qk(q, 'k:' .. key), id) ~= false or false,
 }
 local want = {runat = false, ready = false, delayed = false, leases = false, done = false,
-  dead = false, line = false}
+  dead = false, waiting = false, line = false}
 if state == 'queued' then
   want.runat = true
   if key then want.line = true end
@@ -640,6 +737,8 @@ elseif state == 'done' then
   want.done = true
 elseif state == 'dead' then
   want.dead = true
+elseif state == 'waiting' then
+  want.waiting = true
 else
   say('its state ' .. state .. ' is none of conveyor\'s')
   if repair then
@@ -650,7 +749,7 @@ else
   want.dead = true
 end
 local wrong = {}
-for _, part in ipairs({'runat', 'ready', 'delayed', 'leases', 'done', 'dead', 'line'}) do
+for _, part in ipairs({'runat', 'ready', 'delayed', 'leases', 'done', 'dead', 'waiting', 'line'}) do
   if at[part] ~= want[part] then
     wrong[#wrong + 1] = (want[part] and 'missing from ' or 'left in ') .. part
   end
@@ -663,12 +762,15 @@ for _, part in ipairs({'runat', 'delayed', 'leases'}) do redis.call('ZREM', qk(q
 redis.call('ZREM', qk(q, 'ready'), m)
 redis.call('SREM', qk(q, 'done'), id)
 redis.call('SREM', qk(q, 'dead'), id)
+redis.call('SREM', qk(q, 'waiting'), id)
 if key then
   redis.call('ZREM', qk(q, 'k:' .. key), id)
   if placed then redis.call('HDEL', qk(q, 'kplaced'), key) end
 end
 if state == 'queued' then
   to_queue(id, now)
+elseif state == 'waiting' then
+  redis.call('SADD', qk(q, 'waiting'), id)
 elseif state == 'running' then
   redis.call('ZADD', qk(q, 'leases'), f[7] or now, id)
 elseif state == 'done' then

@@ -18,6 +18,8 @@ file that is not a database, or is damaged, raises :class:`~conveyor.BackendErro
 
 from __future__ import annotations
 
+import base64
+import json
 import sqlite3
 import threading
 import time
@@ -35,6 +37,7 @@ from .base import (
     QUEUED,
     RUNNING,
     STATES,
+    WAITING,
     WORKER_KEPT_S,
     Backend,
     Job,
@@ -46,6 +49,7 @@ from .base import (
     check_listing,
     fresh_job,
     kept_error,
+    not_run_because,
     parse_history,
     replaceable,
 )
@@ -74,7 +78,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress_note TEXT,
     worker TEXT,
     started_at REAL,
-    history TEXT
+    history TEXT,
+    waits_for INTEGER NOT NULL DEFAULT 0,
+    then_jobs TEXT,
+    inputs TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
@@ -93,7 +100,7 @@ CREATE TABLE IF NOT EXISTS schedules (
 _COLUMNS = (
     "id, queue, task, payload, state, priority, key, attempts, enqueued_at, run_at, "
     "lease_until, token, result, error, finished_at, keep_until, lost, progress, progress_note, "
-    "worker, started_at, history"
+    "worker, started_at, history, waits_for, then_jobs, inputs"
 )
 
 
@@ -133,6 +140,9 @@ def _migrate(db: sqlite3.Connection) -> None:
         ("worker", "TEXT"),
         ("started_at", "REAL"),
         ("history", "TEXT"),
+        ("waits_for", "INTEGER NOT NULL DEFAULT 0"),
+        ("then_jobs", "TEXT"),
+        ("inputs", "TEXT"),
     ):
         if name in columns:
             continue
@@ -149,17 +159,85 @@ _NAMES = tuple(_COLUMNS.split(", "))
 def _job(row: Any) -> Job:
     fields = dict(zip(_NAMES, row, strict=True))
     fields["history"] = parse_history(fields["history"])
+    then = fields.pop("then_jobs")
+    fields["then"] = tuple((dep, place) for dep, place in json.loads(then)) if then else ()
+    inputs = fields["inputs"]
+    fields["inputs"] = _inputs(inputs) if inputs else ()
     return Job(**fields)
+
+
+def _inputs(text: str) -> tuple[tuple[int, bytes | None], ...]:
+    """The inputs column (JSON: place -> base64 of the result, or null) as ``Job.inputs``."""
+    return tuple(
+        (int(place), None if data is None else base64.b64decode(data))
+        for place, data in sorted(json.loads(text).items(), key=lambda kv: int(kv[0]))
+    )
 
 
 _INSERT = (
     "INSERT INTO jobs (id, queue, task, payload, state, priority, key, attempts, enqueued_at, "
-    "run_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?)"
+    "run_at, waits_for, then_jobs) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
 )
 
 
 def _row(new: NewJob, now: float) -> tuple[Any, ...]:
-    return (new.id, new.queue, new.task, new.payload, new.priority, new.key, now, new.run_at)
+    state = WAITING if new.waits_for > 0 else QUEUED
+    then = json.dumps([list(pair) for pair in new.then]) if new.then else None
+    return (
+        new.id,
+        new.queue,
+        new.task,
+        new.payload,
+        state,
+        new.priority,
+        new.key,
+        now,
+        new.run_at,
+        new.waits_for,
+        then,
+    )
+
+
+def _follow(db: sqlite3.Connection, job_id: str, now: float) -> None:
+    """``job_id`` is now done or dead: tell the jobs that wait for it (see the contract), in
+    the caller's transaction."""
+    row = db.execute(
+        "SELECT state, result, then_jobs, task, error FROM jobs WHERE id = ?", (job_id,)
+    ).fetchone()
+    if row is None or not row[2]:
+        return
+    state, result, then, task, error = row
+    if state == DONE:
+        data = None if result is None else base64.b64encode(result).decode()
+        for dep_id, place in json.loads(then):
+            found = db.execute(
+                "SELECT waits_for, inputs FROM jobs WHERE id = ? AND state = 'waiting'", (dep_id,)
+            ).fetchone()
+            if found is None:
+                continue
+            inputs = json.loads(found[1]) if found[1] else {}
+            inputs[str(place)] = data
+            left = found[0] - 1
+            db.execute(
+                "UPDATE jobs SET waits_for = ?, inputs = ?, state = ? WHERE id = ?",
+                (left, json.dumps(inputs), QUEUED if left <= 0 else WAITING, dep_id),
+            )
+        return
+    blocked = [(job_id, task, error, then)]
+    while blocked:
+        dead_id, dead_task, dead_error, dead_then = blocked.pop()
+        for dep_id, _ in json.loads(dead_then or "[]"):
+            found = db.execute(
+                "SELECT task, then_jobs FROM jobs WHERE id = ? AND state = 'waiting'", (dep_id,)
+            ).fetchone()
+            if found is None:
+                continue
+            why = not_run_because(dead_id, dead_task, dead_error)
+            db.execute(
+                "UPDATE jobs SET state = 'dead', error = ?, finished_at = ? WHERE id = ?",
+                (why, now, dep_id),
+            )
+            blocked.append((dep_id, found[0], why, found[1]))
 
 
 class SQLiteBackend(Backend):
@@ -406,12 +484,21 @@ class SQLiteBackend(Backend):
                 leases.append(Lease(job, token))
         return leases
 
-    def _held_updates(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[bool]:
+    def _held_updates(
+        self, sql: str, rows: Sequence[tuple[Any, ...]], follow_at: float | None = None
+    ) -> list[bool]:
         """Run ``sql`` (an UPDATE's SET part) for each row of values ending with ``(job_id,
-        token)``, in one transaction; each is applied only where the token holds the job."""
+        token)``, in one transaction; each is applied only where the token holds the job.
+        ``follow_at``: the change ends the job (done or dead); the jobs waiting for it hear
+        of it in the same transaction."""
         where = sql + " WHERE id = ? AND state = 'running' AND token = ?"
         with self._write() as db:
-            return [db.execute(where, row).rowcount == 1 for row in rows]
+            held = [db.execute(where, row).rowcount == 1 for row in rows]
+            if follow_at is not None:
+                for row, ok in zip(rows, held, strict=True):
+                    if ok:
+                        _follow(db, row[-2], follow_at)
+            return held
 
     def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
         return self.heartbeat_many([(job_id, token)], lease_s, now)[0]
@@ -439,6 +526,7 @@ class SQLiteBackend(Backend):
                 (result, now, None if keep_s is None else now + keep_s, job_id, token)
                 for job_id, token, result, keep_s in done
             ],
+            follow_at=now,
         )
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
@@ -453,6 +541,7 @@ class SQLiteBackend(Backend):
             "UPDATE jobs SET state = 'dead', token = NULL, lease_until = NULL, error = ?, "
             f"finished_at = ?, {_ended('dead', '?', '?')}",
             [(error, now, now, kept_error(error), job_id, token)],
+            follow_at=now,
         )[0]
 
     def release(self, job_id: str, token: str, now: float, run_at: float | None = None) -> bool:
@@ -468,11 +557,14 @@ class SQLiteBackend(Backend):
 
     def finish(self, job_id: str, now: float) -> None:
         with self._write() as db:
+            before = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             cur = db.execute(
                 "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, "
                 "finished_at = ?, keep_until = NULL WHERE id = ?",
                 (now, job_id),
             )
+            if before is not None and before[0] != DONE:
+                _follow(db, job_id, now)
             if cur.rowcount == 0:
                 db.execute(
                     "INSERT INTO jobs (id, queue, task, payload, state, priority, key, "
@@ -494,9 +586,11 @@ class SQLiteBackend(Backend):
         with self._write() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'dead', error = ?, finished_at = ? "
-                "WHERE id = ? AND state = 'queued'",
+                "WHERE id = ? AND state IN ('queued', 'waiting')",
                 (reason, now, job_id),
             )
+            if cur.rowcount == 1:
+                _follow(db, job_id, now)
             return cur.rowcount == 1
 
     def unfinish(self, job_id: str) -> bool:
@@ -605,6 +699,7 @@ class SQLiteBackend(Backend):
             dead=per_state.get(DEAD, 0),
             oldest_waiting_s=None if oldest is None else max(0.0, now - oldest),
             leases=leases,
+            waiting=per_state.get(WAITING, 0),
         )
 
     def next_run_at(self, queue: str) -> float | None:
