@@ -18,6 +18,7 @@ EXPECTED = {
     "ItemNotSendable",
     "ItemTimeout",
     "JobContext",
+    "JobAborted",
     "JobHandle",
     "JobNotFound",
     "ManualClock",

@@ -25,6 +25,7 @@ from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConveyorError as ConveyorError
 from ._errors import ItemNotSendable as ItemNotSendable
 from ._errors import ItemTimeout as ItemTimeout
+from ._errors import JobAborted as JobAborted
 from ._errors import JobNotFound as JobNotFound
 from ._errors import PipelineClosed as PipelineClosed
 from ._errors import PipelineError as PipelineError
@@ -70,6 +71,7 @@ __all__ = [
     "Failure",
     "ItemNotSendable",
     "ItemTimeout",
+    "JobAborted",
     "JobContext",
     "JobHandle",
     "JobNotFound",

@@ -70,6 +70,15 @@ class TaskFailed(TaskError):
         super().__init__(f"job {job_id!r} of task {task!r} failed: {lines[-1] if lines else '?'}")
 
 
+class JobAborted(TaskFailed):
+    """The job was aborted (``job.abort()``, ``conveyor abort``) before it ended: ``by`` is who
+    asked. A ``TaskFailed``, so code that handles failed jobs handles these too."""
+
+    def __init__(self, job_id: str, task: str, error: str) -> None:
+        super().__init__(job_id, task, error)
+        self.by = error.removeprefix("aborted by ")
+
+
 class JobNotFound(TaskError, LookupError):
     """No job has that id (or its result was kept for less time than asked)."""
 

@@ -181,6 +181,7 @@ def info(url: str, name: str) -> None:
         ("done (kept)", stats.done),
         ("dead", stats.dead),
         ("waiting (steps)", stats.waiting),
+        ("aborted", stats.aborted),
         (
             "oldest waiting",
             "-" if stats.oldest_waiting_s is None else f"{stats.oldest_waiting_s:.1f} s",
@@ -504,6 +505,36 @@ def dashboard(url: str, name: str, port: int, host: str, token: str | None) -> N
             pass
         finally:
             server.server_close()
+
+
+@main.command()
+@click.argument("url")
+@click.argument("job_ids", nargs=-1, required=True, metavar="ID...")
+@click.option("--by", help="Who asks, kept with the job (default: user@host).")
+def abort(url: str, job_ids: tuple[str, ...], by: str | None) -> None:
+    """Abort jobs: a queued one never runs; a running one is stopped by its worker within a
+    second or so and ends aborted. Exit status 1 if a job was already over or unknown.
+
+    \b
+    Example:
+        conveyor abort redis://localhost:6379/0 3f2a9c1e
+    """
+    missed = 0
+    with _queue_at(url, "default") as queue:
+        for job_id in job_ids:
+            try:
+                state = queue.abort(job_id, by=by)
+            except ConfigurationError as exc:
+                raise click.BadParameter(str(exc), param_hint="--by") from exc
+            if state == "aborted":
+                click.echo(f"{job_id}: aborted (it will not run)")
+            elif state == "requested":
+                click.echo(f"{job_id}: running; its worker is asked to stop it")
+            else:
+                missed += 1
+                click.echo(f"{job_id}: not aborted: it is {state}", err=True)
+    if missed:
+        sys.exit(1)
 
 
 @main.command()

@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, quote, urlencode
 
 from . import ConfigurationError, TaskQueue
 
-STATES = ("queued", "running", "done", "dead", "waiting")
+STATES = ("queued", "running", "done", "dead", "waiting", "aborted")
 _PAGE = 50
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -144,6 +144,7 @@ class Dashboard:
             "done": s.done,
             "dead": s.dead,
             "waiting": s.waiting,
+            "aborted": s.aborted,
             "oldest_waiting_s": s.oldest_waiting_s,
             "done_per_s": done_per_s,
             "dead_per_s": dead_per_s,
@@ -225,6 +226,7 @@ class Dashboard:
                 ("done", "done"),
                 ("dead", "dead"),
                 ("waiting", "waiting"),
+                ("aborted", "aborted"),
             )
         )
         oldest = q["oldest_waiting_s"]

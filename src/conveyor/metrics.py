@@ -31,6 +31,7 @@ _OUTCOME_COUNTER = {
     "retried": "retried",
     "dead": "dead",
     "postponed": "postponed",
+    "aborted": "aborted",
     "not kept": "not_kept",
 }
 
@@ -69,6 +70,9 @@ class Metrics:
             "conveyor_jobs_postponed",
             "Attempts handed back, uncounted, for a worker that knows the task",
         )
+        self.aborted = counter(
+            "conveyor_jobs_aborted", "Attempts stopped because an abort was asked"
+        )
         self.not_kept = counter(
             "conveyor_jobs_not_kept",
             "Attempts whose outcome was not kept (the lease was lost, or the storage failed)",
@@ -103,6 +107,7 @@ class Metrics:
                     "retried",
                     "dead",
                     "postponed",
+                    "aborted",
                     "not_kept",
                     "in_progress",
                     "duration",
@@ -211,6 +216,7 @@ class _Live:
                     ("done", counts.done),
                     ("dead", counts.dead),
                     ("waiting", counts.waiting),
+                    ("aborted", counts.aborted),
                 ):
                     depth.add_metric([queue.name, state], value)
                 if counts.oldest_waiting_s is not None:

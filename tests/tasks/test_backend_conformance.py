@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.tasks.backends import (
+    ABORTED,
     DEAD,
     DONE,
     HISTORY_ERROR_CHARS,
@@ -727,3 +728,54 @@ def test_a_waiting_job_with_a_key_keeps_its_place_in_the_key_line(backend: Backe
     assert claim_ids(backend, 4.0) == []  # k2 of the same key runs: k1 waits its turn
     finish_claimed(backend, "k2", None, 5.0)
     assert claim_ids(backend, 6.0) == ["k1"]
+
+
+# -- abort ----------------------------------------------------------------------------------
+
+
+def test_abort_ends_a_queued_job_at_once_and_marks_a_running_one(backend: Backend) -> None:
+    backend.enqueue([job("q1"), job("r1"), step("w", then=(("after", 0),)), step("after", 1)], 1.0)
+    [lease] = backend.claim(Q, "w", 30, 2.0, 1)
+    assert lease.job.id == "q1"
+    assert backend.abort("r1", "ops", 3.0) == ABORTED  # queued: never runs
+    stopped = backend.get("r1")
+    assert stopped is not None and stopped.state == ABORTED and stopped.abort_by == "ops"
+    assert stopped.error == "aborted by ops" and stopped.finished_at == 3.0
+    assert backend.abort("after", "ops", 3.0) == ABORTED  # waiting, too
+    assert backend.abort("q1", "ops", 3.0) == "requested"  # running: its worker stops it
+    assert backend.get("q1").state == RUNNING  # type: ignore[union-attr]
+    assert backend.abort_requests(["q1", "r1", "nope"]) == {"q1": "ops"}
+    assert backend.aborted("q1", lease.token, 4.0)
+    ended = backend.get("q1")
+    assert ended is not None and ended.state == ABORTED and ended.error == "aborted by ops"
+    assert [a.outcome for a in ended.runs()] == ["aborted"]
+    assert not backend.aborted("q1", lease.token, 4.0)  # the lease holds nothing now
+    assert backend.abort("q1", "ops", 5.0) == ABORTED  # already over: nothing changes
+    assert backend.abort("never", "ops", 5.0) == "unknown"
+    counts = backend.counts(Q, 5.0)
+    assert counts.aborted == 3 and counts.queued == 1  # w
+    assert {j.id for j in backend.jobs(Q, ABORTED)} == {"q1", "r1", "after"}
+    assert not backend.requeue("r1", 6.0)  # an abort is an end, not a failure
+    [(again, added)] = backend.enqueue([job("r1")], 6.0)
+    assert added and again.state == QUEUED  # its id is free again
+    assert backend.doctor(6.0) == []
+
+
+def test_an_aborted_job_takes_the_jobs_waiting_for_it_down(backend: Backend) -> None:
+    backend.enqueue([step("a", then=(("b", 0),)), step("b", 1)], 1.0)
+    [lease] = backend.claim(Q, "w", 30, 2.0, 1)
+    assert backend.abort("a", "ops", 3.0) == "requested"
+    assert backend.aborted("a", lease.token, 3.0)
+    b = backend.get("b")
+    assert b is not None and b.state == DEAD and "aborted by ops" in (b.error or "")
+
+
+def test_an_abort_asked_of_a_job_whose_worker_died_is_still_there_when_it_is_claimed_again(
+    backend: Backend,
+) -> None:
+    backend.enqueue([job("a")], 1.0)
+    backend.claim(Q, "w", 5, 2.0, 1)
+    assert backend.abort("a", "ops", 3.0) == "requested"
+    [again] = backend.claim(Q, "w2", 30, 10.0, 1)  # the first lease lapsed
+    assert again.job.abort_by == "ops"  # its new worker does not run it: it records it aborted
+    assert backend.aborted("a", again.token, 11.0)

@@ -95,6 +95,9 @@ def operations(b: Backend, tokens: dict[str, str]) -> list[tuple[str, Callable[[
         ("expire", lambda: b.expire(1000.0)),
         ("purge", lambda: b.purge(Q)),
         ("swap schedule", lambda: b.swap_schedule("s", None, SCHEDULE, [job("tick")], 4.0)),
+        ("abort queued", lambda: b.abort("next", "ops", 4.0)),
+        ("abort running", lambda: b.abort("run", "ops", 4.0)),
+        ("aborted", lambda: b.aborted("run", tokens["run"], 4.0)),
         (
             "swap schedule, keyed tick",
             lambda: b.swap_schedule("s", None, SCHEDULE, [job("tick2", key="user")], 4.0),

@@ -70,6 +70,14 @@ class WorkerPool(ABC):
     def abort(self) -> None:
         """The run is being torn down: stop whatever the buffers cannot reach."""
 
+    def cancel(self, ref: object, error: BaseException) -> bool:
+        """End now the unit whose ``ref`` is ``ref``, as its time limit would: its item fails
+        with ``error`` (the source decides, as for any failure) and its worker is given up on
+        and replaced. Needs ``spec.cancellable``. False if no worker is on that unit (not
+        started yet, or over), or this kind cannot end one (an ``async`` coroutine is
+        cancelled by the code that awaits it)."""
+        return False
+
     def pids(self) -> list[int]:
         """Process ids of the workers, for kinds whose workers are processes."""
         return []

@@ -78,6 +78,8 @@ class StepSpec:
     options: tuple[tuple[str, Any], ...] = ()
     #: True when some units carry their own time limit (the kinds then watch every item)
     timed_units: bool = False
+    #: True when a unit may be ended from outside while it runs (``WorkerPool.cancel``)
+    cancellable: bool = False
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)

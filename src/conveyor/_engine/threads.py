@@ -47,9 +47,12 @@ class ThreadPool(SlotPool):
     kind = "thread"
 
     def start(self) -> None:
-        self._timed = self.source.spec.timed
+        spec = self.source.spec
+        # a cancellable source runs as a timed one (each item says where it is, under the
+        # slot's lock), so that cancel() can give a thread up as the watchdog does
+        self._timed = spec.timed or spec.cancellable
         self._begin()
-        if self._timed:
+        if spec.timed:
             threading.Thread(
                 target=self._watch, name=f"{self.context.thread_name}:watchdog", daemon=True
             ).start()
@@ -250,6 +253,29 @@ class ThreadPool(SlotPool):
                 raise _Abandoned
             source.apply(item, res, out)
             return
+
+    def cancel(self, ref: object, error: BaseException) -> bool:
+        if not self._timed:
+            return False
+        with self._lock:
+            slots = list(self._slots)
+        for slot in slots:
+            resume = self._give_up(slot, ref, error)
+            if resume is not None:
+                self._replace(slot, resume)
+                return True
+        return False
+
+    def _give_up(self, slot: Slot, ref: object, error: BaseException) -> _Resume | None:
+        """Mark ``slot``'s thread abandoned if it is on the unit ``ref``, under its lock (as
+        the watchdog does): what its replacement picks up, or None if it is not on it."""
+        with slot.lock:
+            unit = slot.unit
+            if unit is None or slot.abandoned or unit.ref != ref:
+                return None
+            slot.abandoned = True
+            pos, mark, _ = slot.progress
+            return _Resume(unit, pos, error, list(slot.out[:mark]))
 
     # -- time limits ------------------------------------------------------------------------
     def _watch(self) -> None:

@@ -44,6 +44,33 @@ class Outcomes(Protocol):
     def pool_failed(self, kind: str, error: BaseException) -> None: ...
 
 
+class AbortSignal:
+    """How a running job hears that it was asked to stop (``JobContext.abort_requested``).
+
+    The worker sets it; an ``async def`` task is also cancelled where it awaits, a process
+    task's process is killed (a process never sees the flag: it travels there unset), and a
+    thread task, which cannot be interrupted, has ``abort_grace_s`` to return before its
+    thread is abandoned.
+    """
+
+    __slots__ = ("by", "event", "scope")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.by: str | None = None
+        #: the running coroutine's cancel scope (an ``asyncio.Timeout``), for async tasks
+        self.scope: Any = None
+
+    def request(self, by: str, loop_time: float | None = None) -> None:
+        self.by = by
+        self.event.set()
+        if self.scope is not None and loop_time is not None:
+            self.scope.reschedule(loop_time)  # the coroutine is cancelled where it awaits
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AbortSignal, ())
+
+
 @dataclass(frozen=True, slots=True)
 class JobContext:
     """The job a task's code runs for (:func:`conveyor.current_job`)."""
@@ -63,6 +90,13 @@ class JobContext:
     #: that the task's own spans are its children: an OpenTelemetry context in this process,
     #: its W3C headers for a process task
     trace: Any = field(default=None, repr=False)
+    abort: AbortSignal = field(default_factory=AbortSignal, repr=False, compare=False)
+
+    @property
+    def abort_requested(self) -> bool:
+        """Someone asked to abort this job (``job.abort()``): a long task should look now and
+        then and return early; the job ends ``aborted`` whatever it returns."""
+        return self.abort.event.is_set()
 
     def progress(self, fraction: float, note: str = "") -> bool:
         """Say how far the job is (0 to 1) and what it is doing: stored with the job, shown by
@@ -129,6 +163,12 @@ def _detach_trace(token: Any) -> None:
 
 
 async def _in_context(context: JobContext, awaitable: Any) -> Any:
+    async with asyncio.timeout(None) as scope:  # what an abort reschedules to now
+        context.abort.scope = scope
+        return await _in_context_of(context, awaitable)
+
+
+async def _in_context_of(context: JobContext, awaitable: Any) -> Any:
     token = _CURRENT.set(context)
     try:
         try:
@@ -209,6 +249,7 @@ class JobSource:
             workers=1,
             make_work=functools.partial(JobWork, functions),
             timed_units=timed,
+            cancellable=True,
             options=tuple(sorted((k, v) for k, v in options.items() if v is not None)),
         )
         self.stop = threading.Event()
@@ -246,6 +287,11 @@ class JobSource:
             self.pool.end_input()  # type: ignore[attr-defined]
         else:
             self._inbox.close()
+
+    def cancel(self, run_key: str, error: BaseException) -> bool:
+        """End the job ``run_key`` where it runs (its thread abandoned, its process killed):
+        it fails with ``error``. False if no worker is on it."""
+        return self.pool.cancel(run_key, error)
 
     def abort(self) -> None:
         """Stop now: threads are abandoned, processes killed, coroutines cancelled."""

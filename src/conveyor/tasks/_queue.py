@@ -35,12 +35,23 @@ from .._errors import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
+    JobAborted,
     JobNotFound,
     TaskFailed,
 )
 from ._schedules import advance, check_plan, next_tick
 from ._workflows import Flow, Signature, WorkflowHandle, compile_workflow
-from .backends import DEAD, DONE, Backend, Job, MemoryBackend, NewJob, QueueCounts, SQLiteBackend
+from .backends import (
+    ABORTED,
+    DEAD,
+    DONE,
+    Backend,
+    Job,
+    MemoryBackend,
+    NewJob,
+    QueueCounts,
+    SQLiteBackend,
+)
 from .backends.base import ScheduleInfo, WorkerInfo, redacted, replaceable
 
 if TYPE_CHECKING:
@@ -272,6 +283,18 @@ def _module_name(fn: Callable[..., Any]) -> str:
     if path:
         return os.path.splitext(os.path.basename(str(path)))[0]
     return "__main__"  # an interactive session
+
+
+def _who() -> str:
+    """Who is asking, for the record: ``user@host``."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no name for this uid (a container)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "someone"
+    return f"{user}@{socket.gethostname()}"
 
 
 def new_id() -> str:
@@ -537,10 +560,14 @@ class JobHandle(Generic[R]):
         return job
 
     def status(self) -> str:
-        """``queued``, ``running``, ``done``, ``dead``, or ``unknown`` (never enqueued, or its
-        result has expired)."""
+        """``queued``, ``running``, ``done``, ``dead``, ``aborted``, ``waiting`` (a step of a
+        workflow), or ``unknown`` (never enqueued, or its result has expired)."""
         job = self.queue.get(self.id)
         return "unknown" if job is None else job.state
+
+    def abort(self, by: str | None = None) -> str:
+        """Abort the job: see :meth:`TaskQueue.abort`."""
+        return self.queue.abort(self.id, by=by)
 
     def result(self, timeout_s: float | None = None) -> R:
         """Wait for the job to end and return its result; raise :class:`TaskFailed` if it is
@@ -557,6 +584,8 @@ class JobHandle(Generic[R]):
                 return cast(R, value)
             if job.state == DEAD:
                 raise TaskFailed(self.id, job.task, job.error or "")
+            if job.state == ABORTED:
+                raise JobAborted(self.id, job.task, job.error or "")
             left = 0.5 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"job {self.id!r} did not end within {timeout_s} s")
@@ -1146,6 +1175,17 @@ class TaskQueue:
             if job is not None:
                 call_hooks(self.hooks.dead, job, reason)
         return cancelled
+
+    def abort(self, job_id: str, *, by: str | None = None) -> str:
+        """Abort a job: queued (or waiting), it is ``aborted`` at once and never runs
+        (``"aborted"``); running, its worker stops it within a beat (a coroutine cancelled, a
+        process killed, a thread told through ``current_job().abort_requested`` and abandoned
+        after the worker's ``abort_grace_s``) and records it ``aborted`` (``"requested"``).
+        Otherwise nothing changes and its state is returned (``"unknown"`` for no such job).
+        ``by`` says who asked (default: this user at this host); it is kept in the error."""
+        _check_name("by", by)
+        who = by or _who()
+        return self.backend.abort(job_id, who, self.now())
 
     def requeue_dead(self) -> int:
         return self.backend.requeue_dead(self.name, self.now())

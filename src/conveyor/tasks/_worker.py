@@ -43,6 +43,7 @@ from .._errors import (
     ConfigurationError,
     ItemNotSendable,
     ItemTimeout,
+    JobAborted,
     WorkerCrashed,
 )
 from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
@@ -128,6 +129,12 @@ class _RaisedCancelled(Exception):
     cancelled."""
 
 
+def _seconds_at_least_0(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigurationError(f"{name} must be >= 0 seconds, not {value!r}")
+    return float(value)
+
+
 class Worker:
     """Runs the jobs of ``queues``.
 
@@ -138,7 +145,8 @@ class Worker:
     ``start_method`` (as for process stages: ``forkserver`` on Linux) and
     ``max_items_per_worker`` (replace a worker process after that many jobs);
     ``unknown_task_s`` (3600: how long a job of a task this worker does not know is handed
-    back for another worker before it is dead).
+    back for another worker before it is dead); ``abort_grace_s`` (5: how long a thread task
+    asked to abort has to return before its thread is abandoned).
     """
 
     def __init__(
@@ -157,6 +165,7 @@ class Worker:
         max_items_per_worker: int | None = None,
         metrics_port: int | None = None,
         unknown_task_s: float = 3600.0,
+        abort_grace_s: float = 5.0,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
@@ -164,13 +173,8 @@ class Worker:
             raise ConfigurationError("lease_s and poll_s must be positive, shutdown_grace_s >= 0")
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
-        if (
-            isinstance(unknown_task_s, bool)
-            or not isinstance(unknown_task_s, int | float)
-            or not unknown_task_s >= 0
-        ):
-            raise ConfigurationError(f"unknown_task_s must be >= 0 seconds, not {unknown_task_s!r}")
-        self.unknown_task_s = float(unknown_task_s)
+        self.unknown_task_s = _seconds_at_least_0("unknown_task_s", unknown_task_s)
+        self.abort_grace_s = _seconds_at_least_0("abort_grace_s", abort_grace_s)
         self.queues = queues
         #: the time leases, heartbeats and pauses follow: the first queue's clock
         self.clock = queues[0].clock
@@ -198,6 +202,11 @@ class Worker:
         self._sources: dict[str, JobSource] = {}
         #: jobs handed to a source, by run key, until the source reports their outcome
         self._outcomes: dict[str, asyncio.Future[tuple[bool, Any]]] = {}
+        #: the context and the kind of each run handed to a source (an abort reaches it)
+        self._contexts: dict[str, tuple[JobContext, JobSource]] = {}
+        #: runs asked to abort, by run key: who asked (their outcome is then "aborted")
+        self._aborting: dict[str, str] = {}
+        self._graces: set[asyncio.Future[None]] = set()  # thread runs given time to return
         # completions waiting to be written, per queue, with the futures their jobs await
         self._acks: dict[TaskQueue, list[_Ack]] = {}
         self._ack_wake: asyncio.Event | None = None
@@ -549,6 +558,10 @@ class Worker:
             await self._look_for_the_dead()
         except Exception as exc:  # looked for again at the next beat; the leases still hold
             log.warning("worker %s: could not look for workers that died (%s)", self.id, exc)
+        try:
+            await self._look_for_aborts()
+        except Exception as exc:  # looked for again at the next beat
+            log.warning("worker %s: could not look for jobs asked to abort (%s)", self.id, exc)
         await self._run_schedules()
 
     async def _run_schedules(self) -> None:
@@ -719,6 +732,8 @@ class Worker:
         """Run the job and write its outcome; returns it: succeeded, retried, dead, or
         not kept (its lease was lost)."""
         job = lease.job
+        if job.abort_by is not None:  # asked while an earlier attempt ran: not run again
+            return await self._end_aborted(queue, lease, job.abort_by)
         task = queue.tasks.get(job.task)
         if task is None:
             return await self._unknown(queue, lease)
@@ -743,20 +758,31 @@ class Worker:
         except Exception as exc:
             return await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
         try:
-            context = JobContext(
-                id=job.id,
-                queue=queue.name,
-                task=job.task,
-                attempt=job.attempts,
-                enqueued_at=job.enqueued_at,
-                lease_until=job.lease_until,
-                url=queue.url,
-                token=lease.token,
-                trace=None
-                if queue.tracing is None
-                else queue.tracing.context_of(job, portable=task.options.executor == "process"),
-            )
-            result = await self._call(task, lease.token, args, kwargs, context)
+            try:
+                context = JobContext(
+                    id=job.id,
+                    queue=queue.name,
+                    task=job.task,
+                    attempt=job.attempts,
+                    enqueued_at=job.enqueued_at,
+                    lease_until=job.lease_until,
+                    url=queue.url,
+                    token=lease.token,
+                    trace=None
+                    if queue.tracing is None
+                    else queue.tracing.context_of(job, portable=task.options.executor == "process"),
+                )
+                result = await self._call(task, lease.token, args, kwargs, context)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                # whatever a run asked to abort did at its end (raised, timed out, was
+                # killed), it ends aborted
+                if lease.token in self._aborting:
+                    return await self._end_aborted(queue, lease, self._aborting[lease.token])
+                raise
+            if lease.token in self._aborting:
+                return await self._end_aborted(queue, lease, self._aborting[lease.token])
         except RetryTask as signal_:
             return await self._retry_or_dead(queue, lease, task, "RetryTask", signal_.delay_s)
         except CancelTask as signal_:
@@ -809,11 +835,13 @@ class Worker:
         source = self._source_for(task)
         outcome: asyncio.Future[tuple[bool, Any]] = self._loop.create_future()
         self._outcomes[run_key] = outcome
+        self._contexts[run_key] = (context, source)
         try:
             source.feed(run_key, _task_key(task), args, kwargs, task.options.timeout_s, context)
             returned, value = await outcome
         finally:
             self._outcomes.pop(run_key, None)
+            self._contexts.pop(run_key, None)
         if returned:
             return value
         if isinstance(value, asyncio.CancelledError):
@@ -924,6 +952,59 @@ class Worker:
         )
         await self._io_call(queue.backend.release, job.id, lease.token, now, later)
         return "postponed"
+
+    async def _end_aborted(self, queue: TaskQueue, lease: Lease, by: str) -> str:
+        """Record the run's job aborted, as ``by`` asked."""
+        self._aborting.pop(lease.token, None)
+        self._settle(lease.token)
+        self._errors[lease.token] = f"aborted by {by}"
+        log.warning("job %s (%s) is aborted, as %s asked", lease.job.id, lease.job.task, by)
+        ok = await self._io_call(queue.backend.aborted, lease.job.id, lease.token, queue.now())
+        return "aborted" if ok else "not kept"
+
+    async def _look_for_aborts(self) -> None:
+        """Ask the storage which running jobs someone asked to abort, and stop them."""
+        per_queue: dict[TaskQueue, list[str]] = {}
+        for _, queue, lease in list(self._running.values()):
+            if lease.token not in self._aborting and lease.token not in self._settling:
+                per_queue.setdefault(queue, []).append(lease.job.id)
+        for queue, ids in per_queue.items():
+            asked = await self._io_call(queue.backend.abort_requests, ids)
+            for _, q, lease in list(self._running.values()):
+                by = asked.get(lease.job.id) if q is queue else None
+                if by is not None and lease.token not in self._aborting:
+                    self._stop_run(lease, by)
+
+    def _stop_run(self, lease: Lease, by: str) -> None:
+        """Stop a run asked to abort, as its kind allows: a coroutine is cancelled where it
+        awaits, a process killed; a thread is told (``abort_requested``) and, if it has not
+        returned within ``abort_grace_s``, abandoned. Its outcome is then ``aborted``."""
+        assert self._loop is not None
+        self._aborting[lease.token] = by
+        found = self._contexts.get(lease.token)
+        if found is None:  # not handed to its kind yet: it ends aborted as soon as it returns
+            return
+        context, source = found
+        context.abort.request(by, self._loop.time())
+        error = JobAborted(lease.job.id, lease.job.task, f"aborted by {by}")
+        if source.kind == "process":
+            source.cancel(lease.token, error)
+        elif source.kind == "thread":
+            later = asyncio.ensure_future(self._abandon_after_grace(lease.token, source, error))
+            self._graces.add(later)
+            later.add_done_callback(self._graces.discard)
+
+    async def _abandon_after_grace(
+        self, run_key: str, source: JobSource, error: BaseException
+    ) -> None:
+        await self._sleep(self.abort_grace_s)
+        still = run_key in self._contexts and run_key in self._aborting
+        if still and source.cancel(run_key, error):
+            log.warning(
+                "a thread task asked to abort did not return within abort_grace_s=%g: "
+                "its thread is abandoned (it runs on, unseen, until it returns)",
+                self.abort_grace_s,
+            )
 
     async def _dead(self, queue: TaskQueue, lease: Lease, error: str) -> str:
         self._errors[lease.token] = error

@@ -178,6 +178,8 @@ class _Child:
         #: whose answer comes next: the ids of the messages sent, in order (the child answers
         #: each Run and Explain once, in the order it got them)
         self.expect: deque[int] = deque()
+        #: why the parent killed it (ProcessPool.cancel): the error its item fails with
+        self.cancelled: BaseException | None = None
 
     def send(self, msg: Any) -> None:
         self.send_bytes(dumps(msg))
@@ -332,6 +334,21 @@ class ProcessPool(SlotPool):
             with contextlib.suppress(Exception):
                 child.proc.kill()
 
+    def cancel(self, ref: object, error: BaseException) -> bool:
+        # a cancellable source posts one unit at a time, so the child running a unit runs
+        # nothing else: killing it ends that unit alone
+        with self._children_lock:
+            children = list(self._children)
+        for child in children:
+            flight = child.flights.get(child.progress[child_side.UNIT])
+            unit = flight.unit if flight is not None else None
+            if unit is not None and unit.ref == ref and child.cancelled is None:
+                child.cancelled = error
+                with contextlib.suppress(Exception):
+                    child.proc.kill()
+                return True
+        return False
+
     def pids(self) -> list[int]:
         """The process ids of the current workers (for tests and tools)."""
         with self._children_lock:
@@ -392,7 +409,7 @@ class ProcessPool(SlotPool):
         source = self.source
         eof = False
         child: _Child | None = None
-        depth = 1 if source.spec.timed else 2
+        depth = 1 if source.spec.timed or source.spec.cancellable else 2
         pending: deque[_Flight] = deque()  # posted to the child, not yet completed
         later: deque[Unit] = deque()  # handed back by release(): same key, runs next
         held: _Flight | None = None  # too large to post while another flight runs
@@ -571,9 +588,11 @@ class ProcessPool(SlotPool):
         unit_id, index = child.progress[child_side.UNIT], child.progress[child_side.INDEX]
         flights = sorted(child.flights.values(), key=lambda f: f.id)
         blamed = child.flights.get(unit_id)
-        if lost.late:
+        if child.cancelled is not None:
+            error: BaseException = child.cancelled
+        elif lost.late:
             limit = (blamed.timeout_s if blamed is not None else None) or 0.0
-            error: BaseException = ItemTimeout(source.name, limit)
+            error = ItemTimeout(source.name, limit)
         else:
             error = WorkerCrashed(source.name, child.pid, child.proc.exitcode)
         child.flights.clear()

@@ -1,5 +1,6 @@
 """Task-queue backends: the contract and its implementations."""
 
+from .base import ABORTED as ABORTED
 from .base import DEAD as DEAD
 from .base import DONE as DONE
 from .base import HISTORY_ERROR_CHARS as HISTORY_ERROR_CHARS

@@ -20,6 +20,10 @@ makes it ``dead`` (``fail``, ``cancel``) makes every job waiting for it, and eve
 for those, ``dead`` too (``not_run_because``). So a crash between two steps can neither lose
 nor repeat the next one, and nothing waits for a job that will never be done.
 
+``abort(id)`` ends a queued (or waiting) job as ``aborted`` at once; a running one is marked
+(``abort_by``) for its worker, which stops it and records ``aborted`` (``aborted``). Aborted is
+an end, as dead is: never run again, the id free to enqueue afresh, not requeued.
+
 ``finish(id)`` puts a job in ``done`` from any state (or records a ``done`` id never seen);
 ``unfinish(id)`` forgets a ``done`` job so that its id can be enqueued again.
 
@@ -65,7 +69,8 @@ RUNNING = "running"
 DONE = "done"
 DEAD = "dead"
 WAITING = "waiting"
-STATES = (QUEUED, RUNNING, DONE, DEAD, WAITING)
+ABORTED = "aborted"
+STATES = (QUEUED, RUNNING, DONE, DEAD, WAITING, ABORTED)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ class Job:
     """the jobs that wait for this one, and the place of its result among their inputs"""
     inputs: tuple[tuple[int, bytes | None], ...] = ()
     """the results of the jobs it waited for, as each was done, in the order of their places"""
+    abort_by: str | None = None
+    """who asked to abort it while it ran (its worker stops it and records ``aborted``)"""
 
     def runs(self) -> list[Attempt]:
         """Every attempt kept: the history, then the last attempt when it is under way
@@ -244,6 +251,7 @@ class QueueCounts:
     """(job id, seconds left) of every running job, soonest to lapse first"""
     waiting: int = 0
     """jobs waiting for others to be done (steps of workflows)"""
+    aborted: int = 0
 
 
 #: how long a worker's record is kept after its last beat (a stopped or gone worker stays
@@ -399,8 +407,8 @@ def check_listing(state: str | None, limit: int, offset: int) -> None:
 
 
 def replaceable(job: Job, now: float) -> bool:
-    """Dead, or done with its result expired: the id may be enqueued afresh."""
-    return job.state == DEAD or (
+    """Dead, aborted, or done with its result expired: the id may be enqueued afresh."""
+    return job.state in (DEAD, ABORTED) or (
         job.state == DONE and job.keep_until is not None and job.keep_until <= now
     )
 
@@ -543,6 +551,25 @@ class Backend(ABC):
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
         """Queued (or waiting) → dead with ``reason`` as its error (it never runs; ``requeue``
         brings it back); False, and nothing changes, if the job is neither."""
+
+    @abstractmethod
+    def abort(self, job_id: str, by: str, now: float) -> str:
+        """Ask for the job to be aborted, on behalf of ``by``. Queued or waiting: it is
+        ``aborted`` at once (never run; the jobs waiting for it are dead, as for ``fail``),
+        returns ``"aborted"``. Running: ``abort_by`` is set, for its worker to stop it,
+        returns ``"requested"`` (a job claimed again with ``abort_by`` set is not run either:
+        its worker records it aborted). Otherwise nothing changes, and the job's state is
+        returned (``"unknown"`` for an id never seen)."""
+
+    @abstractmethod
+    def aborted(self, job_id: str, token: str, now: float) -> bool:
+        """Running → aborted, as its ``abort_by`` asked (the attempt is kept in the history
+        as ``aborted``; the jobs waiting for it are dead). False if ``token`` no longer holds
+        the job."""
+
+    @abstractmethod
+    def abort_requests(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """Of ``job_ids``, those running with an abort asked: id to who asked."""
 
     @abstractmethod
     def requeue_dead(self, queue: str, now: float) -> int:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from .base import (
+    ABORTED,
     DEAD,
     DONE,
     QUEUED,
@@ -407,6 +408,38 @@ class MemoryBackend(Backend):
             self._changed.notify_all()
             return True
 
+    def abort(self, job_id: str, by: str, now: float) -> str:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return "unknown"
+            if job.state == RUNNING:
+                self._jobs[job_id] = replace(job, abort_by=by)
+                return "requested"
+            if job.state not in (QUEUED, WAITING):
+                return job.state
+            if job.state == QUEUED:
+                self._unqueue_key(job, self._seq[job_id])
+            ended = self._set(
+                replace(job, state=ABORTED, abort_by=by, error=f"aborted by {by}", finished_at=now)
+            )
+            self._follow(ended, now)
+            return ABORTED
+
+    def aborted(self, job_id: str, token: str, now: float) -> bool:
+        with self._lock:
+            job = self._held(job_id, token)
+            by = job.abort_by if job is not None else None
+        error = f"aborted by {by}"
+        return self._end_lease(
+            job_id, token, state=ABORTED, error=error, finished_at=now, ended=("aborted", now)
+        )
+
+    def abort_requests(self, job_ids: Sequence[str]) -> dict[str, str]:
+        with self._lock:
+            found = [self._jobs.get(job_id) for job_id in job_ids]
+        return {j.id: j.abort_by for j in found if j and j.abort_by and j.state == RUNNING}
+
     def requeue(self, job_id: str, now: float) -> bool:
         with self._lock:
             job = self._jobs.get(job_id)
@@ -468,6 +501,7 @@ class MemoryBackend(Backend):
             oldest_waiting_s=None if oldest is None else max(0.0, now - oldest),
             leases=tuple((j.id, (j.lease_until or now) - now) for j in running),
             waiting=sum(1 for j in jobs if j.state == WAITING),
+            aborted=sum(1 for j in jobs if j.state == ABORTED),
         )
 
     def next_run_at(self, queue: str) -> float | None:

@@ -44,6 +44,7 @@ from redis.retry import Retry
 from ..._errors import BackendError, BackendUnavailable, ConfigurationError
 from . import redis_lua as lua
 from .base import (
+    ABORTED,
     DEAD,
     DONE,
     QUEUED,
@@ -116,6 +117,7 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
         worker=text(b"worker"),
         started_at=number(b"started_at"),
         history=parse_history(h.get(b"history")),
+        abort_by=text(b"abort_by"),
         waits_for=int(h.get(b"waits_for", 0)),
         then=tuple((dep, place) for dep, place in json.loads(h[b"then"])) if b"then" in h else (),
         inputs=tuple(
@@ -164,6 +166,7 @@ _QUEUE_PARTS = {
     "dead": "set",
     "krun": "set",
     "waiting": "set",
+    "aborted": "set",
     "kplaced": "hash",
 }
 
@@ -323,6 +326,8 @@ class RedisBackend(Backend):
             for name in (
                 "ENQUEUE",
                 "SWAP_SCHEDULE",
+                "ABORT",
+                "ABORTED",
                 "CLAIM",
                 "HEARTBEAT",
                 "COMPLETE",
@@ -509,6 +514,27 @@ class RedisBackend(Backend):
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
         return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error, kept_error(error)]))
 
+    def abort(self, job_id: str, by: str, now: float) -> str:
+        answer = self._script("ABORT", [_f(now), job_id, by])
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+    def aborted(self, job_id: str, token: str, now: float) -> bool:
+        return bool(self._tolerant("ABORTED", [_f(now)], [job_id, token]))
+
+    def abort_requests(self, job_ids: Sequence[str]) -> dict[str, str]:
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.hmget(self.prefix + "j:" + job_id, ["state", "abort_by"])
+            return list(pipe.execute())
+
+        found = self._call(read) if job_ids else []
+        return {
+            job_id: by.decode()
+            for job_id, (state, by) in zip(job_ids, found, strict=True)
+            if state == b"running" and by is not None
+        }
+
     def release(self, job_id: str, token: str, now: float, run_at: float | None = None) -> bool:
         at = now if run_at is None else run_at
         return bool(self._tolerant("RELEASE", [_f(now)], [job_id, token, _f(at)]))
@@ -576,6 +602,7 @@ class RedisBackend(Backend):
             DONE: lambda r: r.smembers(q + "done"),
             DEAD: lambda r: r.smembers(q + "dead"),
             WAITING: lambda r: r.smembers(q + "waiting"),
+            ABORTED: lambda r: r.smembers(q + "aborted"),
         }
         wanted = [state] if state is not None else list(reads)
 
@@ -643,7 +670,7 @@ class RedisBackend(Backend):
                 return total
 
     def counts(self, queue: str, now: float) -> QueueCounts:
-        queued, delayed, running, done, dead, oldest, flat, waiting = self._script(
+        queued, delayed, running, done, dead, oldest, flat, waiting, aborted = self._script(
             "COUNTS", [queue, _f(now)]
         )
         leases = tuple((flat[i].decode(), float(flat[i + 1]) - now) for i in range(0, len(flat), 2))
@@ -656,6 +683,7 @@ class RedisBackend(Backend):
             oldest_waiting_s=None if oldest == b"" else max(0.0, now - float(oldest)),
             leases=leases,
             waiting=int(waiting),
+            aborted=int(aborted),
         )
 
     def next_run_at(self, queue: str) -> float | None:

@@ -11,7 +11,7 @@ Layout under the prefix ``P`` (``conveyor:`` by default)::
                           so the first member is the next claim
     P q:<q>:delayed       zset: placed jobs waiting for run_at
     P q:<q>:leases        zset: running jobs by lease_until
-    P q:<q>:done, :dead   sets
+    P q:<q>:done, :dead, :aborted   sets
     P q:<q>:waiting       set: jobs waiting for others to be done (their hash: waits_for, then
                           as JSON [[id, place], ...], and each input's result as in:<place>)
     P q:<q>:k:<key>       zset: the key's queued jobs, by seq
@@ -66,7 +66,9 @@ local function check_queue(q)
   expect(P .. 'seq', 'string')
   expect(P .. 'expiry', 'zset')
   for _, part in ipairs({'runat', 'ready', 'delayed', 'leases'}) do expect(qk(q, part), 'zset') end
-  for _, part in ipairs({'done', 'dead', 'krun', 'waiting'}) do expect(qk(q, part), 'set') end
+  for _, part in ipairs({'done', 'dead', 'krun', 'waiting', 'aborted'}) do
+    expect(qk(q, part), 'set')
+  end
   expect(qk(q, 'kplaced'), 'hash')
 end
 
@@ -175,6 +177,8 @@ local function forget(id)
     redis.call('SREM', qk(q, 'dead'), id)
   elseif state == 'waiting' then
     redis.call('SREM', qk(q, 'waiting'), id)
+  elseif state == 'aborted' then
+    redis.call('SREM', qk(q, 'aborted'), id)
   end
   redis.call('DEL', jk(id))
   return q, key, state
@@ -299,7 +303,8 @@ local function enqueue_from(first, now)
     local k = jk(id)
     local st = redis.call('HMGET', k, 'state', 'keep_until')
     local keep = true
-    if st[1] == 'dead' or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(now)) then
+    if st[1] == 'dead' or st[1] == 'aborted'
+      or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(now)) then
       forget(id)
     elseif st[1] then
       keep = false
@@ -577,6 +582,52 @@ wake(q)
 return 1
 """
 
+# ARGV: P, now, id, by. Returns 'aborted', 'requested', or the state it had ('unknown').
+ABORT = r"""
+local now, id, by = ARGV[2], ARGV[3], ARGV[4]
+check_job(id)
+local k = jk(id)
+local f = redis.call('HMGET', k, 'state', 'queue', 'key')
+local state, q, key = f[1], f[2], f[3]
+if not state then return 'unknown' end
+if state == 'running' then
+  redis.call('HSET', k, 'abort_by', by)
+  return 'requested'
+end
+if state ~= 'queued' and state ~= 'waiting' then return state end
+check_follow(id, true)
+if state == 'queued' then
+  leave_queue(id, q, key)
+  if key then settle_key(q, key, now) end
+else
+  redis.call('SREM', qk(q, 'waiting'), id)
+end
+redis.call('HSET', k, 'state', 'aborted', 'abort_by', by, 'error', 'aborted by ' .. by,
+  'finished_at', now)
+redis.call('SADD', qk(q, 'aborted'), id)
+redis.call('PUBLISH', P .. 'ended:' .. id, 'aborted')
+follow_dead(id, now)
+wake(q)
+return 'aborted'
+"""
+
+# ARGV: P, now, replay, id, token
+ABORTED = r"""
+local now, replay, id, token = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+check_job(id)
+check_follow(id, true)
+local f = end_lease(id, token, now)
+if not f then return replayed(id, token, replay) and 1 or 0 end
+local err = 'aborted by ' .. (redis.call('HGET', jk(id), 'abort_by') or '?')
+redis.call('HSET', jk(id), 'state', 'aborted', 'error', err, 'finished_at', now)
+remember(id, 'aborted', now, err)
+redis.call('SADD', qk(f[3], 'aborted'), id)
+redis.call('PUBLISH', P .. 'ended:' .. id, 'aborted')
+follow_dead(id, now)
+if f[4] then wake(f[3]) end
+return 1
+"""
+
 # ARGV: P, id
 UNFINISH = r"""
 check_job(ARGV[2])
@@ -616,6 +667,7 @@ local parts = {
   redis.call('SMEMBERS', qk(q, 'done')),
   redis.call('SMEMBERS', qk(q, 'dead')),
   redis.call('SMEMBERS', qk(q, 'waiting')),
+  redis.call('SMEMBERS', qk(q, 'aborted')),
 }
 check_queue(q)
 for _, ids in ipairs(parts) do
@@ -658,6 +710,7 @@ return {
   oldest,
   redis.call('ZRANGE', qk(q, 'leases'), 0, -1, 'WITHSCORES'),
   redis.call('SCARD', qk(q, 'waiting')),
+  redis.call('SCARD', qk(q, 'aborted')),
 }
 """
 
@@ -714,10 +767,11 @@ local at = {
   done = redis.call('SISMEMBER', qk(q, 'done'), id) == 1,
   dead = redis.call('SISMEMBER', qk(q, 'dead'), id) == 1,
   waiting = redis.call('SISMEMBER', qk(q, 'waiting'), id) == 1,
+  aborted = redis.call('SISMEMBER', qk(q, 'aborted'), id) == 1,
   line = key and redis.call('ZSCORE', qk(q, 'k:' .. key), id) ~= false or false,
 }
 local want = {runat = false, ready = false, delayed = false, leases = false, done = false,
-  dead = false, waiting = false, line = false}
+  dead = false, waiting = false, aborted = false, line = false}
 if state == 'queued' then
   want.runat = true
   if key then want.line = true end
@@ -739,6 +793,8 @@ elseif state == 'dead' then
   want.dead = true
 elseif state == 'waiting' then
   want.waiting = true
+elseif state == 'aborted' then
+  want.aborted = true
 else
   say('its state ' .. state .. ' is none of conveyor\'s')
   if repair then
@@ -749,7 +805,8 @@ else
   want.dead = true
 end
 local wrong = {}
-for _, part in ipairs({'runat', 'ready', 'delayed', 'leases', 'done', 'dead', 'waiting', 'line'}) do
+local parts = {'runat', 'ready', 'delayed', 'leases', 'done', 'dead', 'waiting', 'aborted', 'line'}
+for _, part in ipairs(parts) do
   if at[part] ~= want[part] then
     wrong[#wrong + 1] = (want[part] and 'missing from ' or 'left in ') .. part
   end
@@ -763,6 +820,7 @@ redis.call('ZREM', qk(q, 'ready'), m)
 redis.call('SREM', qk(q, 'done'), id)
 redis.call('SREM', qk(q, 'dead'), id)
 redis.call('SREM', qk(q, 'waiting'), id)
+redis.call('SREM', qk(q, 'aborted'), id)
 if key then
   redis.call('ZREM', qk(q, 'k:' .. key), id)
   if placed then redis.call('HDEL', qk(q, 'kplaced'), key) end
@@ -771,6 +829,8 @@ if state == 'queued' then
   to_queue(id, now)
 elseif state == 'waiting' then
   redis.call('SADD', qk(q, 'waiting'), id)
+elseif state == 'aborted' then
+  redis.call('SADD', qk(q, 'aborted'), id)
 elseif state == 'running' then
   redis.call('ZADD', qk(q, 'leases'), f[7] or now, id)
 elseif state == 'done' then
@@ -818,6 +878,8 @@ sweep('delayed', 'zset', false)
 sweep('leases', 'zset', false)
 sweep('done', 'set', false)
 sweep('dead', 'set', false)
+sweep('waiting', 'set', false)
+sweep('aborted', 'set', false)
 -- keys marked running: each needs a running job of that key
 local running = {}
 for _, id in ipairs(redis.call('ZRANGE', qk(q, 'leases'), 0, -1)) do

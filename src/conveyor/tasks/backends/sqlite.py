@@ -32,6 +32,7 @@ from typing import Any
 
 from ..._errors import BackendError, BackendUnavailable, ClosedResourceError, ConfigurationError
 from .base import (
+    ABORTED,
     DEAD,
     DONE,
     QUEUED,
@@ -81,7 +82,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     history TEXT,
     waits_for INTEGER NOT NULL DEFAULT 0,
     then_jobs TEXT,
-    inputs TEXT
+    inputs TEXT,
+    abort_by TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (queue, state, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (queue, key, state, seq) WHERE key IS NOT NULL;
@@ -100,8 +102,12 @@ CREATE TABLE IF NOT EXISTS schedules (
 _COLUMNS = (
     "id, queue, task, payload, state, priority, key, attempts, enqueued_at, run_at, "
     "lease_until, token, result, error, finished_at, keep_until, lost, progress, progress_note, "
-    "worker, started_at, history, waits_for, then_jobs, inputs"
+    "worker, started_at, history, waits_for, then_jobs, inputs, abort_by"
 )
+
+
+#: the error of an aborted job, in SQL
+_ABORTED_BY = "'aborted by ' || coalesce(abort_by, '?')"
 
 
 def _ended(outcome: str, at: str, error: str) -> str:
@@ -143,6 +149,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         ("waits_for", "INTEGER NOT NULL DEFAULT 0"),
         ("then_jobs", "TEXT"),
         ("inputs", "TEXT"),
+        ("abort_by", "TEXT"),
     ):
         if name in columns:
             continue
@@ -593,6 +600,48 @@ class SQLiteBackend(Backend):
                 _follow(db, job_id, now)
             return cur.rowcount == 1
 
+    def abort(self, job_id: str, by: str, now: float) -> str:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return "unknown"
+            (state,) = row
+            if state == RUNNING:
+                db.execute("UPDATE jobs SET abort_by = ? WHERE id = ?", (by, job_id))
+                return "requested"
+            if state not in (QUEUED, WAITING):
+                return str(state)
+            db.execute(
+                "UPDATE jobs SET state = 'aborted', abort_by = ?, error = ?, finished_at = ? "
+                "WHERE id = ?",
+                (by, f"aborted by {by}", now, job_id),
+            )
+            _follow(db, job_id, now)
+            return ABORTED
+
+    def aborted(self, job_id: str, token: str, now: float) -> bool:
+        return self._held_updates(
+            "UPDATE jobs SET state = 'aborted', token = NULL, lease_until = NULL, "
+            f"error = {_ABORTED_BY}, finished_at = ?, {_ended('aborted', '?', _ABORTED_BY)}",
+            [(now, now, job_id, token)],
+            follow_at=now,
+        )[0]
+
+    def abort_requests(self, job_ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        with self._db() as db:
+            for start in range(0, len(job_ids), 500):
+                chunk = list(job_ids[start : start + 500])
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    db.execute(
+                        f"SELECT id, abort_by FROM jobs WHERE id IN ({marks}) "
+                        "AND state = 'running' AND abort_by IS NOT NULL",
+                        chunk,
+                    ).fetchall()
+                )
+        return found
+
     def unfinish(self, job_id: str) -> bool:
         with self._write() as db:
             cur = db.execute("DELETE FROM jobs WHERE id = ? AND state = 'done'", (job_id,))
@@ -700,6 +749,7 @@ class SQLiteBackend(Backend):
             oldest_waiting_s=None if oldest is None else max(0.0, now - oldest),
             leases=leases,
             waiting=per_state.get(WAITING, 0),
+            aborted=per_state.get(ABORTED, 0),
         )
 
     def next_run_at(self, queue: str) -> float | None:
