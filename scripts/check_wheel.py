@@ -25,6 +25,8 @@ PUBLISHED_EXTRAS = {
     "metrics": "prometheus_client",
     "otel": "opentelemetry.trace",
     "top": "rich",
+    "msgpack": "msgpack",
+    "cron": "cronsim",
 }
 
 
