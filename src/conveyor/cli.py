@@ -84,6 +84,19 @@ def main() -> None:
 )
 @click.option("--poll-s", default=1.0, show_default=True, hidden=True)
 @click.option(
+    "--unknown-task-s",
+    default=3600.0,
+    show_default=True,
+    help="How long a job of a task this worker does not know is handed back for a worker "
+    "that knows it before it is dead (rolling deploys).",
+)
+@click.option(
+    "--abort-grace-s",
+    default=5.0,
+    show_default=True,
+    help="How long a thread task asked to abort has to return before its thread is abandoned.",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics (conveyor[metrics]).",
@@ -96,6 +109,8 @@ def worker(
     lease_s: float,
     shutdown_grace_s: float,
     poll_s: float,
+    unknown_task_s: float,
+    abort_grace_s: float,
     metrics_port: int | None,
     verbose: bool,
 ) -> None:
@@ -121,6 +136,8 @@ def worker(
             lease_s=lease_s,
             shutdown_grace_s=shutdown_grace_s,
             poll_s=poll_s,
+            unknown_task_s=unknown_task_s,
+            abort_grace_s=abort_grace_s,
             metrics_port=metrics_port,
         )
     except ConfigurationError as exc:

@@ -63,6 +63,14 @@ def test_worker_target_errors_are_clear() -> None:
     assert out.exit_code == 2 and "has no 'nope'" in out.output
 
 
+def test_worker_options_are_checked_before_it_starts() -> None:
+    runner = CliRunner()
+    target = "tests.tasks.app:queue"
+    for option in ("--unknown-task-s", "--abort-grace-s"):
+        out = runner.invoke(main, ["worker", target, option, "-1"])
+        assert out.exit_code == 1 and option.strip("-").replace("-", "_") in out.output
+
+
 def test_commands_that_look_never_create_storage(tmp_path: Path) -> None:
     runner = CliRunner()
     missing = tmp_path / "no" / "such" / "dir" / "typo.db"
