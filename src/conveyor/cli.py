@@ -408,13 +408,15 @@ def schedules(url: str, as_json: bool, remove: str | None) -> None:
             found = [s for s in queue.schedules(all_queues=True) if s.name == remove]
             if not found:
                 raise click.ClickException(f"no schedule named {remove!r}")
-            with _queue_at(url, found[0].queue) as owner:
+            with _queue_at(url, found[0].queue or "default") as owner:
                 owner.unschedule(remove)
             click.echo(f"removed schedule {remove!r}")
             return
         rows = []
         for info in queue.schedules(all_queues=True):
             try:
+                if info.problem is not None:
+                    raise ValueError(info.problem)
                 upcoming = queue.next_tick(info)
             except Exception as exc:  # a plan this installation cannot read (no cronsim, say)
                 upcoming, why = None, str(exc)
@@ -423,8 +425,11 @@ def schedules(url: str, as_json: bool, remove: str | None) -> None:
             rows.append((info, upcoming, why))
     if as_json:
         for info, upcoming, why in rows:
-            record = json.loads(info.to_json())
-            del record["payload"]
+            if info.problem is not None:
+                record = {"name": info.name, "stored": info.stored}
+            else:
+                record = json.loads(info.to_json())
+            record.pop("payload", None)
             record.update(next_tick=_when(upcoming), last_tick=_when(info.last_tick))
             if why:
                 record["problem"] = why
@@ -436,12 +441,19 @@ def schedules(url: str, as_json: bool, remove: str | None) -> None:
     width = max(4, *(len(info.name) for info, _, _ in rows))
     click.echo(f"{'NAME':<{width}}  {'QUEUE':<10}  {'WHEN':<22}  {'NEXT':<24}  LAST JOB")
     for info, upcoming, why in rows:
-        plan = f"every {info.every_s:g} s" if info.every_s is not None else f"{info.cron} {info.tz}"
-        shown = why[:24] if why else (_when(upcoming) or "-")
+        if info.problem is not None:
+            plan = "(cannot be read)"
+        elif info.every_s is not None:
+            plan = f"every {info.every_s:g} s"
+        else:
+            plan = f"{info.cron} {info.tz}"
+        shown = "(does not run)" if why else (_when(upcoming) or "-")
         click.echo(
             f"{info.name:<{width}}  {info.queue[:10]:<10}  {plan[:22]:<22}  {shown:<24}  "
             f"{info.last_job or '-'}"
         )
+        if why:
+            click.echo(f"{'':<{width}}  why: {why}")
 
 
 @main.command()

@@ -8,6 +8,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -115,6 +116,38 @@ def test_missed_ticks_follow_catch_up(
     ids = q.run_schedules()
     assert [round((q.job(i).info().run_at - first) / MINUTE) for i in ids] == expected
     assert q.run_schedules() == []
+
+
+@pytest.mark.parametrize("policy", ["last", "none"])
+def test_after_days_without_a_worker_one_beat_makes_the_schedule_current(
+    clocked: tuple[TaskQueue, ManualClock], policy: str
+) -> None:
+    """Two days of a tick a second missed: ``last`` runs the latest once, ``none`` runs only
+    what is under a minute late, and both are current at the first pass, not 172 passes
+    (of a thousand ticks) later."""
+    q, clock = clocked
+    q.schedule("often", None, "t", every_s=1, catch_up=policy)
+    clock.advance(2 * 86400 + 0.5)
+    ids = q.run_schedules(lookahead_s=2)
+    runs = [q.job(i).info().run_at for i in ids]
+    now = q.now()
+    if policy == "last":
+        assert runs == [float(int(now)), float(int(now)) + 1, float(int(now)) + 2]
+    else:
+        assert len(runs) == 62 and min(runs) >= now - 60 and max(runs) <= now + 2
+    [info] = q.schedules()
+    assert info.through == max(runs)
+    clock.advance(1)
+    assert len(q.run_schedules(lookahead_s=2)) == 1  # current: one new tick a second
+
+
+def test_catch_up_all_works_off_a_long_gap_a_thousand_ticks_a_pass(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    q.schedule("often", None, "t", every_s=1, catch_up="all")
+    clock.advance(2500.5)
+    assert [len(q.run_schedules()) for _ in range(4)] == [1000, 1000, 500, 0]
 
 
 def test_catch_up_none_skips_every_tick_that_is_over_a_minute_late(
@@ -265,3 +298,54 @@ def test_conveyor_schedules_lists_and_removes(tmp_path: Path) -> None:
     assert out.exit_code == 0 and "removed" in out.output
     out = runner.invoke(main, ["schedules", url, "--remove", "often"])
     assert out.exit_code != 0 and "no schedule named 'often'" in out.output
+
+
+def corrupt(q: TaskQueue, name: str, text: str) -> None:
+    """Write ``text`` as the stored record of schedule ``name``, behind conveyor's back."""
+    backend: Any = q.backend
+    if hasattr(backend, "client"):  # Redis
+        backend.client.hset(backend.prefix + "schedules", name, text)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(backend.path) as db:
+            db.execute("INSERT OR REPLACE INTO schedules VALUES (?, ?)", (name, text))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"name": "aaa", "queue": "default", "task": "t", "payload": "e30=", "every_s": "1"}',
+        '{"name": "aaa", "queue": "default", "task": "t", "payload": "e30=", "every_s": 1,'
+        ' "through": null}',
+        '{"name": "aaa", "queue": "default", "task": "t", "payload": "e30=", "cron": "61 * * * *"}',
+        '{"name": "aaa", "queue": "default", "task": "t", "payload": "e30=", "cron": 5}',
+    ],
+)
+def test_a_record_that_cannot_be_read_or_run_stops_no_other_schedule_and_can_be_removed(
+    backend: str, text: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    clock = ManualClock(START)
+    url = queue_url(backend, request, tmp_path)
+    with TaskQueue(url, clock=clock) as q:
+        q.schedule("zzz", None, "t", every_s=1)
+        corrupt(q, "aaa", text)
+        clock.advance(1)
+        assert len(q.run_schedules()) == 1  # zzz ticks; aaa is skipped, said once
+        names = {s.name: s for s in q.schedules(all_queues=True)}
+        assert set(names) == {"aaa", "zzz"}
+        out = CliRunner().invoke(main, ["schedules", url])
+        assert out.exit_code == 0 and "aaa" in out.output and "zzz" in out.output
+        if names["aaa"].problem is not None:
+            assert "cannot be read" in out.output
+        assert q.unschedule("aaa")
+        assert [s.name for s in q.schedules()] == ["zzz"]
+        corrupt(q, "aaa", text)
+        q.schedule("aaa", None, "t", every_s=5)  # a broken record is replaced whole
+        [fixed] = [s for s in q.schedules() if s.name == "aaa"]
+        assert fixed.problem is None and fixed.every_s == 5
+        corrupt(q, "bbb", text)
+        out = CliRunner().invoke(main, ["schedules", url, "--remove", "bbb"])
+        assert out.exit_code == 0, out.output

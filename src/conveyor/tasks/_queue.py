@@ -658,6 +658,7 @@ class TaskQueue:
         self.hooks = Hooks()
         #: the schedules of ``@q.periodic``, by name, written by each worker as it starts
         self._periodic: dict[str, ScheduleInfo] = {}
+        self._schedule_problems: set[tuple[str, str]] = set()
         if self.tracing is not None:
             self.tracing.watch(self)
         self._follows = bool(getattr(self.clock, "follows_storage", False))
@@ -848,8 +849,9 @@ class TaskQueue:
         return self._put_schedule(info)
 
     def unschedule(self, name: str) -> bool:
-        """Remove the schedule ``name``; False if there was none. A tick already enqueued (a
-        beat ahead of its time) still runs: cancel it by its id if need be."""
+        """Remove the schedule ``name`` (of any queue, or one whose record cannot be read);
+        False if there was none. A tick already enqueued (a beat ahead of its time) still
+        runs: cancel it by its id if need be."""
         for _ in range(_SWAP_TRIES):
             current = self._stored_schedule(name)
             if current is None:
@@ -884,16 +886,23 @@ class TaskQueue:
         ids: list[str] = []
         for info in self.schedules():
             try:
-                added = advance(self, info, now, lookahead_s)
-            except ConfigurationError as exc:  # written by a release that knows more
-                log.error("schedule %s cannot run here: %s", info.name, exc)
-                continue
-            ids += added
-            if added and self.hooks.enqueued:
-                for job_id in added:
-                    job = self.backend.get(job_id)
-                    if job is not None:
-                        call_hooks(self.hooks.enqueued, job)
+                if info.problem is not None:
+                    raise ConfigurationError(info.problem)
+                ids += advance(self, info, now, lookahead_s)
+            except BackendError:
+                raise  # the storage failed: the whole pass is tried again at the next beat
+            except Exception as exc:
+                # one schedule that cannot run here (written by hand, or by a release that
+                # knows more) stops no other; said once per queue object and reason
+                said = (info.name, str(exc))
+                if said not in self._schedule_problems:
+                    self._schedule_problems.add(said)
+                    log.error(
+                        "schedule %s cannot run here and is skipped: %s (see conveyor "
+                        "schedules; replace it with q.schedule or remove it)",
+                        info.name,
+                        exc,
+                    )
         return ids
 
     def _schedule_info(
@@ -935,16 +944,23 @@ class TaskQueue:
     def _put_schedule(self, info: ScheduleInfo) -> ScheduleInfo:
         for _ in range(_SWAP_TRIES):
             current = self._stored_schedule(info.name)
+            if current is not None and current.problem is not None:
+                # a record that cannot be read is replaced whole
+                fresh = replace(info, through=self.now(), stored=None)
+                if self.backend.swap_schedule(info.name, current, fresh):
+                    return self._stored_schedule(info.name) or info
+                continue
             if current is not None and current.queue != self.name:
                 raise ConfigurationError(
                     f"schedule {info.name!r} belongs to queue {current.queue!r}; schedule names "
                     "are shared by the queues of one storage"
                 )
             if current is None:
-                new = replace(info, through=self.now())  # ticks from now on
+                new = replace(info, through=self.now(), stored=None)  # ticks from now on
             else:
                 new = replace(
                     info,
+                    stored=None,
                     through=current.through,
                     last_tick=current.last_tick,
                     last_job=current.last_job,
@@ -958,7 +974,9 @@ class TaskQueue:
     # -- hooks -------------------------------------------------------------------------------
     def on_enqueue(self, hook: Callable[[Job], object]) -> Callable[[Job], object]:
         """Call ``hook(job)`` for each job an enqueue adds (not for an id already there),
-        after it is stored, on the thread that enqueued. Usable as a decorator."""
+        after it is stored, on the thread that enqueued. Usable as a decorator. The jobs of
+        schedule ticks are enqueued by workers, beside their beats, and not told here: a
+        slow hook there would hold up the beat that keeps the worker alive to the others."""
         self.hooks.enqueued.append(hook)
         return hook
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigurationError
@@ -121,26 +121,51 @@ def tick_id(name: str, tick: float) -> str:
     return f"{name}@{when.isoformat(timespec=spec).replace('+00:00', 'Z')}"
 
 
-def chosen(info: ScheduleInfo, ticks: list[float], now: float) -> list[float]:
-    """Of the ticks a pass moves past, those that get a job, by the catch-up policy: ticks
-    still to come (within the lookahead) always do; of those already past, all (``all``),
-    the latest (``last``), or those at most ``SCHEDULE_LATE_S`` late (``none``)."""
-    past = [t for t in ticks if t <= now]
-    coming = [t for t in ticks if t > now]
+def last_tick_until(info: ScheduleInfo, t: float) -> float | None:
+    """The schedule's latest tick at or before ``t`` (None if there is none)."""
+    if info.every_s is not None:
+        return math.floor(t / info.every_s) * info.every_s
+    assert info.cron is not None
+    found = _cronsim().CronSim(
+        info.cron, datetime.fromtimestamp(t, _zone(info.tz)) + timedelta(microseconds=1), True
+    )
+    try:
+        return float(next(found).timestamp())
+    except StopIteration:
+        return None
+
+
+def due(info: ScheduleInfo, now: float, lookahead_s: float) -> tuple[list[float], float, bool]:
+    """The ticks a pass at ``now`` enqueues, by the catch-up policy, with how far the record
+    moves (``through``) and whether missed ticks were skipped on the way. Ticks still to come
+    (within the lookahead) always run; of those already past, ``all`` runs each (a thousand
+    per pass), ``last`` the latest, ``none`` those at most ``SCHEDULE_LATE_S`` late — the
+    last two look only near ``now``, however long the gap."""
+    through, upto = info.through, now + lookahead_s
+    if info.catch_up == "all":
+        ticks = ticks_between(info, through, upto, MAX_TICKS_PER_PASS)
+        return ticks, (ticks[-1] if ticks else through), False
     if info.catch_up == "last":
-        past = past[-1:]
-    elif info.catch_up == "none":
-        past = [t for t in past if now - t <= SCHEDULE_LATE_S]
-    return past + coming
+        latest = last_tick_until(info, now)
+        past = [latest] if latest is not None and latest > through else []
+        edge = past[0] if past else through
+    else:
+        edge = max(through, now - SCHEDULE_LATE_S)
+        past = []
+    # a tick before the edge that is not the one that runs was missed
+    first = ticks_between(info, through, edge, 1)
+    skipped = bool(first) and (not past or first[0] != past[0])
+    coming = ticks_between(info, edge, upto, MAX_TICKS_PER_PASS)
+    picked = past + coming
+    return picked, max(edge, picked[-1] if picked else through), skipped
 
 
 def advance(queue: TaskQueue, info: ScheduleInfo, now: float, lookahead_s: float) -> list[str]:
     """Enqueue the due ticks of ``info`` (one change, or none if another worker changed the
     record first); the ids of the jobs enqueued."""
-    ticks = ticks_between(info, info.through, now + lookahead_s, MAX_TICKS_PER_PASS)
-    if not ticks:
+    picked, through, skipped = due(info, now, lookahead_s)
+    if not picked and through == info.through:
         return []
-    picked = chosen(info, ticks, now)
     jobs = [
         NewJob(
             id=tick_id(info.name, t),
@@ -154,18 +179,18 @@ def advance(queue: TaskQueue, info: ScheduleInfo, now: float, lookahead_s: float
     ]
     new = replace(
         info,
-        through=ticks[-1],
+        stored=None,
+        through=through,
         last_tick=picked[-1] if picked else info.last_tick,
         last_job=jobs[-1].id if jobs else info.last_job,
     )
     if not queue.backend.swap_schedule(info.name, info, new, jobs, now):
         return []
-    skipped = len(ticks) - len(picked)
     if skipped:
         log.warning(
-            "schedule %s: %d tick(s) missed while no worker ran were skipped (catch_up=%r)",
+            "schedule %s: ticks missed while no worker ran (after %s) were skipped (catch_up=%r)",
             info.name,
-            skipped,
+            datetime.fromtimestamp(info.through, UTC).isoformat(timespec="seconds"),
             info.catch_up,
         )
     return [job.id for job in jobs]

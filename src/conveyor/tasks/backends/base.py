@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 QUEUED = "queued"
@@ -345,6 +345,12 @@ class ScheduleInfo:
     source: str = "code"
     """``code`` (``@q.periodic``, written by each worker as it starts) or ``api``
     (``q.schedule(...)``, kept until removed)"""
+    problem: str | None = field(default=None, compare=False)
+    """why the stored record cannot be read (see :meth:`read`): it never runs; it can be
+    listed, replaced and removed"""
+    stored: str | None = field(default=None, compare=False, repr=False)
+    """the text as stored, for a record read from storage: what a change of it expects
+    (``swap_schedule`` compares it, not this record written out again)"""
 
     def plan(self) -> tuple[Any, ...]:
         """What it enqueues and when, without how far it has got."""
@@ -364,7 +370,9 @@ class ScheduleInfo:
         import json
 
         record: dict[str, Any] = {
-            name: getattr(self, name) for name in self.__dataclass_fields__ if name != "payload"
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("payload", "problem", "stored")
         }
         record["payload"] = base64.b64encode(self.payload).decode()
         return json.dumps(record, sort_keys=True)
@@ -379,6 +387,45 @@ class ScheduleInfo:
         known = cls.__dataclass_fields__
         return cls(**{name: value for name, value in record.items() if name in known})
 
+    @classmethod
+    def read(cls, name: str, text: str | bytes) -> ScheduleInfo:
+        """The record stored under ``name``: one that cannot be read (not JSON, a field
+        missing or of the wrong type: written by hand, or by another program) comes back
+        with ``problem`` saying why, so that one bad record stops nothing else."""
+        raw = text.decode(errors="replace") if isinstance(text, bytes) else text
+        try:
+            info = cls.from_json(text)
+            wrong = [
+                field_name
+                for field_name, kinds in _SCHEDULE_FIELD_TYPES.items()
+                if isinstance(getattr(info, field_name), bool)
+                or not isinstance(getattr(info, field_name), kinds)
+            ]
+            if wrong:
+                raise ValueError(f"field(s) of the wrong type: {', '.join(wrong)}")
+        except Exception as exc:
+            why = f"the stored record cannot be read ({type(exc).__name__}: {exc})"[:300]
+            return cls(name=name, queue="", task="", payload=b"", problem=why, stored=raw)
+        return replace(info, name=name, stored=raw)  # the name it is stored under counts
+
+    def expected(self) -> str:
+        """The text a change of this record expects to find in storage."""
+        return self.stored if self.stored is not None else self.to_json()
+
+
+_SCHEDULE_FIELD_TYPES: dict[str, Any] = {
+    "name": str,
+    "queue": str,
+    "task": str,
+    "cron": (str, type(None)),
+    "every_s": (int, float, type(None)),
+    "tz": str,
+    "catch_up": str,
+    "priority": int,
+    "through": (int, float),
+    "last_tick": (int, float, type(None)),
+    "last_job": (str, type(None)),
+}
 
 #: how late a tick may be and still run under ``catch_up="none"``, seconds
 SCHEDULE_LATE_S = 60.0

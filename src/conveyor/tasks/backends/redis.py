@@ -563,14 +563,17 @@ class RedisBackend(Backend):
         jobs: Sequence[NewJob] = (),
         now: float = 0.0,
     ) -> bool:
-        was = "" if expected is None else expected.to_json()
+        was = "" if expected is None else expected.expected()
         record = "" if new is None else new.to_json()
         args = [name, was, record, _f(now), *_job_args(jobs)]
         return bool(self._script("SWAP_SCHEDULE", args))
 
     def schedules(self) -> list[ScheduleInfo]:
         raw = self._call(self.client.hgetall, self.prefix + "schedules")
-        return [ScheduleInfo.from_json(raw[name]) for name in sorted(raw)]
+        named = {
+            (k.decode(errors="replace") if isinstance(k, bytes) else k): v for k, v in raw.items()
+        }
+        return [ScheduleInfo.read(name, named[name]) for name in sorted(named)]
 
     def workers(self) -> list[WorkerInfo]:
         index = self.prefix + "workers"

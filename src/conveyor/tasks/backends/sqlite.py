@@ -449,7 +449,7 @@ class SQLiteBackend(Backend):
     ) -> bool:
         with self._write() as db:
             row = db.execute("SELECT record FROM schedules WHERE name = ?", (name,)).fetchone()
-            if (row[0] if row else None) != (None if expected is None else expected.to_json()):
+            if (row[0] if row else None) != (None if expected is None else expected.expected()):
                 return False
             if new is None:
                 db.execute("DELETE FROM schedules WHERE name = ?", (name,))
@@ -464,8 +464,8 @@ class SQLiteBackend(Backend):
 
     def schedules(self) -> list[ScheduleInfo]:
         with self._db() as db:
-            rows = db.execute("SELECT record FROM schedules ORDER BY name").fetchall()
-        return [ScheduleInfo.from_json(record) for (record,) in rows]
+            rows = db.execute("SELECT name, record FROM schedules ORDER BY name").fetchall()
+        return [ScheduleInfo.read(name, record) for name, record in rows]
 
     def claim(
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
