@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import RetryTask, TaskQueue
+from conveyor import ManualClock, RetryTask, TaskQueue
 from conveyor.tasks.backends.base import Job
 
 
@@ -121,3 +121,24 @@ def test_retried_on_request_is_retried_for_the_hooks(q: TaskQueue) -> None:
     again.enqueue()
     drain(q)
     assert outcomes == ["retried", "succeeded"]
+
+
+def test_a_job_that_cannot_run_is_written_dead_before_the_hooks_hear_of_it(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    """A slow hook can hold up a worker's loop; it cannot hold up the end of a job that must
+    not run (here: its worker died under it as often as max_crashes allows)."""
+    q, clock = clocked
+
+    @q.task(name="fragile", max_crashes=1)
+    def fragile() -> None: ...
+
+    job = fragile.enqueue()
+    q.backend.claim(q.name, "ghost", 5, q.now())
+    clock.advance(10)  # that worker's lease lapses: the next claim counts it lost
+    seen: list[tuple[str, str]] = []
+    q.before_attempt(lambda j: seen.append(("before", q.backend.get(j.id).state)))  # type: ignore[union-attr]
+    q.after_attempt(lambda j, outcome, took, error: seen.append(("after", outcome)))
+    q.worker(burst=True, handle_signals=False).run()
+    assert seen == [("before", "dead"), ("after", "dead")]
+    assert job.status() == "dead"

@@ -103,6 +103,34 @@ def test_msgpack_payloads_keep_bytes_and_non_string_keys(
             echo.enqueue(2**70, {}, (0, 0))  # type: ignore[call-overload]
 
 
+@pytest.mark.parametrize("serializer", ["json", "msgpack"])
+def test_keys_that_would_not_come_back_are_refused_in_arguments_and_results(
+    serializer: str,
+) -> None:
+    q = TaskQueue(f"memory://keys-{serializer}", serializer=serializer)
+
+    @q.task(name="give")
+    def give(table: dict[Any, str]) -> int:
+        return len(table)
+
+    @q.task(name="back", retries=3)
+    def back(kind: str) -> Any:
+        return {(1, 2): "pair"} if kind == "tuple" else {1: "one", "1": "uno"}
+
+    with pytest.raises(ConfigurationError, match=r"argument 0 .*key of type tuple"):
+        give.enqueue({(1, 2): "x"})
+    pair = back.enqueue("tuple")
+    mixed = back.enqueue("mixed")
+    drain(q)
+    # a result that would not come back as returned is not stored: dead at once, no retries
+    assert pair.status() == "dead" and pair.info().attempts == 1
+    assert "cannot be stored" in (pair.info().error or "")
+    if serializer == "json":
+        assert mixed.status() == "dead" and "key of type int" in (mixed.info().error or "")
+    else:
+        assert mixed.result(timeout_s=5) == {1: "one", "1": "uno"}  # MessagePack keeps both
+
+
 def test_msgpack_without_its_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "msgpack", None)
     with pytest.raises(ConfigurationError, match=r"conveyor\[msgpack\]"):

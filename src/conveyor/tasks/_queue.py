@@ -92,10 +92,13 @@ def _arguments(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> lis
     ]
 
 
-def _check_shape(where: str, task: str, value: Any, strict_keys: bool) -> None:
-    """Refuse what nests deeper than :data:`MAX_NESTING`, and (``strict_keys``, for JSON) a
-    mapping key that is not a string: JSON would turn ``{1: "a", "1": "b"}`` into
-    ``{"1": "b"}`` without a word. Walks with a stack of its own, so depth cannot overflow."""
+def check_shape(
+    where: str, task: str, value: Any, keys: tuple[type, ...] | None, format_name: str = ""
+) -> None:
+    """Refuse what nests deeper than :data:`MAX_NESTING`, and a mapping key that is not one
+    of ``keys`` (None: any): JSON would turn ``{1: "a", "1": "b"}`` into ``{"1": "b"}``
+    without a word, and a tuple key comes back from MessagePack as a list, which cannot be a
+    key at all. Walks with a stack of its own, so depth cannot overflow."""
     if isinstance(value, _SCALARS):
         return
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -107,12 +110,12 @@ def _check_shape(where: str, task: str, value: Any, strict_keys: bool) -> None:
             )
         if isinstance(item, dict):
             for k, v in item.items():
-                if strict_keys and not isinstance(k, str):
+                if keys is not None and not isinstance(k, keys):
+                    allowed = ", ".join(t.__name__ for t in keys)
                     raise ConfigurationError(
                         f"{where} of task {task!r} has a key of type {type(k).__name__} "
-                        f"({k!r}): JSON keys are strings, so it would arrive changed; use string "
-                        "keys, or "
-                        "create the queue with serializer='pickle'"
+                        f"({k!r}): {format_name} keys are {allowed}, so it would arrive "
+                        "changed; use such keys, or create the queue with serializer='pickle'"
                     )
                 if not isinstance(v, _SCALARS):
                     stack.append((v, depth + 1))
@@ -122,10 +125,12 @@ def _check_shape(where: str, task: str, value: Any, strict_keys: bool) -> None:
 
 class JsonSerializer:
     name = "json"
+    #: what mapping keys arrive as they were sent
+    keys: tuple[type, ...] | None = (str,)
 
     def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for where, value in _arguments(args, kwargs):
-            _check_shape(where, task, value, strict_keys=True)
+            check_shape(where, task, value, self.keys, "JSON")
             try:
                 json.dumps(value)
             except (TypeError, ValueError) as exc:
@@ -143,10 +148,11 @@ class JsonSerializer:
 
 class PickleSerializer:
     name = "pickle"
+    keys: tuple[type, ...] | None = None
 
     def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for where, value in _arguments(args, kwargs):
-            _check_shape(where, task, value, strict_keys=False)
+            check_shape(where, task, value, None)
             try:
                 pickle.dumps(value)
             except Exception as exc:
@@ -166,6 +172,7 @@ class MsgpackSerializer:
     non-string keys arrive as they were sent; tuples arrive as lists."""
 
     name = "msgpack"
+    keys: tuple[type, ...] | None = (str, bytes, int, float, type(None))
 
     def __init__(self) -> None:
         try:
@@ -179,7 +186,7 @@ class MsgpackSerializer:
 
     def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for where, value in _arguments(args, kwargs):
-            _check_shape(where, task, value, strict_keys=False)
+            check_shape(where, task, value, self.keys, "MessagePack")
             try:
                 self._packb(value)
             except (TypeError, ValueError, OverflowError) as exc:
@@ -198,6 +205,7 @@ class MsgpackSerializer:
 
 class Serializer(Protocol):
     name: str
+    keys: tuple[type, ...] | None
 
     def check(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
 
@@ -211,6 +219,14 @@ SERIALIZERS: dict[str, type[Serializer]] = {
     "msgpack": MsgpackSerializer,
     "pickle": PickleSerializer,
 }
+
+_FORMAT_NAMES = {"json": "JSON", "msgpack": "MessagePack", "pickle": "pickle"}
+
+
+def check_result(serializer: Serializer, task: str, value: Any) -> None:
+    """Refuse a result that would not come back as it was returned (see ``check_shape``)."""
+    check_shape("the result", task, value, serializer.keys, _FORMAT_NAMES[serializer.name])
+
 
 #: the largest payload (a job's arguments, serialised) a queue takes by default: 1 MiB.
 #: Storage of jobs is not storage of data: put big inputs where they belong, send their name.
@@ -1033,7 +1049,7 @@ class TaskQueue:
         # containers may hide what the encoder would change or choke on (plain values, the
         # common case, cost one isinstance each)
         for where, value in _arguments(args, kwargs):
-            _check_shape(where, task_name, value, strict_keys=serializer.name == "json")
+            check_shape(where, task_name, value, serializer.keys, _FORMAT_NAMES[serializer.name])
         body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
         if carrier:
             body["trace"] = carrier

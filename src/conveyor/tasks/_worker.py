@@ -35,6 +35,7 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +49,7 @@ from .._errors import (
 )
 from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._liveness import host_key, process_started, why_gone
-from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks
+from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks, check_result
 from ._workflows import waited_for
 from .backends import RUNNING, Backend, Lease
 from .backends.base import WorkerInfo
@@ -230,6 +231,7 @@ class Worker:
         #: why the worker gave up (a loop that kept failing), raised by run() once stopped
         self.failure: BaseException | None = None
         self._saying: asyncio.Future[None] | None = None  # the record being written
+        self._scheduling: asyncio.Future[None] | None = None  # the schedules' pass under way
         #: the queues whose ``@q.periodic`` schedules this worker has written
         self._published: set[TaskQueue] = set()
         self._scheduled_once = False
@@ -270,6 +272,7 @@ class Worker:
         self._started_at = self.queues[0].now()
         self._renew_at = self.clock.now() + self.lease_s / 3
         await self._beat()
+        await self._run_schedules()
         server = None
         if self.metrics is not None:
             server = self.metrics_server = self.metrics.serve(self.metrics_port)
@@ -291,9 +294,10 @@ class Worker:
             if signals:
                 _HUB.remove(self)
             await self._close_sources()
-            if self._saying is not None:
-                with contextlib.suppress(BaseException):
-                    await self._saying
+            for under_way in (self._saying, self._scheduling):
+                if under_way is not None:
+                    with contextlib.suppress(BaseException):
+                        await under_way
             await self._say_who(stopped=True)
             if server is not None:
                 server.close()
@@ -533,6 +537,10 @@ class Worker:
         # its rhythm whatever the storage takes to store the record
         if self._saying is None or self._saying.done():
             self._saying = asyncio.ensure_future(self._beat())
+        # schedules beside the record, not inside it: a slow pass never delays the record
+        # that tells the other workers this one is alive
+        if self._scheduling is None or self._scheduling.done():
+            self._scheduling = asyncio.ensure_future(self._run_schedules())
 
     async def _renew_leases(self) -> None:
         per_queue: dict[TaskQueue, list[Lease]] = {}
@@ -562,7 +570,6 @@ class Worker:
             await self._look_for_aborts()
         except Exception as exc:  # looked for again at the next beat
             log.warning("worker %s: could not look for jobs asked to abort (%s)", self.id, exc)
-        await self._run_schedules()
 
     async def _run_schedules(self) -> None:
         """Enqueue the ticks of the queues' schedules that are due within two beats (with
@@ -699,7 +706,10 @@ class Worker:
 
     async def _run(self, queue: TaskQueue, lease: Lease) -> None:
         """Run one job to its outcome; one heartbeat loop renews every lease meanwhile. The
-        queue's hooks are told as the attempt starts and ends (and as the job dies)."""
+        queue's hooks are told as the attempt starts and ends (and as the job dies): the
+        start just before the task's function is called, or, for a job that never gets that
+        far (dead, aborted, handed on), once its outcome is written, so that what a slow hook
+        holds up is never the end of a job that must not run."""
         hooks = queue.hooks
         began = time.perf_counter()
         payload: Any = None
@@ -707,11 +717,18 @@ class Worker:
             payload = queue.serializer.loads(lease.job.payload)
         except Exception as exc:  # the job fails on it below, as dead
             payload = exc
-        if hooks.before_attempt:
-            call_hooks(hooks.before_attempt, lease.job)
+        told = False
+
+        def starting() -> None:
+            nonlocal told
+            if not told:
+                told = True
+                if hooks.before_attempt:
+                    call_hooks(hooks.before_attempt, lease.job)
+
         outcome = "not kept"
         try:
-            outcome = await self._run_job(queue, lease, payload)
+            outcome = await self._run_job(queue, lease, payload, starting)
         except Exception as exc:
             log.error(
                 "job %s: its outcome could not be written (%s); it runs again when its lease "
@@ -723,14 +740,18 @@ class Worker:
         finally:
             took = time.perf_counter() - began
             error = self._errors.pop(lease.token, None)
+            starting()
             if hooks.after_attempt:
                 call_hooks(hooks.after_attempt, lease.job, outcome, took, error)
             if outcome == "dead" and hooks.dead:
                 call_hooks(hooks.dead, lease.job, error or "")
 
-    async def _run_job(self, queue: TaskQueue, lease: Lease, payload: Any) -> str:
-        """Run the job and write its outcome; returns it: succeeded, retried, dead, or
-        not kept (its lease was lost)."""
+    async def _run_job(
+        self, queue: TaskQueue, lease: Lease, payload: Any, starting: Callable[[], None]
+    ) -> str:
+        """Run the job and write its outcome; returns it: succeeded, retried, dead, aborted,
+        postponed, or not kept (its lease was lost). ``starting`` is called just before the
+        task's function."""
         job = lease.job
         if job.abort_by is not None:  # asked while an earlier attempt ran: not run again
             return await self._end_aborted(queue, lease, job.abort_by)
@@ -744,8 +765,9 @@ class Worker:
             return await self._dead(
                 queue,
                 lease,
-                f"the worker running it died {times} before writing an outcome (its lease "
-                f"lapsed); with max_crashes={task.options.max_crashes} it is not run again",
+                f"the worker running it died {times} before writing an outcome (found dead, "
+                f"or its lease lapsed); with max_crashes={task.options.max_crashes} it is not "
+                "run again",
             )
         try:
             if isinstance(payload, Exception):
@@ -757,6 +779,7 @@ class Worker:
             return await self._dead(queue, lease, f"the job cannot run: {exc}")
         except Exception as exc:
             return await self._dead(queue, lease, f"the job's arguments cannot be read: {exc!r}")
+        starting()
         try:
             try:
                 context = JobContext(
@@ -811,6 +834,8 @@ class Worker:
                 )
             return await self._retry_or_dead(queue, lease, task, _user_traceback(exc), None)
         try:
+            if result is not None:
+                check_result(queue.serializer, task.name, result)
             data = None if result is None else queue.serializer.dumps(result)
         except Exception as exc:
             return await self._dead(
