@@ -140,6 +140,34 @@ def test_sigkill_mid_task_runs_it_again_at_once_on_a_worker_that_finds_it_dead(
     assert first.wait(10) == -signal.SIGKILL
 
 
+def test_a_job_that_kills_its_worker_does_not_take_the_jobs_beside_it_down(env: Env) -> None:
+    """A job lost with its worker may be what killed it: it runs again alone, so the jobs
+    that were beside it lose one run, not their crash budget, and the poison alone is dead
+    after max_crashes (3)."""
+    bystanders = [env.queue.enqueue("record", f"b{i}", hold=True) for i in range(3)]
+    first = env.worker("--concurrency", "5")
+    eventually(lambda: all(env.started(f"b{i}") for i in range(3)), timeout_s=20)
+    poison = env.queue.enqueue("poison", "p")  # a free slot takes it: it kills all four
+    assert first.wait(20) == -signal.SIGKILL
+    env.gate.touch()
+    workers = 1
+    while poison.status() != "dead":
+        assert workers < 6, env.lines()
+        nxt = env.worker("--concurrency", "5")
+        workers += 1
+
+        def over(w: subprocess.Popen[bytes] = nxt) -> bool:
+            return w.poll() is not None or poison.status() == "dead"
+
+        eventually(over, timeout_s=30)
+    assert [b.result(timeout_s=30) for b in bystanders] == ["b0", "b1", "b2"]
+    assert [b.info().lost for b in bystanders] == [1, 1, 1]
+    info = poison.info()
+    assert info.lost == 3 and "died 3 times" in (info.error or "")
+    assert len(env.started("p")) == 3  # with the three beside it once, then alone twice
+    assert workers == 4  # three it killed, and one that found it dead without running it
+
+
 def test_sigterm_mid_task_hands_it_to_another_worker_within_a_second(env: Env) -> None:
     job = env.queue.enqueue("record", "t", hold=True)
     first = env.worker("--lease-s", "60", "--shutdown-grace-s", "0.1")

@@ -51,7 +51,7 @@ from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._liveness import host_key, process_started, why_gone
 from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks, check_result
 from ._workflows import waited_for
-from .backends import RUNNING, Backend, Lease
+from .backends import RUNNING, Backend, Job, Lease
 from .backends.base import WorkerInfo
 
 log = logging.getLogger("conveyor.worker")
@@ -231,6 +231,10 @@ class Worker:
         #: why the worker gave up (a loop that kept failing), raised by run() once stopped
         self.failure: BaseException | None = None
         self._saying: asyncio.Future[None] | None = None  # the record being written
+        #: a lost job claimed, waiting for the others to end to run alone (see _take), and
+        #: the run key of the one running alone
+        self._suspect: tuple[TaskQueue, Lease] | None = None
+        self._alone: str | None = None
         self._scheduling: asyncio.Future[None] | None = None  # the schedules' pass under way
         #: the queues whose ``@q.periodic`` schedules this worker has written
         self._published: set[TaskQueue] = set()
@@ -423,6 +427,17 @@ class Worker:
             # a job whose function has returned no longer takes a slot while its outcome is
             # written (in batches); those writes may hold up to another ``concurrency`` jobs
             active = len(self._running) - len(self._settling)
+            if self._suspect is not None or (self._alone is not None and self._running):
+                # a job that was running when its worker died runs alone: once the others
+                # are over, and with nothing beside it until it ends
+                if self._suspect is not None and not self._running:
+                    queue, lease = self._suspect
+                    self._suspect = None
+                    self._alone = lease.token
+                    self._start(queue, lease)
+                await self._wait_any([t for t, _, _ in self._running.values()])
+                continue
+            self._alone = None
             free = min(self.concurrency - active, 2 * self.concurrency - len(self._running))
             if free <= 0 or (active and free < group):
                 await self._wait_any([t for t, _, _ in self._running.values()])
@@ -434,8 +449,7 @@ class Worker:
                 leases = await self._io_call(
                     queue.backend.claim, queue.name, self.id, self.lease_s, queue.now(), free
                 )
-                for lease in leases:
-                    self._start(queue, lease)
+                await self._take(queue, leases)
                 claimed += len(leases)
                 free -= len(leases)
             now = self.queues[0].now()
@@ -449,6 +463,34 @@ class Worker:
                 self._stopping.set()
                 return
             await self._wait_for_work()
+
+    async def _take(self, queue: TaskQueue, leases: list[Lease]) -> None:
+        """Start what a claim gave, but a job that was running when its worker died (it was
+        lost) is a suspect: it may be what killed that worker. Run beside others, it would
+        take their lives too, and their crash budgets (``max_crashes``). So the first suspect
+        is kept to run alone, and the rest of the claim is handed back, uncounted."""
+        back: list[Lease] = []
+        for lease in leases:
+            if self._suspect is not None:
+                back.append(lease)
+            elif self.concurrency > 1 and self._lost_elsewhere(lease.job):
+                self._suspect = (queue, lease)
+            else:
+                self._start(queue, lease)
+        for lease in back:
+            try:
+                await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.now())
+            except Exception as exc:
+                log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
+
+    def _lost_elsewhere(self, job: Job) -> bool:
+        """The job's last run ended lost on another worker, which therefore died (or lost
+        its storage) under it. One this worker lost itself (a pause, an outage: it is alive)
+        proves nothing against the job."""
+        if job.lost == 0:
+            return False
+        lost = [a for a in job.history if a.outcome == "lost"]
+        return not lost or lost[-1].worker != self.id
 
     async def _drained(self) -> bool:
         for queue in self.queues:
@@ -547,6 +589,8 @@ class Worker:
         for _, queue, lease in list(self._running.values()):
             if lease.token not in self._settling:
                 per_queue.setdefault(queue, []).append(lease)
+        if self._suspect is not None:  # held, not started yet
+            per_queue.setdefault(self._suspect[0], []).append(self._suspect[1])
         for queue, leases in per_queue.items():
             held = await self._io_call(
                 queue.backend.heartbeat_many,
@@ -1076,9 +1120,14 @@ class Worker:
             self._sources.clear()
         for task, _, _ in left:
             task.cancel()
-        for task, queue, lease in left:
+        held = [(queue, lease) for _, queue, lease in left]
+        for task, _, _ in left:
             with contextlib.suppress(BaseException):
                 await task
+        if self._suspect is not None:  # claimed, never started
+            held.append(self._suspect)
+            self._suspect = None
+        for queue, lease in held:
             # hand it back at once: another worker may start it now, not after the lease
             try:
                 await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.now())
