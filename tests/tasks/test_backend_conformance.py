@@ -16,10 +16,12 @@ from conveyor.tasks.backends import (
     DEAD,
     DONE,
     HISTORY_ERROR_CHARS,
+    PARKED_S,
     QUEUED,
     RUNNING,
     WAITING,
     Backend,
+    Limit,
     NewJob,
     ScheduleInfo,
     SQLiteBackend,
@@ -779,3 +781,76 @@ def test_an_abort_asked_of_a_job_whose_worker_died_is_still_there_when_it_is_cla
     [again] = backend.claim(Q, "w2", 30, 10.0, 1)  # the first lease lapsed
     assert again.job.abort_by == "ops"  # its new worker does not run it: it records it aborted
     assert backend.aborted("a", again.token, 11.0)
+
+
+# -- limits shared by every worker ----------------------------------------------------------
+
+
+def running(b: Backend, n: int, now: float) -> list[tuple[str, str]]:
+    """Enqueue and claim ``n`` jobs: their (id, token)."""
+    b.enqueue([job(f"L{now}-{i}") for i in range(n)], now)
+    return [(x.job.id, x.token) for x in b.claim(Q, "w", 30, now, n)]
+
+
+def test_a_concurrency_limit_holds_across_runs_and_frees_a_place_however_a_run_ends(
+    backend: Backend,
+) -> None:
+    two = [Limit("t", concurrency=2)]
+    (a, ta), (b, tb), (c, tc) = running(backend, 3, 1.0)
+    assert backend.acquire(two, a, ta, 1.0) is None
+    assert backend.acquire(two, a, ta, 1.0) is None  # taken again by the same run: still one
+    assert backend.acquire(two, b, tb, 1.0) is None
+    assert backend.acquire(two, c, tc, 1.0) == PARKED_S  # full: c is handed back, to wait
+    waiting = backend.get(c)
+    assert waiting is not None and waiting.state == QUEUED and waiting.attempts == 0
+    assert waiting.run_at == 1.0 + PARKED_S
+    assert backend.acquire(two, c, tc, 1.0) == PARKED_S  # that run no longer holds it
+    assert backend.complete(a, ta, None, None, 2.0)  # a's run is over: its place is free
+    [again] = backend.claim(Q, "w", 30, 1.0 + PARKED_S, 1)
+    assert again.job.id == c and backend.acquire(two, c, again.token, 6.0) is None
+    ((d, td),) = running(backend, 1, 7.0)
+    assert backend.acquire(two, d, td, 7.0) == PARKED_S
+    assert backend.fail(b, tb, "boom", 8.0)
+    [again] = backend.claim(Q, "w", 30, 7.0 + PARKED_S, 1)
+    assert backend.acquire(two, d, again.token, 13.0) is None
+    # another group is counted apart
+    ((e, te),) = running(backend, 1, 5.0)
+    assert backend.acquire([Limit("other", concurrency=1)], e, te, 5.0) is None
+
+
+def test_a_rate_limit_allows_its_starts_then_says_how_long_to_wait(backend: Backend) -> None:
+    three_per_10s = [Limit("r", rate=(3, 10.0))]
+    runs = running(backend, 5, 1.0)
+    assert [backend.acquire(three_per_10s, i, t, 1.0) for i, t in runs[:3]] == [None] * 3
+    wait = backend.acquire(three_per_10s, runs[3][0], runs[3][1], 1.0)
+    assert wait is not None and abs(wait - 10 / 3) < 1e-6  # one start each 3.33 s
+    later = backend.get(runs[3][0])
+    assert later is not None and later.state == QUEUED and abs(later.run_at - 1.0 - wait) < 1e-6
+    [again] = backend.claim(Q, "w", 30, 1.0 + 10 / 3 + 1e-6, 1)
+    assert backend.acquire(three_per_10s, again.job.id, again.token, 1.0 + 10 / 3) is None
+    wait = backend.acquire(three_per_10s, runs[4][0], runs[4][1], 1.0 + 10 / 3)
+    assert wait is not None and abs(wait - 10 / 3) < 1e-6
+
+
+def test_limits_are_taken_all_or_none(backend: Backend) -> None:
+    both = [Limit("c1", concurrency=1), Limit("r1", rate=(1, 60.0))]
+    (a, ta), (b, tb) = running(backend, 2, 1.0)
+    assert backend.acquire([Limit("c1", concurrency=1)], a, ta, 1.0) is None
+    assert backend.acquire(both, b, tb, 1.0) == PARKED_S  # c1 is full: r1 is not spent
+    [again] = backend.claim(Q, "w", 30, 1.0 + PARKED_S, 1)
+    assert backend.acquire([Limit("r1", rate=(1, 60.0))], b, again.token, 6.0) is None
+
+
+def test_the_end_of_a_run_brings_the_first_job_waiting_for_its_place_forward(
+    backend: Backend,
+) -> None:
+    one = [Limit("solo", concurrency=1)]
+    (a, ta), (b, tb), (c, tc) = running(backend, 3, 1.0)
+    assert backend.acquire(one, a, ta, 1.0) is None
+    for waiting, token in ((b, tb), (c, tc)):
+        assert backend.acquire(one, waiting, token, 1.0) == PARKED_S  # handed back, parked
+    assert claim_ids(backend, 2.0) == []
+    assert backend.complete(a, ta, None, None, 2.0)
+    backend.release_places(one, ta, 2.0)
+    assert claim_ids(backend, 2.0) == [b]  # brought forward at once, c still waits
+    assert claim_ids(backend, 1.0 + PARKED_S) == [c]

@@ -306,9 +306,10 @@ def corrupt(q: TaskQueue, name: str, text: str) -> None:
     if hasattr(backend, "client"):  # Redis
         backend.client.hset(backend.prefix + "schedules", name, text)
     else:
+        import contextlib
         import sqlite3
 
-        with sqlite3.connect(backend.path) as db:
+        with contextlib.closing(sqlite3.connect(backend.path)) as db, db:
             db.execute("INSERT OR REPLACE INTO schedules VALUES (?, ?)", (name, text))
 
 

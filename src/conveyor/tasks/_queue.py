@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -242,6 +243,27 @@ PRIORITY_LIMIT = 2**31
 MAX_NAME = 1024
 
 
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(s|sec|second|m|min|minute|h|hour|d|day)s?\s*")
+_UNIT_S = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+_UNIT_S |= {"h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+def parse_rate(what: str, rate: object) -> tuple[int, float] | None:
+    """``"100/m"`` as (100 starts, per 60 s); also ``/s``, ``/h``, ``/d`` and ``"10/30s"``."""
+    if rate is None:
+        return None
+    found = _RATE.fullmatch(rate) if isinstance(rate, str) else None
+    if found is None or int(found.group(1)) < 1:
+        raise ConfigurationError(
+            f"{what} is starts per period, such as '100/m', '5/s', '1000/h' or '10/30s', "
+            f"not {rate!r}"
+        )
+    per = float(found.group(2) or 1) * _UNIT_S[found.group(3)]
+    if per <= 0:
+        raise ConfigurationError(f"{what}: the period of {rate!r} is not positive")
+    return int(found.group(1)), per
+
+
 def check_priority(what: str, priority: object) -> None:
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise ConfigurationError(f"{what} must be an int, not {priority!r}")
@@ -408,6 +430,16 @@ class TaskOptions:
     executor: str
     keep_result_s: float | None
     max_crashes: int = 3
+    #: limits shared by every worker: runs at once, and starts per period (see parse_rate),
+    #: of the task's jobs, and of each ``_key``'s
+    concurrency: int | None = None
+    rate: tuple[int, float] | None = None
+    key_concurrency: int | None = None
+    key_rate: tuple[int, float] | None = None
+
+    @property
+    def key_limited(self) -> bool:
+        return self.key_concurrency is not None or self.key_rate is not None
 
     def delay_s(self, attempt: int) -> float:
         """The wait after failed attempt number ``attempt``, as for a pipeline's ``Retry``."""
@@ -521,6 +553,15 @@ class TaskSettings(TypedDict, total=False):
     #: how many times the worker running a job may die under it (its lease lapses) before the
     #: job is dead instead of run again (default 3)
     max_crashes: int
+    #: at most this many of its jobs run at once, across every worker of the storage
+    concurrency: int | None
+    #: at most this many of its jobs start per period, across every worker: "100/m", "5/s",
+    #: "1000/h", "10/30s"
+    rate: str | None
+    #: the same, for each ``_key`` apart (per user, per tenant): with either, ``_key`` is a
+    #: limit's name rather than a line of one job at a time
+    key_concurrency: int | None
+    key_rate: str | None
 
 
 class TaskDecorator(Protocol):
@@ -754,6 +795,10 @@ class TaskQueue:
         executor: str = "thread",
         keep_result_s: float | None = -1.0,
         max_crashes: int = 3,
+        concurrency: int | None = None,
+        rate: str | None = None,
+        key_concurrency: int | None = None,
+        key_rate: str | None = None,
     ) -> Any:
         """Register ``fn`` (``async def``, or a plain function run on a thread — or, with
         ``executor="process"``, a process). Use as ``@q.task`` or ``@q.task(retries=5)``."""
@@ -765,6 +810,15 @@ class TaskQueue:
                 raise ConfigurationError(f"retries must be an int >= 0, not {retries!r}")
             if isinstance(max_crashes, bool) or not isinstance(max_crashes, int) or max_crashes < 1:
                 raise ConfigurationError(f"max_crashes must be an int >= 1, not {max_crashes!r}")
+            for option, most in (
+                ("concurrency", concurrency),
+                ("key_concurrency", key_concurrency),
+            ):
+                if most is not None and (
+                    isinstance(most, bool) or not isinstance(most, int) or most < 1
+                ):
+                    raise ConfigurationError(f"{option} must be an int >= 1 or None, not {most!r}")
+            rates = (parse_rate("rate", rate), parse_rate("key_rate", key_rate))
             if executor not in EXECUTORS:
                 raise ConfigurationError(f"executor must be one of {EXECUTORS}, not {executor!r}")
             if timeout_s is not None and (
@@ -806,6 +860,10 @@ class TaskQueue:
                 executor,
                 keep,
                 max_crashes,
+                concurrency,
+                rates[0],
+                key_concurrency,
+                rates[1],
             )
             task: Task[Any, Any] = Task(self, f, task_name, options)
             self.tasks[task_name] = task
@@ -1053,6 +1111,11 @@ class TaskQueue:
         body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
         if carrier:
             body["trace"] = carrier
+        if key is not None and not isinstance(task, str) and task.options.key_limited:
+            # the key names a limit (see TaskSettings.key_concurrency), not a line
+            _check_name("_key", key)
+            body["limit_key"] = key
+            key = None
         if after is not None:
             body["after"] = list(after)
         try:

@@ -51,7 +51,7 @@ from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._liveness import host_key, process_started, why_gone
 from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks, check_result
 from ._workflows import waited_for
-from .backends import RUNNING, Backend, Job, Lease
+from .backends import RUNNING, Backend, Job, Lease, Limit
 from .backends.base import WorkerInfo
 
 log = logging.getLogger("conveyor.worker")
@@ -208,6 +208,9 @@ class Worker:
         #: runs asked to abort, by run key: who asked (their outcome is then "aborted")
         self._aborting: dict[str, str] = {}
         self._graces: set[asyncio.Future[None]] = set()  # thread runs given time to return
+        self._freeing: set[asyncio.Future[None]] = set()  # places being freed
+        #: the limits each run holds a place in, by run key
+        self._places: dict[str, tuple[TaskQueue, list[Limit]]] = {}
         # completions waiting to be written, per queue, with the futures their jobs await
         self._acks: dict[TaskQueue, list[_Ack]] = {}
         self._ack_wake: asyncio.Event | None = None
@@ -298,10 +301,12 @@ class Worker:
             if signals:
                 _HUB.remove(self)
             await self._close_sources()
-            for under_way in (self._saying, self._scheduling):
+            for under_way in (self._saying, self._scheduling, *self._freeing):
                 if under_way is not None:
                     with contextlib.suppress(BaseException):
                         await under_way
+            for grace in list(self._graces):
+                grace.cancel()
             await self._say_who(stopped=True)
             if server is not None:
                 server.close()
@@ -433,8 +438,10 @@ class Worker:
                 if self._suspect is not None and not self._running:
                     queue, lease = self._suspect
                     self._suspect = None
-                    self._alone = lease.token
-                    self._start(queue, lease)
+                    if await self._admit(queue, lease):
+                        self._alone = lease.token
+                        self._start(queue, lease)
+                    continue
                 await self._wait_any([t for t, _, _ in self._running.values()])
                 continue
             self._alone = None
@@ -475,13 +482,68 @@ class Worker:
                 back.append(lease)
             elif self.concurrency > 1 and self._lost_elsewhere(lease.job):
                 self._suspect = (queue, lease)
-            else:
+            elif await self._admit(queue, lease):
                 self._start(queue, lease)
         for lease in back:
             try:
                 await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.now())
             except Exception as exc:
                 log.error("job %s: not handed back (%s); its lease will lapse", lease.job.id, exc)
+
+    def _limits_of(self, queue: TaskQueue, job: Job) -> list[Limit]:
+        """The limits shared by all workers that a run of ``job`` must find a place in."""
+        task = queue.tasks.get(job.task)
+        if task is None:
+            return []
+        options = task.options
+        found = []
+        if options.concurrency is not None or options.rate is not None:
+            group = f"task:{queue.name}:{task.name}"
+            found.append(Limit(group, options.concurrency, options.rate))
+        if options.key_limited:
+            try:
+                key = queue.serializer.loads(job.payload).get("limit_key")
+            except Exception:  # it fails as it runs, with the reason
+                key = None
+            if isinstance(key, str):
+                group = f"key:{queue.name}:{task.name}:{key}"
+                found.append(Limit(group, options.key_concurrency, options.key_rate))
+        return found
+
+    async def _admit(self, queue: TaskQueue, lease: Lease) -> bool:
+        """Take the run's places in its limits; if one is full (or its rate spent), hand the
+        job back, claimable again when the limit may allow it (a run of its group that ends
+        brings it forward at once): it waits in the queue, not in a worker's slot."""
+        limits = self._limits_of(queue, lease.job)
+        if not limits:
+            return True
+        job_id, token = lease.job.id, lease.token
+        try:
+            wait = await self._io_call(queue.backend.acquire, limits, job_id, token, queue.now())
+            if wait is None:
+                self._places[token] = (queue, limits)
+                return True
+        except Exception as exc:  # its lease lapses, and it is claimed again
+            log.error("job %s: its limits could not be looked at (%s)", job_id, exc)
+        return False
+
+    def _free_places(self, token: str) -> None:
+        """A run is over: free its places (the storage frees them anyway once it sees the
+        run over; this brings the next waiting job forward now)."""
+        held = self._places.pop(token, None)
+        if held is None:
+            return
+        queue, limits = held
+
+        async def free() -> None:
+            try:
+                await self._io_call(queue.backend.release_places, limits, token, queue.now())
+            except Exception as exc:
+                log.warning("the places of a run could not be freed now (%s)", exc)
+
+        later = asyncio.ensure_future(free())
+        self._freeing.add(later)
+        later.add_done_callback(self._freeing.discard)
 
     def _lost_elsewhere(self, job: Job) -> bool:
         """The job's last run ended lost on another worker, which therefore died (or lost
@@ -554,6 +616,8 @@ class Worker:
         def forget(_: asyncio.Task[None]) -> None:
             self._running.pop(token, None)
             self._settling.discard(token)
+            if token in self._places:
+                self._free_places(token)
             if self._ended is not None:
                 self._ended.set()
 

@@ -254,6 +254,33 @@ class QueueCounts:
     aborted: int = 0
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A limit shared by every worker of a storage: at most ``concurrency`` runs at once, and
+    (``rate``) at most ``rate[0]`` starts per ``rate[1]`` seconds, of the jobs in ``group``
+    (a task's, or one key's of a task)."""
+
+    group: str
+    concurrency: int | None = None
+    rate: tuple[int, float] | None = None
+
+
+#: how long a job that found its concurrency limit full waits before it looks again, at
+#: most: the end of a run of its group brings one waiting job forward at once
+PARKED_S = 5.0
+
+
+def refill(
+    state: tuple[float, float] | None, rate: tuple[int, float], now: float
+) -> tuple[float, float]:
+    """A rate's bucket at ``now``: ``(tokens, at)`` from what was stored (None: a full one).
+    It holds up to ``rate[0]`` starts and refills at ``rate[0] / rate[1]`` a second; a start
+    takes one. What it returns, with ``tokens < 1``, says the wait: ``(1 - tokens) / refill``."""
+    n, per = rate
+    tokens, at = state if state is not None else (float(n), now)
+    return min(float(n), tokens + max(0.0, now - at) * n / per), now
+
+
 #: how long a worker's record is kept after its last beat (a stopped or gone worker stays
 #: visible for this long, then is forgotten)
 WORKER_KEPT_S = 86400.0
@@ -598,6 +625,24 @@ class Backend(ABC):
     def cancel(self, job_id: str, reason: str, now: float) -> bool:
         """Queued (or waiting) → dead with ``reason`` as its error (it never runs; ``requeue``
         brings it back); False, and nothing changes, if the job is neither."""
+
+    @abstractmethod
+    def acquire(self, limits: Sequence[Limit], job_id: str, token: str, now: float) -> float | None:
+        """Take a place in every limit for the run ``token`` of ``job_id`` (running): all or
+        none, in one transaction. None: taken; the place is held while that run holds the
+        job (a place whose run ended, or whose lease was taken over, is free again, however
+        the run ended). Otherwise, how many seconds to wait before trying again: the time
+        until the rate allows a start, or ``PARKED_S`` when a concurrency limit is full —
+        the job is then noted as waiting for that limit, and the end of a run of its group
+        brings it forward (``release_places``). In that case the job is handed back in the
+        same change, as ``release`` would (uncounted), claimable from ``now`` + the wait:
+        no end of a run can slip in between and miss it. A ``token`` that does not hold the
+        job gets ``PARKED_S`` and changes nothing: that run must not start."""
+
+    @abstractmethod
+    def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
+        """The run ``token`` is over: free its places, and bring forward (claimable now)
+        the first job noted as waiting for each of these limits, if it is still queued."""
 
     @abstractmethod
     def abort(self, job_id: str, by: str, now: float) -> str:

@@ -19,6 +19,7 @@ from .base import (
     ABORTED,
     DEAD,
     DONE,
+    PARKED_S,
     QUEUED,
     RUNNING,
     WAITING,
@@ -27,6 +28,7 @@ from .base import (
     Backend,
     Job,
     Lease,
+    Limit,
     NewJob,
     QueueCounts,
     ScheduleInfo,
@@ -35,6 +37,7 @@ from .base import (
     fresh_job,
     kept_error,
     not_run_because,
+    refill,
     replaceable,
 )
 
@@ -59,6 +62,11 @@ class MemoryBackend(Backend):
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._schedules: dict[str, ScheduleInfo] = {}
+        #: per limit group: the runs holding a place (token -> job id), the rate's bucket,
+        #: and the jobs waiting for a place, in order
+        self._places: dict[str, dict[str, str]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._parked: dict[str, list[str]] = {}
         self._seq: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._next_seq = 0
@@ -249,21 +257,27 @@ class MemoryBackend(Backend):
         """Apply ``changes`` to a running job if ``token`` holds it (``uncount``: the attempt
         does not count); a job going back to ``queued`` takes its old place in line."""
         with self._lock:
-            job = self._held(job_id, token)
-            if job is None:
-                return False
-            self._leave_running(job)
-            if uncount:
-                changes["attempts"] = max(0, job.attempts - 1)
-            ended = changes.pop("ended", None)
-            if ended is not None:
-                changes["history"] = self._ended(job, ended[1], ended[0], changes["error"])
-            after = self._set(replace(job, token=None, lease_until=None, **changes))
-            if after.state == QUEUED:
-                self._push(after, self._seq[job_id])
-            elif after.then:
-                self._follow(after, after.finished_at or 0.0)
-            return True
+            return self._end_lease_held(job_id, token, uncount=uncount, **changes)
+
+    def _end_lease_held(
+        self, job_id: str, token: str, *, uncount: bool = False, **changes: Any
+    ) -> bool:
+        """``_end_lease``, with the lock held."""
+        job = self._held(job_id, token)
+        if job is None:
+            return False
+        self._leave_running(job)
+        if uncount:
+            changes["attempts"] = max(0, job.attempts - 1)
+        ended = changes.pop("ended", None)
+        if ended is not None:
+            changes["history"] = self._ended(job, ended[1], ended[0], changes["error"])
+        after = self._set(replace(job, token=None, lease_until=None, **changes))
+        if after.state == QUEUED:
+            self._push(after, self._seq[job_id])
+        elif after.then:
+            self._follow(after, after.finished_at or 0.0)
+        return True
 
     def complete(
         self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
@@ -407,6 +421,54 @@ class MemoryBackend(Backend):
             self._forget(job)
             self._changed.notify_all()
             return True
+
+    def acquire(self, limits: Sequence[Limit], job_id: str, token: str, now: float) -> float | None:
+        with self._lock:
+            if self._held(job_id, token) is None:
+                return PARKED_S  # that run does not hold the job (any more): it must not start
+            wait = 0.0
+            full: list[str] = []
+            buckets: dict[str, tuple[float, float]] = {}
+            for limit in limits:
+                if limit.concurrency is not None:
+                    places = self._places.setdefault(limit.group, {})
+                    for held, holder in list(places.items()):
+                        job = self._jobs.get(holder)
+                        if job is None or job.state != RUNNING or job.token != held:
+                            del places[held]  # that run is over: its place is free
+                    if token not in places and len(places) >= limit.concurrency:
+                        full.append(limit.group)
+                        wait = max(wait, PARKED_S)
+                if limit.rate is not None:
+                    tokens, at = refill(self._buckets.get(limit.group), limit.rate, now)
+                    if tokens < 1:
+                        wait = max(wait, (1 - tokens) * limit.rate[1] / limit.rate[0])
+                    buckets[limit.group] = (tokens - 1, at)
+            if wait > 0:
+                for group in full:
+                    waiting = self._parked.setdefault(group, [])
+                    if job_id not in waiting:
+                        waiting.append(job_id)
+                self._end_lease_held(job_id, token, uncount=True, state=QUEUED, run_at=now + wait)
+                return wait
+            for limit in limits:
+                if limit.concurrency is not None:
+                    self._places[limit.group][token] = job_id
+            self._buckets.update(buckets)
+            return None
+
+    def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
+        with self._lock:
+            for limit in limits:
+                if limit.concurrency is None:
+                    continue
+                self._places.get(limit.group, {}).pop(token, None)
+                waiting = self._parked.get(limit.group, [])
+                while waiting:
+                    job = self._jobs.get(waiting.pop(0))
+                    if job is not None and job.state == QUEUED and job.run_at > now:
+                        self._set(replace(job, run_at=now))  # its heap entry is looked at again
+                        break
 
     def abort(self, job_id: str, by: str, now: float) -> str:
         with self._lock:

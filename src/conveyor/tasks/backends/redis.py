@@ -47,6 +47,7 @@ from .base import (
     ABORTED,
     DEAD,
     DONE,
+    PARKED_S,
     QUEUED,
     RUNNING,
     WAITING,
@@ -54,6 +55,7 @@ from .base import (
     Backend,
     Job,
     Lease,
+    Limit,
     NewJob,
     QueueCounts,
     ScheduleInfo,
@@ -185,6 +187,10 @@ def _kind_of(rest: str) -> str | None:
         return "zset"
     if rest == "schedules":
         return "hash"
+    if rest.startswith(("lim:", "rate:")):
+        return "hash"
+    if rest.startswith("park:"):
+        return "zset"
     if rest.startswith("q:"):
         part = rest.rsplit(":", 1)[-1]
         if part in _QUEUE_PARTS:
@@ -328,6 +334,8 @@ class RedisBackend(Backend):
                 "SWAP_SCHEDULE",
                 "ABORT",
                 "ABORTED",
+                "ACQUIRE",
+                "RELEASE_PLACES",
                 "CLAIM",
                 "HEARTBEAT",
                 "COMPLETE",
@@ -513,6 +521,20 @@ class RedisBackend(Backend):
 
     def fail(self, job_id: str, token: str, error: str, now: float) -> bool:
         return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error, kept_error(error)]))
+
+    def acquire(self, limits: Sequence[Limit], job_id: str, token: str, now: float) -> float | None:
+        args: list[Any] = [job_id, token, _f(now), _f(PARKED_S)]
+        for limit in limits:
+            most = "" if limit.concurrency is None else limit.concurrency
+            n, per = ("", "") if limit.rate is None else (limit.rate[0], _f(limit.rate[1]))
+            args += [limit.group, most, n, per]
+        answer = self._script("ACQUIRE", args)
+        return None if answer is None else float(answer)
+
+    def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
+        groups = [limit.group for limit in limits if limit.concurrency is not None]
+        if groups:
+            self._script("RELEASE_PLACES", [token, _f(now), *groups])
 
     def abort(self, job_id: str, by: str, now: float) -> str:
         answer = self._script("ABORT", [_f(now), job_id, by])

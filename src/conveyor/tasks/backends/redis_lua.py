@@ -20,6 +20,9 @@ Layout under the prefix ``P`` (``conveyor:`` by default)::
     P wake:<q>            channel: something may have become claimable
     P ended:<id>          channel: the job ended (done or dead)
     P schedules           hash: schedule name -> its record (JSON)
+    P lim:<group>         hash: a concurrency limit's places, run token -> job id
+    P park:<group>        zset: the jobs waiting for a place, in order
+    P rate:<group>        hash: a rate's bucket (tokens, at)
 
 A job without a key is "placed" (in ready or delayed) whenever it is queued. A keyed job is
 placed only while it is the first queued job of its key and no job of its key runs; the others
@@ -217,6 +220,12 @@ local function end_lease(id, token, now)
   redis.call('HDEL', jk(id), 'token', 'lease_until')
   redis.call('HSET', jk(id), 'ended', token)
   return f
+end
+
+-- the fields of job ``id``, or {} if no job hash is there
+local function fields_of(id, ...)
+  if redis.call('TYPE', jk(id))['ok'] ~= 'hash' then return {} end
+  return redis.call('HMGET', jk(id), ...)
 end
 
 -- the jobs waiting for ``id``: its 'then' field, {dependent, place} pairs
@@ -628,6 +637,112 @@ if f[4] then wake(f[3]) end
 return 1
 """
 
+# ARGV: P, job id, token, now, PARKED_S, then per limit: group, concurrency ('' for none),
+# rate's starts ('' for none), rate's seconds. Returns nil (places taken) or the seconds to
+# wait, as a string (the job then handed back, claimable from now + that wait).
+ACQUIRE = r"""
+local job_id, token, now, parked_s = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+check_job(job_id)
+-- a run that does not hold the job (any more) must not start
+if not held(job_id, token) then return ARGV[5] end
+for i = 6, #ARGV, 4 do
+  expect(P .. 'lim:' .. ARGV[i], 'hash')
+  expect(P .. 'park:' .. ARGV[i], 'zset')
+  expect(P .. 'rate:' .. ARGV[i], 'hash')
+end
+local wait = 0
+local full, take = {}, {}
+for i = 6, #ARGV, 4 do
+  local group, most, n, per = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if most ~= '' then
+    local key = P .. 'lim:' .. group
+    local holders = redis.call('HGETALL', key)
+    local count = 0
+    for j = 1, #holders, 2 do
+      local held, holder = holders[j], holders[j + 1]
+      local f = fields_of(holder, 'state', 'token')
+      if f[1] == 'running' and f[2] == held then
+        if held ~= token then count = count + 1 end
+      else
+        redis.call('HDEL', key, held)  -- that run is over: its place is free again
+      end
+    end
+    if count >= tonumber(most) then
+      full[#full + 1] = group
+      wait = math.max(wait, parked_s)
+    end
+  end
+  if n ~= '' then
+    local cap, period = tonumber(n), tonumber(per)
+    local st = redis.call('HMGET', P .. 'rate:' .. group, 'tokens', 'at')
+    local tokens = tonumber(st[1]) or cap
+    local at = tonumber(st[2]) or now
+    tokens = math.min(cap, tokens + math.max(0, now - at) * cap / period)
+    if tokens < 1 then
+      wait = math.max(wait, (1 - tokens) * period / cap)
+    end
+    take[#take + 1] = {P .. 'rate:' .. group, tokens - 1}
+  end
+end
+if wait > 0 then
+  for _, group in ipairs(full) do
+    local parked = P .. 'park:' .. group
+    if not redis.call('ZSCORE', parked, job_id) then
+      redis.call('ZADD', parked, redis.call('INCR', P .. 'seq'), job_id)
+    end
+  end
+  -- handed back in the same change: no end of a run can slip in between
+  local f = end_lease(job_id, token, ARGV[4])
+  if f then
+    local k = jk(job_id)
+    local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+    if attempts > 0 then attempts = attempts - 1 end
+    redis.call('HSET', k, 'state', 'queued', 'run_at', string.format('%.17g', now + wait),
+      'attempts', attempts)
+    to_queue(job_id, ARGV[4])
+    wake(f[3])
+  end
+  return tostring(wait)
+end
+for i = 6, #ARGV, 4 do
+  if ARGV[i + 1] ~= '' then redis.call('HSET', P .. 'lim:' .. ARGV[i], token, job_id) end
+end
+for _, t in ipairs(take) do
+  redis.call('HSET', t[1], 'tokens', string.format('%.17g', t[2]), 'at', ARGV[4])
+end
+return false
+"""
+
+# ARGV: P, token, now, then the groups of the concurrency limits the run held a place in
+RELEASE_PLACES = r"""
+local token, now = ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  expect(P .. 'lim:' .. ARGV[i], 'hash')
+  expect(P .. 'park:' .. ARGV[i], 'zset')
+end
+for i = 4, #ARGV do
+  redis.call('HDEL', P .. 'lim:' .. ARGV[i], token)
+  local parked = P .. 'park:' .. ARGV[i]
+  while true do
+    local first = redis.call('ZRANGE', parked, 0, 0)[1]
+    if not first then break end
+    redis.call('ZREM', parked, first)
+    local k = jk(first)
+    if redis.call('TYPE', k)['ok'] == 'hash' then
+      local f = redis.call('HMGET', k, 'state', 'queue', 'key', 'run_at')
+      if f[1] == 'queued' and tonumber(f[4]) > tonumber(now) then
+        check_job(first)
+        leave_queue(first, f[2], f[3])
+        redis.call('HSET', k, 'run_at', now)
+        to_queue(first, now)
+        wake(f[2])
+        break
+      end
+    end
+  end
+end
+"""
+
 # ARGV: P, id
 UNFINISH = r"""
 check_job(ARGV[2])
@@ -897,10 +1012,7 @@ end
 local kp = redis.call('HGETALL', qk(q, 'kplaced'))
 for i = 1, #kp, 2 do
   local key, id = kp[i], kp[i + 1]
-  local f = {}
-  if redis.call('TYPE', jk(id))['ok'] == 'hash' then
-    f = redis.call('HMGET', jk(id), 'state', 'key')
-  end
+  local f = fields_of(id, 'state', 'key')
   if f[1] ~= 'queued' or f[2] ~= key then
     say('key ' .. key .. ' has job ' .. id .. ' placed, which is not a queued job of it')
     if repair then redis.call('HDEL', qk(q, 'kplaced'), key) touched[key] = true end

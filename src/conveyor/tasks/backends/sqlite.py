@@ -35,6 +35,7 @@ from .base import (
     ABORTED,
     DEAD,
     DONE,
+    PARKED_S,
     QUEUED,
     RUNNING,
     STATES,
@@ -43,6 +44,7 @@ from .base import (
     Backend,
     Job,
     Lease,
+    Limit,
     NewJob,
     QueueCounts,
     ScheduleInfo,
@@ -52,6 +54,7 @@ from .base import (
     kept_error,
     not_run_because,
     parse_history,
+    refill,
     replaceable,
 )
 
@@ -96,6 +99,23 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS schedules (
     name TEXT PRIMARY KEY,
     record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS places (
+    grp TEXT NOT NULL,
+    token TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (grp, token)
+);
+CREATE TABLE IF NOT EXISTS buckets (
+    grp TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parked (
+    seq INTEGER PRIMARY KEY,
+    grp TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    UNIQUE (grp, job_id)
 );
 """
 
@@ -599,6 +619,86 @@ class SQLiteBackend(Backend):
             if cur.rowcount == 1:
                 _follow(db, job_id, now)
             return cur.rowcount == 1
+
+    def acquire(self, limits: Sequence[Limit], job_id: str, token: str, now: float) -> float | None:
+        with self._write() as db:
+            holds = db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND token = ?",
+                (job_id, token),
+            ).fetchone()
+            if holds is None:
+                return PARKED_S  # that run does not hold the job (any more): it must not start
+            wait = 0.0
+            full: list[str] = []
+            buckets: list[tuple[str, float, float]] = []
+            for limit in limits:
+                if limit.concurrency is not None:
+                    # the places of runs that are over are free again, however they ended
+                    db.execute(
+                        "DELETE FROM places WHERE grp = ? AND NOT EXISTS (SELECT 1 FROM jobs "
+                        "WHERE jobs.id = places.job_id AND jobs.state = 'running' "
+                        "AND jobs.token = places.token)",
+                        (limit.group,),
+                    )
+                    (held,) = db.execute(
+                        "SELECT COUNT(*) FROM places WHERE grp = ? AND token != ?",
+                        (limit.group, token),
+                    ).fetchone()
+                    if held >= limit.concurrency:
+                        full.append(limit.group)
+                        wait = max(wait, PARKED_S)
+                if limit.rate is not None:
+                    row = db.execute(
+                        "SELECT tokens, at FROM buckets WHERE grp = ?", (limit.group,)
+                    ).fetchone()
+                    tokens, at = refill(None if row is None else (row[0], row[1]), limit.rate, now)
+                    if tokens < 1:
+                        wait = max(wait, (1 - tokens) * limit.rate[1] / limit.rate[0])
+                    buckets.append((limit.group, tokens - 1, at))
+            if wait > 0:
+                db.executemany(
+                    "INSERT OR IGNORE INTO parked (grp, job_id) VALUES (?, ?)",
+                    [(group, job_id) for group in full],
+                )
+                db.execute(  # handed back in the same change: no end can slip in between
+                    "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
+                    "run_at = ?, attempts = MAX(0, attempts - 1) "
+                    "WHERE id = ? AND state = 'running' AND token = ?",
+                    (now + wait, job_id, token),
+                )
+                return wait
+            db.executemany(
+                "INSERT OR IGNORE INTO places (grp, token, job_id) VALUES (?, ?, ?)",
+                [(lim.group, token, job_id) for lim in limits if lim.concurrency is not None],
+            )
+            db.executemany(
+                "INSERT INTO buckets (grp, tokens, at) VALUES (?, ?, ?) ON CONFLICT (grp) "
+                "DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
+                buckets,
+            )
+            return None
+
+    def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
+        with self._write() as db:
+            for limit in limits:
+                if limit.concurrency is None:
+                    continue
+                db.execute("DELETE FROM places WHERE grp = ? AND token = ?", (limit.group, token))
+                while True:
+                    row = db.execute(
+                        "SELECT seq, job_id FROM parked WHERE grp = ? ORDER BY seq LIMIT 1",
+                        (limit.group,),
+                    ).fetchone()
+                    if row is None:
+                        break
+                    db.execute("DELETE FROM parked WHERE seq = ?", (row[0],))
+                    moved = db.execute(
+                        "UPDATE jobs SET run_at = ? WHERE id = ? AND state = 'queued' "
+                        "AND run_at > ?",
+                        (now, row[1], now),
+                    )
+                    if moved.rowcount:
+                        break
 
     def abort(self, job_id: str, by: str, now: float) -> str:
         with self._write() as db:
