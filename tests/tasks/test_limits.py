@@ -153,3 +153,14 @@ def test_rates_read_as_people_write_them() -> None:
     assert parse_rate("r", "10/30s") == (10, 30.0)
     assert parse_rate("r", "2/d") == (2, 86400.0)
     assert parse_rate("r", None) is None
+
+
+def test_limits_survive_a_redis_that_forgot_its_scripts(redis_url: str) -> None:
+    from conveyor.tasks.backends import Limit
+
+    q = TaskQueue(redis_url)
+    q.enqueue("t", _id="one")
+    [lease] = q.backend.claim(q.name, "w", 30, q.now())
+    q.backend.client.script_flush()  # type: ignore[attr-defined]  # a restart, a flush
+    assert q.backend.acquire([Limit("g", concurrency=1)], "one", lease.token, q.now()) is None
+    q.close()

@@ -438,7 +438,7 @@ class Worker:
                 if self._suspect is not None and not self._running:
                     queue, lease = self._suspect
                     self._suspect = None
-                    if await self._admit(queue, lease):
+                    if await self._admit(queue, [lease]):
                         self._alone = lease.token
                         self._start(queue, lease)
                     continue
@@ -477,13 +477,16 @@ class Worker:
         take their lives too, and their crash budgets (``max_crashes``). So the first suspect
         is kept to run alone, and the rest of the claim is handed back, uncounted."""
         back: list[Lease] = []
+        taken: list[Lease] = []
         for lease in leases:
             if self._suspect is not None:
                 back.append(lease)
             elif self.concurrency > 1 and self._lost_elsewhere(lease.job):
                 self._suspect = (queue, lease)
-            elif await self._admit(queue, lease):
-                self._start(queue, lease)
+            else:
+                taken.append(lease)
+        for lease in await self._admit(queue, taken):
+            self._start(queue, lease)
         for lease in back:
             try:
                 await self._io_call(queue.backend.release, lease.job.id, lease.token, queue.now())
@@ -510,22 +513,29 @@ class Worker:
                 found.append(Limit(group, options.key_concurrency, options.key_rate))
         return found
 
-    async def _admit(self, queue: TaskQueue, lease: Lease) -> bool:
-        """Take the run's places in its limits; if one is full (or its rate spent), hand the
-        job back, claimable again when the limit may allow it (a run of its group that ends
-        brings it forward at once): it waits in the queue, not in a worker's slot."""
-        limits = self._limits_of(queue, lease.job)
-        if not limits:
-            return True
-        job_id, token = lease.job.id, lease.token
+    async def _admit(self, queue: TaskQueue, leases: list[Lease]) -> list[Lease]:
+        """Of ``leases``, those that may start: each takes its places in its limits (one
+        round trip for all); one whose limit is full (or its rate spent) is handed back by
+        the storage, claimable again when the limit may allow it (a run of its group that
+        ends brings it forward at once): it waits in the queue, not in a worker's slot."""
+        limited = [(lease, self._limits_of(queue, lease.job)) for lease in leases]
+        asked = [(limits, lease.job.id, lease.token) for lease, limits in limited if limits]
+        if not asked:
+            return leases
         try:
-            wait = await self._io_call(queue.backend.acquire, limits, job_id, token, queue.now())
-            if wait is None:
-                self._places[token] = (queue, limits)
-                return True
-        except Exception as exc:  # its lease lapses, and it is claimed again
-            log.error("job %s: its limits could not be looked at (%s)", job_id, exc)
-        return False
+            waits = iter(await self._io_call(queue.backend.acquire_many, asked, queue.now()))
+        except Exception as exc:  # their leases lapse, and they are claimed again
+            log.error("the limits of %d job(s) could not be looked at (%s)", len(asked), exc)
+            return [lease for lease, limits in limited if not limits]
+        admitted = []
+        for lease, limits in limited:
+            if not limits:
+                admitted.append(lease)
+            elif next(waits) is None:
+                if any(limit.concurrency is not None for limit in limits):
+                    self._places[lease.token] = (queue, limits)
+                admitted.append(lease)
+        return admitted
 
     def _free_places(self, token: str) -> None:
         """A run is over: free its places (the storage frees them anyway once it sees the

@@ -639,6 +639,13 @@ class Backend(ABC):
         no end of a run can slip in between and miss it. A ``token`` that does not hold the
         job gets ``PARKED_S`` and changes nothing: that run must not start."""
 
+    def acquire_many(
+        self, runs: Sequence[tuple[Sequence[Limit], str, str]], now: float
+    ) -> list[float | None]:
+        """``acquire`` for each ``(limits, job_id, token)``, in order (a backend may do them
+        in one transaction, or one round trip)."""
+        return [self.acquire(limits, job_id, token, now) for limits, job_id, token in runs]
+
     @abstractmethod
     def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
         """The run ``token`` is over: free its places, and bring forward (claimable now)

@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
@@ -523,13 +524,38 @@ class RedisBackend(Backend):
         return bool(self._tolerant("FAIL", [_f(now)], [job_id, token, error, kept_error(error)]))
 
     def acquire(self, limits: Sequence[Limit], job_id: str, token: str, now: float) -> float | None:
-        args: list[Any] = [job_id, token, _f(now), _f(PARKED_S)]
-        for limit in limits:
-            most = "" if limit.concurrency is None else limit.concurrency
-            n, per = ("", "") if limit.rate is None else (limit.rate[0], _f(limit.rate[1]))
-            args += [limit.group, most, n, per]
-        answer = self._script("ACQUIRE", args)
-        return None if answer is None else float(answer)
+        return self.acquire_many([(limits, job_id, token)], now)[0]
+
+    def acquire_many(
+        self, runs: Sequence[tuple[Sequence[Limit], str, str]], now: float
+    ) -> list[float | None]:
+        script = self._s["ACQUIRE"]
+        calls = []
+        for limits, job_id, token in runs:
+            args: list[Any] = [self.prefix, job_id, token, _f(now), _f(PARKED_S)]
+            for limit in limits:
+                most = "" if limit.concurrency is None else limit.concurrency
+                n, per = ("", "") if limit.rate is None else (limit.rate[0], _f(limit.rate[1]))
+                args += [limit.group, most, n, per]
+            calls.append(args)
+
+        def attempt(_replay: str) -> list[Any]:
+            # one round trip for the whole claim (each script still its own change), by its
+            # hash: a pipeline of Script calls would first ask whether the script is loaded
+            for _ in range(2):
+                pipe = self.client.pipeline(transaction=False)
+                for args in calls:
+                    pipe.evalsha(script.sha, 0, *args)
+                try:
+                    return list(pipe.execute())
+                except NoScriptError:
+                    # the server restarted or was flushed: every call failed the same way,
+                    # none ran; load the script and send them again
+                    self.client.script_load(script.script)
+            raise BackendError(f"Redis at {self.where} keeps forgetting conveyor's scripts")
+
+        answers = self._again(attempt) if calls else []
+        return [None if answer is None else float(answer) for answer in answers]
 
     def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
         groups = [limit.group for limit in limits if limit.concurrency is not None]

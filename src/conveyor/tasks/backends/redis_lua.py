@@ -642,7 +642,7 @@ return 1
 # wait, as a string (the job then handed back, claimable from now + that wait).
 ACQUIRE = r"""
 local job_id, token, now, parked_s = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-check_job(job_id)
+expect(jk(job_id), 'hash')
 -- a run that does not hold the job (any more) must not start
 if not held(job_id, token) then return ARGV[5] end
 for i = 6, #ARGV, 4 do
@@ -685,6 +685,7 @@ for i = 6, #ARGV, 4 do
   end
 end
 if wait > 0 then
+  check_job(job_id)  -- every key the hand-back writes (only then: a start writes none of them)
   for _, group in ipairs(full) do
     local parked = P .. 'park:' .. group
     if not redis.call('ZSCORE', parked, job_id) then

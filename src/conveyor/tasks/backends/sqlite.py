@@ -267,6 +267,67 @@ def _follow(db: sqlite3.Connection, job_id: str, now: float) -> None:
             blocked.append((dep_id, found[0], why, found[1]))
 
 
+def _acquire(
+    db: sqlite3.Connection, limits: Sequence[Limit], job_id: str, token: str, now: float
+) -> float | None:
+    """``acquire``, in the caller's write transaction."""
+    holds = db.execute(
+        "SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND token = ?",
+        (job_id, token),
+    ).fetchone()
+    if holds is None:
+        return PARKED_S  # that run does not hold the job (any more): it must not start
+    wait = 0.0
+    full: list[str] = []
+    buckets: list[tuple[str, float, float]] = []
+    for limit in limits:
+        if limit.concurrency is not None:
+            # the places of runs that are over are free again, however they ended
+            db.execute(
+                "DELETE FROM places WHERE grp = ? AND NOT EXISTS (SELECT 1 FROM jobs "
+                "WHERE jobs.id = places.job_id AND jobs.state = 'running' "
+                "AND jobs.token = places.token)",
+                (limit.group,),
+            )
+            (held,) = db.execute(
+                "SELECT COUNT(*) FROM places WHERE grp = ? AND token != ?",
+                (limit.group, token),
+            ).fetchone()
+            if held >= limit.concurrency:
+                full.append(limit.group)
+                wait = max(wait, PARKED_S)
+        if limit.rate is not None:
+            row = db.execute(
+                "SELECT tokens, at FROM buckets WHERE grp = ?", (limit.group,)
+            ).fetchone()
+            tokens, at = refill(None if row is None else (row[0], row[1]), limit.rate, now)
+            if tokens < 1:
+                wait = max(wait, (1 - tokens) * limit.rate[1] / limit.rate[0])
+            buckets.append((limit.group, tokens - 1, at))
+    if wait > 0:
+        db.executemany(
+            "INSERT OR IGNORE INTO parked (grp, job_id) VALUES (?, ?)",
+            [(group, job_id) for group in full],
+        )
+        db.execute(  # handed back in the same change: no end can slip in between
+            "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
+            "run_at = ?, attempts = MAX(0, attempts - 1) "
+            "WHERE id = ? AND state = 'running' AND token = ?",
+            (now + wait, job_id, token),
+        )
+        return wait
+    db.executemany(
+        "INSERT OR IGNORE INTO places (grp, token, job_id) VALUES (?, ?, ?)",
+        [(lim.group, token, job_id) for lim in limits if lim.concurrency is not None],
+    )
+    db.executemany(
+        "INSERT INTO buckets (grp, tokens, at) VALUES (?, ?, ?) ON CONFLICT (grp) "
+        "DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
+        buckets,
+    )
+    return None
+
+
 class SQLiteBackend(Backend):
     #: idle connections kept for the next call; more are opened while more threads call at
     #: once, and closed again when they come back to a full shelf
@@ -621,62 +682,13 @@ class SQLiteBackend(Backend):
             return cur.rowcount == 1
 
     def acquire(self, limits: Sequence[Limit], job_id: str, token: str, now: float) -> float | None:
+        return self.acquire_many([(limits, job_id, token)], now)[0]
+
+    def acquire_many(
+        self, runs: Sequence[tuple[Sequence[Limit], str, str]], now: float
+    ) -> list[float | None]:
         with self._write() as db:
-            holds = db.execute(
-                "SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND token = ?",
-                (job_id, token),
-            ).fetchone()
-            if holds is None:
-                return PARKED_S  # that run does not hold the job (any more): it must not start
-            wait = 0.0
-            full: list[str] = []
-            buckets: list[tuple[str, float, float]] = []
-            for limit in limits:
-                if limit.concurrency is not None:
-                    # the places of runs that are over are free again, however they ended
-                    db.execute(
-                        "DELETE FROM places WHERE grp = ? AND NOT EXISTS (SELECT 1 FROM jobs "
-                        "WHERE jobs.id = places.job_id AND jobs.state = 'running' "
-                        "AND jobs.token = places.token)",
-                        (limit.group,),
-                    )
-                    (held,) = db.execute(
-                        "SELECT COUNT(*) FROM places WHERE grp = ? AND token != ?",
-                        (limit.group, token),
-                    ).fetchone()
-                    if held >= limit.concurrency:
-                        full.append(limit.group)
-                        wait = max(wait, PARKED_S)
-                if limit.rate is not None:
-                    row = db.execute(
-                        "SELECT tokens, at FROM buckets WHERE grp = ?", (limit.group,)
-                    ).fetchone()
-                    tokens, at = refill(None if row is None else (row[0], row[1]), limit.rate, now)
-                    if tokens < 1:
-                        wait = max(wait, (1 - tokens) * limit.rate[1] / limit.rate[0])
-                    buckets.append((limit.group, tokens - 1, at))
-            if wait > 0:
-                db.executemany(
-                    "INSERT OR IGNORE INTO parked (grp, job_id) VALUES (?, ?)",
-                    [(group, job_id) for group in full],
-                )
-                db.execute(  # handed back in the same change: no end can slip in between
-                    "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
-                    "run_at = ?, attempts = MAX(0, attempts - 1) "
-                    "WHERE id = ? AND state = 'running' AND token = ?",
-                    (now + wait, job_id, token),
-                )
-                return wait
-            db.executemany(
-                "INSERT OR IGNORE INTO places (grp, token, job_id) VALUES (?, ?, ?)",
-                [(lim.group, token, job_id) for lim in limits if lim.concurrency is not None],
-            )
-            db.executemany(
-                "INSERT INTO buckets (grp, tokens, at) VALUES (?, ?, ?) ON CONFLICT (grp) "
-                "DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
-                buckets,
-            )
-            return None
+            return [_acquire(db, limits, job_id, token, now) for limits, job_id, token in runs]
 
     def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:
         with self._write() as db:
