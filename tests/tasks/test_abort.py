@@ -198,3 +198,39 @@ def test_conveyor_abort(tmp_path: Path) -> None:
     assert "missing: not aborted: it is unknown" in out.output
     with TaskQueue(url) as q:
         assert q.job(job.id).info().error == "aborted by carol"
+
+
+def test_a_lost_job_waiting_to_run_alone_is_aborted_without_running(
+    clocked: tuple[TaskQueue, ManualClock],
+) -> None:
+    q, clock = clocked
+    gate = threading.Event()
+    started = threading.Event()
+    ran: list[str] = []
+
+    @q.task(name="hold")
+    def hold() -> None:
+        started.set()
+        gate.wait(30)
+
+    @q.task(name="suspect")
+    def suspect() -> None:
+        ran.append("suspect")
+
+    hold.enqueue()
+    job = suspect.enqueue(_priority=10)
+    [taken] = q.backend.claim(q.name, "ghost", 5, q.now())  # a worker that then died
+    assert taken.job.id == job.id
+    run = Running(q.worker(name="w", handle_signals=False, poll_s=0.05, concurrency=2))
+    try:
+        assert started.wait(10)
+        clock.advance(10)  # the ghost's lease lapses: w takes the job, to run it alone
+        eventually(lambda: job.info().worker == "w")
+        assert job.abort(by="ops") == "requested"
+        next_beat(run, clock)  # the beat sees the request for the job that waits
+        gate.set()  # the other job ends: the waiting one would now start
+        eventually(lambda: job.status() == "aborted")
+    finally:
+        gate.set()
+        run.stop()
+    assert ran == []

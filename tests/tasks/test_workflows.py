@@ -14,6 +14,7 @@ import pytest
 
 from conveyor import (
     ConfigurationError,
+    JobAborted,
     Signature,
     TaskFailed,
     TaskQueue,
@@ -255,3 +256,13 @@ def test_a_worker_killed_mid_workflow_loses_and_doubles_no_step(
         assert len(runs) == 2 and {r.split()[1] for r in runs} == {"2"}
         assert [j.info().state for j in flow.jobs()] == ["done", "done", "done"]
         assert flow.jobs()[1].info().lost == 1
+
+
+def test_an_aborted_step_is_named_as_the_one_that_ended_the_workflow(q: TaskQueue) -> None:
+    t = arithmetic(q)
+    flow = chain(t["add"].s(1, 2), t["double"].s(), t["double"].s()).enqueue()
+    assert q.abort(flow.ids[1], by="alice") == "aborted"
+    drain(q)
+    with pytest.raises(JobAborted) as aborted:
+        flow.result(timeout_s=5)
+    assert aborted.value.job_id == flow.ids[1] and aborted.value.by == "alice"

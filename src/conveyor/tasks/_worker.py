@@ -871,8 +871,10 @@ class Worker:
         postponed, or not kept (its lease was lost). ``starting`` is called just before the
         task's function."""
         job = lease.job
-        if job.abort_by is not None:  # asked while an earlier attempt ran: not run again
-            return await self._end_aborted(queue, lease, job.abort_by)
+        # asked while an earlier attempt ran, or while this one waited to run alone
+        asked = job.abort_by or self._aborting.get(lease.token)
+        if asked is not None:
+            return await self._end_aborted(queue, lease, asked)
         task = queue.tasks.get(job.task)
         if task is None:
             return await self._unknown(queue, lease)
@@ -1108,12 +1110,15 @@ class Worker:
     async def _look_for_aborts(self) -> None:
         """Ask the storage which running jobs someone asked to abort, and stop them."""
         per_queue: dict[TaskQueue, list[str]] = {}
-        for _, queue, lease in list(self._running.values()):
+        held = [(queue, lease) for _, queue, lease in list(self._running.values())]
+        if self._suspect is not None:  # claimed, waiting to run alone
+            held.append(self._suspect)
+        for queue, lease in held:
             if lease.token not in self._aborting and lease.token not in self._settling:
                 per_queue.setdefault(queue, []).append(lease.job.id)
         for queue, ids in per_queue.items():
             asked = await self._io_call(queue.backend.abort_requests, ids)
-            for _, q, lease in list(self._running.values()):
+            for q, lease in held:
                 by = asked.get(lease.job.id) if q is queue else None
                 if by is not None and lease.token not in self._aborting:
                     self._stop_run(lease, by)

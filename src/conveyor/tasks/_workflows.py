@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from .._errors import ConfigurationError, JobNotFound, TaskFailed
-from .backends.base import DEAD, DONE, RUNNING, WAITING, NewJob
+from .._errors import ConfigurationError, JobAborted, JobNotFound, TaskFailed
+from .backends.base import ABORTED, DEAD, DONE, RUNNING, WAITING, NewJob
 
 if TYPE_CHECKING:
     from ._queue import JobHandle, Task, TaskQueue
@@ -301,7 +301,10 @@ class WorkflowHandle(Generic[R]):
                 ) from None
             except TaskFailed as failed:
                 root = self._first_dead(failed.job_id)
-                raise TaskFailed(root.id, root.task, root.error or "") from None
+                if root is None:
+                    raise
+                kind = JobAborted if root.state == ABORTED else TaskFailed
+                raise kind(root.id, root.task, root.error or "") from None
         return cast(R, values if self.many else values[0])
 
     def _first_dead(self, job_id: str) -> Any:
@@ -313,7 +316,7 @@ class WorkflowHandle(Generic[R]):
             if job is None or not error.startswith(_NOT_RUN):
                 break
             before = self.queue.get(error[len(_NOT_RUN) :].split(" ", 1)[0])
-            if before is None or before.state != DEAD:
+            if before is None or before.state not in (DEAD, ABORTED):
                 break
             job = before
         return job
