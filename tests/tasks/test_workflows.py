@@ -266,3 +266,23 @@ def test_an_aborted_step_is_named_as_the_one_that_ended_the_workflow(q: TaskQueu
     with pytest.raises(JobAborted) as aborted:
         flow.result(timeout_s=5)
     assert aborted.value.job_id == flow.ids[1] and aborted.value.by == "alice"
+
+
+def test_a_workflow_enqueued_again_after_it_failed_adds_nothing_and_waits_for_nothing(
+    q: TaskQueue,
+) -> None:
+    """Its first step is done and kept, a later one dead: enqueued again under the same id,
+    it adds no step (a step waiting for one that is done already would wait for ever)."""
+    t = arithmetic(q)
+    flow = chain(t["add"].s(1, 2), t["boom"].s(), t["double"].s()).enqueue(_id="wf-again")
+    drain(q)
+    again = chain(t["add"].s(1, 2), t["boom"].s(), t["double"].s()).enqueue(_id="wf-again")
+    assert not again.added
+    assert [j.status() for j in again.jobs()] == ["done", "dead", "dead"]
+    assert q.stats().waiting == 0
+    with pytest.raises(TaskFailed, match="cannot take 3"):
+        again.result(timeout_s=5)
+    assert flow.ids == again.ids
+    fresh = chain(t["add"].s(1, 2), t["double"].s()).enqueue(_id="wf-fresh")
+    drain(q)
+    assert fresh.result(timeout_s=5) == 6

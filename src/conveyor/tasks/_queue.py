@@ -1210,9 +1210,9 @@ class TaskQueue:
             with self.tracing.sending(self.name, len(news)) as (carrier, named):
                 news, exits, many = compile_workflow(self, flow, workflow_id, carrier)
                 named([new.id for new in news])
-                stored = self.backend.enqueue(news, self.now())
+                stored = self.backend.enqueue(news, self.now(), whole=True)
         else:
-            stored = self.backend.enqueue(news, self.now())
+            stored = self.backend.enqueue(news, self.now(), whole=True)
         if self.hooks.enqueued:
             for job, added in stored:
                 if added:

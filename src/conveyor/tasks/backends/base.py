@@ -487,6 +487,19 @@ def replaceable(job: Job, now: float) -> bool:
     )
 
 
+def taken_whole(
+    jobs: Sequence[NewJob], there: Sequence[Job | None], now: float
+) -> list[tuple[Job, bool]] | None:
+    """For an enqueue of ``whole``: if an id of the batch is taken (``there``: what is
+    stored under each), what the enqueue returns, nothing added; None if all may be added."""
+    if not any(old is not None and not replaceable(old, now) for old in there):
+        return None
+    return [
+        (old if old is not None else fresh_job(new, now), False)
+        for new, old in zip(jobs, there, strict=True)
+    ]
+
+
 def fresh_job(new: NewJob, now: float) -> Job:
     """The job ``new`` as it is stored when enqueued at ``now``."""
     return Job(
@@ -520,8 +533,11 @@ class Backend(ABC):
     wakes_without_polling: bool = False
 
     @abstractmethod
-    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
-        """Store each job unless its id is queued, running or done.
+    def enqueue(
+        self, jobs: Sequence[NewJob], now: float, whole: bool = False
+    ) -> list[tuple[Job, bool]]:
+        """Store each job unless its id is queued, running or done. ``whole`` (a workflow's
+        steps): if any of them would not be added, none is.
 
         Returns, per job and in order, the job as stored and whether it was added (False: the
         existing job is returned and nothing changed). A dead job with the same id, or a done job

@@ -39,6 +39,7 @@ from .base import (
     not_run_because,
     refill,
     replaceable,
+    taken_whole,
 )
 
 
@@ -111,8 +112,14 @@ class MemoryBackend(Backend):
             self._q(job.queue).key_running.discard(job.key)
 
     # -- the contract ---------------------------------------------------------------------------
-    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+    def enqueue(
+        self, jobs: Sequence[NewJob], now: float, whole: bool = False
+    ) -> list[tuple[Job, bool]]:
         with self._lock:
+            if whole:
+                taken = taken_whole(jobs, [self._jobs.get(new.id) for new in jobs], now)
+                if taken is not None:
+                    return taken
             return self._enqueue(jobs, now)
 
     def _enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:

@@ -462,17 +462,32 @@ class RedisBackend(Backend):
         return float(seconds) + micros / 1e6
 
     # -- the contract ---------------------------------------------------------------------------
-    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
+    def enqueue(
+        self, jobs: Sequence[NewJob], now: float, whole: bool = False
+    ) -> list[tuple[Job, bool]]:
+        if whole:  # one script for the whole batch: all or none
+            replies = self._script("ENQUEUE", [_f(now), "1", *_job_args(jobs)])
+            if replies and replies[0] == -1:
+                return [
+                    (fresh_job(new, now) if reply == 0 else _job(reply), False)
+                    for new, reply in zip(jobs, replies[1:], strict=True)
+                ]
+            return self._stored(jobs, replies, now)
         out: list[tuple[Job, bool]] = []
         for start in range(0, len(jobs), _CHUNK):
             chunk = jobs[start : start + _CHUNK]
-            replies = self._script("ENQUEUE", [_f(now), *_job_args(chunk)])
-            for new, reply in zip(chunk, replies, strict=True):
-                if reply == 0:
-                    out.append((fresh_job(new, now), True))
-                else:
-                    out.append((_job(reply), False))
+            replies = self._script("ENQUEUE", [_f(now), "0", *_job_args(chunk)])
+            out += self._stored(chunk, replies, now)
         return out
+
+    @staticmethod
+    def _stored(
+        jobs: Sequence[NewJob], replies: Sequence[Any], now: float
+    ) -> list[tuple[Job, bool]]:
+        return [
+            (fresh_job(new, now), True) if reply == 0 else (_job(reply), False)
+            for new, reply in zip(jobs, replies, strict=True)
+        ]
 
     def claim(
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1

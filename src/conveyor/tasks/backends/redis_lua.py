@@ -350,11 +350,26 @@ local function enqueue_from(first, now)
 end
 """
 
-# ARGV: P, now, then per job: id, queue, task, payload, priority, key ('' for none), run_at,
-# waits_for, then (JSON, '' for none).
+# ARGV: P, now, whole ('1': add all or none), then per job: id, queue, task, payload, priority,
+# key ('' for none), run_at, waits_for, then (JSON, '' for none). Returns per job 0 (added) or
+# the existing job's fields; with whole and an id taken, -1 then per job 0 (free) or fields.
 # Returns per job 0 (added) or the existing job's fields.
 ENQUEUE = r"""
-return enqueue_from(3, ARGV[2])
+if ARGV[3] == '1' then  -- whole: if any id is taken, add none
+  local out, taken = {-1}, false
+  for i = 4, #ARGV, 9 do
+    check_job(ARGV[i])
+    local st = redis.call('HMGET', jk(ARGV[i]), 'state', 'keep_until')
+    local free = not st[1] or st[1] == 'dead' or st[1] == 'aborted'
+      or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(ARGV[2]))
+    if free then out[#out + 1] = 0 else
+      taken = true
+      out[#out + 1] = redis.call('HGETALL', jk(ARGV[i]))
+    end
+  end
+  if taken then return out end
+end
+return enqueue_from(4, ARGV[2])
 """
 
 # ARGV: P, name, the record expected ('' for none), the new record ('' to remove), now, then

@@ -56,6 +56,7 @@ from .base import (
     parse_history,
     refill,
     replaceable,
+    taken_whole,
 )
 
 _SCHEMA = """
@@ -484,8 +485,10 @@ class SQLiteBackend(Backend):
         return None if row is None else _job(row)
 
     # -- the contract ---------------------------------------------------------------------------
-    def enqueue(self, jobs: Sequence[NewJob], now: float) -> list[tuple[Job, bool]]:
-        if len(jobs) == 1:
+    def enqueue(
+        self, jobs: Sequence[NewJob], now: float, whole: bool = False
+    ) -> list[tuple[Job, bool]]:
+        if len(jobs) == 1 and not whole:
             # the common case: one statement, its own transaction (autocommit). seq is the
             # rowid, numbered past every row there is
             new = jobs[0]
@@ -494,6 +497,10 @@ class SQLiteBackend(Backend):
             if cur.rowcount == 1:
                 return [(fresh_job(new, now), True)]
         with self._write() as db:
+            if whole:
+                taken = taken_whole(jobs, [self._read(db, new.id) for new in jobs], now)
+                if taken is not None:
+                    return taken
             return self._enqueue(db, jobs, now)
 
     def _enqueue(
