@@ -227,7 +227,8 @@ def test_a_lost_job_waiting_to_run_alone_is_aborted_without_running(
         clock.advance(10)  # the ghost's lease lapses: w takes the job, to run it alone
         eventually(lambda: job.info().worker == "w")
         assert job.abort(by="ops") == "requested"
-        next_beat(run, clock)  # the beat sees the request for the job that waits
+        next_beat(run, clock)  # the beat sees the request for the job that waits ...
+        next_beat(run, clock, 0)  # ... and is over
         gate.set()  # the other job ends: the waiting one would now start
         eventually(lambda: job.status() == "aborted")
     finally:

@@ -854,3 +854,21 @@ def test_the_end_of_a_run_brings_the_first_job_waiting_for_its_place_forward(
     backend.release_places(one, ta, 2.0)
     assert claim_ids(backend, 2.0) == [b]  # brought forward at once, c still waits
     assert claim_ids(backend, 1.0 + PARKED_S) == [c]
+
+
+def test_jobs_refused_by_a_rate_come_back_one_interval_apart(backend: Backend) -> None:
+    """Each refused job holds a start of its own: they do not all come due at the next
+    token (and all but one get refused again, and again)."""
+    one_per_s = [Limit("paced", rate=(1, 1.0))]
+    runs = running(backend, 5, 100.0)
+    waits = [backend.acquire(one_per_s, job_id, token, 100.0) for job_id, token in runs]
+    assert waits[0] is None
+    assert [round(w or 0, 6) for w in waits[1:]] == [1.0, 2.0, 3.0, 4.0]
+    # each comes back at its time and starts without being refused again
+    for k in range(1, 5):
+        [again] = backend.claim(Q, "w", 30, 100.0 + k, 1)
+        assert again.job.id == runs[k][0]
+        assert backend.acquire(one_per_s, again.job.id, again.token, 100.0 + k) is None
+    # a fresh job now waits behind none of them
+    ((late, token),) = running(backend, 1, 105.0)
+    assert backend.acquire(one_per_s, late, token, 105.0) is None

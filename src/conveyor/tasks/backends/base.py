@@ -281,6 +281,31 @@ def refill(
     return min(float(n), tokens + max(0.0, now - at) * n / per), now
 
 
+def rate_step(
+    state: tuple[float, float] | None,
+    rate: tuple[int, float],
+    now: float,
+    reserved_at: float | None,
+) -> tuple[float, tuple[float, float]]:
+    """What a job asks of a rate's bucket at ``now``: ``(wait, bucket)``. ``wait == 0``: it
+    starts, and ``bucket`` is the state to store. Otherwise it waits ``wait`` seconds and
+    ``bucket`` holds its reservation: the start is taken now (the bucket may go below
+    zero), so the next job refused waits one interval longer, and jobs come back one by
+    one, not all at the next token. A job that holds a reservation (``reserved_at``)
+    starts once its time has come, taking nothing more."""
+    tokens, at = refill(state, rate, now)
+    if reserved_at is not None:
+        return (0.0 if reserved_at <= now + 0.001 else reserved_at - now), (tokens, at)
+    if tokens >= 1:
+        return 0.0, (tokens - 1, at)
+    return (1 - tokens) * rate[1] / rate[0], (tokens - 1, at)
+
+
+def reservation_kept_s(rate: tuple[int, float]) -> float:
+    """How long a reservation whose job never came back is kept before it is dropped."""
+    return max(60.0, 10 * rate[1])
+
+
 #: how long a worker's record is kept after its last beat (a stopped or gone worker stays
 #: visible for this long, then is forgotten)
 WORKER_KEPT_S = 86400.0

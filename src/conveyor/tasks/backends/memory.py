@@ -37,8 +37,9 @@ from .base import (
     fresh_job,
     kept_error,
     not_run_because,
-    refill,
+    rate_step,
     replaceable,
+    reservation_kept_s,
     taken_whole,
 )
 
@@ -68,6 +69,8 @@ class MemoryBackend(Backend):
         self._places: dict[str, dict[str, str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self._parked: dict[str, list[str]] = {}
+        #: per rate: the jobs refused that hold a start, and from when
+        self._reserved: dict[str, dict[str, float]] = {}
         self._seq: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._next_seq = 0
@@ -435,7 +438,8 @@ class MemoryBackend(Backend):
                 return PARKED_S  # that run does not hold the job (any more): it must not start
             wait = 0.0
             full: list[str] = []
-            buckets: dict[str, tuple[float, float]] = {}
+            starts: dict[str, tuple[float, float]] = {}
+            reserves: dict[str, tuple[tuple[float, float], float]] = {}
             for limit in limits:
                 if limit.concurrency is not None:
                     places = self._places.setdefault(limit.group, {})
@@ -447,21 +451,35 @@ class MemoryBackend(Backend):
                         full.append(limit.group)
                         wait = max(wait, PARKED_S)
                 if limit.rate is not None:
-                    tokens, at = refill(self._buckets.get(limit.group), limit.rate, now)
-                    if tokens < 1:
-                        wait = max(wait, (1 - tokens) * limit.rate[1] / limit.rate[0])
-                    buckets[limit.group] = (tokens - 1, at)
+                    booked = self._reserved.setdefault(limit.group, {})
+                    for other, at in list(booked.items()):
+                        if at < now - reservation_kept_s(limit.rate):
+                            del booked[other]  # its job never came back
+                    state = self._buckets.get(limit.group)
+                    need, bucket = rate_step(state, limit.rate, now, booked.get(job_id))
+                    if need == 0:
+                        starts[limit.group] = bucket
+                    else:
+                        wait = max(wait, need)
+                        if job_id not in booked:
+                            reserves[limit.group] = (bucket, now + need)
             if wait > 0:
                 for group in full:
                     waiting = self._parked.setdefault(group, [])
                     if job_id not in waiting:
                         waiting.append(job_id)
+                if not full:  # a job parked for a place reserves no start: it may wait long
+                    for group, (bucket, at) in reserves.items():
+                        self._buckets[group] = bucket
+                        self._reserved[group][job_id] = at
                 self._end_lease_held(job_id, token, uncount=True, state=QUEUED, run_at=now + wait)
                 return wait
             for limit in limits:
                 if limit.concurrency is not None:
                     self._places[limit.group][token] = job_id
-            self._buckets.update(buckets)
+                if limit.rate is not None:
+                    self._reserved[limit.group].pop(job_id, None)
+            self._buckets.update(starts)
             return None
 
     def release_places(self, limits: Sequence[Limit], token: str, now: float) -> None:

@@ -190,7 +190,7 @@ def _kind_of(rest: str) -> str | None:
         return "hash"
     if rest.startswith(("lim:", "rate:")):
         return "hash"
-    if rest.startswith("park:"):
+    if rest.startswith(("park:", "resv:")):
         return "zset"
     if rest.startswith("q:"):
         part = rest.rsplit(":", 1)[-1]

@@ -23,6 +23,7 @@ Layout under the prefix ``P`` (``conveyor:`` by default)::
     P lim:<group>         hash: a concurrency limit's places, run token -> job id
     P park:<group>        zset: the jobs waiting for a place, in order
     P rate:<group>        hash: a rate's bucket (tokens, at)
+    P resv:<group>        zset: the jobs a rate refused, each holding a start, by when
 
 A job without a key is "placed" (in ready or delayed) whenever it is queued. A keyed job is
 placed only while it is the first queued job of its key and no job of its key runs; the others
@@ -664,9 +665,10 @@ for i = 6, #ARGV, 4 do
   expect(P .. 'lim:' .. ARGV[i], 'hash')
   expect(P .. 'park:' .. ARGV[i], 'zset')
   expect(P .. 'rate:' .. ARGV[i], 'hash')
+  expect(P .. 'resv:' .. ARGV[i], 'zset')
 end
 local wait = 0
-local full, take = {}, {}
+local full, starts, reserves = {}, {}, {}
 for i = 6, #ARGV, 4 do
   local group, most, n, per = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if most ~= '' then
@@ -688,15 +690,29 @@ for i = 6, #ARGV, 4 do
     end
   end
   if n ~= '' then
+    -- a bucket that may go below zero: each refused job holds a start of its own (see
+    -- base.rate_step), so the refused come back one interval apart
     local cap, period = tonumber(n), tonumber(per)
+    local booked_key = P .. 'resv:' .. group
+    redis.call('ZREMRANGEBYSCORE', booked_key, '-inf', now - math.max(60, 10 * period))
     local st = redis.call('HMGET', P .. 'rate:' .. group, 'tokens', 'at')
     local tokens = tonumber(st[1]) or cap
     local at = tonumber(st[2]) or now
     tokens = math.min(cap, tokens + math.max(0, now - at) * cap / period)
-    if tokens < 1 then
-      wait = math.max(wait, (1 - tokens) * period / cap)
+    local booked = redis.call('ZSCORE', booked_key, job_id)
+    if booked then
+      if tonumber(booked) <= now + 0.001 then
+        starts[#starts + 1] = {group, tokens}
+      else
+        wait = math.max(wait, tonumber(booked) - now)
+      end
+    elseif tokens >= 1 then
+      starts[#starts + 1] = {group, tokens - 1}
+    else
+      local need = (1 - tokens) * period / cap
+      wait = math.max(wait, need)
+      reserves[#reserves + 1] = {group, tokens - 1, now + need}
     end
-    take[#take + 1] = {P .. 'rate:' .. group, tokens - 1}
   end
 end
 if wait > 0 then
@@ -705,6 +721,13 @@ if wait > 0 then
     local parked = P .. 'park:' .. group
     if not redis.call('ZSCORE', parked, job_id) then
       redis.call('ZADD', parked, redis.call('INCR', P .. 'seq'), job_id)
+    end
+  end
+  if #full == 0 then  -- a job parked for a place reserves no start: it may wait long
+    for _, r in ipairs(reserves) do
+      redis.call('HSET', P .. 'rate:' .. r[1], 'tokens', string.format('%.17g', r[2]),
+        'at', ARGV[4])
+      redis.call('ZADD', P .. 'resv:' .. r[1], string.format('%.17g', r[3]), job_id)
     end
   end
   -- handed back in the same change: no end of a run can slip in between
@@ -723,8 +746,9 @@ end
 for i = 6, #ARGV, 4 do
   if ARGV[i + 1] ~= '' then redis.call('HSET', P .. 'lim:' .. ARGV[i], token, job_id) end
 end
-for _, t in ipairs(take) do
-  redis.call('HSET', t[1], 'tokens', string.format('%.17g', t[2]), 'at', ARGV[4])
+for _, t in ipairs(starts) do
+  redis.call('HSET', P .. 'rate:' .. t[1], 'tokens', string.format('%.17g', t[2]), 'at', ARGV[4])
+  redis.call('ZREM', P .. 'resv:' .. t[1], job_id)
 end
 return false
 """

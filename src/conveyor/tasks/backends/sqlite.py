@@ -54,8 +54,9 @@ from .base import (
     kept_error,
     not_run_because,
     parse_history,
-    refill,
+    rate_step,
     replaceable,
+    reservation_kept_s,
     taken_whole,
 )
 
@@ -111,6 +112,12 @@ CREATE TABLE IF NOT EXISTS buckets (
     grp TEXT PRIMARY KEY,
     tokens REAL NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reserved (
+    grp TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (grp, job_id)
 );
 CREATE TABLE IF NOT EXISTS parked (
     seq INTEGER PRIMARY KEY,
@@ -280,7 +287,8 @@ def _acquire(
         return PARKED_S  # that run does not hold the job (any more): it must not start
     wait = 0.0
     full: list[str] = []
-    buckets: list[tuple[str, float, float]] = []
+    starts: list[tuple[str, float, float]] = []
+    reserves: list[tuple[str, float, float, float]] = []
     for limit in limits:
         if limit.concurrency is not None:
             # the places of runs that are over are free again, however they ended
@@ -298,18 +306,35 @@ def _acquire(
                 full.append(limit.group)
                 wait = max(wait, PARKED_S)
         if limit.rate is not None:
+            db.execute(  # reservations whose job never came back
+                "DELETE FROM reserved WHERE grp = ? AND at < ?",
+                (limit.group, now - reservation_kept_s(limit.rate)),
+            )
             row = db.execute(
                 "SELECT tokens, at FROM buckets WHERE grp = ?", (limit.group,)
             ).fetchone()
-            tokens, at = refill(None if row is None else (row[0], row[1]), limit.rate, now)
-            if tokens < 1:
-                wait = max(wait, (1 - tokens) * limit.rate[1] / limit.rate[0])
-            buckets.append((limit.group, tokens - 1, at))
+            booked = db.execute(
+                "SELECT at FROM reserved WHERE grp = ? AND job_id = ?", (limit.group, job_id)
+            ).fetchone()
+            state = None if row is None else (row[0], row[1])
+            need, bucket = rate_step(state, limit.rate, now, None if booked is None else booked[0])
+            if need == 0:
+                starts.append((limit.group, *bucket))
+            else:
+                wait = max(wait, need)
+                if booked is None:
+                    reserves.append((limit.group, *bucket, now + need))
     if wait > 0:
         db.executemany(
             "INSERT OR IGNORE INTO parked (grp, job_id) VALUES (?, ?)",
             [(group, job_id) for group in full],
         )
+        if not full:  # a job parked for a place reserves no start: it may wait long
+            db.executemany(_SET_BUCKET, [(group, tokens, at) for group, tokens, at, _ in reserves])
+            db.executemany(
+                "INSERT OR REPLACE INTO reserved (grp, job_id, at) VALUES (?, ?, ?)",
+                [(group, job_id, due) for group, _, _, due in reserves],
+            )
         db.execute(  # handed back in the same change: no end can slip in between
             "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
             "run_at = ?, attempts = MAX(0, attempts - 1) "
@@ -321,12 +346,18 @@ def _acquire(
         "INSERT OR IGNORE INTO places (grp, token, job_id) VALUES (?, ?, ?)",
         [(lim.group, token, job_id) for lim in limits if lim.concurrency is not None],
     )
+    db.executemany(_SET_BUCKET, starts)
     db.executemany(
-        "INSERT INTO buckets (grp, tokens, at) VALUES (?, ?, ?) ON CONFLICT (grp) "
-        "DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
-        buckets,
+        "DELETE FROM reserved WHERE grp = ? AND job_id = ?",
+        [(lim.group, job_id) for lim in limits if lim.rate is not None],
     )
     return None
+
+
+_SET_BUCKET = (
+    "INSERT INTO buckets (grp, tokens, at) VALUES (?, ?, ?) ON CONFLICT (grp) "
+    "DO UPDATE SET tokens = excluded.tokens, at = excluded.at"
+)
 
 
 class SQLiteBackend(Backend):
