@@ -579,6 +579,7 @@ class AsgiDashboard:
 
         loop = asyncio.get_running_loop()
         if self._pool is None:
+            # the dashboard's own pages, which read the storage: no user code runs here
             self._pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor:dashboard")
         chunks = await loop.run_in_executor(
             self._pool, lambda: list(self.dashboard(environ, start))

@@ -145,7 +145,7 @@ def test_a_process_task_is_killed_and_its_process_replaced(q: TaskQueue, tmp_pat
     @q.task(name="sleeper", executor="process")
     def sleeper(path: str) -> None:
         Path(path).write_text("started")
-        time.sleep(600)
+        time.sleep(600)  # the work itself: only the abort (its process killed) ends it
 
     @q.task(name="quick", executor="process")
     def quick() -> int:

@@ -49,7 +49,7 @@ from .._errors import (
 )
 from ._jobs import KIND_OF_EXECUTOR, JobContext, JobSource
 from ._liveness import host_key, process_started, why_gone
-from ._queue import CancelTask, RetryTask, Task, TaskQueue, call_hooks, check_result
+from ._queue import CancelTask, RetryTask, Task, TaskQueue, _seconds, call_hooks, check_result
 from ._workflows import waited_for
 from .backends import RUNNING, Backend, Job, Lease, Limit
 from .backends.base import WorkerInfo
@@ -130,12 +130,6 @@ class _RaisedCancelled(Exception):
     cancelled."""
 
 
-def _seconds_at_least_0(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ConfigurationError(f"{name} must be >= 0 seconds, not {value!r}")
-    return float(value)
-
-
 class Worker:
     """Runs the jobs of ``queues``.
 
@@ -174,8 +168,8 @@ class Worker:
             raise ConfigurationError("lease_s and poll_s must be positive, shutdown_grace_s >= 0")
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
-        self.unknown_task_s = _seconds_at_least_0("unknown_task_s", unknown_task_s)
-        self.abort_grace_s = _seconds_at_least_0("abort_grace_s", abort_grace_s)
+        self.unknown_task_s = _seconds("unknown_task_s", unknown_task_s)
+        self.abort_grace_s = _seconds("abort_grace_s", abort_grace_s)
         self.queues = queues
         #: the time leases, heartbeats and pauses follow: the first queue's clock
         self.clock = queues[0].clock
@@ -837,6 +831,9 @@ class Worker:
             payload = exc
         told = False
 
+        # hooks are the worker's own callbacks (as a logging handler is), not work: they are
+        # called here, on the loop the async kind runs on, as an inline task would be, and
+        # must be quick; the jobs' code runs on the kinds
         def starting() -> None:
             nonlocal told
             if not told:
