@@ -350,3 +350,36 @@ def test_a_record_that_cannot_be_read_or_run_stops_no_other_schedule_and_can_be_
         corrupt(q, "bbb", text)
         out = CliRunner().invoke(main, ["schedules", url, "--remove", "bbb"])
         assert out.exit_code == 0, out.output
+
+
+def test_a_schedules_pass_that_fails_is_logged_and_tried_again_at_the_next_beat(
+    clocked: tuple[TaskQueue, ManualClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    from conveyor import BackendUnavailable
+
+    q, clock = clocked
+    ran: list[int] = []
+
+    @q.task(name="count")
+    def count() -> None:
+        ran.append(1)
+
+    q.schedule("c", None, count, every_s=1)
+    real = q.run_schedules
+    failures = [BackendUnavailable("storage away")] * 2
+
+    def flaky(lookahead_s: float = 0.0) -> list[str]:
+        if failures:
+            raise failures.pop()
+        return real(lookahead_s)
+
+    q.run_schedules = flaky  # type: ignore[method-assign]
+    run = Running(q.worker(name="w", handle_signals=False, poll_s=0.05))
+    try:
+        for _ in range(4):
+            next_beat(run, clock)
+        eventually(lambda: len(ran) >= 1)
+    finally:
+        run.stop()
+    assert run.raised == [] and not failures
+    assert sum("could not run the schedules" in r.getMessage() for r in caplog.records) == 2
