@@ -94,9 +94,10 @@ def test_a_worker_whose_clock_jumped_looks_again_before_it_judges_by_beats(
     run = Running(q.worker(name="live", handle_signals=False, poll_s=0.05))
     try:
         next_beat(run, clock, 100)  # the ghost looks 100 s silent, but so would anyone now
-        next_beat(run, clock)
+        next_beat(run, clock, 0)  # that look is over (the clock has not moved since)
         info = q.backend.get(job_id)
         assert info is not None and info.worker == "ghost" and info.state == "running"
+        next_beat(run, clock)
         # the ghost's record still has no new beat a second later: now it is judged
         eventually(lambda: [w.reclaimed_at for w in q.workers() if w.id == "ghost"] != [None])
     finally:
