@@ -27,6 +27,7 @@ PUBLISHED_EXTRAS = {
     "top": "rich",
     "msgpack": "msgpack",
     "cron": "cronsim",
+    "postgres": "psycopg",
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .postgres_server import PostgresServer
 from .redis_server import RedisServer
 
 
@@ -103,3 +104,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_url(redis_server: RedisServer, request: pytest.FixtureRequest) -> str:
     """The session server's URL, with a key prefix of this test's own."""
     return f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL cluster started for this test session (never the machine's
+    own server), with a database ``conveyor`` and a user ``secret`` that needs a password."""
+    server = PostgresServer()
+    try:
+        server.start()
+        server.create_database("conveyor")
+        server.psql(f"CREATE ROLE secret LOGIN PASSWORD '{server.PASSWORD}'")
+        server.psql("GRANT ALL ON DATABASE conveyor TO secret")
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The session cluster's URL, with a schema of this test's own, made by ``migrate``."""
+    from conveyor.tasks.backends.postgres import migrate
+
+    url = f"{postgres_server.url()}?schema=t{uuid.uuid4().hex[:12]}"
+    migrate(url)
+    return url

@@ -11,7 +11,7 @@ from conveyor.tasks.backends import Backend, MemoryBackend, SQLiteBackend
 
 from ..conftest import eventually
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "postgres"]
 
 
 def make_backend(kind: str, request: pytest.FixtureRequest, folder: Path) -> Backend:
@@ -19,6 +19,10 @@ def make_backend(kind: str, request: pytest.FixtureRequest, folder: Path) -> Bac
         return MemoryBackend()
     if kind == "sqlite":
         return SQLiteBackend(folder / "queue.db")
+    if kind == "postgres":
+        from conveyor.tasks.backends.postgres import PostgresBackend
+
+        return PostgresBackend(request.getfixturevalue("postgres_url"))
     from conveyor.tasks.backends.redis import RedisBackend
 
     return RedisBackend(request.getfixturevalue("redis_url"))
@@ -34,8 +38,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 def queue_url(kind: str, request: pytest.FixtureRequest, folder: Path) -> str:
     if kind == "memory":
         return f"memory://{folder.name}"
-    if kind == "redis":
-        url: str = request.getfixturevalue("redis_url")
+    if kind in ("redis", "postgres"):
+        url: str = request.getfixturevalue(f"{kind}_url")
         return url
     return f"sqlite:///{folder / 'q.db'}"
 

@@ -395,8 +395,18 @@ def open_backend(url: str, create: bool = True) -> Backend:
                 "pip install 'conveyor[redis]'"
             ) from exc
         return RedisBackend(url)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from .backends.postgres import PostgresBackend
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a {scheme}:// queue needs psycopg 3, which is not installed: "
+                "pip install 'conveyor[postgres]'"
+            ) from exc
+        return PostgresBackend(url)
     raise ConfigurationError(
-        f"unknown queue URL {url!r}: use memory://, sqlite:///path or redis://host:port/db"
+        f"unknown queue URL {redacted(url)!r}: use memory://, sqlite:///path, "
+        "redis://host:port/db or postgresql://user@host:5432/db"
     )
 
 
@@ -509,17 +519,34 @@ class Task(Generic[P, R]):
     ) -> JobHandle[R]: ...
     @overload
     def enqueue(self, *args: Any, _key: str, **kwargs: Any) -> JobHandle[R]: ...
+    @overload
+    def enqueue(
+        self,
+        *args: Any,
+        _connection: Any,
+        _id: str | None = None,
+        _delay_s: float | None = None,
+        _eta: datetime | float | None = None,
+        _priority: int | None = None,
+        _key: str | None = None,
+        **kwargs: Any,
+    ) -> JobHandle[R]: ...
     def enqueue(self, *args: Any, **kwargs: Any) -> JobHandle[R]:
         """Add a job; options start with an underscore: ``_id``, ``_delay_s``, ``_eta``,
-        ``_priority``, ``_key``. An id that is queued, running or done returns the existing
-        job and adds nothing."""
+        ``_priority``, ``_key``, ``_connection`` (PostgreSQL: write the job in that
+        connection's transaction). An id that is queued, running or done returns the
+        existing job and adds nothing."""
         return self.queue.enqueue(self, *args, **kwargs)
 
     def enqueue_many(
-        self, calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+        self,
+        calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+        *,
+        _connection: Any = None,
     ) -> list[JobHandle[R]]:
-        """Add many jobs in one transaction: ``calls`` are ``(args, kwargs)`` pairs."""
-        return self.queue.enqueue_many(self, calls)
+        """Add many jobs in one transaction: ``calls`` are ``(args, kwargs)`` pairs
+        (``_connection``: that connection's transaction, as for ``enqueue``)."""
+        return self.queue.enqueue_many(self, calls, _connection=_connection)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
         """This task's call, not made yet: a step of a workflow (``chain``, ``group``,
@@ -1162,15 +1189,19 @@ class TaskQueue:
     @overload
     def enqueue(self, task: str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]: ...
     def enqueue(self, task: Task[Any, Any] | str, /, *args: Any, **kwargs: Any) -> JobHandle[Any]:
-        """Enqueue ``task`` (a registered task, or a task name) with its arguments."""
+        """Enqueue ``task`` (a registered task, or a task name) with its arguments.
+        ``_connection`` (PostgreSQL queues): a psycopg connection, or an SQLAlchemy session
+        or connection, of the queue's database: the job is written in its transaction, and
+        exists only if that commits."""
+        connection = kwargs.pop("_connection", None)
         if self.tracing is not None:
             with self.tracing.sending(self.name, 1) as (carrier, named):
                 new = self._new_job(task, args, kwargs, carrier)
                 named([new.id])
-                [(job, added)] = self.backend.enqueue([new], self.now())
+                [(job, added)] = self._store([new], connection)
         else:
             new = self._new_job(task, args, kwargs)
-            [(job, added)] = self.backend.enqueue([new], self.now())
+            [(job, added)] = self._store([new], connection)
         if added and self.hooks.enqueued:
             call_hooks(self.hooks.enqueued, job)
         return JobHandle(self, job.id, job.task, added)
@@ -1179,8 +1210,11 @@ class TaskQueue:
         self,
         task: Task[Any, Any] | str,
         calls: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+        *,
+        _connection: Any = None,
     ) -> list[JobHandle[Any]]:
-        """Enqueue many calls of one task in one transaction."""
+        """Enqueue many calls of one task in one transaction (``_connection``: that
+        connection's, as for :meth:`enqueue`)."""
         if self.tracing is not None:
             calls = list(calls)
             with self.tracing.sending(self.name, len(calls)) as (carrier, named):
@@ -1189,15 +1223,20 @@ class TaskQueue:
                     for args, kwargs in calls
                 ]
                 named([new.id for new in news])
-                stored = self.backend.enqueue(news, self.now())
+                stored = self._store(news, _connection)
         else:
             news = [self._new_job(task, tuple(args), dict(kwargs)) for args, kwargs in calls]
-            stored = self.backend.enqueue(news, self.now())
+            stored = self._store(news, _connection)
         if self.hooks.enqueued:
             for job, added in stored:
                 if added:
                     call_hooks(self.hooks.enqueued, job)
         return [JobHandle(self, job.id, job.task, added) for job, added in stored]
+
+    def _store(self, news: list[NewJob], connection: Any) -> list[tuple[Job, bool]]:
+        if connection is None:
+            return self.backend.enqueue(news, self.now())
+        return self.backend.enqueue_in(connection, news, self.now())
 
     def enqueue_workflow(self, flow: Flow, *, _id: str | None = None) -> WorkflowHandle[Any]:
         """Enqueue a ``chain``, ``group`` or ``chord`` (or one ``task.s(...)``) whole, in one

@@ -570,6 +570,19 @@ class Backend(ABC):
         The whole batch is one transaction.
         """
 
+    def enqueue_in(
+        self, connection: Any, jobs: Sequence[NewJob], now: float
+    ) -> list[tuple[Job, bool]]:
+        """``enqueue`` inside the transaction of ``connection``, the caller's own connection
+        to the same storage: the jobs exist if and only if that transaction commits. Only
+        backends whose storage is a database the caller also writes to can do this."""
+        from ..._errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"_connection is for PostgreSQL queues: {type(self).__name__} cannot write a job "
+            "in another connection's transaction"
+        )
+
     @abstractmethod
     def claim(
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
