@@ -84,7 +84,7 @@ def test_pickle_payloads_when_asked(tmp_path: Path) -> None:
         assert job.result() == frozenset({1, 2})
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis", "postgres"])
 def test_msgpack_payloads_keep_bytes_and_non_string_keys(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -65,7 +65,7 @@ def test_ticks_are_enqueued_ahead_with_run_at_at_the_tick(
     assert q.stats().delayed == 3
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis", "postgres"])
 def test_many_schedulers_at_once_enqueue_each_tick_once(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -305,6 +305,15 @@ def corrupt(q: TaskQueue, name: str, text: str) -> None:
     backend: Any = q.backend
     if hasattr(backend, "client"):  # Redis
         backend.client.hset(backend.prefix + "schedules", name, text)
+    elif hasattr(backend, "libpq_url"):  # PostgreSQL
+        import psycopg
+
+        with psycopg.connect(backend.libpq_url, autocommit=True) as conn:
+            conn.execute(
+                f'INSERT INTO "{backend.schema}".schedules VALUES (%s, %s) '
+                "ON CONFLICT (name) DO UPDATE SET record = excluded.record",
+                (name, text),
+            )
     else:
         import contextlib
         import sqlite3
@@ -313,7 +322,7 @@ def corrupt(q: TaskQueue, name: str, text: str) -> None:
             db.execute("INSERT OR REPLACE INTO schedules VALUES (?, ?)", (name, text))
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 @pytest.mark.parametrize(
     "text",
     [

@@ -91,10 +91,10 @@ def open_env(tmp: Path, url: str) -> Iterator[Env]:
     e.stderr.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
+    if request.param in ("redis", "postgres"):
+        url = request.getfixturevalue(f"{request.param}_url")
     else:
         url = f"sqlite:///{tmp_path / 'jobs.db'}"
     yield from open_env(tmp_path, url)

@@ -206,7 +206,7 @@ def third(x):
 """
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 def test_a_worker_killed_mid_workflow_loses_and_doubles_no_step(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
