@@ -53,8 +53,9 @@ def _load_queue(target: str) -> TaskQueue:
 def main() -> None:
     """conveyor: run task workers and look after task queues.
 
-    A queue lives at a URL: sqlite:///path/to/file.db (one machine, many processes) or
-    redis://[user:password@]host:6379/0 (many machines); memory:// lives in one process only.
+    A queue lives at a URL: sqlite:///path/to/file.db (one machine, many processes),
+    redis://[user:password@]host:6379/0 or postgresql://user@host:5432/db (many machines);
+    memory:// lives in one process only.
     Your code defines the queue and its tasks; a worker imports that code and runs the jobs.
     """
 
@@ -638,6 +639,31 @@ def doctor(url: str, repair: bool) -> None:
         left = sum(not line.endswith("; put right") for line in said)
         click.echo(f"{where}: {left} thing(s) wrong" + ("" if repair else "; --repair mends jobs"))
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("url")
+def migrate(url: str) -> None:
+    """Create the queue's schema in its database, or bring it up to this conveyor's version.
+
+    A PostgreSQL queue needs it once before first use, and after an upgrade of conveyor that
+    changes the schema (a queue opened on an older schema says so). It is idempotent and safe
+    to run from several machines at once; a schema made by a newer conveyor is refused with
+    its version. The schema is the URL's ?schema= (conveyor by default). SQLite files are
+    brought up to date when opened and Redis has no schema: for them it only checks the URL.
+
+    \b
+    Example:
+        conveyor migrate postgresql://app@db.internal:5432/app
+    """
+    try:
+        said = TaskQueue.migrate(url)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in said:
+        click.echo(line)
+    if not said:
+        click.echo("the schema is up to date")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ assert_type(send_mail.enqueue("a@b.c").result(), str)
 assert_type(send_mail.enqueue("a@b.c", _id="mail:a@b.c", _delay_s=10), JobHandle[str])
 assert_type(add.enqueue(1, 2, _key="user:7", _priority=5), JobHandle[int])
 assert_type(q.enqueue(add, 1, 2), JobHandle[int])
+conn: object = None  # a psycopg connection or an SQLAlchemy session, in a real program
+assert_type(add.enqueue(1, 2, _connection=conn, _id="sum:1+2"), JobHandle[int])
+assert_type(add.enqueue_many([((1, 2), {})], _connection=conn), list[JobHandle[int]])
 
 add.enqueue("a")  # type: ignore[call-overload]
 add.enqueue(1)  # type: ignore[call-overload]

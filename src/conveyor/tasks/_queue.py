@@ -396,18 +396,23 @@ def open_backend(url: str, create: bool = True) -> Backend:
             ) from exc
         return RedisBackend(url)
     if scheme in ("postgresql", "postgres"):
-        try:
-            from .backends.postgres import PostgresBackend
-        except ImportError as exc:
-            raise ConfigurationError(
-                f"a {scheme}:// queue needs psycopg 3, which is not installed: "
-                "pip install 'conveyor[postgres]'"
-            ) from exc
-        return PostgresBackend(url)
+        return _postgres(scheme).PostgresBackend(url)
     raise ConfigurationError(
         f"unknown queue URL {redacted(url)!r}: use memory://, sqlite:///path, "
         "redis://host:port/db or postgresql://user@host:5432/db"
     )
+
+
+def _postgres(scheme: str) -> Any:
+    """The PostgreSQL backend's module, or an error naming the extra that brings psycopg."""
+    try:
+        from .backends import postgres
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"a {scheme}:// queue needs psycopg 3, which is not installed: "
+            "pip install 'conveyor[postgres]'"
+        ) from exc
+    return postgres
 
 
 class _WallClock(SystemClock):
@@ -1330,6 +1335,21 @@ class TaskQueue:
         return self.backend.purge(self.name)
 
     # -- working -----------------------------------------------------------------------------
+    @staticmethod
+    def migrate(url: str) -> list[str]:
+        """Create the storage's schema at ``url``, or bring it up to this conveyor's version;
+        returns what was done, one line each (nothing: it was up to date). A PostgreSQL
+        queue needs it before first use (``conveyor migrate URL``, from a deploy step); it is
+        idempotent and safe from several machines at once, and refuses a schema made by a
+        newer conveyor. SQLite files are brought up to date whenever they are opened, and
+        Redis keeps no schema: for them it only checks that the storage can be reached."""
+        scheme = urlparse(url).scheme
+        if scheme in ("postgresql", "postgres"):
+            done: list[str] = _postgres(scheme).migrate(url)
+            return done
+        open_backend(url, create=True).close()
+        return []
+
     def worker(self, **options: Any) -> Worker:
         """A worker for this queue; see :class:`conveyor.tasks.Worker` for the options."""
         from ._worker import Worker

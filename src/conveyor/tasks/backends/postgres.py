@@ -383,9 +383,12 @@ class _Wakeups:
             self._cond.notify_all()
         if self._thread.is_alive():
             # a notice of its own wakes the listener now, not at its next timeout
-            with contextlib.suppress(Exception), psycopg.connect(
-                self._backend.libpq_url, autocommit=True, connect_timeout=2
-            ) as conn:
+            with (
+                contextlib.suppress(Exception),
+                psycopg.connect(
+                    self._backend.libpq_url, autocommit=True, connect_timeout=2
+                ) as conn,
+            ):
                 conn.execute("SELECT pg_notify(%s, '')", (self._backend.wake_channel,))
         self._thread.join(2)
 
@@ -432,12 +435,21 @@ class PostgresBackend(Backend):
     # -- connections --------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.libpq_url, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(self.libpq_url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             refused = _connect_error(self.where, exc)
             if refused is not None:
                 raise refused from None
             raise
+        try:
+            # a change that waits for a lock (a table locked by hand, a long migration) gives
+            # up after a while and is tried again, so that retry_s bounds every call
+            lock_ms = int(min(5.0, max(0.05, self.retry_s / 4)) * 1000)
+            conn.execute(f"SET lock_timeout = {lock_ms}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
