@@ -126,11 +126,9 @@ def test_without_redis_py_the_error_names_the_extra(monkeypatch: pytest.MonkeyPa
         TaskQueue("redis://127.0.0.1:1/0")
 
 
-@pytest.mark.parametrize("backend", ["redis", "postgres"])
-def test_result_waits_for_the_completion_notice(
-    backend: str, request: pytest.FixtureRequest
-) -> None:
-    q = TaskQueue(request.getfixturevalue(f"{backend}_url"))
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_result_waits_for_the_completion_notice(kind: str, request: pytest.FixtureRequest) -> None:
+    q = TaskQueue(request.getfixturevalue(f"{kind}_url"))
     backend = q.backend
     backend.enqueue([NewJob("j", "default", "t", b"")], now=0)
     [lease] = backend.claim("default", "w", 30, now=0)
@@ -151,11 +149,11 @@ def test_result_waits_for_the_completion_notice(
     q.close()
 
 
-@pytest.mark.parametrize("backend", ["redis", "postgres"])
-def test_workers_wait_for_work_on_a_notice(backend: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_workers_wait_for_work_on_a_notice(kind: str, request: pytest.FixtureRequest) -> None:
     """An idle worker with a long poll_s starts a new job at once: it is woken, not polling
     (Redis: pub/sub; PostgreSQL: LISTEN/NOTIFY)."""
-    q = TaskQueue(request.getfixturevalue(f"{backend}_url"))
+    q = TaskQueue(request.getfixturevalue(f"{kind}_url"))
     ran = threading.Event()
 
     @q.task

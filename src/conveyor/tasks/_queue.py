@@ -396,7 +396,8 @@ def open_backend(url: str, create: bool = True) -> Backend:
             ) from exc
         return RedisBackend(url)
     if scheme in ("postgresql", "postgres"):
-        return _postgres(scheme).PostgresBackend(url)
+        backend: Backend = _postgres(scheme).PostgresBackend(url)
+        return backend
     raise ConfigurationError(
         f"unknown queue URL {redacted(url)!r}: use memory://, sqlite:///path, "
         "redis://host:port/db or postgresql://user@host:5432/db"
@@ -405,8 +406,10 @@ def open_backend(url: str, create: bool = True) -> Backend:
 
 def _postgres(scheme: str) -> Any:
     """The PostgreSQL backend's module, or an error naming the extra that brings psycopg."""
+    import importlib
+
     try:
-        from .backends import postgres
+        postgres = importlib.import_module(".backends.postgres", __package__)
     except ImportError as exc:
         raise ConfigurationError(
             f"a {scheme}:// queue needs psycopg 3, which is not installed: "
