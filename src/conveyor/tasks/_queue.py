@@ -396,8 +396,8 @@ def open_backend(url: str, create: bool = True) -> Backend:
             ) from exc
         return RedisBackend(url)
     if scheme in ("postgresql", "postgres"):
-        backend: Backend = _postgres(scheme).PostgresBackend(url)
-        return backend
+        opened: Backend = _postgres(scheme).PostgresBackend(url)
+        return opened
     raise ConfigurationError(
         f"unknown queue URL {redacted(url)!r}: use memory://, sqlite:///path, "
         "redis://host:port/db or postgresql://user@host:5432/db"
