@@ -17,9 +17,19 @@ def test_there_are_examples() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_examples_run(page: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_examples_run(
+    page: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = page.read_text()
+    if "DATABASE_URL" in text:  # its examples run against a throw-away PostgreSQL
+        server = request.getfixturevalue("postgres_server")
+        schema = f"docs_{page.stem.replace('-', '_')}"
+        monkeypatch.setenv("DATABASE_URL", f"{server.url()}?schema={schema}")
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
-    for i, code in enumerate(BLOCK.findall(page.read_text())):
+    for i, code in enumerate(BLOCK.findall(text)):
         exec(compile(code, f"{page.name}[{i}]", "exec"), namespace)
 
 
