@@ -20,9 +20,10 @@ medians of ``--repeat`` runs. For each peer, with N no-op jobs (``--jobs``):
 
 Peers, each set up as its documentation shows, on psycopg 3 unless said otherwise:
 
-* conveyor: ``TaskQueue(url + "?schema=bench_conveyor")`` (the schema made at the first open),
-  an async task, ``noop.enqueue(i)``, ``q.enqueue_many(noop, calls)``, and the same burst worker
-  as ``bench/redis_queues.py``: ``q.worker(concurrency=8, burst=True)``;
+* conveyor: ``TaskQueue(url + "?schema=bench_conveyor")``, its schema made first by
+  ``TaskQueue.migrate`` (what ``conveyor migrate URL`` does), an async task,
+  ``noop.enqueue(i)`` and ``q.enqueue_many(noop, calls)``, and the burst worker of
+  ``bench/redis_queues.py``: ``q.worker(concurrency=8, burst=True)``;
 * procrastinate: ``App(connector=PsycopgConnector(conninfo=url))``, its schema applied with
   ``schema_manager.apply_schema_async()``, an async task, ``defer_async`` one by one and
   ``batch_defer_async`` in batches; ``run_worker_async(concurrency=8, wait=False)``, which
@@ -180,8 +181,10 @@ def conveyor_run(fresh: Fresh, n: int) -> Sample:
     from conveyor import TaskQueue
 
     def open_queue(url: str) -> Any:
+        url += "?schema=bench_conveyor"
         try:
-            return TaskQueue(url + "?schema=bench_conveyor")
+            TaskQueue.migrate(url)  # what `conveyor migrate URL` does, before the first open
+            return TaskQueue(url)
         except Exception as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -502,18 +505,25 @@ def ratio(value: float | None, base: float | None) -> str:
 def report(n: int, repeat: int, version: str, tallies: dict[str, Tally]) -> None:
     keys = ("one", "batch", "processed")
     rates = {name: {k: t.rate(n, k) for k in keys} for name, t in tallies.items()}
+    runs = {name: t.seconds.get("processed", []) for name, t in tallies.items()}
     floor_t = tallies.get(FLOOR)
     if floor_t is not None and not floor_t.error:
         rates[FLOOR50] = {"one": None, "batch": None, "processed": floor_t.rate(n, "processed50")}
+        runs[FLOOR50] = floor_t.seconds.get("processed50", [])
     floor = rates.get(FLOOR, {})
-    conv = rates.get("conveyor", {})
-    conveyor_ok = "conveyor" in tallies and not tallies["conveyor"].error
+    conveyor = tallies.get("conveyor")
+    failed = {name for name, t in tallies.items() if t.error}
 
+    print(
+        f"\nPostgreSQL {version}: one throw-away cluster, fsync=off, synchronous_commit=off, "
+        "full_page_writes=off (the same for every peer); a new database per peer and measure"
+    )
     rows = []
     for name, r in rates.items():
         t = tallies.get(name)
-        if t is not None and t.error:
-            rows.append((name, t.error, ""))
+        if name in failed:
+            error = tallies[name].error
+            rows.append((name, error if len(error) < 60 else error[:57] + "...", ""))
             continue
         if name == FLOOR50:
             verdict = Tally(verdicts=floor_t.verdicts50).verdict() if floor_t else "ok"
@@ -524,22 +534,29 @@ def report(n: int, repeat: int, version: str, tallies: dict[str, Tally]) -> None
         vs = " / ".join(ratio(r[k], floor.get(k)) for k in keys)
         rows.append((f"{name} [{verdict}]", cells, vs))
     table(
-        f"{n:,} no-op jobs, one worker with 8 slots, medians of {repeat} run(s); PostgreSQL "
-        f"{version}, fsync=off, synchronous_commit=off (the same for every peer)",
+        f"{n:,} no-op jobs, one worker with 8 slots, medians of {repeat} run(s)",
         rows,
         ("peer [runs]", "one by one / batches of 1000 / processed jobs/s", "vs floor"),
     )
 
-    if conveyor_ok:
+    if conveyor is not None and not conveyor.error:
+        conv = rates["conveyor"]
         vs_rows = [
-            (name, " / ".join(ratio(r[k], conv.get(k)) for k in keys), "")
+            (
+                name,
+                " / ".join(ratio(r[k], conv.get(k)) for k in keys),
+                ", ".join(f"{n / s:,.0f}" for s in runs[name]),
+            )
             for name, r in rates.items()
-            if not (name in tallies and tallies[name].error)
+            if name not in failed
         ]
-        table("against conveyor", vs_rows, ("peer", "one / batch / processed vs conveyor", ""))
+        table(
+            "against conveyor",
+            vs_rows,
+            ("peer", "one / batch / processed vs conveyor", "processed jobs/s, each run"),
+        )
     else:
-        error = tallies["conveyor"].error if "conveyor" in tallies else "not run"
-        print(f"\nconveyor: {error}")
+        print(f"\nconveyor: {conveyor.error if conveyor else 'not run (--only)'}")
 
     if floor_t is not None and not floor_t.error:
         floors = [
@@ -571,11 +588,11 @@ def main() -> None:
                 try:
                     sample = PEERS[name](lambda name=name: cluster.fresh(name), n)
                 except Unavailable as exc:
-                    tally.error = f"not available: {exc}"[:120]
+                    tally.error = f"not available: {exc}"
                     print(f"{name}: {tally.error}", file=sys.stderr, flush=True)
                     continue
                 except Exception as exc:
-                    tally.error = f"fails: {type(exc).__name__}: {exc}"[:120]
+                    tally.error = f"fails: {type(exc).__name__}: {exc}"
                     print(f"{name}: {tally.error}", file=sys.stderr, flush=True)
                     continue
                 finally:

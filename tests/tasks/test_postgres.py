@@ -312,7 +312,8 @@ def test_a_reply_lost_after_the_commit_answers_as_done(postgres_url: str) -> Non
 
 
 class _LoseReply:
-    """A connection whose first transaction commits, then reports the connection broken."""
+    """A connection whose first change commits (autocommit), then reports the connection
+    broken, as if the reply had been lost on the way."""
 
     def __init__(self, conn: psycopg.Connection[Any], lost: list[bool]) -> None:
         self._conn = conn
@@ -321,13 +322,12 @@ class _LoseReply:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Any]:
-        with self._conn.transaction() as tx:
-            yield tx
-        if self._lost[0]:
+    def execute(self, query: Any, params: Any = None) -> Any:
+        cur = self._conn.execute(query, params)
+        if self._lost[0] and str(query).lstrip().startswith("WITH up"):
             self._lost[0] = False
             raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return cur
 
 
 @pytest.fixture

@@ -661,78 +661,99 @@ class PostgresBackend(Backend):
         self._seen[queue] = self._listener().seen(queue)
         if limit <= 0:
             return []
-        s = self._s
-
         def attempt(conn: psycopg.Connection[Any], _replay: bool) -> list[Lease]:
-            base = os.urandom(8).hex()
-            with conn.transaction():
-                conn.execute(
-                    f"UPDATE {s}.jobs AS j SET state = 'queued', token = NULL, "
-                    f"lease_until = NULL, lost = j.lost + 1, "
-                    f"{_ended('lost', 'j.lease_until', 'NULL::text')} "
-                    f"WHERE id IN (SELECT id FROM {s}.jobs WHERE queue = %s AND "
-                    "state = 'running' AND lease_until <= %s FOR UPDATE SKIP LOCKED)",
-                    (queue, now),
-                )
+            taken: list[Any] = []
+            for _ in range(2):
                 rows = conn.execute(
                     self._claim,
                     {
                         "queue": queue,
                         "now": now,
-                        "limit": limit,
+                        "limit": limit - len(taken),
                         "until": now + lease_s,
                         "worker": worker,
-                        "base": base,
+                        "base": os.urandom(8).hex(),
                     },
                 ).fetchall()
-            rows.sort(key=lambda r: (-r[1], r[0]))  # claim order: priority, then enqueue order
-            return [Lease(job, job.token or "") for job in (_job(r[2:]) for r in rows)]
+                taken += [r[1:] for r in rows if r[1] is not None]
+                # leases that lapsed were taken back by the same statement, which could not
+                # see them queued: one more claim may take them
+                if not rows[0][0] or len(taken) >= limit:
+                    break
+            taken.sort(key=lambda r: (-r[1], r[0]))  # claim order: priority, then enqueue order
+            return [Lease(job, job.token or "") for job in (_job(r[2:]) for r in taken)]
 
         return self._run(attempt)
 
     def _held(
         self,
-        sql: str,
+        set_sql: str,
         columns: Sequence[Sequence[Any]],
         scalars: dict[str, Any],
         *,
+        more: str = "",
         follow_at: float | None = None,
         ends: bool = False,
         wakes: bool = False,
     ) -> list[bool]:
-        """Run ``sql`` (an UPDATE of ``{s}.jobs AS j`` from ``unnest(...) AS v(id, token,
-        ...)``, returning ``j.id, j.then_jobs IS NOT NULL, j.queue, j.key``) on the rows of
-        ``columns`` (arrays: ids, tokens, then the others), where each token still holds its
-        job. ``follow_at``: the change ends the jobs (done or dead), the jobs waiting for them
-        hear of it in the same transaction; ``ends``: their end is notified; ``wakes``: they
-        are claimable again, their queues are notified (the queues of keyed jobs always are:
-        the next job of the key may run once one ends). Returns, per
-        row, whether it was applied (or, sent again, had been)."""
+        """Apply ``set_sql`` (the SET part of an UPDATE of ``{s}.jobs AS j``, reading ``v``:
+        the row of ``columns``) to each row of ``columns`` (arrays: ids, tokens, then ``more``
+        columns named in ``more``, e.g. ``", %(c2)s::bytea[]|result"``) whose token still
+        holds its job. ``follow_at``: the change ends the jobs (done or dead), and the jobs
+        waiting for them hear of it in the same transaction; ``ends``: their end is
+        notified; ``wakes``: they are claimable again, their queues are notified (the queues
+        of keyed jobs always are: the next job of the key may run once one ends). Returns,
+        per row, whether it was applied (or, sent again, had been).
+
+        Jobs that nothing waits for (nearly all) are changed by one statement in one round
+        trip; those of a workflow in a transaction with what follows from their end."""
         ids, tokens = columns[0], columns[1]
         s = self._s
+        params = {
+            "ids": list(ids),
+            "tokens": list(tokens),
+            **_arrays(columns),
+            **scalars,
+            "ended": self.ended_channel,
+            "wake": self.wake_channel,
+            "ends": ends,
+            "wakes": wakes,
+        }
+        extra_arrays = "".join(part.split("|")[0] for part in more.split(";") if part)
+        extra_names = "".join(", " + part.split("|")[1] for part in more.split(";") if part)
+        source = (
+            f"unnest(%(ids)s::text[], %(tokens)s::text[]{extra_arrays}) "
+            f"AS v(id, token{extra_names})"
+        )
+        held = "j.id = v.id AND j.state = 'running' AND j.token = v.token"
+        update = f"UPDATE {s}.jobs AS j SET {set_sql} FROM {source} WHERE {held}"
+        told = (
+            "CASE WHEN %(ends)s THEN pg_notify(%(ended)s, id)::text END, "
+            "CASE WHEN %(wakes)s OR key IS NOT NULL THEN pg_notify(%(wake)s, queue)::text END"
+        )
+        if follow_at is None:
+            fast = f"WITH up AS ({update} RETURNING j.id, j.queue, j.key) SELECT id, {told} FROM up"
+        else:
+            fast = (
+                f"WITH up AS ({update} AND j.then_jobs IS NULL RETURNING j.id, j.queue, j.key), "
+                f"later AS (SELECT j.id FROM {s}.jobs AS j JOIN {source} ON {held} "
+                "AND j.then_jobs IS NOT NULL) "
+                f"SELECT id, {told}, false FROM up UNION ALL "
+                "SELECT id, NULL, NULL, true FROM later"
+            )
+        slow = f"WITH up AS ({update} RETURNING j.id, j.queue, j.key) SELECT id, {told} FROM up"
 
         def attempt(conn: psycopg.Connection[Any], replay: bool) -> list[bool]:
-            with conn.transaction():
-                rows = conn.execute(
-                    sql.format(s=s),
-                    {"ids": list(ids), "tokens": list(tokens), **_arrays(columns), **scalars},
-                ).fetchall()
-                done = {r[0] for r in rows}
-                if follow_at is not None:
-                    for job_id, has_then, _queue, _key in rows:
-                        if has_then:
-                            self._follow(conn, job_id, follow_at)
-                woken = {queue for _id, _then, queue, key in rows if wakes or key is not None}
-                if ends and rows:
-                    conn.execute(
-                        "SELECT pg_notify(%s, i) FROM unnest(%s::text[]) AS i",
-                        (self.ended_channel, list(done)),
-                    )
-                if woken:  # the next job of the key may run now
-                    conn.execute(
-                        "SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q",
-                        (self.wake_channel, sorted(woken)),
-                    )
+            rows = conn.execute(fast, params).fetchall()
+            done = {r[0] for r in rows if follow_at is None or not r[3]}
+            later = [r[0] for r in rows if follow_at is not None and r[3]]
+            if later:
+                with conn.transaction():
+                    ended = conn.execute(slow, params).fetchall()
+                    for job_id, *_rest in ended:
+                        assert follow_at is not None
+                        self._follow(conn, job_id, follow_at)
+                done |= {r[0] for r in ended}
             if replay and len(done) < len(ids):
                 # the first sending may have committed: its outcome is ours
                 again = conn.execute(
@@ -755,13 +776,7 @@ class PostgresBackend(Backend):
             return []
         ids = [job_id for job_id, _ in held]
         tokens = [token for _, token in held]
-        return self._held(
-            "UPDATE {s}.jobs AS j SET lease_until = %(until)s "
-            + _FROM_HELD.format(extra="")
-            + _RETURNING_NONE,
-            [ids, tokens],
-            {"until": now + lease_s},
-        )
+        return self._held("lease_until = %(until)s", [ids, tokens], {"until": now + lease_s})
 
     def complete(
         self, job_id: str, token: str, result: bytes | None, keep_s: float | None, now: float
@@ -775,13 +790,8 @@ class PostgresBackend(Backend):
         for start in range(0, len(done), _CHUNK):
             chunk = done[start : start + _CHUNK]
             out += self._held(
-                "UPDATE {s}.jobs AS j SET state = 'done', token = NULL, lease_until = NULL, "
-                "ended_token = v.token, result = v.result, finished_at = %(now)s, "
-                "keep_until = v.keep "
-                + _FROM_HELD.format(extra=", %(c2)s::bytea[], %(c3)s::float8[]")
-                + "(id, token, result, keep) "
-                + _WHERE_HELD
-                + _RETURNING,
+                "state = 'done', token = NULL, lease_until = NULL, ended_token = v.token, "
+                "result = v.result, finished_at = %(now)s, keep_until = v.keep",
                 [
                     [d[0] for d in chunk],
                     [d[1] for d in chunk],
@@ -789,6 +799,7 @@ class PostgresBackend(Backend):
                     [None if d[3] is None else float(now + d[3]) for d in chunk],
                 ],
                 {"now": now},
+                more=", %(c2)s::bytea[]|result;, %(c3)s::float8[]|keep",
                 follow_at=now,
                 ends=True,
             )
@@ -797,20 +808,8 @@ class PostgresBackend(Backend):
     def _one(
         self, set_sql: str, job_id: str, token: str, scalars: dict[str, Any], **kw: Any
     ) -> bool:
-        """``_held`` for one job: ``set_sql`` is the SET part (``%(name)s`` from
-        ``scalars``)."""
-        return self._held(
-            "UPDATE {s}.jobs AS j SET "
-            + set_sql
-            + " "
-            + _FROM_HELD.format(extra="")
-            + "(id, token) "
-            + _WHERE_HELD
-            + _RETURNING,
-            [[job_id], [token]],
-            scalars,
-            **kw,
-        )[0]
+        """``_held`` for one job."""
+        return self._held(set_sql, [[job_id], [token]], scalars, **kw)[0]
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
         return self._one(
@@ -1571,12 +1570,22 @@ def _insert_many_sql(s: str) -> str:
 
 
 def _claim_sql(s: str) -> str:
-    """Take up to ``limit`` claimable jobs of a queue: the rules' order, skipping rows another
-    claim has locked; a job with a key only when no job of its key runs or was enqueued
-    before it and is still queued (a job locked by another claim is still queued to this
-    snapshot, so the next of its key is not taken beside it)."""
+    """One statement, its own transaction: take back the queue's lapsed leases, and take up
+    to ``limit`` claimable jobs in the rules' order, skipping rows another claim has locked;
+    a job with a key only when no job of its key runs or was enqueued before it and is still
+    queued (a job locked by another claim is still queued to this snapshot, so the next of
+    its key is not taken beside it). The first column of every row is how many leases
+    lapsed; there is always a row (with NULLs when nothing was claimed)."""
     return f"""
-        WITH picked AS (
+        WITH lapsed AS (
+            UPDATE {s}.jobs AS j SET state = 'queued', token = NULL, lease_until = NULL,
+                lost = j.lost + 1, {_ended("lost", "j.lease_until", "NULL::text")}
+            WHERE j.id IN (SELECT id FROM {s}.jobs WHERE queue = %(queue)s
+                           AND state = 'running' AND lease_until <= %(now)s
+                           FOR UPDATE SKIP LOCKED)
+            RETURNING j.id
+        ),
+        picked AS (
             SELECT j.id FROM {s}.jobs AS j
             WHERE j.queue = %(queue)s AND j.state = 'queued' AND j.run_at <= %(now)s
               AND (j.key IS NULL OR (
@@ -1589,12 +1598,16 @@ def _claim_sql(s: str) -> str:
             ORDER BY j.priority DESC, j.seq
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE {s}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
+                token = %(base)s || j.seq::text, lease_until = %(until)s,
+                worker = %(worker)s, started_at = %(now)s
+            FROM picked WHERE j.id = picked.id
+            RETURNING j.seq, j.priority, {", ".join("j." + c for c in _COLUMNS.split(", "))}
         )
-        UPDATE {s}.jobs AS j SET state = 'running', attempts = j.attempts + 1,
-            token = %(base)s || j.seq::text, lease_until = %(until)s, worker = %(worker)s,
-            started_at = %(now)s
-        FROM picked WHERE j.id = picked.id
-        RETURNING j.seq, j.priority, {", ".join("j." + c for c in _COLUMNS.split(", "))}
+        SELECT (SELECT count(*) FROM lapsed), c.*
+        FROM (SELECT 1) AS one LEFT JOIN claimed AS c ON true
     """
 
 
@@ -1607,13 +1620,6 @@ def _ended(outcome: str, at: str, error: str) -> str:
         "'worker', j.worker, 'started_at', j.started_at, "
         f"'ended_at', {at}, 'outcome', '{outcome}', 'error', {error})::text || chr(10)"
     )
-
-
-#: the FROM part of the changes that name a token: arrays of ids and tokens, then ``extra``
-_FROM_HELD = "FROM unnest(%(ids)s::text[], %(tokens)s::text[]{extra}) AS v"
-_WHERE_HELD = "WHERE j.id = v.id AND j.state = 'running' AND j.token = v.token"
-_RETURNING = " RETURNING j.id, j.then_jobs IS NOT NULL, j.queue, j.key"
-_RETURNING_NONE = "(id, token) " + _WHERE_HELD + " RETURNING j.id, false, j.queue, NULL::text"
 
 
 def _arrays(columns: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
