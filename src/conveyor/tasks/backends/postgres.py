@@ -661,6 +661,7 @@ class PostgresBackend(Backend):
         self._seen[queue] = self._listener().seen(queue)
         if limit <= 0:
             return []
+
         def attempt(conn: psycopg.Connection[Any], _replay: bool) -> list[Lease]:
             taken: list[Any] = []
             for _ in range(2):
