@@ -155,13 +155,20 @@ def chromium() -> str:
     """Debian's chromium, installed here if it is missing (the tests run as root)."""
     found = shutil.which("chromium")
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"],
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-            capture_output=True,
-            check=False,
-            timeout=600,
-        )
+        import fcntl
+
+        # test runs of several Pythons at once install it once: the first takes the lock,
+        # the others wait for it, then find it installed (apt also waits for dpkg's lock)
+        with open("/tmp/conveyor-chromium-install.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if shutil.which("chromium") is None:
+                subprocess.run(
+                    ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", "chromium"],
+                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                    capture_output=True,
+                    check=False,
+                    timeout=900,
+                )
         found = shutil.which("chromium")
     if found is None:
         if os.environ.get("CI") == "true":
