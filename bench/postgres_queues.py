@@ -55,10 +55,11 @@ import statistics
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.postgres_server import PostgresServer
 
 from bench._harness import table
 from bench._runs import RUNS, mark
@@ -119,34 +120,9 @@ class Unavailable(Exception):
 # -- the cluster ------------------------------------------------------------------------------
 
 
-def postgres_server_class() -> Any:
-    """``tests.postgres_server.PostgresServer``. That module reports a missing PostgreSQL
-    through pytest, which the bench environment does not have: a stand-in is in place while it
-    is imported, and gone again afterwards (some libraries change course when pytest is
-    loaded)."""
-    stub = None
-    if "pytest" not in sys.modules:
-        try:
-            import pytest  # noqa: F401
-        except ImportError:
-            stub = types.ModuleType("pytest")
-
-            def stop(reason: str, **_: Any) -> None:
-                sys.exit(reason)
-
-            stub.skip = stub.fail = stop  # type: ignore[attr-defined]
-            sys.modules["pytest"] = stub
-    try:
-        from tests.postgres_server import PostgresServer
-    finally:
-        if stub is not None:
-            del sys.modules["pytest"]
-    return PostgresServer
-
-
 class Cluster:
     def __init__(self) -> None:
-        self.server = postgres_server_class()()
+        self.server = PostgresServer()
         self.server.start()
         self.made: list[str] = []
         self.count = 0

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import IO
 
-import pytest
-
 from .redis_server import free_port
 
 
@@ -42,6 +40,8 @@ def need_postgres() -> Path:
             "POSTGRESQL TESTS NOT RUN: no initdb/pg_ctl (pg_config --bindir finds none; "
             "install PostgreSQL, e.g. apt install postgresql, to test the PostgreSQL backend)"
         )
+        import pytest  # only when reporting: benchmarks use these servers too
+
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason + "; CI=true requires it", pytrace=False)
         pytest.skip(reason)

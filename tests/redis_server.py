@@ -14,8 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 BINARY = shutil.which("redis-server")
 
 
@@ -26,6 +24,8 @@ def need_redis_server() -> str:
             "REDIS TESTS NOT RUN: no redis-server on PATH "
             "(install it, e.g. apt install redis-server, to test the Redis backend)"
         )
+        import pytest  # only when reporting: benchmarks use these servers too
+
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason + "; CI=true requires it", pytrace=False)
         pytest.skip(reason)
