@@ -398,3 +398,33 @@ def test_terminated_connections_reconnect_without_losing_a_job(
         )
     eventually(lambda: env.queue.stats().done == 2000, timeout_s=90)
     assert set(ends(env)) == {str(i) for i in range(2000)}
+
+
+def test_many_waiters_of_one_job_and_of_others_are_all_woken(postgres_url: str) -> None:
+    backend = PostgresBackend(postgres_url)
+    try:
+        backend.enqueue([NewJob(f"j{i}", "default", "t", b"") for i in range(3)], now=0)
+        leases = backend.claim("default", "w", 30, now=0, limit=3)
+        woke: list[str] = []
+
+        def waiter(job_id: str, timeout_s: float) -> None:
+            backend.wait_for_job(job_id, timeout_s=timeout_s)
+            woke.append(job_id)
+
+        threads = [
+            threading.Thread(target=waiter, args=("j0", 30)),
+            threading.Thread(target=waiter, args=("j0", 0.3)),  # gives up first
+            threading.Thread(target=waiter, args=("j1", 30)),
+            threading.Thread(target=waiter, args=("j2", 30)),
+        ]
+        for t in threads:
+            t.start()
+        eventually(lambda: woke == ["j0"])  # one waiter of j0 left; the other still waits
+        done = backend.complete_many([(ls.job.id, ls.token, None, None) for ls in leases], now=1)
+        assert done == [True, True, True]
+        for t in threads:
+            t.join(5)
+            assert not t.is_alive()  # every waiter woken by the one notice of the batch
+        assert sorted(woke) == ["j0", "j0", "j1", "j2"]
+    finally:
+        backend.close()

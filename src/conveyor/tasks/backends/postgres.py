@@ -286,6 +286,8 @@ class _Wakeups:
         self._cond = threading.Condition()
         self.counts: dict[str, int] = {}
         self.ended: dict[str, int] = {}  # job ids waited for
+        self.tags: dict[str, str] = {}  # and their tags (see _tag)
+        self.watchers: dict[str, int] = {}  # and how many wait for each
         self._closed = threading.Event()
         self._ready = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
@@ -337,10 +339,20 @@ class _Wakeups:
                     conn.close()
 
     def _heard(self, channel: str, payload: str) -> None:
-        table = self.counts if channel == self._backend.wake_channel else self.ended
         with self._cond:
-            if payload in table or table is self.counts:
-                table[payload] = table.get(payload, 0) + 1
+            if channel == self._backend.wake_channel:
+                self.counts[payload] = self.counts.get(payload, 0) + 1
+                self._cond.notify_all()
+                return
+            if not self.ended:
+                return
+            tags = {payload[i : i + _TAG_CHARS] for i in range(0, len(payload), _TAG_CHARS)}
+            moved = False
+            for job_id, tag in self.tags.items():
+                if tag in tags:
+                    self.ended[job_id] += 1
+                    moved = True
+            if moved:
                 self._cond.notify_all()
 
     def seen(self, queue: str) -> int:
@@ -362,6 +374,8 @@ class _Wakeups:
         for one (or a reconnection) for up to so many seconds."""
         with self._cond:
             self.ended.setdefault(job_id, 0)
+            self.tags[job_id] = _tag(job_id)
+            self.watchers[job_id] = self.watchers.get(job_id, 0) + 1
 
         def wait(timeout_s: float) -> None:
             with self._cond:
@@ -375,7 +389,9 @@ class _Wakeups:
             yield wait
         finally:
             with self._cond:
-                self.ended.pop(job_id, None)
+                self.watchers[job_id] -= 1
+                if not self.watchers[job_id]:  # the last waiter of this job
+                    del self.watchers[job_id], self.ended[job_id], self.tags[job_id]
 
     def close(self) -> None:
         self._closed.set()
@@ -605,17 +621,17 @@ class PostgresBackend(Backend):
         for i, new in enumerate(jobs):
             first.setdefault(new.id, i)
         unique = [jobs[i] for i in sorted(first.values())]
-        added: set[str] = set()
+        missing: list[str] = []
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start : start + _CHUNK]
-            columns = list(zip(*(_values(new, now) for new in chunk), strict=True))
-            rows = conn.execute(
-                self._insert_many,
-                (*(list(c) for c in columns), now, self.wake_channel),
-            ).fetchall()
-            added.update(r[0] for r in rows)
+            columns = [list(c) for c in zip(*(_values(new, now) for new in chunk), strict=True)]
+            row = conn.execute(
+                self._insert_many, (*columns, now, self.wake_channel, columns[0])
+            ).fetchone()
+            assert row is not None
+            missing += row[1]
+        taken = set(missing)
         existing: dict[str, Job] = {}
-        missing = [new.id for new in unique if new.id not in added]
         if missing:
             for row in conn.execute(
                 f"SELECT {self._columns} FROM {self._s}.jobs WHERE id = ANY(%s)", (missing,)
@@ -627,7 +643,7 @@ class PostgresBackend(Backend):
             if first[new.id] != i:
                 kept = out[first[new.id]][0]
                 out.append((kept, False))
-            elif new.id in added:
+            elif new.id not in taken:
                 out.append((fresh_job(new, now), True))
             elif new.id in existing:
                 out.append((existing[new.id], False))
@@ -728,26 +744,32 @@ class PostgresBackend(Backend):
         )
         held = "j.id = v.id AND j.state = 'running' AND j.token = v.token"
         update = f"UPDATE {s}.jobs AS j SET {set_sql} FROM {source} WHERE {held}"
+        # one notice of their ends (the tags of all of them) and one per queue to wake,
+        # whatever the number of jobs: a notice costs the server, and every listener
         told = (
-            "CASE WHEN %(ends)s THEN pg_notify(%(ended)s, id)::text END, "
-            "CASE WHEN %(wakes)s OR key IS NOT NULL THEN pg_notify(%(wake)s, queue)::text END"
+            "told AS (SELECT CASE WHEN %(ends)s AND count(*) > 0 THEN "
+            f"pg_notify(%(ended)s, string_agg({_TAG_SQL.format('id')}, '')) END FROM up), "
+            "woke AS (SELECT pg_notify(%(wake)s, q) FROM (SELECT DISTINCT queue AS q FROM up "
+            "WHERE %(wakes)s OR key IS NOT NULL) AS w) "
         )
+        sent = "(SELECT count(*) FROM told), (SELECT count(*) FROM woke)"
+        returning = "RETURNING j.id, j.queue, j.key"
         if follow_at is None:
-            fast = f"WITH up AS ({update} RETURNING j.id, j.queue, j.key) SELECT id, {told} FROM up"
+            fast = f"WITH up AS ({update} {returning}), {told} SELECT id, false, {sent} FROM up"
         else:
             fast = (
-                f"WITH up AS ({update} AND j.then_jobs IS NULL RETURNING j.id, j.queue, j.key), "
+                f"WITH up AS ({update} AND j.then_jobs IS NULL {returning}), {told}, "
                 f"later AS (SELECT j.id FROM {s}.jobs AS j JOIN {source} ON {held} "
                 "AND j.then_jobs IS NOT NULL) "
-                f"SELECT id, {told}, false FROM up UNION ALL "
-                "SELECT id, NULL, NULL, true FROM later"
+                f"SELECT id, false, {sent} FROM up UNION ALL "
+                "SELECT id, true, 0, 0 FROM later"
             )
-        slow = f"WITH up AS ({update} RETURNING j.id, j.queue, j.key) SELECT id, {told} FROM up"
+        slow = f"WITH up AS ({update} {returning}), {told} SELECT id, false, {sent} FROM up"
 
         def attempt(conn: psycopg.Connection[Any], replay: bool) -> list[bool]:
             rows = conn.execute(fast, params).fetchall()
-            done = {r[0] for r in rows if follow_at is None or not r[3]}
-            later = [r[0] for r in rows if follow_at is not None and r[3]]
+            done = {r[0] for r in rows if not r[1]}
+            later = [r[0] for r in rows if r[1]]
             if later:
                 with conn.transaction():
                     ended = conn.execute(slow, params).fetchall()
@@ -979,7 +1001,7 @@ class PostgresBackend(Backend):
                 )
                 if before[0] != DONE:
                     self._follow(conn, job_id, now)
-                    conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, job_id))
+                    conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(job_id)))
 
         self._run(attempt)
 
@@ -1003,7 +1025,7 @@ class PostgresBackend(Backend):
                 )
                 if cur.rowcount == 1:
                     self._follow(conn, job_id, now)
-                    conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, job_id))
+                    conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(job_id)))
                 return cur.rowcount == 1
 
         return self._run(attempt)
@@ -1032,7 +1054,7 @@ class PostgresBackend(Backend):
                     (by, _error(f"aborted by {by}"), now, job_id),
                 )
                 self._follow(conn, job_id, now)
-                conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, job_id))
+                conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(job_id)))
                 return ABORTED
 
         return self._run(attempt)
@@ -1150,7 +1172,7 @@ class PostgresBackend(Backend):
                     "WHERE id = %s",
                     (_error(why), now, dep_id),
                 )
-                conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, dep_id))
+                conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(dep_id)))
                 blocked.append((dep_id, found[0], why, found[1]))
 
     # -- limits ---------------------------------------------------------------------------------
@@ -1469,6 +1491,19 @@ class _Taken(Exception):
         self.out = out
 
 
+#: how a notice names a job that ended: the first characters of the md5 of its id, so that
+#: the notice of a batch of a thousand ends fits PostgreSQL's 8000 bytes (a waiter whose tag
+#: another job shares looks at its job once more for nothing)
+_TAG_CHARS = 7
+_TAG_SQL = "left(md5({}), 7)"
+
+
+def _tag(job_id: str) -> str:
+    import hashlib
+
+    return hashlib.md5(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:_TAG_CHARS]
+
+
 def _close_all(connections: list[psycopg.Connection[Any]]) -> None:
     while connections:
         with contextlib.suppress(Exception):
@@ -1547,15 +1582,16 @@ def _insert_sql(s: str) -> str:
 
 
 def _insert_many_sql(s: str) -> str:
-    """Many jobs, as arrays of each column; returns the ids added."""
+    """Many jobs, as arrays of each column (then now, the wake-up channel and the ids
+    again); returns one row: the ids that were not added (taken)."""
     return f"""
         WITH added AS (
             INSERT INTO {s}.jobs AS j ({_INSERT_COLUMNS})
             SELECT id, queue, task, payload, state, priority, key, enqueued_at, run_at,
                    waits_for, then_jobs
-            FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[],
-                        %s::integer[], %s::text[], %s::float8[], %s::float8[], %s::integer[],
-                        %s::text[])
+            FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[],
+                        %b::integer[], %b::text[], %b::float8[], %b::float8[], %b::integer[],
+                        %b::text[])
                  WITH ORDINALITY AS v(id, queue, task, payload, state, priority, key,
                                       enqueued_at, run_at, waits_for, then_jobs, n)
             ORDER BY n
@@ -1566,7 +1602,8 @@ def _insert_many_sql(s: str) -> str:
             SELECT pg_notify(%s, q) FROM (SELECT DISTINCT queue AS q FROM added
                                           WHERE state = 'queued') AS w
         )
-        SELECT id FROM added, (SELECT count(*) FROM woken) AS n
+        SELECT (SELECT count(*) FROM woken),
+               array(SELECT unnest(%b::text[]) EXCEPT SELECT id FROM added)
     """
 
 
