@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -369,6 +370,55 @@ def test_threads_racing_claim_each_job_once(backend: Backend) -> None:
     for t in threads:
         t.join(30)
     assert sorted(got, key=int) == [str(i) for i in range(600)]
+
+
+def _key_race_round(backend: Backend, i: int, how: str) -> list[str]:
+    """One round: the key's first job is queued again while two claimers race for the key's
+    later job; which jobs of the key run at the end."""
+    q = f"q{i}"
+    change: Callable[[], object]
+    if how == "requeued":
+        backend.enqueue([NewJob(f"w{i}", q, "t", b"", key="K")], now=1)
+        [first] = backend.claim(q, "w", 60, 2)
+        assert backend.fail(first.job.id, first.token, "x", 2)
+        backend.enqueue([NewJob(f"x{i}", q, "t", b"", key="K")], now=2)
+        change = functools.partial(backend.requeue, f"w{i}", 3)
+    else:
+        backend.enqueue([NewJob(f"w{i}", q, "t", b"", key="K", waits_for=1)], now=1)
+        backend.enqueue([NewJob(f"d{i}", "dq", "t", b"", then=((f"w{i}", 0),))], now=1)
+        backend.enqueue([NewJob(f"x{i}", q, "t", b"", key="K")], now=1)
+        [before] = backend.claim("dq", "w", 60, 2)
+        change = functools.partial(backend.complete, before.job.id, before.token, b"", None, 3)
+    start = threading.Barrier(3)
+
+    def claimer() -> None:
+        start.wait()
+        for _ in range(3):
+            backend.claim(q, "c", 60, 4, limit=10)
+
+    def changer() -> None:
+        start.wait()
+        assert change()
+
+    threads = [threading.Thread(target=changer)]
+    threads += [threading.Thread(target=claimer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return [j.id for j in backend.jobs(q, RUNNING)]
+
+
+@pytest.mark.parametrize("how", ["requeued", "let go by a workflow"])
+def test_a_job_of_a_key_queued_again_while_another_is_claimed_never_runs_beside_it(
+    backend: Backend, how: str
+) -> None:
+    """The first job of a key becomes queued (requeued from dead, or its workflow step let
+    go) while two claimers race for the key's later job: one job of the key runs at most.
+    A race: many rounds, each a new chance to lose it."""
+    for i in range(400):
+        running = _key_race_round(backend, i, how)
+        assert len(running) <= 1, f"round {i}: {running} of one key run at once"
 
 
 def test_two_workers_one_lapsed_job_one_outcome(backend: Backend) -> None:

@@ -311,20 +311,53 @@ def test_a_reply_lost_after_the_commit_answers_as_done(postgres_url: str) -> Non
         backend.close()
 
 
+def test_a_claim_whose_reply_was_lost_finds_its_jobs_when_sent_again(postgres_url: str) -> None:
+    """The claim committed, its reply was lost: sent again, it returns the jobs the first
+    sending took (not fresh ones, leaving those to lapse as if a worker had died)."""
+    backend = PostgresBackend(postgres_url)
+    try:
+        backend.enqueue([NewJob(f"j{i}", "default", "t", b"") for i in range(5)], now=0)
+        real = backend._conn
+        lost = [True]
+
+        @contextlib.contextmanager
+        def lossy() -> Iterator[Any]:
+            with real() as conn:
+                yield _LoseReply(conn, lost, marker="WITH lapsed")
+
+        backend._conn = lossy  # type: ignore[method-assign]
+        leases = backend.claim("default", "w", 30, now=1, limit=3)
+        backend._conn = real  # type: ignore[method-assign]
+        assert not lost[0]  # the first sending did claim, and its reply was lost
+        assert [ls.job.id for ls in leases] == ["j0", "j1", "j2"]
+        for lease in leases:
+            job = backend.get(lease.job.id)
+            assert job is not None and job.token == lease.token and job.attempts == 1
+        assert [ls.job.id for ls in backend.claim("default", "w", 30, now=1, limit=9)] == [
+            "j3",
+            "j4",
+        ]
+    finally:
+        backend.close()
+
+
 class _LoseReply:
     """A connection whose first change commits (autocommit), then reports the connection
     broken, as if the reply had been lost on the way."""
 
-    def __init__(self, conn: psycopg.Connection[Any], lost: list[bool]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], lost: list[bool], marker: str = "WITH up"
+    ) -> None:
         self._conn = conn
         self._lost = lost
+        self._marker = marker
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
     def execute(self, query: Any, params: Any = None) -> Any:
         cur = self._conn.execute(query, params)
-        if self._lost[0] and str(query).lstrip().startswith("WITH up"):
+        if self._lost[0] and str(query).lstrip().startswith(self._marker):
             self._lost[0] = False
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return cur

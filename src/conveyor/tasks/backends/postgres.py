@@ -445,6 +445,25 @@ class PostgresBackend(Backend):
         self._insert = _insert_sql(s)
         self._insert_many = _insert_many_sql(s)
         self._claim = _claim_sql(s)
+        self._claimed_by = (
+            f"SELECT 0, j.seq, j.priority, {', '.join('j.' + c for c in _COLUMNS.split(', '))} "
+            f"FROM {s}.jobs AS j WHERE j.queue = %(queue)s AND j.state = 'running' "
+            "AND j.token LIKE ANY(%(patterns)s)"
+        )
+        self._hand_back = f"""
+            WITH mine AS (SELECT * FROM unnest(%(ids)s::text[], %(tokens)s::text[])
+                          AS m(id, token)),
+            bad AS (
+                SELECT j.id FROM {s}.jobs AS j
+                JOIN mine AS m ON j.id = m.id AND j.token = m.token AND j.state = 'running'
+                WHERE EXISTS (SELECT 1 FROM {s}.jobs AS o
+                              WHERE o.queue = j.queue AND o.key = j.key AND o.id <> j.id
+                                AND (o.state = 'running'
+                                     OR (o.state = 'queued' AND o.seq < j.seq)))
+            )
+            UPDATE {s}.jobs AS j SET state = 'queued', token = NULL, lease_until = NULL,
+                attempts = greatest(0, j.attempts - 1)
+            FROM bad WHERE j.id = bad.id RETURNING j.id"""
         if check_schema:
             self._check_schema()
 
@@ -678,9 +697,20 @@ class PostgresBackend(Backend):
         if limit <= 0:
             return []
 
-        def attempt(conn: psycopg.Connection[Any], _replay: bool) -> list[Lease]:
+        # the tokens' beginnings, made once: a claim sent again after a lost reply finds the
+        # jobs its first sending took, instead of leaving them to lapse as if it had crashed
+        bases = [f"{os.urandom(8).hex()}:" for _ in range(2)]
+
+        def attempt(conn: psycopg.Connection[Any], replay: bool) -> list[Lease]:
             taken: list[Any] = []
-            for _ in range(2):
+            if replay:
+                found = conn.execute(
+                    self._claimed_by, {"queue": queue, "patterns": [b + "%" for b in bases]}
+                ).fetchall()
+                taken += [r[1:] for r in found]
+            for base in bases:
+                if len(taken) >= limit:
+                    break
                 rows = conn.execute(
                     self._claim,
                     {
@@ -689,18 +719,45 @@ class PostgresBackend(Backend):
                         "limit": limit - len(taken),
                         "until": now + lease_s,
                         "worker": worker,
-                        "base": os.urandom(8).hex(),
+                        "base": base,
                     },
                 ).fetchall()
                 taken += [r[1:] for r in rows if r[1] is not None]
                 # leases that lapsed were taken back by the same statement, which could not
                 # see them queued: one more claim may take them
-                if not rows[0][0] or len(taken) >= limit:
+                if not rows[0][0]:
                     break
-            taken.sort(key=lambda r: (-r[1], r[0]))  # claim order: priority, then enqueue order
-            return [Lease(job, job.token or "") for job in (_job(r[2:]) for r in taken)]
+            jobs = [(r[0], r[1], _job(r[2:])) for r in taken]
+            keyed = [job for _, _, job in jobs if job.key is not None]
+            if keyed:
+                handed = self._one_of_each_key(conn, queue, keyed)
+                jobs = [entry for entry in jobs if entry[2].id not in handed]
+            jobs.sort(key=lambda e: (-e[1], e[0]))  # claim order: priority, then enqueue order
+            return [Lease(job, job.token or "") for _, _, job in jobs]
 
         return self._run(attempt)
+
+    def _one_of_each_key(
+        self, conn: psycopg.Connection[Any], queue: str, keyed: Sequence[Job]
+    ) -> set[str]:
+        """Make sure of the keyed jobs a claim took: under each key's advisory lock, with a
+        snapshot taken after it, a job is handed back (uncounted) if another job of its key
+        runs, or one enqueued before it is queued again (requeued, or a workflow step let
+        go) since the claim's snapshot. Claims of one key check one after the other, and
+        each sees what the one before it kept: at most one job of a key runs, and never
+        ahead of an earlier one. Returns the ids handed back."""
+        keys = sorted({job.key for job in keyed if job.key is not None})
+        with conn.pipeline(), conn.transaction():
+            for key in keys:
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                    (f"{self.schema}:key:{queue}:{key}",),
+                )
+            cur = conn.execute(
+                self._hand_back,
+                {"ids": [j.id for j in keyed], "tokens": [j.token for j in keyed]},
+            )
+            return {r[0] for r in cur.fetchall()}
 
     def _held(
         self,
