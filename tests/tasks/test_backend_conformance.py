@@ -41,6 +41,17 @@ def claim_ids(b: Backend, now: float, limit: int = 10, lease_s: float = 30.0) ->
     return [lease.job.id for lease in b.claim(Q, "w", lease_s, now, limit)]
 
 
+def test_a_whole_enqueue_adds_all_or_none(backend: Backend) -> None:
+    backend.enqueue([job("taken")], now=0)
+    out = backend.enqueue([job("a"), job("taken"), job("b")], now=1, whole=True)
+    assert [(j.id, added) for j, added in out] == [("a", False), ("taken", False), ("b", False)]
+    assert backend.get("a") is None and backend.get("b") is None
+    # an id twice in the batch is not "taken": the batch is added, the first one counts
+    out = backend.enqueue([job("a"), job("b"), job("a")], now=2, whole=True)
+    assert [(j.id, added) for j, added in out] == [("a", True), ("b", True), ("a", False)]
+    assert sorted(claim_ids(backend, 3)) == ["a", "b", "taken"]
+
+
 def test_enqueue_stores_and_dedups_by_id(backend: Backend) -> None:
     [(stored, added)] = backend.enqueue([job("a")], now=1.0)
     assert added and stored.state == QUEUED and stored.attempts == 0

@@ -5,6 +5,9 @@ terminated, a table locked, a reply lost, wrong credentials, psycopg missing).""
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -461,3 +464,117 @@ def test_many_waiters_of_one_job_and_of_others_are_all_woken(postgres_url: str) 
         assert sorted(woke) == ["j0", "j0", "j1", "j2"]
     finally:
         backend.close()
+
+
+def test_a_server_that_stops_answering_fails_the_call_instead_of_hanging(
+    own_server: PostgresServer,
+) -> None:
+    url = f"{own_server.url()}?schema=conveyor&retry_s=1&timeout_s=1"
+    migrate(url)
+    with TaskQueue(url) as q:
+        q.enqueue("t")  # a connection on the shelf, which will not be answered
+        assert own_server.proc is not None
+        pids = [own_server.proc.pid]
+        children = subprocess.run(
+            ["pgrep", "-P", str(own_server.proc.pid)], capture_output=True, text=True, check=False
+        )
+        pids += [int(p) for p in children.stdout.split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                q.enqueue("t")
+            assert time.monotonic() - t0 < 15  # the limit and retry_s, not for ever
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert q.enqueue("t").status() == "queued"  # and it works again
+
+
+def test_a_queue_dropped_without_close_leaves_no_connection_or_thread(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    def connections() -> int:
+        return int(
+            postgres_server.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'conveyor' "
+                "AND pid != pg_backend_pid()"
+            )
+        )
+
+    before = threading.active_count()
+    for _ in range(5):
+        q = TaskQueue(postgres_url)
+        with contextlib.suppress(TimeoutError):
+            q.enqueue("t").result(timeout_s=0.05)  # starts the wake-up listener
+        del q
+    gc.collect()
+    eventually(lambda: threading.active_count() <= before and connections() == 0, timeout_s=10)
+
+
+def test_a_lone_surrogate_in_an_error_or_a_note_is_stored_as_a_replacement(
+    postgres_url: str,
+) -> None:
+    backend = PostgresBackend(postgres_url)
+    try:
+        backend.enqueue([NewJob("j", "default", "t", b"")], now=0)
+        [lease] = backend.claim("default", "w", 30, now=0)
+        assert backend.progress("j", lease.token, 0.5, "caf\udce9")
+        assert backend.abort("j", "\udce9ve", now=1) == "requested"
+        assert backend.retry("j", lease.token, 1, "cannot open caf\udce9.txt", now=1)
+        job = backend.get("j")
+        assert job is not None and job.progress_note == "caf\ufffd"
+        assert job.history[0].error == "cannot open caf\ufffd.txt"
+    finally:
+        backend.close()
+
+
+def test_a_password_in_the_query_is_masked_and_options_with_spaces_reach_libpq(
+    postgres_server: PostgresServer,
+) -> None:
+    base = postgres_server.url("secret").replace(f":{PostgresServer.PASSWORD}@", "@")
+    url = (
+        f"{base}?password={PostgresServer.PASSWORD}&schema=pw{uuid.uuid4().hex[:6]}"
+        "&application_name=my%20app&options=-c%20work_mem%3D8MB"
+    )
+    migrate(url)
+    with TaskQueue(url) as q:
+        assert PostgresServer.PASSWORD not in q.where and "password=***" in q.where
+        libpq = q.backend.libpq_url  # type: ignore[attr-defined]
+        with psycopg.connect(libpq) as conn:
+            row = conn.execute(
+                "SELECT current_setting('application_name'), current_setting('work_mem')"
+            ).fetchone()
+        assert row == ("my app", "8MB")
+    with pytest.raises(BackendUnavailable, match="refused the connection") as caught:
+        TaskQueue(f"{url}&nonsense=1")  # a fatal refusal fails at once, the password masked
+    assert PostgresServer.PASSWORD not in str(caught.value)
+
+
+def test_an_enqueue_in_an_open_transaction_does_not_lock_the_job_that_holds_the_id(
+    pq: TaskQueue,
+) -> None:
+    libpq = pq.backend.libpq_url  # type: ignore[attr-defined]
+    pq.enqueue("t", _id="order-1")
+    [lease] = pq.backend.claim(pq.name, "w", 30, pq.now())
+    with psycopg.connect(libpq) as conn:
+        again = pq.enqueue("t", _id="order-1", _connection=conn)
+        assert not again.added
+        # the transaction is still open: the job's own worker is not held up by it
+        assert pq.backend.heartbeat("order-1", lease.token, 30, pq.now())
+        assert pq.backend.complete("order-1", lease.token, None, None, pq.now())
+        conn.rollback()
+
+
+def test_an_enqueue_through_a_connection_of_dict_rows_reads_the_job_that_holds_the_id(
+    pq: TaskQueue,
+) -> None:
+    from psycopg.rows import dict_row
+
+    libpq = pq.backend.libpq_url  # type: ignore[attr-defined]
+    pq.enqueue("t", 1, _id="order-2")
+    with psycopg.connect(libpq, row_factory=dict_row) as conn:
+        again = pq.enqueue("t", 2, _id="order-2", _connection=conn)
+        conn.commit()
+    assert not again.added and again.status() == "queued"

@@ -681,7 +681,9 @@ class JobHandle(Generic[R]):
             left = 0.5 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"job {self.id!r} did not end within {timeout_s} s")
-            backend.wait_for_job(self.id, min(left, 0.5))
+            # a backend that is woken by its storage is asked again now and then only in
+            # case a notice was lost; the others are polled
+            backend.wait_for_job(self.id, min(left, 5.0 if backend.wakes_without_polling else 0.5))
 
     async def aresult(self, timeout_s: float | None = None) -> R:
         """``result()`` for async code (waits on a thread)."""

@@ -52,7 +52,7 @@ from ._liveness import host_key, process_started, why_gone
 from ._queue import CancelTask, RetryTask, Task, TaskQueue, _seconds, call_hooks, check_result
 from ._workflows import waited_for
 from .backends import RUNNING, Backend, Job, Lease, Limit
-from .backends.base import WorkerInfo
+from .backends.base import WorkerInfo, storable
 
 log = logging.getLogger("conveyor.worker")
 
@@ -1055,6 +1055,7 @@ class Worker:
         error: str,
         delay_s: float | None,
     ) -> str:
+        error = storable(error)  # it is stored as text: no storage holds a lone surrogate
         job = lease.job
         self._settle(lease.token)
         # attempts its worker died in are counted by max_crashes, not by retries

@@ -59,6 +59,7 @@ backend, including the races):
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -160,7 +161,17 @@ def kept_error(error: str | None) -> str | None:
     stores this, computed here, so that all keep the same."""
     if error is None:
         return None
-    return error[-HISTORY_ERROR_CHARS:].replace("\x00", "\ufffd")
+    return storable(error[-HISTORY_ERROR_CHARS:]).replace("\x00", "\ufffd")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """``text`` with each lone surrogate (which no UTF-8 storage can hold: it comes from
+    bytes decoded with ``surrogateescape``, as file names and some exceptions are) as
+    U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text) if not text.isascii() else text
 
 
 @dataclass(frozen=True)
@@ -483,15 +494,16 @@ _SCHEDULE_FIELD_TYPES: dict[str, Any] = {
 SCHEDULE_LATE_S = 60.0
 
 
-def redacted(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for logs and messages."""
-    from urllib.parse import urlparse
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<secret>.*)@")
+_SECRET_OPTION = re.compile(r"(?i)([?&](?:password|passwd|pass|sslpassword)=)[^&#]*")
 
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    host = parsed.netloc.rpartition("@")[2]
-    return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
+
+def redacted(url: str) -> str:
+    """``url`` with its passwords replaced by ``***``, fit for logs and messages: the one
+    after ``user:`` (up to the last ``@``, so that one containing ``@``, ``/`` or ``#``
+    unencoded is masked whole) and any given as a query option (``?password=``)."""
+    masked = _USERINFO.sub(lambda m: f"{m['head']}:***@", url, count=1)
+    return _SECRET_OPTION.sub(lambda m: f"{m.group(1)}***", masked)
 
 
 def check_listing(state: str | None, limit: int, offset: int) -> None:

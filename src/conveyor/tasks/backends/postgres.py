@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+from urllib.parse import parse_qsl, quote, urlencode, urlparse, urlunparse
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -71,7 +71,9 @@ from .base import (
     not_run_because,
     rate_step,
     redacted,
+    replaceable,
     reservation_kept_s,
+    storable,
     taken_whole,
 )
 from .sqlite import _COLUMNS
@@ -101,12 +103,87 @@ _REFUSED = (
     "does not exist",
     "no pg_hba.conf entry",
     "permission denied",
+    "invalid connection option",
+    "unrecognized configuration parameter",
+    "invalid value for parameter",
+    "invalid URI",
+    "invalid sslmode",
 )
 
 
+#: what libpq is told unless the URL says otherwise: TCP keepalives (a connection to a host
+#: that vanished is found broken within about 25 s, the listener's too) and a limit on how
+#: long sent data may go unacknowledged
+_TCP_DEFAULTS = (
+    ("keepalives", "1"),
+    ("keepalives_idle", "10"),
+    ("keepalives_interval", "5"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+)
+#: how long one call may wait for the server's answer before its connection is cut and the
+#: call tried again (``?timeout_s=`` in the URL): a server that stops answering (stopped,
+#: swapping, behind a stuck proxy) never holds a caller for longer
+CALL_TIMEOUT_S = 60.0
+
+
+class _Watchdog:
+    """Cuts the connection of a call that has waited for the server longer than its limit:
+    the call then fails as on any broken connection, and is tried again or reported. One
+    thread per backend, started with the first call (no user code runs there)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._calls: dict[int, tuple[psycopg.Connection[Any], float]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        key = id(conn)
+        with self._lock:
+            self._calls[key] = (conn, time.monotonic() + self.limit_s)
+            if self._thread is None and not self._closed.is_set():
+                self._thread = threading.Thread(
+                    target=self._watch, name="conveyor:pg-watchdog", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+    def _watch(self) -> None:
+        while not self._closed.wait(min(1.0, self.limit_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, deadline in self._calls.values() if deadline <= now]
+            for conn in late:
+                log.warning(
+                    "PostgreSQL: a call had no answer within %g s; its connection is cut",
+                    self.limit_s,
+                )
+                _cut(conn)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _cut(conn: psycopg.Connection[Any]) -> None:
+    """Shut the connection's socket down under a call that waits on it: its wait ends with
+    an error at once (closing the connection would wait for the call)."""
+    import socket
+
+    with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def _text(value: str | None) -> str | None:
-    """Text as PostgreSQL can store it: without NUL (U+FFFD in its place)."""
-    return None if value is None else value.replace("\x00", "\ufffd")
+    """Text as PostgreSQL can store it: without NUL or lone surrogates (U+FFFD in their
+    place)."""
+    return None if value is None else storable(value).replace("\x00", "\ufffd")
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -115,12 +192,18 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     ours: dict[str, str] = {}
     theirs: list[tuple[str, str]] = []
     for name, value in parse_qsl(parsed.query, keep_blank_values=True):
-        if name in ("schema", "retry_s"):
+        if name in ("schema", "retry_s", "timeout_s"):
             ours[name] = value
         else:
             theirs.append((name, value))
     scheme = "postgresql" if parsed.scheme == "postgres" else parsed.scheme
-    return urlunparse(parsed._replace(scheme=scheme, query=urlencode(theirs))), ours
+    given = {name for name, _ in theirs}
+    for name, value in _TCP_DEFAULTS:
+        if name not in given:  # a dead peer or link ends the connection, not a call
+            theirs.append((name, value))
+    # libpq reads %20 as a space, not "+"
+    query = urlencode(theirs, quote_via=quote)
+    return urlunparse(parsed._replace(scheme=scheme, query=query)), ours
 
 
 def _schema_sql(s: str) -> list[str]:
@@ -235,6 +318,8 @@ def migrate(url: str) -> list[str]:
     s = f'"{schema}"'
     try:
         with conn.transaction():
+            # another migration under way is waited for, a stuck one not for ever
+            conn.execute("SET LOCAL lock_timeout = '60s'")
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"conveyor:{schema}",))
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
             conn.execute(
@@ -282,7 +367,12 @@ class _Wakeups:
     missed)."""
 
     def __init__(self, backend: PostgresBackend) -> None:
-        self._backend = backend
+        # what it needs of the backend, not the backend: a queue dropped without close()
+        # is still collected, and this thread then ends by itself
+        self._owner = weakref.ref(backend)
+        self._url = backend.libpq_url
+        self._wake = backend.wake_channel
+        self._ended = backend.ended_channel
         self._cond = threading.Condition()
         self.counts: dict[str, int] = {}
         self.ended: dict[str, int] = {}  # job ids waited for
@@ -303,11 +393,10 @@ class _Wakeups:
             self._cond.notify_all()
 
     def _listen(self) -> None:
-        b = self._backend
         delay = 0.05
-        while not self._closed.is_set():
+        while not self._closed.is_set() and self._owner() is not None:
             try:
-                conn = psycopg.connect(b.libpq_url, autocommit=True, connect_timeout=10)
+                conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
             except psycopg.Error as exc:
                 log.debug("PostgreSQL wake-up listener reconnecting: %s", exc)
                 self._closed.wait(delay)
@@ -315,12 +404,12 @@ class _Wakeups:
                 continue
             self._conn = conn
             try:
-                conn.execute(f'LISTEN "{b.wake_channel}"')
-                conn.execute(f'LISTEN "{b.ended_channel}"')
+                conn.execute(f'LISTEN "{self._wake}"')
+                conn.execute(f'LISTEN "{self._ended}"')
                 self._bump_all()  # (re)listening: a notice sent meanwhile may have been missed
                 self._ready.set()
                 delay = 0.05
-                while not self._closed.is_set():
+                while not self._closed.is_set() and self._owner() is not None:
                     for notice in conn.notifies(timeout=1.0):
                         if self._closed.is_set():
                             break
@@ -340,7 +429,7 @@ class _Wakeups:
 
     def _heard(self, channel: str, payload: str) -> None:
         with self._cond:
-            if channel == self._backend.wake_channel:
+            if channel == self._wake:
                 self.counts[payload] = self.counts.get(payload, 0) + 1
                 self._cond.notify_all()
                 return
@@ -376,12 +465,13 @@ class _Wakeups:
             self.ended.setdefault(job_id, 0)
             self.tags[job_id] = _tag(job_id)
             self.watchers[job_id] = self.watchers.get(job_id, 0) + 1
+            since = self.ended[job_id]  # a notice from here on ends the wait, even one that
+            # comes before the wait begins
 
         def wait(timeout_s: float) -> None:
             with self._cond:
-                count = self.ended[job_id]
                 self._cond.wait_for(
-                    lambda: self.ended[job_id] != count or self._closed.is_set(),
+                    lambda: self.ended[job_id] != since or self._closed.is_set(),
                     max(0.0, timeout_s),
                 )
 
@@ -401,11 +491,9 @@ class _Wakeups:
             # a notice of its own wakes the listener now, not at its next timeout
             with (
                 contextlib.suppress(Exception),
-                psycopg.connect(
-                    self._backend.libpq_url, autocommit=True, connect_timeout=2
-                ) as conn,
+                psycopg.connect(self._url, autocommit=True, connect_timeout=2) as conn,
             ):
-                conn.execute("SELECT pg_notify(%s, '')", (self._backend.wake_channel,))
+                conn.execute("SELECT pg_notify(%s, '')", (self._wake,))
         self._thread.join(2)
 
 
@@ -436,6 +524,14 @@ class PostgresBackend(Backend):
         self.ended_channel = f"{self.schema}_ended"
         self._idle: list[psycopg.Connection[Any]] = []
         self._release = weakref.finalize(self, _close_all, self._idle)
+        try:
+            limit_s = float(ours.get("timeout_s", CALL_TIMEOUT_S))
+        except ValueError as exc:
+            raise ConfigurationError(f"timeout_s in {self.where!r}: {exc}") from None
+        if not limit_s > 0:
+            raise ConfigurationError(f"timeout_s in {self.where!r} is a number of seconds > 0")
+        self._watchdog = _Watchdog(limit_s)
+        weakref.finalize(self, self._watchdog.close)
         self._lock = threading.Lock()
         self._closed = False
         self._wakeups: _Wakeups | None = None
@@ -443,6 +539,10 @@ class PostgresBackend(Backend):
         self._seen: dict[str, int] = {}
         self._columns = _COLUMNS
         self._insert = _insert_sql(s)
+        # the same, but a job that holds the id stays as it is (nothing is locked)
+        self._insert_new = self._insert.replace(
+            f"DO UPDATE SET {_REPLACE} WHERE {_REPLACEABLE}", "DO NOTHING"
+        )
         self._insert_many = _insert_many_sql(s)
         self._claim = _claim_sql(s)
         self._claimed_by = (
@@ -470,7 +570,9 @@ class PostgresBackend(Backend):
     # -- connections --------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(self.libpq_url, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(
+                self.libpq_url, autocommit=True, connect_timeout=self._connect_timeout()
+            )
         except psycopg.Error as exc:
             refused = _connect_error(self.where, exc)
             if refused is not None:
@@ -481,10 +583,16 @@ class PostgresBackend(Backend):
             # up after a while and is tried again, so that retry_s bounds every call
             lock_ms = int(min(5.0, max(0.05, self.retry_s / 4)) * 1000)
             conn.execute(f"SET lock_timeout = {lock_ms}")
+            # and the server ends a statement that runs past the watchdog's limit itself
+            conn.execute(f"SET statement_timeout = {int(self._watchdog.limit_s * 1000)}")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _connect_timeout(self) -> int:
+        """libpq's connect_timeout (whole seconds, at least 2): within retry_s."""
+        return max(2, min(10, int(self.retry_s)))
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -524,7 +632,7 @@ class PostgresBackend(Backend):
         replay = False
         while True:
             try:
-                with self._conn() as conn:
+                with self._conn() as conn, self._watchdog.watch(conn):
                     return attempt(conn, replay)
             except (BackendError, ClosedResourceError, ConfigurationError):
                 raise
@@ -607,8 +715,14 @@ class PostgresBackend(Backend):
                 return [self._enqueue_one(conn.cursor(), jobs[0], now)]
             with conn.transaction():
                 out = self._enqueue_many(conn, jobs, now)
-                if whole and not all(added for _, added in out):
-                    there = [self._read(conn, new.id) for new in jobs]
+                first: dict[str, int] = {}
+                for i, new in enumerate(jobs):
+                    first.setdefault(new.id, i)
+                if whole and not all(out[i][1] for i in first.values()):
+                    # what was there before: nothing where this batch added the job
+                    there = [
+                        None if out[first[new.id]][1] else out[first[new.id]][0] for new in jobs
+                    ]
                     taken = taken_whole(jobs, there, now)
                     if taken is not None:
                         raise _Taken(taken)  # rolls the transaction back: nothing added
@@ -619,18 +733,39 @@ class PostgresBackend(Backend):
         except _Taken as taken:
             return taken.out
 
-    def _enqueue_one(self, cur: Any, new: NewJob, now: float) -> tuple[Job, bool]:
+    def _enqueue_one(
+        self, cur: Any, new: NewJob, now: float, in_theirs: bool = False
+    ) -> tuple[Job, bool]:
         """One job, through any DB-API cursor of this database (psycopg 3 or 2): the
-        statement that adds it also sends the wake-up notice, delivered at commit."""
+        statement that adds it also sends the wake-up notice, delivered at commit.
+        ``in_theirs``: the caller's transaction, which may stay open for long: a job that
+        holds the id is only read, never locked (an insert that replaces one locks it), so
+        the transaction holds up no worker's change of that job."""
+        values = (*_values(new, now), now, self.wake_channel)
         for _ in range(100):
-            cur.execute(self._insert, (*_values(new, now), now, self.wake_channel))
+            if in_theirs:
+                cur.execute(self._insert_new, (*_values(new, now), self.wake_channel))
+                if cur.fetchone() is not None:
+                    return fresh_job(new, now), True
+                found = self._read_by(cur, new.id)
+                if found is not None and not replaceable(found, now):
+                    return found, False
+            cur.execute(self._insert, values)
             if cur.fetchone() is not None:
                 return fresh_job(new, now), True
-            cur.execute(f"SELECT {self._columns} FROM {self._s}.jobs WHERE id = %s", (new.id,))
-            row = cur.fetchone()
-            if row is not None:  # taken (it may be gone by now: then it is added afresh)
-                return _job(row), False
+            found = self._read_by(cur, new.id)
+            if found is not None:  # taken (it may be gone by now: then it is added afresh)
+                return found, False
         raise BackendError(f"job {new.id!r} keeps changing while it is enqueued")
+
+    def _read_by(self, cur: Any, job_id: str) -> Job | None:
+        cur.execute(f"SELECT {self._columns} FROM {self._s}.jobs WHERE id = %s", (job_id,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        if isinstance(row, dict):  # a cursor whose rows are dicts, in the caller's connection
+            row = list(row.values())
+        return _job(row)
 
     def _enqueue_many(
         self, conn: psycopg.Connection[Any], jobs: Sequence[NewJob], now: float
@@ -679,7 +814,7 @@ class PostgresBackend(Backend):
         retried: a failure is the caller's transaction's."""
         cur = _cursor_of(connection)
         try:
-            return [self._enqueue_one(cur, new, now) for new in jobs]
+            return [self._enqueue_one(cur, new, now, in_theirs=True) for new in jobs]
         except Exception as exc:
             if type(exc).__name__ == "UndefinedTable":
                 raise self._no_schema() from exc
@@ -1530,6 +1665,7 @@ class PostgresBackend(Backend):
             wait(deadline - time.monotonic())
 
     def close(self) -> None:
+        self._watchdog.close()
         with self._wakeups_lock:
             self._closed = True
             wakeups = self._wakeups
@@ -1640,18 +1776,25 @@ def _insert_sql(s: str) -> str:
 
 def _insert_many_sql(s: str) -> str:
     """Many jobs, as arrays of each column (then now, the wake-up channel and the ids
-    again); returns one row: the ids that were not added (taken)."""
+    again); returns one row: the ids that were not added (taken). Their places in the
+    enqueue order (``seq``) are drawn in the batch's order, then the rows are written in
+    the order of their ids: two batches that share ids wait for each other in one order,
+    never in a cycle (a deadlock)."""
     return f"""
         WITH added AS (
-            INSERT INTO {s}.jobs AS j ({_INSERT_COLUMNS})
-            SELECT id, queue, task, payload, state, priority, key, enqueued_at, run_at,
+            INSERT INTO {s}.jobs AS j (seq, {_INSERT_COLUMNS})
+            SELECT seq, id, queue, task, payload, state, priority, key, enqueued_at, run_at,
                    waits_for, then_jobs
-            FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[],
-                        %b::integer[], %b::text[], %b::float8[], %b::float8[], %b::integer[],
-                        %b::text[])
-                 WITH ORDINALITY AS v(id, queue, task, payload, state, priority, key,
-                                      enqueued_at, run_at, waits_for, then_jobs, n)
-            ORDER BY n
+            FROM (
+                SELECT nextval(pg_get_serial_sequence('{s}.jobs', 'seq')) AS seq, v.*
+                FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[],
+                            %b::integer[], %b::text[], %b::float8[], %b::float8[],
+                            %b::integer[], %b::text[])
+                     WITH ORDINALITY AS v(id, queue, task, payload, state, priority, key,
+                                          enqueued_at, run_at, waits_for, then_jobs, n)
+                ORDER BY n
+            ) AS numbered
+            ORDER BY id
             ON CONFLICT (id) DO UPDATE SET {_REPLACE} WHERE {_REPLACEABLE}
             RETURNING id, queue, state
         ),
