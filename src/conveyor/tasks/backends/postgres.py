@@ -1193,7 +1193,7 @@ class PostgresBackend(Backend):
                 )
                 if before[0] != DONE:
                     self._follow(conn, job_id, now)
-                    conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(job_id)))
+                    self._ended_now(conn, job_id)
 
         self._run(attempt)
 
@@ -1217,7 +1217,7 @@ class PostgresBackend(Backend):
                 )
                 if cur.rowcount == 1:
                     self._follow(conn, job_id, now)
-                    conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(job_id)))
+                    self._ended_now(conn, job_id)
                 return cur.rowcount == 1
 
         return self._run(attempt)
@@ -1246,7 +1246,7 @@ class PostgresBackend(Backend):
                     (by, _error(f"aborted by {by}"), now, job_id),
                 )
                 self._follow(conn, job_id, now)
-                conn.execute("SELECT pg_notify(%s, %s)", (self.ended_channel, _tag(job_id)))
+                self._ended_now(conn, job_id)
                 return ABORTED
 
         return self._run(attempt)
@@ -1308,6 +1308,15 @@ class PostgresBackend(Backend):
             total += n
             if n < _CHUNK:
                 return total
+
+    def _ended_now(self, conn: psycopg.Connection[Any], job_id: str) -> None:
+        """Notify the end of ``job_id`` (finished, cancelled, aborted by hand), and its
+        queue when it has a key: the next job of the key may run now."""
+        conn.execute(
+            f"SELECT pg_notify(%s, %s), CASE WHEN key IS NOT NULL THEN pg_notify(%s, queue) END "
+            f"FROM {self._s}.jobs WHERE id = %s",
+            (self.ended_channel, _tag(job_id), self.wake_channel, job_id),
+        )
 
     # -- workflows ------------------------------------------------------------------------------
     def _follow(self, conn: psycopg.Connection[Any], job_id: str, now: float) -> None:
