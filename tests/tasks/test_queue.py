@@ -47,6 +47,41 @@ def test_async_sync_and_process_tasks_run_and_return(q: TaskQueue) -> None:
     assert q.stats().done == 40
 
 
+def test_async_code_awaits_results_while_a_worker_runs_beside_it(q: TaskQueue) -> None:
+    """The async API: an event loop enqueues and awaits results (``aresult``) while a
+    worker runs the jobs, without blocking the loop."""
+
+    @q.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    worker = q.worker(poll_s=0.05, handle_signals=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+
+    async def main() -> list[int]:
+        jobs = [double.enqueue(i) for i in range(5)]
+        ticks = 0
+
+        async def tick() -> None:  # the loop keeps running while results are awaited
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        ticker = asyncio.ensure_future(tick())
+        got = await asyncio.gather(*(j.aresult(timeout_s=10) for j in jobs))
+        ticker.cancel()
+        assert ticks > 0
+        return list(got)
+
+    try:
+        assert asyncio.run(main()) == [0, 2, 4, 6, 8]
+    finally:
+        worker.stop(now=True)
+        thread.join(10)
+
+
 def test_process_executor(q: TaskQueue) -> None:
     task = q.task(_square, executor="process", name="square")
     job = task.enqueue(7)
