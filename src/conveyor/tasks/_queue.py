@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import (
@@ -86,6 +86,28 @@ MAX_NESTING = 200
 _SCALARS = (str, int, float, bool, type(None))
 
 
+def _positional_range(signature: inspect.Signature) -> tuple[int, int]:
+    kinds = [p.kind for p in signature.parameters.values()]
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(kind not in plain for kind in kinds):
+        return (1, 0)
+    params = list(signature.parameters.values())
+    required = sum(1 for p in params if p.default is inspect.Parameter.empty)
+    return (required, len(params))
+
+
+def _containers(
+    args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+) -> Iterator[tuple[str, Any]]:
+    """The arguments that are not plain values, each with its name (made only for them)."""
+    for i, a in enumerate(args):
+        if not isinstance(a, _SCALARS):
+            yield f"argument {i}", a
+    for k, v in kwargs.items():
+        if not isinstance(v, _SCALARS):
+            yield f"argument {k!r}", v
+
+
 def _arguments(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
         *((f"argument {i}", a) for i, a in enumerate(args)),
@@ -141,10 +163,14 @@ class JsonSerializer:
                 ) from None
 
     def dumps(self, value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":")).encode()
+        return _JSON_ENCODE(value).encode()
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)
+
+
+#: one encoder for every payload (``json.dumps`` with options makes one per call)
+_JSON_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class PickleSerializer:
@@ -479,6 +505,10 @@ class Task(Generic[P, R]):
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
+        #: how many positional arguments bind the function for sure when no keyword is
+        #: given (a function with keyword-only parameters, or *args and **kwargs, binds
+        #: nothing for sure: (1, 0))
+        self.positional = _positional_range(self.signature)
         self.__name__ = getattr(fn, "__name__", name)
         self.__doc__ = fn.__doc__
         # as functools.wraps does: tools (and a process worker's unpickling) find the function
@@ -1128,7 +1158,7 @@ class TaskQueue:
         """The job a call stands for, checked. ``after``: a step of a workflow, given what it
         waited for (how, and of how many) before ``args`` (see ``_workflows``)."""
         task_name = task if isinstance(task, str) else task.name
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("_")}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("_")} if kwargs else {}
         job_id = options.pop("_id", None)
         delay_s = options.pop("_delay_s", None)
         eta = options.pop("_eta", None)
@@ -1143,7 +1173,7 @@ class TaskQueue:
         serializer = self.serializer
         # containers may hide what the encoder would change or choke on (plain values, the
         # common case, cost one isinstance each)
-        for where, value in _arguments(args, kwargs):
+        for where, value in _containers(args, kwargs):
             check_shape(where, task_name, value, serializer.keys, _FORMAT_NAMES[serializer.name])
         body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
         if carrier:
@@ -1169,10 +1199,12 @@ class TaskQueue:
             )
         if not isinstance(task, str):
             given = args if after is None else (None, *args)  # what it waited for comes first
-            try:
-                task.signature.bind(*given, **kwargs)
-            except TypeError as exc:
-                raise ConfigurationError(f"task {task_name!r}: {exc}") from None
+            low, high = task.positional
+            if kwargs or not low <= len(given) <= high:  # else it binds: skip the binding
+                try:
+                    task.signature.bind(*given, **kwargs)
+                except TypeError as exc:
+                    raise ConfigurationError(f"task {task_name!r}: {exc}") from None
         now = self.now()
         run_at = now
         if delay_s is not None and eta is not None:

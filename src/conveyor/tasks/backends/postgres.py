@@ -544,6 +544,7 @@ class PostgresBackend(Backend):
             f"DO UPDATE SET {_REPLACE} WHERE {_REPLACEABLE}", "DO NOTHING"
         )
         self._insert_many = _insert_many_sql(s)
+        self._insert_fresh = _insert_fresh_sql(s)
         self._claim = _claim_sql(s)
         self._claimed_by = (
             f"SELECT 0, j.seq, j.priority, {', '.join('j.' + c for c in _COLUMNS.split(', '))} "
@@ -779,6 +780,15 @@ class PostgresBackend(Backend):
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start : start + _CHUNK]
             columns = [list(c) for c in zip(*(_values(new, now) for new in chunk), strict=True)]
+            woken = sorted({new.queue for new in chunk if new.waits_for <= 0})
+            try:
+                # the common case, new ids: a plain insert (a savepoint, or a transaction of
+                # its own), half again as fast as one that looks at each id
+                with conn.transaction():
+                    conn.execute(self._insert_fresh, (*columns, self.wake_channel, woken))
+                continue
+            except pg_errors.UniqueViolation:
+                pass  # an id is taken (or was being enqueued beside): look at each one
             row = conn.execute(
                 self._insert_many, (*columns, now, self.wake_channel, columns[0])
             ).fetchone()
@@ -1813,6 +1823,30 @@ def _insert_many_sql(s: str) -> str:
         )
         SELECT (SELECT count(*) FROM woken),
                array(SELECT unnest(%b::text[]) EXCEPT SELECT id FROM added)
+    """
+
+
+def _insert_fresh_sql(s: str) -> str:
+    """Many jobs whose ids are all free, as ``_insert_many_sql`` takes them (then the
+    wake-up channel and the queues to wake); an id taken fails it whole."""
+    return f"""
+        WITH added AS (
+            INSERT INTO {s}.jobs (seq, {_INSERT_COLUMNS})
+            SELECT seq, id, queue, task, payload, state, priority, key, enqueued_at, run_at,
+                   waits_for, then_jobs
+            FROM (
+                SELECT nextval(pg_get_serial_sequence('{s}.jobs', 'seq')) AS seq, v.*
+                FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[],
+                            %b::integer[], %b::text[], %b::float8[], %b::float8[],
+                            %b::integer[], %b::text[])
+                     WITH ORDINALITY AS v(id, queue, task, payload, state, priority, key,
+                                          enqueued_at, run_at, waits_for, then_jobs, n)
+                ORDER BY n
+            ) AS numbered
+            ORDER BY id
+        ),
+        woke AS (SELECT pg_notify(%s, q) FROM unnest(%b::text[]) AS q)
+        SELECT (SELECT count(*) FROM woke)
     """
 
 
