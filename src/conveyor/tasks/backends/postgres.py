@@ -1802,18 +1802,7 @@ def _insert_many_sql(s: str) -> str:
     return f"""
         WITH added AS (
             INSERT INTO {s}.jobs AS j (seq, {_INSERT_COLUMNS})
-            SELECT seq, id, queue, task, payload, state, priority, key, enqueued_at, run_at,
-                   waits_for, then_jobs
-            FROM (
-                SELECT nextval(pg_get_serial_sequence('{s}.jobs', 'seq')) AS seq, v.*
-                FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[],
-                            %b::integer[], %b::text[], %b::float8[], %b::float8[],
-                            %b::integer[], %b::text[])
-                     WITH ORDINALITY AS v(id, queue, task, payload, state, priority, key,
-                                          enqueued_at, run_at, waits_for, then_jobs, n)
-                ORDER BY n
-            ) AS numbered
-            ORDER BY id
+            {_rows_in_id_order(s)}
             ON CONFLICT (id) DO UPDATE SET {_REPLACE} WHERE {_REPLACEABLE}
             RETURNING id, queue, state
         ),
@@ -1826,12 +1815,9 @@ def _insert_many_sql(s: str) -> str:
     """
 
 
-def _insert_fresh_sql(s: str) -> str:
-    """Many jobs whose ids are all free, as ``_insert_many_sql`` takes them (then the
-    wake-up channel and the queues to wake); an id taken fails it whole."""
+def _rows_in_id_order(s: str) -> str:
+    """The jobs of the arrays, numbered in the batch's order and then sorted by id."""
     return f"""
-        WITH added AS (
-            INSERT INTO {s}.jobs (seq, {_INSERT_COLUMNS})
             SELECT seq, id, queue, task, payload, state, priority, key, enqueued_at, run_at,
                    waits_for, then_jobs
             FROM (
@@ -1843,7 +1829,16 @@ def _insert_fresh_sql(s: str) -> str:
                                           enqueued_at, run_at, waits_for, then_jobs, n)
                 ORDER BY n
             ) AS numbered
-            ORDER BY id
+            ORDER BY id"""
+
+
+def _insert_fresh_sql(s: str) -> str:
+    """Many jobs whose ids are all free, as ``_insert_many_sql`` takes them (then the
+    wake-up channel and the queues to wake); an id taken fails it whole."""
+    return f"""
+        WITH added AS (
+            INSERT INTO {s}.jobs (seq, {_INSERT_COLUMNS})
+            {_rows_in_id_order(s)}
         ),
         woke AS (SELECT pg_notify(%s, q) FROM unnest(%b::text[]) AS q)
         SELECT (SELECT count(*) FROM woke)
