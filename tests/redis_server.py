@@ -13,22 +13,27 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
 BINARY = shutil.which("redis-server")
+
+
+def server_missing(reason: str) -> NoReturn:
+    """Skip the test loudly for ``reason``; under ``CI=true``, fail it."""
+    import pytest  # only when reporting: benchmarks use these servers too
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + "; CI=true requires it", pytrace=False)
+    pytest.skip(reason)
 
 
 def need_redis_server() -> str:
     """The binary's path; skips (or, in CI, fails) the test when there is none."""
     if BINARY is None:
-        reason = (
+        server_missing(
             "REDIS TESTS NOT RUN: no redis-server on PATH "
             "(install it, e.g. apt install redis-server, to test the Redis backend)"
         )
-        import pytest  # only when reporting: benchmarks use these servers too
-
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + "; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
     return BINARY
 
 
