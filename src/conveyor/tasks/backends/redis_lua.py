@@ -66,7 +66,9 @@ end
 
 -- every key of queue ``q`` (and the shared ones) that a change may write
 local function check_queue(q)
-  if checked[qk(q, 'ready')] then return end
+  local mark = qk(q, '')  -- no key is named so: the queue as a whole
+  if checked[mark] then return end
+  checked[mark] = 'queue'
   expect(P .. 'seq', 'string')
   expect(P .. 'expiry', 'zset')
   for _, part in ipairs({'runat', 'ready', 'delayed', 'leases'}) do expect(qk(q, part), 'zset') end
@@ -85,6 +87,26 @@ local function check_key(q, key)
   if head then expect(jk(head), 'hash') end
   local placed = redis.call('HGET', qk(q, 'kplaced'), key)
   if placed then expect(jk(placed), 'hash') end
+end
+
+-- ``fields`` of job ``id`` (HMGET), after checking that its key holds a hash: a read that a
+-- claim or a completion goes on with, so the check costs no call of its own
+local function job_fields(id, ...)
+  local k = jk(id)
+  local f = redis.pcall('HMGET', k, ...)
+  if f['err'] then
+    error({err = 'conveyor:wrongtype ' .. k .. ' is a ' .. redis.call('TYPE', k)['ok']
+      .. ', where conveyor keeps a hash'})
+  end
+  checked[k] = 'hash'
+  return f
+end
+
+-- ``redis.call(cmd, key, ...)`` with the values of ``list`` as arguments, a thousand at a time
+local function each_thousand(cmd, key, list)
+  for i = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
+  end
 end
 
 -- a job that a change may touch: its hash, its queue's keys and its key's
@@ -303,22 +325,44 @@ end
 local function enqueue_from(first, now)
   local out = {}
   local woken = {}
+  -- what is there already at each id, read once; a fresh id writes only its hash, seq, runat
+  -- and the one index it joins, so only those are checked
+  local there, added = {}, {}
   for i = first, #ARGV, 9 do
-    check_job(ARGV[i])
-    check_queue(ARGV[i + 1])
-    if ARGV[i + 5] ~= '' then check_key(ARGV[i + 1], ARGV[i + 5]) end
+    local q = ARGV[i + 1]
+    local st = job_fields(ARGV[i], 'state', 'keep_until', 'queue', 'key')
+    there[i] = st
+    if st[1] then  -- the job there may be forgotten, which writes its queue's and its key's
+      if st[3] then check_queue(st[3]) end
+      if st[3] and st[4] then check_key(st[3], st[4]) end
+    end
+    expect(P .. 'seq', 'string')
+    expect(qk(q, 'runat'), 'zset')
+    if ARGV[i + 5] ~= '' then
+      check_queue(q)
+      check_key(q, ARGV[i + 5])
+    elseif tonumber(ARGV[i + 7]) > 0 then
+      expect(qk(q, 'waiting'), 'set')
+    elseif tonumber(ARGV[i + 6]) <= tonumber(now) then
+      expect(qk(q, 'ready'), 'zset')
+    else
+      expect(qk(q, 'delayed'), 'zset')
+    end
   end
   for i = first, #ARGV, 9 do
     local id, q = ARGV[i], ARGV[i + 1]
     local k = jk(id)
-    local st = redis.call('HMGET', k, 'state', 'keep_until')
+    local st = there[i]
     local keep = true
-    if st[1] == 'dead' or st[1] == 'aborted'
+    if added[id] then  -- the same id earlier in this call
+      keep = false
+    elseif st[1] == 'dead' or st[1] == 'aborted'
       or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(now)) then
       forget(id)
     elseif st[1] then
       keep = false
     end
+    if keep then added[id] = true end
     if keep then
       local seq = redis.call('INCR', P .. 'seq')
       local run_at = ARGV[i + 6]
@@ -359,8 +403,7 @@ ENQUEUE = r"""
 if ARGV[3] == '1' then  -- whole: if any id is taken, add none
   local out, taken = {-1}, false
   for i = 4, #ARGV, 9 do
-    check_job(ARGV[i])
-    local st = redis.call('HMGET', jk(ARGV[i]), 'state', 'keep_until')
+    local st = job_fields(ARGV[i], 'state', 'keep_until')
     local free = not st[1] or st[1] == 'dead' or st[1] == 'aborted'
       or (st[1] == 'done' and st[2] and tonumber(st[2]) <= tonumber(ARGV[2]))
     if free then out[#out + 1] = 0 else
@@ -394,15 +437,32 @@ return 1
 CLAIM = r"""
 local q, now, lease_until, limit, base = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local worker = ARGV[7]
-check_queue(q)
-local lapsed = redis.call('ZRANGEBYSCORE', qk(q, 'leases'), '-inf', now, 'LIMIT', 0, 1000)
-local due = redis.call('ZRANGEBYSCORE', qk(q, 'delayed'), '-inf', now, 'LIMIT', 0, 1000)
--- what a claim hands out comes from the head of ready, or from what lapsed or fell due
-for _, id in ipairs(lapsed) do check_job(id) end
-for _, id in ipairs(due) do check_job(id) end
+local ready, leases, delayed, runat = qk(q, 'ready'), qk(q, 'leases'), qk(q, 'delayed'),
+  qk(q, 'runat')
+expect(leases, 'zset')
+expect(delayed, 'zset')
+local lapsed = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 1000)
+local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+-- what a claim hands out comes from the head of ready, or from what lapsed or fell due; a
+-- claim with nothing lapsed or due writes only ready, runat, leases and the jobs it takes
+if #lapsed > 0 or #due > 0 then
+  check_queue(q)
+  for _, id in ipairs(lapsed) do check_job(id) end
+  for _, id in ipairs(due) do check_job(id) end
+end
+-- the fields of the jobs at the head (key, attempts), read once: for the check and the claim
+local head = {}
 if limit > 0 then
-  for _, m in ipairs(redis.call('ZRANGE', qk(q, 'ready'), 0, limit - 1)) do
-    check_job(string.sub(m, 24))
+  expect(ready, 'zset')
+  expect(runat, 'zset')
+  for _, m in ipairs(redis.call('ZRANGE', ready, 0, limit - 1)) do
+    local id = string.sub(m, 24)
+    local f = job_fields(id, 'key', 'attempts')
+    if f[1] then
+      check_queue(q)
+      check_key(q, f[1])
+    end
+    head[id] = f
   end
 end
 for _, id in ipairs(lapsed) do
@@ -415,30 +475,35 @@ for _, id in ipairs(lapsed) do
   to_queue(id, now)
 end
 for _, id in ipairs(due) do
-  redis.call('ZREM', qk(q, 'delayed'), id)
+  redis.call('ZREM', delayed, id)
   local f = redis.call('HMGET', jk(id), 'priority', 'seq')
-  redis.call('ZADD', qk(q, 'ready'), 0, member(id, f[1], f[2]))
+  redis.call('ZADD', ready, 0, member(id, f[1], f[2]))
 end
 local taken = {}
 if limit < 1 then return taken end
 -- all scores are 0: ZPOPMIN takes the first members, which are the next claims
-local firsts = redis.call('ZPOPMIN', qk(q, 'ready'), limit)
+local firsts = redis.call('ZPOPMIN', ready, limit)
+local ids, scored = {}, {}
 for n = 1, #firsts / 2 do
   local id = string.sub(firsts[2 * n - 1], 24)
   local k = jk(id)
-  redis.call('ZREM', qk(q, 'runat'), id)
-  local key = redis.call('HGET', k, 'key')
+  -- neither a lapse nor a fall due changes a job's key or attempts
+  local f = head[id] or redis.call('HMGET', k, 'key', 'attempts')
+  local key = f[1]
   if key then
     redis.call('ZREM', qk(q, 'k:' .. key), id)
     redis.call('HDEL', qk(q, 'kplaced'), key)
     redis.call('SADD', qk(q, 'krun'), key)
   end
   redis.call('HSET', k, 'state', 'running', 'token', base .. n, 'lease_until', lease_until,
-    'worker', worker, 'started_at', now)
-  redis.call('HINCRBY', k, 'attempts', 1)
-  redis.call('ZADD', qk(q, 'leases'), lease_until, id)
+    'worker', worker, 'started_at', now, 'attempts', (tonumber(f[2]) or 0) + 1)
+  ids[n] = id
+  scored[2 * n - 1] = lease_until
+  scored[2 * n] = id
   taken[n] = redis.call('HGETALL', k)
 end
+each_thousand('ZREM', runat, ids)
+each_thousand('ZADD', leases, scored)
 return taken
 """
 
@@ -466,26 +531,54 @@ COMPLETE = r"""
 local now, replay = ARGV[2], ARGV[3]
 local out = {}
 local woken = {}
+-- each job's state, token, queue, key and followers, read once: for the checks and the change
+local rows = {}
 for i = 4, #ARGV, 5 do
-  check_job(ARGV[i])
-  check_follow(ARGV[i], false)
-end
-for i = 4, #ARGV, 5 do
-  local id, token = ARGV[i], ARGV[i + 1]
-  local f = end_lease(id, token, now)
-  if f then
-    -- a running job has neither a result nor a keep_until: only set what there is
-    local k = jk(id)
-    redis.call('HSET', k, 'state', 'done', 'finished_at', now)
-    if ARGV[i + 2] == '1' then redis.call('HSET', k, 'result', ARGV[i + 3]) end
-    if ARGV[i + 4] ~= '' then
-      redis.call('HSET', k, 'keep_until', ARGV[i + 4])
-      redis.call('ZADD', P .. 'expiry', ARGV[i + 4], id)
+  local f = job_fields(ARGV[i], 'state', 'token', 'queue', 'key', 'then')
+  rows[i] = f
+  if f[3] then
+    expect(qk(f[3], 'leases'), 'zset')
+    expect(qk(f[3], 'done'), 'set')
+    if f[4] then
+      check_queue(f[3])
+      check_key(f[3], f[4])
     end
-    redis.call('SADD', qk(f[3], 'done'), id)
+  end
+  if ARGV[i + 4] ~= '' then expect(P .. 'expiry', 'zset') end
+  if f[5] and f[5] ~= '' then check_follow(ARGV[i], false) end
+end
+local finished, ended, expiring = {}, {}, {}
+for i = 4, #ARGV, 5 do
+  local id, token, keep = ARGV[i], ARGV[i + 1], ARGV[i + 4]
+  local f = rows[i]
+  if f[1] == 'running' and f[2] == token and not finished[id] then
+    finished[id] = true
+    local q, key, k = f[3], f[4], jk(id)
+    if key then
+      leave_running(id, q, key, now)
+      woken[q] = true
+    else
+      -- unkeyed jobs leave the leases (and join done) a queue at a time, below
+      ended[q] = ended[q] or {}
+      table.insert(ended[q], id)
+    end
+    redis.call('HDEL', k, 'token', 'lease_until')
+    -- a running job has neither a result nor a keep_until: only set what there is
+    local set = {'ended', token, 'state', 'done', 'finished_at', now}
+    if ARGV[i + 2] == '1' then
+      set[#set + 1] = 'result'
+      set[#set + 1] = ARGV[i + 3]
+    end
+    if keep ~= '' then
+      set[#set + 1] = 'keep_until'
+      set[#set + 1] = keep
+      expiring[#expiring + 1] = keep
+      expiring[#expiring + 1] = id
+    end
+    redis.call('HSET', k, unpack(set))
+    if key then redis.call('SADD', qk(q, 'done'), id) end
     redis.call('PUBLISH', P .. 'ended:' .. id, 'done')
-    follow_done(id, ARGV[i + 2] == '1' and ARGV[i + 3], now)
-    if f[4] then woken[f[3]] = true end
+    if f[5] and f[5] ~= '' then follow_done(id, ARGV[i + 2] == '1' and ARGV[i + 3], now) end
     out[#out + 1] = 1
   elseif replayed(id, token, replay) then
     out[#out + 1] = 1
@@ -493,6 +586,11 @@ for i = 4, #ARGV, 5 do
     out[#out + 1] = 0
   end
 end
+for q, ids in pairs(ended) do
+  each_thousand('ZREM', qk(q, 'leases'), ids)
+  each_thousand('SADD', qk(q, 'done'), ids)
+end
+each_thousand('ZADD', P .. 'expiry', expiring)
 for q, _ in pairs(woken) do wake(q) end
 return out
 """
