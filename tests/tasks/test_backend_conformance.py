@@ -180,6 +180,28 @@ def test_batch_complete_and_heartbeat_refuse_lost_leases(backend: Backend) -> No
     assert c is not None and c.keep_until == 72
 
 
+def test_complete_then_claim_writes_the_outcomes_then_claims(backend: Backend) -> None:
+    backend.enqueue([job("a"), job("b"), job("c"), job("d")], now=0)
+    leases = {lease.job.id: lease for lease in backend.claim(Q, "w", 10, 0, limit=2)}
+    assert set(leases) == {"a", "b"}
+    results, claimed = backend.complete_then_claim(
+        [("a", leases["a"].token, b"ra", None), ("b", "stale-token", None, None)], Q, "w", 10, 1, 5
+    )
+    assert results == [True, False]
+    assert isinstance(claimed, list) and [lease.job.id for lease in claimed] == ["c", "d"]
+    a, b = backend.get("a"), backend.get("b")
+    assert a is not None and (a.state, a.result) == (DONE, b"ra")
+    assert b is not None and b.state == RUNNING
+    # nothing to write: a plain claim; nothing to claim: the outcomes alone
+    assert backend.complete_then_claim([], Q, "w", 10, 2, 5) == ([], [])
+    tokens = [lease.token for lease in claimed]
+    assert backend.complete_then_claim(
+        [("c", tokens[0], None, None), ("d", tokens[1], None, 60)], Q, "w", 10, 3, 5
+    ) == ([True, True], [])
+    d = backend.get("d")
+    assert d is not None and d.keep_until == 63
+
+
 def test_complete_keeps_the_result_for_its_time(backend: Backend) -> None:
     backend.enqueue([job("a"), job("b")], now=0)
     leases = {lease.job.id: lease for lease in backend.claim(Q, "w", 30, 1, limit=2)}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from conveyor import (
+    BackendUnavailable,
     CancelTask,
     ConfigurationError,
     JobNotFound,
@@ -549,3 +550,32 @@ def test_a_burst_worker_returns_when_its_last_job_ends_not_after_a_poll(q: TaskQ
         jobs = [one.enqueue(i), two.enqueue(i), one.enqueue(i + 1)]
         q.worker(burst=True, poll_s=3600, concurrency=4, handle_signals=False).run()
         assert [j.status() for j in jobs] == ["done"] * 3
+
+
+def test_outcomes_ride_on_the_next_claim_and_no_job_runs_twice(q: TaskQueue) -> None:
+    """Jobs that end make room for more: their outcomes are written by the claim that fills
+    the room, in one call; with the outcome of every fifth call's writes refused once (kept
+    and written again by the acknowledgement loop), still every job runs once and ends done."""
+    runs: list[int] = []
+    combined: list[int] = []
+    real = q.backend.complete_then_claim
+
+    def complete_then_claim(done: Any, *args: Any) -> Any:
+        combined.append(len(done))
+        if len(combined) % 5 == 0:
+            refused = BackendUnavailable("the outcomes were refused")
+            return refused, q.backend.claim(*args)
+        return real(done, *args)
+
+    q.backend.complete_then_claim = complete_then_claim  # type: ignore[method-assign,assignment]
+
+    @q.task
+    async def noop(i: int) -> int:
+        runs.append(i)
+        return i
+
+    handles = q.enqueue_many(noop, [((i,), {}) for i in range(300)])
+    drain(q, concurrency=4, handle_signals=False)
+    assert sorted(runs) == list(range(300))
+    assert len(combined) >= 5 and sum(combined) > 0
+    assert [h.result(timeout_s=5) for h in handles] == list(range(300))

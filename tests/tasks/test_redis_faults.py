@@ -377,3 +377,24 @@ def test_conveyor_worker_exits_1_with_the_reason_when_a_loop_cannot_recover(
         assert done.returncode == 1
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("Error: worker ") and "q:default:leases" in last
+
+
+def test_outcomes_and_a_claim_in_one_round_trip_fail_apart(redis_backend: Any) -> None:
+    """The outcomes and the claim that follows them travel together, but each script is its
+    own change: a claim refused leaves the outcomes written, and a server that forgot the
+    scripts (restarted, flushed) gets them again."""
+    b = redis_backend
+    b.enqueue([job("a"), job("b"), job("c")], now=1.0)
+    [a] = b.claim(Q, "w", 30, 2.0, 1)
+    b.client.delete(b.prefix + "q:q:ready")
+    b.client.set(b.prefix + "q:q:ready", "written by another program")
+    results, claimed = b.complete_then_claim([("a", a.token, b"r", None)], Q, "w", 30, 3.0, 5)
+    assert results == [True] and b.get("a").state == "done"
+    assert isinstance(claimed, BackendError) and "q:q:ready" in str(claimed)
+    # the stray key gone (b and c with it), and every script forgotten by the server
+    b.client.delete(b.prefix + "q:q:ready")
+    b.enqueue([job("d"), job("e")], now=4.0)
+    [d] = b.claim(Q, "w", 30, 5.0, 1)
+    b.client.script_flush()
+    results, claimed = b.complete_then_claim([("d", d.token, None, None)], Q, "w", 30, 6.0, 5)
+    assert results == [True] and [lease.job.id for lease in claimed] == ["e"]

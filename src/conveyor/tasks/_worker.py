@@ -37,7 +37,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from .._errors import (
     BackendUnavailable,
@@ -210,6 +210,9 @@ class Worker:
         self._ack_wake: asyncio.Event | None = None
         # runs (by token) whose outcome is being written: their lease is not renewed any more
         self._settling: set[str] = set()
+        #: the claim loop waits for room, and claims (taking the outcomes waiting with it)
+        #: as soon as there is enough: the outcomes are then left to it
+        self._waiting_for_room = False
         self._freed: asyncio.Event | None = None
         #: set when a job ends: a burst worker waiting for work looks again at once
         self._ended: asyncio.Event | None = None
@@ -415,17 +418,32 @@ class Worker:
 
     async def _claim_and_run(self) -> None:
         """Claim and start jobs until stopped (or drained in burst mode)."""
-        assert self._stopping is not None
-        # claim in groups: while jobs run, wait until a quarter of the slots are free, so one
-        # transaction hands out several jobs
-        group = max(1, self.concurrency // 2)
-        assert self._ended is not None
+        assert self._stopping is not None and self._ack_wake is not None
+        try:
+            await self._claim_rounds()
+        finally:
+            self._waiting_for_room = False
+            if self._acks:
+                self._ack_wake.set()
+
+    def _room(self) -> int:
+        """How many jobs to claim now: 0 while too few slots are free. Claims come in
+        groups: while jobs run, the loop waits until half the slots are free, so one
+        transaction hands out several jobs. A job whose function has returned no longer
+        takes a slot while its outcome is written (in batches); those writes may hold up to
+        another ``concurrency`` jobs."""
+        active = len(self._running) - len(self._settling)
+        free = min(self.concurrency - active, 2 * self.concurrency - len(self._running))
+        if free <= 0 or (active and free < max(1, self.concurrency // 2)):
+            return 0
+        return free
+
+    async def _claim_rounds(self) -> None:
+        assert self._stopping is not None and self._ended is not None
+        assert self._ack_wake is not None
         while not self._stopping.is_set():
             # a job that ends from here on ends the next wait for work at once
             self._ended.clear()
-            # a job whose function has returned no longer takes a slot while its outcome is
-            # written (in batches); those writes may hold up to another ``concurrency`` jobs
-            active = len(self._running) - len(self._settling)
             if self._suspect is not None or (self._alone is not None and self._running):
                 # a job that was running when its worker died runs alone: once the others
                 # are over, and with nothing beside it until it ends
@@ -439,20 +457,25 @@ class Worker:
                 await self._wait_any([t for t, _, _ in self._running.values()])
                 continue
             self._alone = None
-            free = min(self.concurrency - active, 2 * self.concurrency - len(self._running))
-            if free <= 0 or (active and free < group):
-                await self._wait_any([t for t, _, _ in self._running.values()])
+            free = self._room()
+            if not free:
+                # the outcomes written meanwhile make the room: the claim takes them along
+                self._waiting_for_room = True
+                try:
+                    await self._wait_any([t for t, _, _ in self._running.values()])
+                finally:
+                    self._waiting_for_room = False
                 continue
             claimed = 0
             for queue in self.queues:
                 if free <= 0:
                     break
-                leases = await self._io_call(
-                    queue.backend.claim, queue.name, self.id, self.lease_s, queue.now(), free
-                )
+                leases = await self._claim_from(queue, free)
                 await self._take(queue, leases)
                 claimed += len(leases)
                 free -= len(leases)
+            if self._acks:  # of the queues not claimed from: the acknowledgement loop's
+                self._ack_wake.set()
             now = self.queues[0].now()
             if now >= self._next_expire:
                 self._next_expire = now + self._expire_every_s
@@ -464,6 +487,39 @@ class Worker:
                 self._stopping.set()
                 return
             await self._wait_for_work()
+
+    async def _claim_from(self, queue: TaskQueue, limit: int) -> list[Lease]:
+        """Claim up to ``limit`` jobs of ``queue``, writing the outcomes of its jobs that wait
+        to be written in the same call (one round trip where the storage allows)."""
+        batch = self._acks.pop(queue, None)
+        if not batch:
+            return cast(
+                "list[Lease]",
+                await self._io_call(
+                    queue.backend.claim, queue.name, self.id, self.lease_s, queue.now(), limit
+                ),
+            )
+        results: list[bool] | Exception
+        claimed: list[Lease] | Exception
+        results, claimed = await self._io_call(
+            queue.backend.complete_then_claim,
+            _outcomes_of(batch),
+            queue.name,
+            self.id,
+            self.lease_s,
+            queue.now(),
+            limit,
+        )
+        if isinstance(results, Exception):
+            # kept for the acknowledgement loop, which tries again (and backs off)
+            self._ack_failed(queue, batch, results)
+            assert self._ack_wake is not None
+            self._ack_wake.set()
+        else:
+            _acked(batch, results)
+        if isinstance(claimed, Exception):
+            raise claimed
+        return claimed
 
     async def _take(self, queue: TaskQueue, leases: list[Lease]) -> None:
         """Start what a claim gave, but a job that was running when its worker died (it was
@@ -767,9 +823,10 @@ class Worker:
 
     async def _ack_round(self) -> None:
         """Write the outcomes waiting (after a failed write, at once: the supervisor has
-        backed off already)."""
+        backed off already), unless the claim loop is about to take them with its claim."""
         assert self._ack_wake is not None
-        if not self._acks:
+        while not self._acks or (self._waiting_for_room and self._room()):
+            self._ack_wake.clear()
             await self._ack_wake.wait()
         self._ack_wake.clear()
         await self._flush_acks()
@@ -782,26 +839,27 @@ class Worker:
             queue, batch = self._acks.popitem()
             try:
                 results = await self._io_call(
-                    queue.backend.complete_many,
-                    [(a.lease.job.id, a.lease.token, a.data, a.keep_s) for a in batch],
-                    queue.now(),
+                    queue.backend.complete_many, _outcomes_of(batch), queue.now()
                 )
             except Exception as exc:
-                now = self.clock.now()
-                kept = []
-                for ack in batch:
-                    if ack.failed_at is None:
-                        ack.failed_at = now
-                    if now - ack.failed_at < self.lease_s:
-                        kept.append(ack)
-                    elif not ack.done.done():
-                        ack.done.set_exception(exc)
-                if kept:
-                    self._acks.setdefault(queue, [])[:0] = kept
+                self._ack_failed(queue, batch, exc)
                 raise
-            for ack, ok in zip(batch, results, strict=True):
-                if not ack.done.done():
-                    ack.done.set_result(ok)
+            _acked(batch, results)
+
+    def _ack_failed(self, queue: TaskQueue, batch: list[_Ack], error: Exception) -> None:
+        """Keep a batch whose write failed, to be written again first, but for outcomes
+        whose lease must have lapsed by now: those fail with ``error``."""
+        now = self.clock.now()
+        kept = []
+        for ack in batch:
+            if ack.failed_at is None:
+                ack.failed_at = now
+            if now - ack.failed_at < self.lease_s:
+                kept.append(ack)
+            elif not ack.done.done():
+                ack.done.set_exception(error)
+        if kept:
+            self._acks.setdefault(queue, [])[:0] = kept
 
     async def _last_acks(self) -> None:
         """At shutdown: one more try at the outcomes still waiting; what cannot be written
@@ -1218,6 +1276,16 @@ _OWN_SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.s
 
 
 _FRAME = re.compile(r'^(\s*)File "([^"]+)", line \d+')
+
+
+def _outcomes_of(batch: list[_Ack]) -> list[tuple[str, str, bytes | None, float | None]]:
+    return [(a.lease.job.id, a.lease.token, a.data, a.keep_s) for a in batch]
+
+
+def _acked(batch: list[_Ack], results: list[bool]) -> None:
+    for ack, ok in zip(batch, results, strict=True):
+        if not ack.done.done():
+            ack.done.set_result(ok)
 
 
 def _user_traceback(error: BaseException) -> str:

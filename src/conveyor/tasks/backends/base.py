@@ -640,6 +640,31 @@ class Backend(ABC):
             for job_id, token, result, keep_s in done
         ]
 
+    def complete_then_claim(
+        self,
+        done: Sequence[tuple[str, str, bytes | None, float | None]],
+        queue: str,
+        worker: str,
+        lease_s: float,
+        now: float,
+        limit: int,
+    ) -> tuple[list[bool] | Exception, list[Lease] | Exception]:
+        """``complete_many(done, now)``, then ``claim(queue, worker, lease_s, now, limit)``, in
+        as few round trips as the storage allows: what a worker sends when the jobs it ran
+        make room for more. Each part succeeds or fails on its own, and what it would have
+        raised is returned in its place, so the caller knows which took effect."""
+        results: list[bool] | Exception
+        leases: list[Lease] | Exception
+        try:
+            results = self.complete_many(done, now)
+        except Exception as exc:
+            results = exc
+        try:
+            leases = self.claim(queue, worker, lease_s, now, limit)
+        except Exception as exc:
+            leases = exc
+        return results, leases
+
     def heartbeat_many(
         self, held: Sequence[tuple[str, str]], lease_s: float, now: float
     ) -> list[bool]:

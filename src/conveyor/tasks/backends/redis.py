@@ -131,6 +131,26 @@ def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
     )
 
 
+def _leases(replies: Sequence[Any]) -> list[Lease]:
+    return [Lease(job, job.token or "") for job in map(_job, replies)]
+
+
+def _complete_args(
+    done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
+) -> list[Any]:
+    """What the completing script takes of each job: five values."""
+    args: list[Any] = []
+    for job_id, token, result, keep_s in done:
+        args += [
+            job_id,
+            token,
+            "0" if result is None else "1",
+            b"" if result is None else result,
+            "" if keep_s is None else _f(now + keep_s),
+        ]
+    return args
+
+
 def _job_args(jobs: Sequence[NewJob]) -> list[Any]:
     """What the scripts that enqueue take of each job: nine values."""
     args: list[Any] = []
@@ -492,13 +512,58 @@ class RedisBackend(Backend):
     def claim(
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
     ) -> list[Lease]:
+        replies = self._script("CLAIM", self._claim_args(queue, worker, lease_s, now, limit))
+        return _leases(replies)
+
+    def _claim_args(
+        self, queue: str, worker: str, lease_s: float, now: float, limit: int
+    ) -> list[Any]:
         # a wake-up notice counted after this point ends the next wait at once
         self._seen[queue] = self._listener().seen(queue)
         base = f"{os.urandom(8).hex()}:"
-        replies = self._script(
-            "CLAIM", [queue, _f(now), _f(now + lease_s), max(0, limit), base, worker]
-        )
-        return [Lease(job, job.token or "") for job in map(_job, replies)]
+        return [queue, _f(now), _f(now + lease_s), max(0, limit), base, worker]
+
+    def complete_then_claim(
+        self,
+        done: Sequence[tuple[str, str, bytes | None, float | None]],
+        queue: str,
+        worker: str,
+        lease_s: float,
+        now: float,
+        limit: int,
+    ) -> tuple[list[bool] | Exception, list[Lease] | Exception]:
+        if not done or len(done) > _CHUNK:
+            return super().complete_then_claim(done, queue, worker, lease_s, now, limit)
+        complete, claim = self._s["COMPLETE"], self._s["CLAIM"]
+        finished = _complete_args(done, now)
+        claiming = self._claim_args(queue, worker, lease_s, now, limit)
+
+        def attempt(replay: str) -> list[Any]:
+            # both scripts in one round trip, each still its own change, by their hashes (a
+            # pipeline of Script calls would first ask whether they are loaded)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(complete.sha, 0, self.prefix, _f(now), replay, *finished)
+            pipe.evalsha(claim.sha, 0, self.prefix, *claiming)
+            return list(pipe.execute(raise_on_error=False))
+
+        first, second = self._again(attempt)
+        # a script refused (or forgotten by a restarted server) changed nothing: it is sent
+        # again alone, which loads it, retries what may pass later, and says what went wrong
+        results: list[bool] | Exception
+        leases: list[Lease] | Exception
+        try:
+            if isinstance(first, Exception):
+                first = self._tolerant("COMPLETE", [_f(now)], finished)
+            results = [bool(r) for r in first]
+        except Exception as exc:
+            results = exc
+        try:
+            leases = _leases(
+                self._script("CLAIM", claiming) if isinstance(second, Exception) else second
+            )
+        except Exception as exc:
+            leases = exc
+        return results, leases
 
     def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
         return self.heartbeat_many([(job_id, token)], lease_s, now)[0]
@@ -519,15 +584,7 @@ class RedisBackend(Backend):
     ) -> list[bool]:
         out: list[bool] = []
         for start in range(0, len(done), _CHUNK):
-            args: list[Any] = []
-            for job_id, token, result, keep_s in done[start : start + _CHUNK]:
-                args += [
-                    job_id,
-                    token,
-                    "0" if result is None else "1",
-                    b"" if result is None else result,
-                    "" if keep_s is None else _f(now + keep_s),
-                ]
+            args = _complete_args(done[start : start + _CHUNK], now)
             out += [bool(r) for r in self._tolerant("COMPLETE", [_f(now)], args)]
         return out
 
