@@ -53,17 +53,19 @@ class AbortSignal:
     thread is abandoned.
     """
 
-    __slots__ = ("by", "event", "scope")
+    __slots__ = ("by", "requested", "scope")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        #: set once, by the worker's loop; read from any thread (a plain attribute: a job's
+        #: code polls it, nothing waits on it)
+        self.requested = False
         self.by: str | None = None
         #: the running coroutine's cancel scope (an ``asyncio.Timeout``), for async tasks
         self.scope: Any = None
 
     def request(self, by: str, loop_time: float | None = None) -> None:
         self.by = by
-        self.event.set()
+        self.requested = True
         if self.scope is not None and loop_time is not None:
             self.scope.reschedule(loop_time)  # the coroutine is cancelled where it awaits
 
@@ -96,7 +98,7 @@ class JobContext:
     def abort_requested(self) -> bool:
         """Someone asked to abort this job (``job.abort()``): a long task should look now and
         then and return early; the job ends ``aborted`` whatever it returns."""
-        return self.abort.event.is_set()
+        return self.abort.requested
 
     def progress(self, fraction: float, note: str = "") -> bool:
         """Say how far the job is (0 to 1) and what it is doing: stored with the job, shown by

@@ -340,6 +340,8 @@ class Worker:
     def _request_stop(self, now: bool) -> None:
         assert self._stopping is not None and self._hard is not None
         self._stopping.set()
+        if self._freed is not None:
+            self._freed.set()
         if now:
             self._hard.set()
 
@@ -454,7 +456,7 @@ class Worker:
                         self._alone = lease.token
                         self._start(queue, lease)
                     continue
-                await self._wait_any([t for t, _, _ in self._running.values()])
+                await self._wait_any()
                 continue
             self._alone = None
             free = self._room()
@@ -462,7 +464,7 @@ class Worker:
                 # the outcomes written meanwhile make the room: the claim takes them along
                 self._waiting_for_room = True
                 try:
-                    await self._wait_any([t for t, _, _ in self._running.values()])
+                    await self._wait_any()
                 finally:
                     self._waiting_for_room = False
                 continue
@@ -651,15 +653,14 @@ class Worker:
         stop.cancel()
         ended.cancel()
 
-    async def _wait_any(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Until a job ends or settles (its function returned), or a stop is asked."""
+    async def _wait_any(self) -> None:
+        """Until a job ends or settles (its function returned), or a stop is asked: each
+        of them sets ``_freed``."""
         assert self._stopping is not None and self._freed is not None
+        if self._stopping.is_set():
+            return
         self._freed.clear()
-        stop = asyncio.ensure_future(self._stopping.wait())
-        freed = asyncio.ensure_future(self._freed.wait())
-        await asyncio.wait([*tasks, stop, freed], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        freed.cancel()
+        await self._freed.wait()
 
     def _settle(self, token: str) -> None:
         """The run's function is over; its outcome is being written (its lease not renewed)."""
@@ -680,6 +681,8 @@ class Worker:
                 self._free_places(token)
             if self._ended is not None:
                 self._ended.set()
+            if self._freed is not None:
+                self._freed.set()
 
         task.add_done_callback(forget)
 
