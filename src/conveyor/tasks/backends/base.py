@@ -560,9 +560,12 @@ def fresh_job(new: NewJob, now: float) -> Job:
 
 
 #: the fields of a job just enqueued that do not come from what was enqueued
-_FRESH = {
+#: the fields of a Job that have a default, at their defaults (for Jobs made without the
+#: dataclass's ``__init__``)
+JOB_DEFAULTS = {
     name: f.default for name, f in Job.__dataclass_fields__.items() if f.default is not MISSING
-} | {"attempts": 0}
+}
+_FRESH = JOB_DEFAULTS | {"attempts": 0}
 
 
 def not_run_because(job_id: str, task: str, error: str | None) -> str:

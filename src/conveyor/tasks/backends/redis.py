@@ -48,6 +48,7 @@ from .base import (
     ABORTED,
     DEAD,
     DONE,
+    JOB_DEFAULTS,
     PARKED_S,
     QUEUED,
     RUNNING,
@@ -85,50 +86,51 @@ def _f(x: float) -> str:
     return repr(float(x))
 
 
+#: the fields of a job's hash read as they are (text, or a number), by their Job names
+_TEXTS = {b"key", b"token", b"error", b"progress_note", b"worker", b"abort_by"}
+_NUMBERS = {b"lease_until", b"finished_at", b"keep_until", b"progress", b"started_at"}
+#: a Job with every field that a hash may leave out at its default
+_UNSET = JOB_DEFAULTS | {"key": None}
+
+
 def _job(raw: Sequence[bytes] | dict[bytes, bytes]) -> Job:
-    """A job from its hash (``HGETALL``: a dict, or the flat list a script returns)."""
+    """A job from its hash (``HGETALL``: a dict, or the flat list a script returns). Made
+    without the frozen dataclass's ``__init__``, as ``fresh_job`` is: a claim reads one per
+    job it hands out."""
     h = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
-
-    def text(name: bytes) -> str | None:
-        value = h.get(name)
-        return None if value is None else value.decode()
-
-    def number(name: bytes) -> float | None:
-        value = h.get(name)
-        return None if value is None else float(value)
-
-    return Job(
+    job: Job = object.__new__(Job)
+    fields = job.__dict__
+    fields.update(_UNSET)
+    fields.update(
         id=h[b"id"].decode(),
         queue=h[b"queue"].decode(),
         task=h[b"task"].decode(),
         payload=h[b"payload"],
         state=h[b"state"].decode(),
         priority=int(h[b"priority"]),
-        key=text(b"key"),
         attempts=int(h[b"attempts"]),
         enqueued_at=float(h[b"enqueued_at"]),
         run_at=float(h[b"run_at"]),
-        lease_until=number(b"lease_until"),
-        token=text(b"token"),
         result=h.get(b"result"),
-        error=text(b"error"),
-        finished_at=number(b"finished_at"),
-        keep_until=number(b"keep_until"),
-        lost=int(h.get(b"lost", 0)),
-        progress=number(b"progress"),
-        progress_note=text(b"progress_note"),
-        worker=text(b"worker"),
-        started_at=number(b"started_at"),
-        history=parse_history(h.get(b"history")),
-        abort_by=text(b"abort_by"),
-        waits_for=int(h.get(b"waits_for", 0)),
-        then=tuple((dep, place) for dep, place in json.loads(h[b"then"])) if b"then" in h else (),
-        inputs=tuple(
-            sorted(
-                (int(name[3:]), value or None) for name, value in h.items() if name[:3] == b"in:"
-            )
-        ),
     )
+    for name, value in h.items():
+        if name in _TEXTS:
+            fields[name.decode()] = value.decode()
+        elif name in _NUMBERS:
+            fields[name.decode()] = float(value)
+        elif name == b"lost":
+            fields["lost"] = int(value)
+        elif name == b"waits_for":
+            fields["waits_for"] = int(value)
+        elif name == b"history":
+            fields["history"] = parse_history(value)
+        elif name == b"then":
+            fields["then"] = tuple((dep, place) for dep, place in json.loads(value))
+        elif name[:3] == b"in:":
+            fields["inputs"] += ((int(name[3:]), value or None),)
+    if fields["inputs"]:
+        fields["inputs"] = tuple(sorted(fields["inputs"]))
+    return job
 
 
 def _leases(replies: Sequence[Any]) -> list[Lease]:

@@ -360,6 +360,36 @@ _SET_BUCKET = (
 )
 
 
+_COMPLETE = (
+    "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, result = ?, "
+    "finished_at = ?, keep_until = ?"
+)
+
+
+def _completed_rows(
+    done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
+) -> list[tuple[Any, ...]]:
+    return [
+        (result, now, None if keep_s is None else now + keep_s, job_id, token)
+        for job_id, token, result, keep_s in done
+    ]
+
+
+def _held_in(
+    db: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]], follow_at: float | None
+) -> list[bool]:
+    """``sql`` (an UPDATE's SET part) for each row of values ending with ``(job_id, token)``,
+    in the transaction of ``db``, applied only where the token holds the job (see
+    ``_held_updates``)."""
+    where = sql + " WHERE id = ? AND state = 'running' AND token = ?"
+    held = [db.execute(where, row).rowcount == 1 for row in rows]
+    if follow_at is not None:
+        for row, ok in zip(rows, held, strict=True):
+            if ok:
+                _follow(db, row[-2], follow_at)
+    return held
+
+
 class SQLiteBackend(Backend):
     #: idle connections kept for the next call; more are opened while more threads call at
     #: once, and closed again when they come back to a full shelf
@@ -590,24 +620,31 @@ class SQLiteBackend(Backend):
         self, queue: str, worker: str, lease_s: float, now: float, limit: int = 1
     ) -> list[Lease]:
         with self._write() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
-                f"lost = lost + 1, {_ended('lost', 'lease_until', 'NULL')} "
-                "WHERE queue = ? AND state = 'running' AND lease_until <= ?",
-                (queue, now),
-            )
-            ids = [r[0] for r in db.execute(_CLAIMABLE, (queue, now, limit))]
-            tokens = [uuid.uuid4().hex for _ in ids]
-            db.executemany(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, "
-                "lease_until = ?, worker = ?, started_at = ? WHERE id = ?",
-                [(t, now + lease_s, worker, now, i) for i, t in zip(ids, tokens, strict=True)],
-            )
-            leases = []
-            for job_id, token in zip(ids, tokens, strict=True):
-                job = self._read(db, job_id)
-                assert job is not None
-                leases.append(Lease(job, token))
+            return self._claim_in(db, queue, worker, lease_s, now, limit)
+
+    def _claim_in(
+        self, db: sqlite3.Connection, queue: str, worker: str, lease_s: float, now: float,
+        limit: int,
+    ) -> list[Lease]:  # fmt: skip
+        """``claim``, in the transaction of ``db``."""
+        db.execute(
+            "UPDATE jobs SET state = 'queued', token = NULL, lease_until = NULL, "
+            f"lost = lost + 1, {_ended('lost', 'lease_until', 'NULL')} "
+            "WHERE queue = ? AND state = 'running' AND lease_until <= ?",
+            (queue, now),
+        )
+        ids = [r[0] for r in db.execute(_CLAIMABLE, (queue, now, limit))]
+        tokens = [uuid.uuid4().hex for _ in ids]
+        db.executemany(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, token = ?, "
+            "lease_until = ?, worker = ?, started_at = ? WHERE id = ?",
+            [(t, now + lease_s, worker, now, i) for i, t in zip(ids, tokens, strict=True)],
+        )
+        leases = []
+        for job_id, token in zip(ids, tokens, strict=True):
+            job = self._read(db, job_id)
+            assert job is not None
+            leases.append(Lease(job, token))
         return leases
 
     def _held_updates(
@@ -617,14 +654,8 @@ class SQLiteBackend(Backend):
         token)``, in one transaction; each is applied only where the token holds the job.
         ``follow_at``: the change ends the job (done or dead); the jobs waiting for it hear
         of it in the same transaction."""
-        where = sql + " WHERE id = ? AND state = 'running' AND token = ?"
         with self._write() as db:
-            held = [db.execute(where, row).rowcount == 1 for row in rows]
-            if follow_at is not None:
-                for row, ok in zip(rows, held, strict=True):
-                    if ok:
-                        _follow(db, row[-2], follow_at)
-            return held
+            return _held_in(db, sql, rows, follow_at)
 
     def heartbeat(self, job_id: str, token: str, lease_s: float, now: float) -> bool:
         return self.heartbeat_many([(job_id, token)], lease_s, now)[0]
@@ -645,15 +676,24 @@ class SQLiteBackend(Backend):
     def complete_many(
         self, done: Sequence[tuple[str, str, bytes | None, float | None]], now: float
     ) -> list[bool]:
-        return self._held_updates(
-            "UPDATE jobs SET state = 'done', token = NULL, lease_until = NULL, result = ?, "
-            "finished_at = ?, keep_until = ?",
-            [
-                (result, now, None if keep_s is None else now + keep_s, job_id, token)
-                for job_id, token, result, keep_s in done
-            ],
-            follow_at=now,
-        )
+        return self._held_updates(_COMPLETE, _completed_rows(done, now), follow_at=now)
+
+    def complete_then_claim(
+        self,
+        done: Sequence[tuple[str, str, bytes | None, float | None]],
+        queue: str,
+        worker: str,
+        lease_s: float,
+        now: float,
+        limit: int,
+    ) -> tuple[list[bool] | Exception, list[Lease] | Exception]:
+        # one transaction, one commit: if it fails, neither part happened
+        try:
+            with self._write() as db:
+                results = _held_in(db, _COMPLETE, _completed_rows(done, now), now)
+                return results, self._claim_in(db, queue, worker, lease_s, now, limit)
+        except Exception as exc:
+            return exc, exc
 
     def retry(self, job_id: str, token: str, run_at: float, error: str, now: float) -> bool:
         return self._held_updates(
