@@ -18,6 +18,10 @@ or loses one is reported. Peers, as each is meant to be used:
 Floors on the same server: ``redis-benchmark`` LPUSH and RPOP; a redis-py client pushing one by
 one and pipelined; a minimal redis-py at-least-once loop (LMOVE to a processing list, then
 LREM: two round trips per job, no leases, no retries).
+
+``--body call``: each job also makes one call to the server (``INCR``), awaited on a
+``redis.asyncio`` client where the job is a coroutine (conveyor, arq, saq, taskiq), blocking
+where it runs on a thread; the floor's loop then makes three round trips per job.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench._harness import table
-from bench._runs import RUNS, mark, rq_noop
+from bench._runs import BODY, RUNS, amark, mark, rq_noop
 
 
 def wait_for(n: int, timeout_s: float = 120) -> None:
@@ -108,7 +112,7 @@ def conveyor_run(url: str, n: int, batch: bool = False) -> tuple[float, float]:
 
     @q.task(name="noop")
     async def noop(i: int) -> None:
-        mark(i)
+        await amark(i)
 
     t0 = time.perf_counter()
     if batch:
@@ -125,7 +129,7 @@ def conveyor_run(url: str, n: int, batch: bool = False) -> tuple[float, float]:
 
 
 async def arq_noop(ctx: Any, i: int) -> None:
-    mark(i)
+    await amark(i)
 
 
 def arq_run(url: str, n: int) -> tuple[float, float]:
@@ -159,7 +163,7 @@ def arq_run(url: str, n: int) -> tuple[float, float]:
 
 
 async def saq_noop(ctx: Any, *, i: int) -> None:
-    mark(i)
+    await amark(i)
 
 
 def saq_run(url: str, n: int) -> tuple[float, float]:
@@ -277,7 +281,7 @@ def taskiq_run(url: str, n: int) -> tuple[float, float]:
 
     @broker.task
     async def noop(i: int) -> None:
-        mark(i)
+        await amark(i)
 
     async def go() -> tuple[float, float]:
         await broker.startup()
@@ -308,7 +312,7 @@ def redis_py_floor(url: str, n: int) -> tuple[float, float]:
         item = r.lmove("jobs", "processing", "RIGHT", "LEFT")
         if item is None:
             break
-        mark(int(item))
+        mark(int(item))  # with --body call, a round trip more
         r.lrem("processing", 1, item)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
@@ -363,10 +367,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", help="run only the peers whose name contains this")
+    parser.add_argument(
+        "--body",
+        choices=("noop", "call"),
+        default="noop",
+        help="what each job does: nothing, or one call to the Redis server (awaited where "
+        "the job is a coroutine)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     n = 2_000 if args.quick else 10_000
     server = Server()
+    BODY.update(kind=args.body, url=server.url)
     try:
         results: dict[str, tuple[float, float, str] | str] = {}
         for name, run in PEERS.items():
@@ -398,7 +410,8 @@ def main() -> None:
             ratio = f"{floor[0] / enqueue_s:.2f}x / {floor[1] / process_s:.2f}x"
         rows.append((f"{name} [{verdict}]", cells, ratio))
     table(
-        f"{n:,} no-op jobs, one worker, concurrency 8 (every job checked to run once)",
+        f"{n:,} {'no-op jobs' if args.body == 'noop' else 'jobs of one Redis call each'}, one "
+        "worker, concurrency 8 (every job checked to run once)",
         rows,
         ("peer [runs]", "enqueue / processed / end-to-end jobs/s", "vs redis-py floor"),
     )

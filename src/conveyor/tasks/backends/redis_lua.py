@@ -349,6 +349,20 @@ local function enqueue_from(first, now)
       expect(qk(q, 'delayed'), 'zset')
     end
   end
+  -- the places of unkeyed jobs in their sorted sets, added a set at a time at the end (no
+  -- later change in this call reads them); one INCRBY numbers every job of the call
+  local adds = {}
+  local function later(key, score, m)
+    local list = adds[key]
+    if not list then
+      list = {}
+      adds[key] = list
+    end
+    list[#list + 1] = score
+    list[#list + 1] = m
+  end
+  local count = (#ARGV - first + 1) / 9
+  local seq = redis.call('INCRBY', P .. 'seq', count) - count
   for i = first, #ARGV, 9 do
     local id, q = ARGV[i], ARGV[i + 1]
     local k = jk(id)
@@ -364,7 +378,7 @@ local function enqueue_from(first, now)
     end
     if keep then added[id] = true end
     if keep then
-      local seq = redis.call('INCR', P .. 'seq')
+      seq = seq + 1
       local run_at = ARGV[i + 6]
       redis.call('HSET', k, 'id', id, 'queue', q, 'task', ARGV[i + 2], 'payload', ARGV[i + 3],
         'state', 'queued', 'priority', ARGV[i + 4], 'attempts', 0, 'enqueued_at', now,
@@ -377,11 +391,11 @@ local function enqueue_from(first, now)
       elseif ARGV[i + 5] ~= '' then
         to_queue(id, now)
       else
-        redis.call('ZADD', qk(q, 'runat'), run_at, id)
+        later(qk(q, 'runat'), run_at, id)
         if tonumber(run_at) <= tonumber(now) then
-          redis.call('ZADD', qk(q, 'ready'), 0, member(id, ARGV[i + 4], seq))
+          later(qk(q, 'ready'), 0, member(id, ARGV[i + 4], seq))
         else
-          redis.call('ZADD', qk(q, 'delayed'), run_at, id)
+          later(qk(q, 'delayed'), run_at, id)
         end
       end
       woken[q] = true
@@ -390,6 +404,7 @@ local function enqueue_from(first, now)
       out[#out + 1] = redis.call('HGETALL', k)
     end
   end
+  for key, pairs_ in pairs(adds) do each_thousand('ZADD', key, pairs_) end
   for q, _ in pairs(woken) do wake(q) end
   return out
 end
