@@ -4,7 +4,7 @@
     .bench-venv/bin/python -m bench.queues --quick
 
 Each peer gets a fresh database file. N no-op jobs are enqueued one by one (and, for conveyor,
-also in one batch), then processed with concurrency 8:
+also in one batch), then processed with concurrency 8 (``--concurrency``):
 
 * conveyor: ``TaskQueue("sqlite:///...")``, a burst worker with concurrency 8 (leases, acks);
 * huey: ``SqliteHuey`` with its consumer, 8 worker threads;
@@ -47,7 +47,7 @@ def conveyor_run(folder: Path, n: int, batch: bool = False) -> tuple[float, floa
             q.enqueue("noop", i)
     enqueue_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    q.worker(concurrency=8, burst=True, poll_s=0.05, handle_signals=False).run()
+    q.worker(concurrency=SLOTS[0], burst=True, poll_s=0.05, handle_signals=False).run()
     process_s = time.perf_counter() - t0
     assert q.stats().done == n, q.stats()
     q.close()
@@ -71,7 +71,7 @@ def huey_run(folder: Path, n: int) -> tuple[float, float]:
         noop(i)
     enqueue_s = time.perf_counter() - t0
     consumer = huey.create_consumer(
-        workers=8,
+        workers=SLOTS[0],
         worker_type="thread",
         periodic=False,
         check_worker_health=False,
@@ -144,6 +144,9 @@ def floor_run(folder: Path, n: int) -> tuple[float, float]:
     return n / enqueue_s, n / process_s
 
 
+#: the worker's slots (conveyor's concurrency, huey's worker threads): ``--concurrency``
+SLOTS = [8]
+
 PEERS: dict[str, Any] = {
     "conveyor": conveyor_run,
     "conveyor (batch enqueue)": lambda f, n: conveyor_run(f, n, batch=True),
@@ -156,7 +159,12 @@ PEERS: dict[str, Any] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--sizes", help="the queue sizes of the flatness check, comma-separated (10000,200000)"
+    )
     args = parser.parse_args()
+    SLOTS[0] = args.concurrency
     n = 2_000 if args.quick else 10_000
     results: dict[str, tuple[float, float] | str] = {}
     for name, run in PEERS.items():
@@ -176,11 +184,16 @@ def main() -> None:
         )
         rows.append((name, f"{r[0]:,.0f} / {r[1]:,.0f}", ratio))
     table(
-        f"{n:,} no-op jobs, concurrency 8", rows, ("peer", "enqueue / processed jobs/s", "vs floor")
+        f"{n:,} no-op jobs, concurrency {SLOTS[0]}",
+        rows,
+        ("peer", "enqueue / processed jobs/s", "vs floor"),
     )
 
     rows = []
-    for size in (2_000, 20_000) if args.quick else (10_000, 200_000):
+    sizes = (2_000, 20_000) if args.quick else (10_000, 200_000)
+    if args.sizes:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+    for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             enq, proc = conveyor_run(Path(tmp), size, batch=True)
         rows.append((f"conveyor, {size:,} jobs", f"{enq:,.0f}", f"{proc:,.0f}"))

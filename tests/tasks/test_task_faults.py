@@ -412,3 +412,32 @@ def test_a_worker_reads_the_storages_clock_off_its_event_loop() -> None:
         assert job.result(timeout_s=5) == 1
         assert where[0] == threading.current_thread().name
         assert len(where) >= 2 and all(name.startswith("conveyor:queue-io") for name in where[1:])
+
+
+def test_a_job_that_ends_while_its_lease_is_renewed_is_not_said_lost(
+    clocked: tuple[TaskQueue, ManualClock], gate: threading.Event, caplog: Any
+) -> None:
+    """The heartbeat names the leases to renew, then the job returns and its outcome is
+    written before the renewal reaches the storage: the renewal finds the lease ended, which
+    is no lost lease."""
+    q, clock = clocked
+    hold, started = held_task(q, gate)
+    real = q.backend.heartbeat_many
+    job = hold.enqueue()
+
+    def heartbeat_many(held: Any, lease_s: float, now: float) -> list[bool]:
+        if [job_id for job_id, _ in held] == [job.id]:
+            gate.set()  # the job returns, and its outcome is written meanwhile
+            eventually(lambda: job.info().state == "done")
+        return real(held, lease_s, now)
+
+    q.backend.heartbeat_many = heartbeat_many  # type: ignore[method-assign]
+    running = Running(q.worker(lease_s=30, poll_s=0.05, handle_signals=False))
+    try:
+        assert started.wait(10)
+        eventually(lambda: clock.sleepers() >= 1)
+        clock.advance(10)  # a third of the lease: the leases are renewed
+        assert job.result(timeout_s=10) == "held"
+    finally:
+        running.stop()
+    assert "lease lost" not in caplog.text

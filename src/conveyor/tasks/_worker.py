@@ -726,10 +726,18 @@ class Worker:
                 queue.now(),
             )
             for lease, ok in zip(leases, held, strict=True):
-                if not ok:
+                # a job whose function returned meanwhile may have its outcome written by now
+                # (then its token no longer holds it): only a job still running lost its lease
+                if not ok and self._still_held(lease.token):
                     log.warning(
                         "job %s: lease lost; its outcome here will not be kept", lease.job.id
                     )
+
+    def _still_held(self, token: str) -> bool:
+        """The job of ``token`` runs here (or waits to run alone), its function not over."""
+        if self._suspect is not None and self._suspect[1].token == token:
+            return True
+        return token in self._running and token not in self._settling
 
     async def _beat(self) -> None:
         await self._say_who()
