@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -69,8 +70,14 @@ def pymulproc_pair(kind: str) -> tuple[Any, Any, Callable[..., None], Callable[.
     f = factory.PipeCommunication() if kind == "pipe" else factory.QueueCommunication()
 
     def take(conn: Any) -> Any:
-        while True:  # pymulproc's receive does not block on a pipe: poll, as its users do
-            msg = conn.receive()
+        # pymulproc's receive does not block on a pipe: poll, as its users do. Its queue is one
+        # JoinableQueue that both sides read: each takes only what is addressed to it (its
+        # receive puts the others back), or the parent takes its own requests and the child
+        # waits for them for ever. A blocking get there: polling it starves the feeder thread
+        # that puts messages back (a few per second)
+        mine = {} if kind == "pipe" else {"func": lambda m: m[2] == conn.pid, "block": True}
+        while True:
+            msg = conn.receive(**mine)
             if msg is not False:
                 return msg
 
@@ -79,16 +86,16 @@ def pymulproc_pair(kind: str) -> tuple[Any, Any, Callable[..., None], Callable[.
         if mode == "rt":
             for _ in range(n):
                 msg = take(conn)
-                conn.send("R", data=msg[3])
+                conn.send("R", recipient_pid=msg[1], data=msg[3])
         else:
             for i in range(n):
-                conn.send("D", data=i)
+                conn.send("D", recipient_pid=os.getppid(), data=i)
         time.sleep(0.5)  # let the parent read before this end goes away
 
     def parent_fn(end: Any, n: int, mode: str, child_pid: int) -> None:
         if mode == "rt":
             for i in range(n):
-                end.send("Q", data=i)
+                end.send("Q", recipient_pid=child_pid, data=i)
                 take(end)
         else:
             for _ in range(n):
@@ -203,26 +210,57 @@ PEERS: dict[str, Callable[[], tuple[Any, Any, Callable[..., None], Callable[...,
 }
 
 
+#: how long a child may take to end once the parent is done with it
+_JOIN_S = 10.0
+#: how long one measure may take before it counts as hung (a peer that loses a message)
+_RUN_S = 120
+
+
+def _overran(signum: int, frame: Any) -> None:
+    raise TimeoutError(f"no end within {_RUN_S} s")
+
+
 def measure(make: Any, n: int, mode: str) -> tuple[float, float]:
     parent_end, child_end, child_fn, parent_fn = make()
-    c0 = cpu()
     p = CTX.Process(target=child_fn, args=(child_end, n, mode))
-    p.start()
-    t0 = time.perf_counter()
-    parent_fn(parent_end, n, mode, p.pid)
-    elapsed = time.perf_counter() - t0
-    p.join(60)
-    used = cpu() - c0
-    return n / elapsed, used / n
+    previous = signal.signal(signal.SIGALRM, _overran)  # ends a receive that waits for ever
+    signal.alarm(_RUN_S)
+    try:
+        c0 = cpu()
+        p.start()
+        t0 = time.perf_counter()
+        parent_fn(parent_end, n, mode, p.pid)
+        elapsed = time.perf_counter() - t0
+        p.join(_JOIN_S)
+        used = cpu() - c0
+        if p.exitcode != 0:
+            raise RuntimeError(f"the child did not end well ({p.exitcode=})")
+        return n / elapsed, used / n
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        # a child still running would be joined for ever by multiprocessing at exit
+        if p.is_alive():
+            p.kill()
+            p.join(_JOIN_S)
+        for end in (parent_end, child_end):
+            close = getattr(end, "close", None)
+            if close is not None:
+                close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--only", metavar="TEXT", help="only the peers whose name holds TEXT (and the floor)"
+    )
     args = parser.parse_args()
     n = 5_000 if args.quick else 20_000
     results: dict[str, dict[str, tuple[float, float]] | str] = {}
     for name, make in PEERS.items():
+        if args.only and args.only not in name and make is not mp_pipe_pair:
+            continue
         try:
             results[name] = {
                 mode: max((measure(make, n, mode) for _ in range(3)), key=lambda r: r[0])
