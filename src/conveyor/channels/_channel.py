@@ -785,7 +785,12 @@ class _Inbox:
         self.on_bye = on_bye
         self.conn_pid: dict[Any, int] = {}
         self.items: collections.deque[Message] = collections.deque()
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        # the reader thread waits on a condition of its own over the same lock: what wakes
+        # receivers (every message read, every read finished) must not wake it too, or each
+        # receive hands the GIL to a thread that only goes back to sleep
+        self._thread_cv = threading.Condition(self.lock)
         self.rlock = threading.Lock()
         self.active = 0  # receivers reading directly now
         self.last_active = 0.0
@@ -842,6 +847,7 @@ class _Inbox:
         with self.cond:
             self._stopping = True
             self.cond.notify_all()
+            self._thread_cv.notify_all()
             self._wake()
         if threading.current_thread() is self.thread:
             return
@@ -1049,7 +1055,7 @@ class _Inbox:
                     while not self._stopping and (
                         self.active or time.monotonic() - self.last_active < _LINGER_S
                     ):
-                        self.cond.wait(_LINGER_S)  # a receiver reads: leave it to them
+                        self._thread_cv.wait(_LINGER_S)  # a receiver reads: leave it to them
                     if self._stopping:
                         return
                     if self._had_any and not self.conns and not self._new and not self.more_coming:
