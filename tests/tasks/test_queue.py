@@ -579,3 +579,29 @@ def test_outcomes_ride_on_the_next_claim_and_no_job_runs_twice(q: TaskQueue) -> 
     assert sorted(runs) == list(range(300))
     assert len(combined) >= 5 and sum(combined) > 0
     assert [h.result(timeout_s=5) for h in handles] == list(range(300))
+
+
+def test_outcomes_are_kept_when_the_combined_call_raises(q: TaskQueue) -> None:
+    """A backend whose combined call raises instead of returning its errors loses no outcome:
+    they go back to the acknowledgement loop, and every job ends done, once."""
+    runs: list[int] = []
+    raised: list[int] = []
+    real = q.backend.complete_then_claim
+
+    def complete_then_claim(done: Any, *args: Any) -> Any:
+        if not raised:
+            raised.append(len(done))
+            raise BackendUnavailable("the call broke")
+        return real(done, *args)
+
+    q.backend.complete_then_claim = complete_then_claim  # type: ignore[method-assign,assignment]
+
+    @q.task
+    async def noop(i: int) -> int:
+        runs.append(i)
+        return i
+
+    handles = q.enqueue_many(noop, [((i,), {}) for i in range(40)])
+    drain(q, concurrency=4, handle_signals=False)
+    assert raised and sorted(runs) == list(range(40))
+    assert [h.result(timeout_s=5) for h in handles] == list(range(40))

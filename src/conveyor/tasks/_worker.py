@@ -503,15 +503,23 @@ class Worker:
             )
         results: list[bool] | Exception
         claimed: list[Lease] | Exception
-        results, claimed = await self._io_call(
-            queue.backend.complete_then_claim,
-            _outcomes_of(batch),
-            queue.name,
-            self.id,
-            self.lease_s,
-            queue.now(),
-            limit,
-        )
+        try:
+            results, claimed = await self._io_call(
+                queue.backend.complete_then_claim,
+                _outcomes_of(batch),
+                queue.name,
+                self.id,
+                self.lease_s,
+                queue.now(),
+                limit,
+            )
+        except BaseException:
+            # raised, not returned (a backend's bug, or this worker cancelled): the outcomes
+            # are kept as they were, for the acknowledgement loop or the last try at shutdown
+            self._acks.setdefault(queue, [])[:0] = batch
+            assert self._ack_wake is not None
+            self._ack_wake.set()
+            raise
         if isinstance(results, Exception):
             # kept for the acknowledgement loop, which tries again (and backs off)
             self._ack_failed(queue, batch, results)
