@@ -552,11 +552,24 @@ def test_a_burst_worker_returns_when_its_last_job_ends_not_after_a_poll(q: TaskQ
         assert [j.status() for j in jobs] == ["done"] * 3
 
 
+def run_noops(q: TaskQueue, n: int) -> tuple[list[int], list[Any]]:
+    """``n`` jobs that return their argument, run by a burst worker of 4 slots."""
+    runs: list[int] = []
+
+    @q.task
+    async def noop(i: int) -> int:
+        runs.append(i)
+        return i
+
+    handles = q.enqueue_many(noop, [((i,), {}) for i in range(n)])
+    drain(q, concurrency=4, handle_signals=False)
+    return runs, handles
+
+
 def test_outcomes_ride_on_the_next_claim_and_no_job_runs_twice(q: TaskQueue) -> None:
     """Jobs that end make room for more: their outcomes are written by the claim that fills
     the room, in one call; with the outcome of every fifth call's writes refused once (kept
     and written again by the acknowledgement loop), still every job runs once and ends done."""
-    runs: list[int] = []
     combined: list[int] = []
     real = q.backend.complete_then_claim
 
@@ -569,13 +582,7 @@ def test_outcomes_ride_on_the_next_claim_and_no_job_runs_twice(q: TaskQueue) -> 
 
     q.backend.complete_then_claim = complete_then_claim  # type: ignore[method-assign,assignment]
 
-    @q.task
-    async def noop(i: int) -> int:
-        runs.append(i)
-        return i
-
-    handles = q.enqueue_many(noop, [((i,), {}) for i in range(300)])
-    drain(q, concurrency=4, handle_signals=False)
+    runs, handles = run_noops(q, 300)
     assert sorted(runs) == list(range(300))
     assert len(combined) >= 5 and sum(combined) > 0
     assert [h.result(timeout_s=5) for h in handles] == list(range(300))
@@ -584,7 +591,6 @@ def test_outcomes_ride_on_the_next_claim_and_no_job_runs_twice(q: TaskQueue) -> 
 def test_outcomes_are_kept_when_the_combined_call_raises(q: TaskQueue) -> None:
     """A backend whose combined call raises instead of returning its errors loses no outcome:
     they go back to the acknowledgement loop, and every job ends done, once."""
-    runs: list[int] = []
     raised: list[int] = []
     real = q.backend.complete_then_claim
 
@@ -596,12 +602,6 @@ def test_outcomes_are_kept_when_the_combined_call_raises(q: TaskQueue) -> None:
 
     q.backend.complete_then_claim = complete_then_claim  # type: ignore[method-assign,assignment]
 
-    @q.task
-    async def noop(i: int) -> int:
-        runs.append(i)
-        return i
-
-    handles = q.enqueue_many(noop, [((i,), {}) for i in range(40)])
-    drain(q, concurrency=4, handle_signals=False)
+    runs, handles = run_noops(q, 40)
     assert raised and sorted(runs) == list(range(40))
     assert [h.result(timeout_s=5) for h in handles] == list(range(40))
