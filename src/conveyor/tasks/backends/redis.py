@@ -548,7 +548,10 @@ class RedisBackend(Backend):
             pipe.evalsha(claim.sha, 0, self.prefix, *claiming)
             return list(pipe.execute(raise_on_error=False))
 
-        first, second = self._again(attempt)
+        try:
+            first, second = self._again(attempt)
+        except Exception as exc:  # unreachable for retry_s: neither part is known done
+            return exc, exc
         # a script refused (or forgotten by a restarted server) changed nothing: it is sent
         # again alone, which loads it, retries what may pass later, and says what went wrong
         results: list[bool] | Exception
