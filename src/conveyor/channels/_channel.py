@@ -355,6 +355,8 @@ class _End:
         self._cv = threading.Condition(self._lock)
         self._reading = False  # a thread of this process reads the connection now
         self._armed_pid: int | None = None  # the process whose exit this end reports
+        self._poll: Any = None  # a child's poll object on its parent's pipe and pidfd
+        self._poll_key: tuple[int, int | None] | None = None
 
     #: attributes that belong to the process using the end, never pickled with it
     _LOCAL: tuple[str, ...] = (
@@ -367,6 +369,8 @@ class _End:
         "_cv",
         "_reading",
         "_armed_pid",
+        "_poll",
+        "_poll_key",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -610,6 +614,10 @@ class _End:
         """Something already sent to this end is on its way in (not yet readable)."""
         return False
 
+    def _asks_for_work(self) -> bool:
+        """Whether ``_before_waiting`` does anything (it needs a look at the pipe first)."""
+        return False
+
     def _before_waiting(self) -> None:
         """A child about to wait for its parent (idle-first dispatch asks for work here)."""
 
@@ -622,8 +630,8 @@ class _End:
         looked = False
         while True:
             self._check_open()  # closed by another thread meanwhile
-            with inbox.cond:
-                found = self._take_backlog(where)
+            with inbox.lock:  # inbox.cond's lock (its Python-level __enter__ is on every receive)
+                found = self._take_backlog(where) if self._backlog else None
                 if found is not None:
                     return self._taken(found)
                 while inbox.items:
@@ -645,7 +653,15 @@ class _End:
                     raise TimeoutError("no message within timeout_s")
                 reads = inbox.reads
             wait = None if left is None else max(0.0, left)
-            if not inbox.read_direct(wait):
+            # nothing is waiting here: the first message read may be this caller's own
+            got = inbox.take_direct(wait)
+            if isinstance(got, tuple):
+                if where is None or where(got):
+                    return self._taken(got)
+                with inbox.cond:  # older than anything still to be read: in order
+                    self._backlog.append(got)
+                    inbox.cond.notify_all()
+            elif not got:
                 # another thread reads: wait for what it reads, until this caller's deadline
                 with inbox.cond:
                     if inbox.reads == reads and not inbox.items:
@@ -661,7 +677,6 @@ class _End:
     ) -> Message:
         """A child reads its parent's connection itself, watching the parent. One thread of
         the process reads at a time; the others wait for what it reads."""
-        peers = [] if parent is None else [parent]
         looked = False
         while True:
             self._check_open()
@@ -680,7 +695,7 @@ class _End:
                     continue
                 self._reading = True
             try:
-                msg = self._read_one(conn, peers, parent, left)
+                msg = self._read_one(conn, parent, left)
             finally:
                 with self._cv:
                     self._reading = False
@@ -694,13 +709,11 @@ class _End:
                 self._backlog.append(msg)
                 self._cv.notify_all()
 
-    def _read_one(
-        self, conn: Any, peers: list[_Peer], parent: _Peer | None, left: float | None
-    ) -> Message | None:
+    def _read_one(self, conn: Any, parent: _Peer | None, left: float | None) -> Message | None:
         """Wait up to ``left`` for one frame from the parent: the message, or None."""
-        if not readable(conn):
+        if self._asks_for_work() and not readable(conn):
             self._before_waiting()
-        if conn in _wait([conn], peers, None if left is None else max(0.0, left)):
+        if self._poll_parent(conn, parent, None if left is None else max(0.0, left)):
             try:
                 frame = conn.recv_bytes()
             except (EOFError, OSError):
@@ -723,6 +736,22 @@ class _End:
             raise BrokenResourceError("the parent process died", pid=self.parent_pid)
         return None
 
+    def _poll_parent(self, conn: Any, parent: _Peer | None, left: float | None) -> bool:
+        """Wait up to ``left`` for ``conn`` to be readable or the parent to die (whether
+        ``conn`` is readable), with one poll object kept for the pair: one syscall on every
+        receive, no set-up."""
+        key = (conn.fileno(), None if parent is None else parent.fd)
+        if self._poll_key != key:
+            poll = select.poll()
+            for fd in key:
+                if fd is not None:
+                    poll.register(fd, select.POLLIN)
+            self._poll, self._poll_key = poll, key
+        if parent is not None and parent.fd is None:  # no pidfd: look at it now and then
+            left = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
+        ms = None if left is None else max(0, math.ceil(left * 1000))
+        return any(fd == key[0] for fd, _events in self._poll.poll(ms))
+
     def __iter__(self) -> Iterator[Message]:
         """Every message until the other side closes its end."""
         while True:
@@ -741,14 +770,6 @@ class _End:
 
     def close(self) -> None:
         raise NotImplementedError
-
-
-def _wait(conns: list[Any], peers: list[_Peer], timeout: float | None) -> list[Any]:
-    """Wait for a connection to be readable or a peer to die."""
-    fds = [p.fd for p in peers if p.fd is not None]
-    if len(fds) < len(peers):
-        timeout = _LIVENESS_S if timeout is None else min(timeout, _LIVENESS_S)
-    return _ready([*conns, *fds], timeout)
 
 
 class _Inbox:
@@ -819,6 +840,10 @@ class _Inbox:
         for fd in (self._wake_r, self._thread_wake_r):
             os.set_blocking(fd, False)
         self._stopping = False
+        #: bumped whenever the connections or the pidfds watched change: a receiver's poll
+        #: object is made again only then, not on every receive
+        self._changes = 0
+        self._poller: tuple[int, Any, dict[int, Any], list[Any]] | None = None
         self.thread = threading.Thread(target=self._run, name="conveyor:channel", daemon=True)
         self.thread.start()
 
@@ -909,6 +934,7 @@ class _Inbox:
         if not self._new:
             return
         new, self._new = self._new, []
+        self._changes += 1
         for conn, pid in new:
             self.conns.append(conn)
             self._had_any = True
@@ -925,6 +951,7 @@ class _Inbox:
         peer = _Peer(pid)
         if peer.fd is not None:
             self._watched[peer.fd] = peer
+            self._changes += 1
         else:
             self._polled.append(peer)
 
@@ -962,6 +989,7 @@ class _Inbox:
                 except (EOFError, OSError):
                     with self.cond:
                         self.conns.remove(r)
+                        self._changes += 1
                         self.cond.notify_all()
                     pid = self.conn_pid.pop(r, None)
                     if pid is not None:
@@ -971,6 +999,7 @@ class _Inbox:
         for r in ready:
             if isinstance(r, int) and r in self._watched:
                 peer = self._watched.pop(r)
+                self._changes += 1
                 if self._unread():
                     self._polled.append(peer)  # read what it sent first; look again
                 else:
@@ -1022,14 +1051,26 @@ class _Inbox:
     def read_direct(self, left: float | None) -> bool:
         """Wait up to ``left`` for something to read (or a death) and read it, here. False
         (at once) when another thread is reading."""
+        return self._direct(left, take=False) is not False
+
+    def take_direct(self, left: float | None) -> Message | bool:
+        """``read_direct`` for a receiver that takes the first message: that message itself
+        when it was the first thing read (what came after it is read in behind it), True when
+        it looked and read or handled what there was the usual way, False when another
+        thread is reading."""
+        return self._direct(left, take=True)
+
+    def _direct(self, left: float | None, *, take: bool) -> Message | bool:
         if not self.rlock.acquire(blocking=False):
             return False
-        with self.cond:
-            self.active += 1
+        # only the holder of rlock changes it: no lock needed (the thread only reads it)
+        self.active += 1
         try:
-            with self.cond:
-                if self.items or self.dead or self.eof or self._wake_r < 0:
-                    return True
+            # what is read here is read under rlock, which this thread holds: no other lock
+            if self.items or self.dead or self.eof or self._wake_r < 0:
+                return True
+            if take and not (self._new or self._expected or self._polled):
+                return self._take_one(left)
             conns, waits, liveness = self._wait_set()
             timeout = left if liveness is None else min(left or liveness, liveness)
             ready = _ready([*waits, self._wake_r], timeout)
@@ -1041,11 +1082,59 @@ class _Inbox:
             return True
         finally:
             self.rlock.release()
-            with self.cond:
-                self.active -= 1
+            self.active -= 1
+            with self.lock:
                 self.reads += 1
                 self.last_active = time.monotonic()
                 self.cond.notify_all()
+
+    def _take_one(self, left: float | None) -> Message | bool:
+        """The way of a round trip (rlock held; no process to take in, none watched by
+        polling): one ``poll`` on every connection, every child's pidfd and the wake-up pipe,
+        through a poll object made again only when they change. When it is one connection
+        and its first frame is a message, that message is returned; anything else is read
+        and handled as ``read_direct`` does (a death, a goodbye, an end of pipe, a
+        connection added)."""
+        poller = self._poller
+        if poller is None or poller[0] != self._changes:
+            with self.lock:
+                conns = list(self.conns)
+                changes, watched = self._changes, list(self._watched)
+            poll = select.poll()
+            by_fd: dict[int, Any] = {}
+            for obj in [*conns, *watched, self._wake_r]:
+                fd = obj if isinstance(obj, int) else obj.fileno()
+                by_fd[fd] = obj
+                poll.register(fd, select.POLLIN)
+            poller = self._poller = (changes, poll, by_fd, conns)
+        _changes, poll, by_fd, conns = poller
+        events = poll.poll(None if left is None else max(0, math.ceil(left * 1000)))
+        ready = [by_fd[fd] for fd, _events in events]
+        if len(ready) == 1 and not isinstance(ready[0], int):
+            conn = ready[0]
+            try:
+                frame = conn.recv_bytes()
+            except (EOFError, OSError):
+                self._read(ready, conns)  # the end of its pipe: handled there
+                return True
+            msg: Message | None = None
+            if parse_control(frame) is not None:
+                self._take(conn, frame)
+            else:
+                msg = decode(frame, self.conn_pid.get(conn, 0))
+                if isinstance(msg.data, _Unreadable):  # its receive raises: the usual way
+                    with self.cond:
+                        self.items.append(msg)
+                    msg = None
+            if readable(conn):  # more came: in behind it, now (the parent always drains)
+                self._read(ready, conns)
+            return True if msg is None else msg
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+            ready.remove(self._wake_r)
+        self._read(ready, conns)
+        return True
 
     # -- the reader thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -1168,11 +1257,12 @@ class PipeEnd(_End):
         return undelivered
 
     def _check_can_send(self, recipient: int | None) -> None:
-        if self._inbox is None:
-            return
-        if self._child_died(self._inbox):
-            raise self._death(self._inbox)
-        closed = self._child_closed(self._inbox)
+        inbox = self._inbox
+        if inbox is None or not (inbox.dead or inbox.byes or inbox.left):
+            return  # a child end, or nothing said or seen of the child's end yet
+        if self._child_died(inbox):
+            raise self._death(inbox)
+        closed = self._child_closed(inbox)
         if closed is not None:
             raise closed
 

@@ -332,6 +332,9 @@ class QueueEnd(_End):
     def _from_parent(self) -> tuple[Any, _Peer | None]:
         return self._down, self._parent
 
+    def _asks_for_work(self) -> bool:
+        return self.dispatch == "idle_first"
+
     def _before_waiting(self) -> None:
         if self.dispatch != "idle_first" or self._asked:
             return
