@@ -264,6 +264,7 @@ class Worker:
         # the backend's own I/O (claims, acks, waits for work), off the event loop; no user
         # code runs on these threads: tasks run on the engine's kinds (see _source_for)
         self._io = ThreadPoolExecutor(2, thread_name_prefix="conveyor:queue-io")
+        # the backend's waits for work (no user code either), apart so a wait never holds a claim
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix="conveyor:queue-wait")
         self._ack_wake = asyncio.Event()
         self._freed = asyncio.Event()

@@ -576,6 +576,12 @@ def not_run_because(job_id: str, task: str, error: str | None) -> str:
     )
 
 
+#: outcomes to write: ``(job_id, token, result, keep_s)`` each, as ``complete`` takes them
+Outcomes = Sequence[tuple[str, str, bytes | None, float | None]]
+#: what ``complete_then_claim`` returns: each part's answer, or the error it met
+ClaimAfter = tuple[list[bool] | Exception, list[Lease] | Exception]
+
+
 class Backend(ABC):
     """Storage for jobs. Every method is atomic; see the module docstring for the rules."""
 
@@ -644,14 +650,8 @@ class Backend(ABC):
         ]
 
     def complete_then_claim(
-        self,
-        done: Sequence[tuple[str, str, bytes | None, float | None]],
-        queue: str,
-        worker: str,
-        lease_s: float,
-        now: float,
-        limit: int,
-    ) -> tuple[list[bool] | Exception, list[Lease] | Exception]:
+        self, done: Outcomes, queue: str, worker: str, lease_s: float, now: float, limit: int
+    ) -> ClaimAfter:
         """``complete_many(done, now)``, then ``claim(queue, worker, lease_s, now, limit)``, in
         as few round trips as the storage allows: what a worker sends when the jobs it ran
         make room for more. Each part succeeds or fails on its own, and what it would have

@@ -55,10 +55,12 @@ from .base import (
     WAITING,
     WORKER_KEPT_S,
     Backend,
+    ClaimAfter,
     Job,
     Lease,
     Limit,
     NewJob,
+    Outcomes,
     QueueCounts,
     ScheduleInfo,
     WorkerInfo,
@@ -526,14 +528,8 @@ class RedisBackend(Backend):
         return [queue, _f(now), _f(now + lease_s), max(0, limit), base, worker]
 
     def complete_then_claim(
-        self,
-        done: Sequence[tuple[str, str, bytes | None, float | None]],
-        queue: str,
-        worker: str,
-        lease_s: float,
-        now: float,
-        limit: int,
-    ) -> tuple[list[bool] | Exception, list[Lease] | Exception]:
+        self, done: Outcomes, queue: str, worker: str, lease_s: float, now: float, limit: int
+    ) -> ClaimAfter:
         if not done or len(done) > _CHUNK:
             return super().complete_then_claim(done, queue, worker, lease_s, now, limit)
         complete, claim = self._s["COMPLETE"], self._s["CLAIM"]

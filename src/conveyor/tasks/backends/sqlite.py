@@ -42,10 +42,12 @@ from .base import (
     WAITING,
     WORKER_KEPT_S,
     Backend,
+    ClaimAfter,
     Job,
     Lease,
     Limit,
     NewJob,
+    Outcomes,
     QueueCounts,
     ScheduleInfo,
     WorkerInfo,
@@ -679,14 +681,8 @@ class SQLiteBackend(Backend):
         return self._held_updates(_COMPLETE, _completed_rows(done, now), follow_at=now)
 
     def complete_then_claim(
-        self,
-        done: Sequence[tuple[str, str, bytes | None, float | None]],
-        queue: str,
-        worker: str,
-        lease_s: float,
-        now: float,
-        limit: int,
-    ) -> tuple[list[bool] | Exception, list[Lease] | Exception]:
+        self, done: Outcomes, queue: str, worker: str, lease_s: float, now: float, limit: int
+    ) -> ClaimAfter:
         # one transaction, one commit: if it fails, neither part happened
         try:
             with self._write() as db:
