@@ -373,3 +373,16 @@ def test_one_listener_on_several_topics_hears_in_arrival_order_one_at_a_time() -
             d.request("a" if i % 2 else "b", i, ttl_s=10).wait(5)
         eventually(lambda: len(heard) == 200)
     assert heard == [("a" if i % 2 else "b", i) for i in range(200)] and overlaps == []
+
+
+def test_a_waiter_never_sleeps_through_the_last_answer() -> None:
+    """Settling takes no lock: a waiter that arrives as the last producer answers still wakes,
+    and the statistics already count what it waited for."""
+    with Dispatcher() as d:
+        for _ in range(3):
+            d.register_producer("t", lambda topic, n: n)
+        for i in range(2000):
+            req = d.request("t", i)
+            assert req.wait(5), req
+            assert req.results() == [i, i, i] and req.answered == 3
+        assert d.stats().answered == 6000

@@ -8,6 +8,8 @@ percentiles are read from the ring when a record is made.
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -66,27 +68,17 @@ class RunStats:
 class LatencyRing:
     """The last ``size`` latency samples, in seconds."""
 
-    __slots__ = ("_i", "_lock", "_ring", "_size")
+    __slots__ = ("_ring", "add")
 
     def __init__(self, size: int = 2048) -> None:
-        self._size = size
-        self._ring: list[float] = []
-        self._i = 0
-        self._lock = threading.Lock()
-
-    def add(self, seconds: float) -> None:
-        # no lock: two threads adding at once may overwrite one sample, which a sample of
-        # the last 2048 latencies can afford; list operations themselves are atomic
-        if len(self._ring) < self._size:
-            self._ring.append(seconds)
-        else:
-            i = self._i
-            self._ring[i % self._size] = seconds
-            self._i = i + 1
+        # a bounded deque drops the oldest sample itself; appending and sorting it are single
+        # steps under the interpreter's lock, so neither needs a lock of ours
+        self._ring: deque[float] = deque(maxlen=size)
+        #: record one sample
+        self.add: Callable[[float], None] = self._ring.append
 
     def percentiles(self) -> tuple[float | None, float | None, float | None]:
-        with self._lock:
-            data = sorted(self._ring)
+        data = sorted(self._ring)
         if not data:
             return None, None, None
 

@@ -56,7 +56,6 @@ from .._errors import ClosedResourceError, ConfigurationError
 
 log = logging.getLogger("conveyor.dispatch")
 
-_EXPIRED = object()
 OUTCOMES = ("answered", "expired", "dropped", "failed")
 _DELIVERIES = ("delivered", "listener_failed", "overflowed")
 
@@ -90,6 +89,24 @@ class DispatcherStats:
     latency_p99_s: float | None
 
 
+class _Outcome:
+    """What a producer's call that gave no answer came to: it is kept in a request's log in
+    place of an answer."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_EXPIRED = _Outcome("expired")
+_DROPPED = _Outcome("dropped")
+_FAILED = _Outcome("failed")
+
+
 class Request:
     """One request: which producers answered, which expired, and the answers that came in time.
 
@@ -98,19 +115,18 @@ class Request:
     producer has settled (answered, expired, dropped or failed) and says whether they have.
     """
 
+    # Each producer settles a request once, by appending to its log (an answer, or the
+    # outcome that stands in for one). An append is atomic, so settling takes no lock: the
+    # producer whose append makes the log complete wakes the waiters, if there are any. A
+    # waiter publishes its event before it looks at the log, and a settler appends before it
+    # looks for the event: one of the two sees the other, so no waiter sleeps through the end.
     __slots__ = (
         "_event",
-        "_lock",
-        "_results",
-        "_settled",
-        "answered",
+        "_log",
         "args",
         "clock",
         "deadline",
-        "dropped",
         "expected",
-        "expired",
-        "failed",
         "kwargs",
         "started",
         "topic",
@@ -128,63 +144,57 @@ class Request:
         self.args = args
         self.kwargs = kwargs
         self.clock = clock
-        self.started = clock.now()
-        self.deadline = self.started + ttl_s
+        self.started = started = clock.now()
+        self.deadline = started + ttl_s
         self.expected = 0
-        self.answered = 0
-        self.expired = 0
-        self.dropped = 0
-        self.failed = 0
-        self._settled = 0
-        self._results: list[Any] = []
-        self._lock = threading.Lock()
+        self._log: list[Any] = []
         self._event: threading.Event | None = None
 
-    def _settle(self, outcome: str) -> str:
-        """Count one producer's call that gave no answer: ``expired`` or ``failed``. Returns
-        the outcome (for the producer's own count)."""
-        with self._lock:
-            if outcome == "expired":
-                self.expired += 1
-            else:
-                self.failed += 1
-            last = self._one_more()
-        if last is not None:
-            last.set()
-        return outcome
-
-    def _answer(self, result: Any) -> bool:
-        """Count one producer's answer: True if it came in time (to be delivered), False if
-        it came after the deadline (counted as dropped)."""
-        with self._lock:
-            in_time = self.clock.now() <= self.deadline
-            if in_time:
-                self._results.append(result)
-                self.answered += 1
-            else:
-                self.dropped += 1
-            last = self._one_more()
-        if last is not None:
-            last.set()
-        return in_time
-
-    def _one_more(self) -> threading.Event | None:
-        """One more producer settled (under the lock): the waiters' event if it was the last."""
-        self._settled += 1
-        return self._event if self._settled >= self.expected else None
+    def _settle(self, outcome: _Outcome) -> None:
+        """One producer's call is settled: an answer, or what stands in for one."""
+        log = self._log
+        log.append(outcome)
+        if len(log) >= self.expected and self._event is not None:
+            self._event.set()
 
     @property
     def done(self) -> bool:
         """Every producer has settled."""
-        return self._settled >= self.expected
+        return len(self._log) >= self.expected
+
+    def _count(self, outcome: _Outcome) -> int:
+        return sum(1 for x in self._log if x is outcome)
+
+    @property
+    def answered(self) -> int:
+        """Producers whose answer came in time."""
+        return sum(1 for x in self._log if not isinstance(x, _Outcome))
+
+    @property
+    def expired(self) -> int:
+        """Producer calls skipped: not started before the deadline."""
+        return self._count(_EXPIRED)
+
+    @property
+    def dropped(self) -> int:
+        """Producer answers that came after the deadline, thrown away."""
+        return self._count(_DROPPED)
+
+    @property
+    def failed(self) -> int:
+        """Producer calls that raised."""
+        return self._count(_FAILED)
 
     def _waiter(self) -> threading.Event:
-        with self._lock:
-            if self._event is None:
-                self._event = threading.Event()
-                if self._settled >= self.expected:
-                    self._event.set()
-            return self._event
+        event = self._event
+        if event is None:
+            with _WAITER_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+        if self.done:
+            event.set()
+        return event
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until every producer has settled; False if ``timeout_s`` passed first."""
@@ -200,14 +210,17 @@ class Request:
             left = min(left, timeout_s)
         if not self.done:
             self._waiter().wait(left)
-        with self._lock:
-            return list(self._results)
+        return [x for x in list(self._log) if not isinstance(x, _Outcome)]
 
     def __repr__(self) -> str:
         return (
             f"<Request {self.topic!r}: {self.answered} answered, {self.expired} expired, "
             f"{self.dropped} dropped, {self.failed} failed of {self.expected}>"
         )
+
+
+#: makes one event per request that is waited for (rare, and over in a moment)
+_WAITER_LOCK = threading.Lock()
 
 
 class _Lane:
@@ -237,6 +250,7 @@ class _Lane:
         self.clock = dispatcher.clock
         self.latency = LatencyRing()
         self.inbox: Buffer[Any] = Buffer(maxsize, name=name)
+        self._put = self.inbox.put
         self._sizer = UnitSizer()
         self._lock = threading.Lock()
         context = PoolContext(get_loop=dispatcher._event_loop, thread_name=name)
@@ -298,7 +312,8 @@ class _Lane:
 
 class _Call:
     """A producer's work: its function on one request, unless the request's deadline has
-    passed (then the call is skipped)."""
+    passed (then the call is skipped). Returns the request and its answer, or the outcome
+    that stands in for one (expired; dropped, for an answer that came too late)."""
 
     __slots__ = ("fn", "now")
 
@@ -315,7 +330,11 @@ class _Call:
     def call(self, req: Request) -> tuple[Request, Any]:
         if self.now() > req.deadline:
             return req, _EXPIRED
-        return req, self.fn(req.topic, *req.args, **req.kwargs)
+        if req.kwargs:
+            result = self.fn(req.topic, *req.args, **req.kwargs)
+        else:
+            result = self.fn(req.topic, *req.args)
+        return req, (result if self.now() <= req.deadline else _DROPPED)
 
 
 class _AsyncCall(_Call):
@@ -324,7 +343,8 @@ class _AsyncCall(_Call):
     async def call(self, req: Request) -> tuple[Request, Any]:  # type: ignore[override]
         if self.now() > req.deadline:
             return req, _EXPIRED
-        return req, await self.fn(req.topic, *req.args, **req.kwargs)
+        result = await self.fn(req.topic, *req.args, **req.kwargs)
+        return req, (result if self.now() <= req.deadline else _DROPPED)
 
 
 class Producer(_Lane):
@@ -351,15 +371,17 @@ class Producer(_Lane):
         )
 
     def _submit(self, req: Request) -> None:
-        """Queue a call; a full queue makes the request wait for room until its deadline."""
-        put = self.inbox.put
+        """Queue a call for which there was no room: wait for room until the deadline."""
         try:
-            # the deadline is read only when the queue is full
-            accepted = put(req, 0) or put(req, max(0.0, req.deadline - self.clock.now()))
+            if self._put(req, max(0.0, req.deadline - self.clock.now())):
+                return
         except (ClosedResourceError, BufferShutdown):
-            accepted = False  # deregistered meanwhile: this producer will not answer
-        if not accepted:
-            self._count(req._settle("expired"))
+            pass  # deregistered meanwhile: this producer will not answer
+        self._not_served(req)
+
+    def _not_served(self, req: Request) -> None:
+        self._count("expired")
+        req._settle(_EXPIRED)
 
     def _count(self, outcome: str) -> None:
         self.dispatcher._tally(self._counts, outcome)
@@ -373,24 +395,23 @@ class Producer(_Lane):
         if isinstance(error, BufferShutdown):
             raise error
         log.error("producer %r of topic %r failed", self.fn, item.topic, exc_info=error)
-        self._count(item._settle("failed"))
+        self._count("failed")
+        item._settle(_FAILED)
         return None
 
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
-        topic = self.topic  # a producer answers the requests of its one topic
-        answers: list[tuple[str, Any, float]] = []
+        # counted before the requests are settled: a caller that waited for one finds it in
+        # the statistics
+        answers = [x for x in outputs if x[1].__class__ is not _Outcome]
         expired = dropped = 0
-        for req, result in outputs:
-            if result is _EXPIRED:
-                req._settle("expired")
-                expired += 1
-            elif req._answer(result):
-                answers.append((topic, result, req.started))
-            else:
-                dropped += 1
+        if len(answers) < len(outputs):
+            expired = sum(1 for x in outputs if x[1] is _EXPIRED)
+            dropped = len(outputs) - len(answers) - expired
         self.dispatcher._tally_unit(self._counts, len(answers), expired, dropped)
+        for req, result in outputs:
+            req._settle(result)
         if answers:
-            self.dispatcher._fan_out(topic, answers)
+            self.dispatcher._fan_out(self.topic, answers)
 
 
 class _Deliver:
@@ -402,7 +423,7 @@ class _Deliver:
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
         self.listener = sub.listener
-        self.latency = sub.dispatcher._latency
+        self.latency = sub.dispatcher._latency.add
         self.now = sub.clock.now
 
     def setup(self) -> None:
@@ -411,34 +432,31 @@ class _Deliver:
     def teardown(self) -> None:
         return None
 
-    def call(self, item: tuple[str, Any, float]) -> None:
+    def call(self, item: tuple[Request, Any]) -> None:
+        # the worker said it is busy when it took the unit (see Subscription.take); close()
+        # says "closed" before it waits for the worker to be idle, so whichever comes first,
+        # no call starts after close() returns
         sub = self.sub
-        # say "calling" before looking at "closed": close() says "closed" before it waits
-        # for "calling" to clear, so whichever comes first, no call starts after close()
-        sub._calling_now = True
-        try:
-            if sub._closed:
-                return
-            topic, result, started = item
-            self.latency.add(self.now() - started)
-            self.listener(topic, result)
-            sub.delivered += 1
-        finally:
-            sub._calling_now = False
+        if sub._closed:
+            return
+        req, result = item
+        self.latency(self.now() - req.started)
+        self.listener(req.topic, result)
+        sub.delivered += 1
 
 
 class _AsyncDeliver(_Deliver):
     __slots__ = ()
 
-    async def call(self, item: tuple[str, Any, float]) -> None:  # type: ignore[override]
+    async def call(self, item: tuple[Request, Any]) -> None:  # type: ignore[override]
         sub = self.sub
         sub._idle.clear()  # before looking at _closed: close() waits for _idle
         try:
             if sub._closed:
                 return
-            topic, result, started = item
-            self.latency.add(self.now() - started)
-            await self.listener(topic, result)
+            req, result = item
+            self.latency(self.now() - req.started)
+            await self.listener(req.topic, result)
             sub.delivered += 1
         finally:
             sub._idle.set()
@@ -469,6 +487,7 @@ class Subscription(_Lane):
         self._counts = dict.fromkeys(_DELIVERIES, 0)  # overflowed, under the tally lock
         self._folded = False
         self._closed = False
+        #: True while the worker holds a unit of answers (it may be calling the listener)
         self._calling_now = False
         self._worker: int | None = None
         self._idle = threading.Event()
@@ -488,7 +507,7 @@ class Subscription(_Lane):
     def closed(self) -> bool:
         return self._closed
 
-    def _offer(self, items: list[tuple[str, Any, float]]) -> None:
+    def _offer(self, items: list[tuple[Request, Any]]) -> None:
         if self._closed:
             return
         try:
@@ -510,8 +529,14 @@ class Subscription(_Lane):
         log.error("listener %r of topic %r failed", self.listener, item[0], exc_info=error)
         return None
 
+    def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
+        unit = super().take(limit, wait)
+        # said before any listener call of the unit looks at "closed"
+        self._calling_now = unit is not None and unit is not WOKEN
+        return unit
+
     def complete(self, unit: Unit, outputs: list[Any]) -> None:
-        return None
+        self._calling_now = False
 
     def add_topic(self, topic: str) -> None:
         """Listen to ``topic`` too: its answers join the same buffer, in arrival order with
@@ -544,7 +569,7 @@ class Subscription(_Lane):
             # a call under way ends before close() returns
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             pause = 0.0001
-            while self._calling_now:
+            while self._calling_now and not self.pool.gone.is_set():
                 if deadline is not None and time.monotonic() > deadline:
                     return False
                 time.sleep(pause)
@@ -804,18 +829,25 @@ class Dispatcher:
         deadline (``ttl_s``, the dispatcher's default if not given). Returns at once."""
         if self._closed:
             raise ClosedResourceError("this dispatcher was stopped")
-        ttl = self.ttl_s if ttl_s is None else ttl_s
-        if not ttl > 0:
-            raise ConfigurationError(f"ttl_s must be positive, not {ttl}")
+        if ttl_s is None:
+            ttl_s = self.ttl_s
+        elif not ttl_s > 0:
+            raise ConfigurationError(f"ttl_s must be positive, not {ttl_s}")
         next(self._requests)
-        req = Request(topic, args, kwargs, ttl, self.clock)
+        req = Request(topic, args, kwargs, ttl_s, self.clock)
         producers = self._producers.get(topic, ())
         req.expected = len(producers)
         for p in producers:
+            try:
+                if p._put(req, 0):
+                    continue  # there was room: the usual case
+            except (ClosedResourceError, BufferShutdown):
+                p._not_served(req)  # deregistered meanwhile: this producer will not answer
+                continue
             p._submit(req)
         return req
 
-    def _fan_out(self, topic: str, items: list[tuple[str, Any, float]]) -> None:
+    def _fan_out(self, topic: str, items: list[tuple[Request, Any]]) -> None:
         """Give the answers of one unit of a producer to every subscription of ``topic``: one
         hand-over per subscription, whatever the number of answers."""
         for sub in self._subscriptions.get(topic, ()):
