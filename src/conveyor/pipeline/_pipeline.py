@@ -42,7 +42,7 @@ class StageOptions(TypedDict, total=False):
     ordered: bool | None
     #: items with the same key run one at a time, in order; keys run in parallel
     key: Callable[[Any], Hashable] | None
-    #: capacity of the stage's inbox, and of its reorder window (default 1024)
+    #: capacity of the stage's inbox, and of its reorder window (default 4096)
     maxsize: int | None
     #: "raise" (default), Skip(), Retry(...) or DeadLetter(sink)
     on_error: Any

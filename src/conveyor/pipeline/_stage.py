@@ -123,7 +123,7 @@ def _positive_number(name: str, value: Any) -> float | None:
     return float(value)
 
 
-DEFAULT_MAXSIZE = 1024
+DEFAULT_MAXSIZE = 4096
 
 
 def build_spec(

@@ -265,9 +265,6 @@ class _Child:
 @register_kind
 class ProcessPool(SlotPool):
     kind = "process"
-    # a round trip to a process costs tens of microseconds: tiny items need large units, and
-    # a unit is never larger than the inbox's share of one worker
-    default_maxsize = 4096
     own_options: ClassVar[frozenset[str]] = frozenset({"start_method", "max_items_per_worker"})
 
     @classmethod
