@@ -7,7 +7,7 @@
 #: the Pythons the project claims (pyproject.toml's classifiers); the first one runs the checks
 CLAIMED_PYTHONS="3.11 3.12 3.13"
 #: extras installed for tests and checks (every optional backend is tested)
-TEST_EXTRAS="${TEST_EXTRAS:-redis,metrics,otel,top,msgpack,cron,postgres}"
+TEST_EXTRAS="${TEST_EXTRAS:-redis,metrics,otel,top,msgpack,cron,postgres,dask}"
 CONSTRAINTS="${CONSTRAINTS:-$PWD/constraints.txt}"
 VENVS="${VENVS:-$PWD/.venvs}"
 

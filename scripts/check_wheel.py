@@ -28,6 +28,7 @@ PUBLISHED_EXTRAS = {
     "msgpack": "msgpack",
     "cron": "cronsim",
     "postgres": "psycopg",
+    "dask": "distributed",
 }
 
 

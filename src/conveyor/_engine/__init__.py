@@ -6,6 +6,7 @@ that. Importing this package registers the built-in worker kinds.
 """
 
 from . import aio as aio
+from . import executor as executor
 from . import processes as processes
 from . import threads as threads
 from .buffer import Buffer as Buffer

@@ -235,9 +235,13 @@ class AsyncPool(WorkerPool):
         if self._live == 0:
             self._all_left()
 
+    def _new_work(self) -> Work:
+        """One worker's instance of the work."""
+        return self.source.spec.make_work()
+
     async def _worker(self) -> None:
         source = self.source
-        work: Work = source.spec.make_work()
+        work = self._new_work()
         try:
             await _maybe_await(work.setup())
         except Exception as exc:

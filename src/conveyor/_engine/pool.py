@@ -35,6 +35,9 @@ class WorkerPool(ABC):
     kind: ClassVar[str]
     #: True if the user's callable must be an ``async def`` (False: must not be)
     wants_async: ClassVar[bool] = False
+    #: False for kinds that hand each call to something else to run (an executor): a Stage's
+    #: setup and teardown would run here, not where its process runs
+    runs_here: ClassVar[bool] = True
     #: options (in ``StepSpec.options``) that only this kind understands
     own_options: ClassVar[frozenset[str]] = frozenset()
     #: the inbox capacity when the stage gives no ``maxsize``: a hand-off between threads

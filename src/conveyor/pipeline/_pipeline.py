@@ -13,6 +13,7 @@ from collections.abc import (
     Hashable,
     Iterable,
 )
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any, Generic, TypedDict, TypeVar, Unpack, overload
 
@@ -36,7 +37,7 @@ class StageOptions(TypedDict, total=False):
     name: str | None
     #: how many workers run at once (default 1)
     workers: int
-    #: "thread" (default) or "async"
+    #: "thread" (default), "async", "process", "executor" or "dask"
     kind: str
     #: keep input order (default: the pipeline's ``ordered``)
     ordered: bool | None
@@ -54,6 +55,10 @@ class StageOptions(TypedDict, total=False):
     start_method: str | None
     #: process stages: replace a worker process after it has run this many items
     max_items_per_worker: int | None
+    #: executor stages: the ``concurrent.futures.Executor`` each call is submitted to
+    executor: Executor | None
+    #: dask stages: the scheduler's address, such as "tcp://127.0.0.1:8786"
+    address: str | None
 
 
 _OPTION_NAMES = frozenset(StageOptions.__annotations__)
@@ -148,6 +153,8 @@ class Pipeline(Generic[T_co]):
             kind_options={
                 "start_method": options.get("start_method"),
                 "max_items_per_worker": options.get("max_items_per_worker"),
+                "executor": options.get("executor"),
+                "address": options.get("address"),
             },
         )
         return self._extend(_Layout(spec, cap, None))

@@ -148,6 +148,13 @@ def build_spec(
             f"unknown kind {kind!r}: choose one of {', '.join(repr(k) for k in kind_names())}"
         )
     label = name or default_name
+    if not KINDS[kind].runs_here and (
+        isinstance(fn, Stage) or (isinstance(fn, type) and issubclass(fn, Stage))
+    ):
+        raise ConfigurationError(
+            f"kind={kind!r} sends each call to an executor: give {label} as a function (a "
+            "Stage's setup and teardown would run in this process, not where process runs)"
+        )
     wants_async = KINDS[kind].wants_async
     if is_async and not wants_async:
         raise ConfigurationError(

@@ -1,0 +1,115 @@
+"""Stages on a Dask cluster: a ``distributed.LocalCluster`` of worker processes on loopback,
+started by these tests. A Dask worker killed mid-run costs nothing: every item comes out once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor import Pipeline
+
+from .conftest import eventually
+from .redis_server import server_missing
+
+distributed: Any
+try:
+    import distributed
+except ImportError:  # pragma: no cover - the test set installs it
+    distributed = None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    if distributed is None:
+        server_missing(
+            "DASK TESTS NOT RUN: distributed is not installed (pip install 'conveyor[dask]')"
+        )
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster: Any) -> Iterator[Any]:
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as c:
+        yield c
+
+
+def clients_of(client: Any) -> int:
+    """How many clients the scheduler knows now (this one included)."""
+    return int(client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients)))
+
+
+@pytest.mark.timeout(120)
+def test_a_dask_stage_runs_on_the_cluster_and_closes_its_client(cluster: Any, client: Any) -> None:
+    def where(x: int) -> tuple[int, int]:
+        return x * x, os.getpid()
+
+    before = clients_of(client)
+    run = (
+        Pipeline(range(200), ordered=True)
+        .map(where, kind="dask", address=cluster.scheduler_address, workers=8)
+        .start()
+    )
+    out = list(run)
+    assert [sq for sq, _pid in out] == [x * x for x in range(200)]
+    worker_pids = set(client.run(os.getpid).values())
+    assert {pid for _sq, pid in out} <= worker_pids and os.getpid() not in worker_pids
+    stats = run.stats().stage("where")
+    assert stats.kind == "dask" and stats.received == 200 and stats.emitted == 200
+    eventually(lambda: clients_of(client) == before, timeout_s=20)
+
+
+@pytest.mark.timeout(120)
+def test_equal_items_are_separate_calls(cluster: Any, tmp_path: Path) -> None:
+    def mark(x: int) -> int:
+        with open(tmp_path / f"{time.monotonic_ns()}-{os.getpid()}", "w"):
+            pass
+        return x
+
+    out = list(Pipeline([5] * 20).map(mark, kind="dask", address=cluster.scheduler_address))
+    assert out == [5] * 20
+    assert len(list(tmp_path.iterdir())) == 20
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_killed_mid_run_loses_no_item(cluster: Any, client: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "victim"
+
+    def work(x: int) -> int:
+        if x == 7:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass  # run again after its worker was killed: this time it ends
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                time.sleep(60)  # held here until the test kills this worker
+        return x * 3
+
+    run = (
+        Pipeline(range(100))
+        .map(work, kind="executor", executor=client.get_executor(pure=False), workers=8)
+        .start()
+    )
+    eventually(lambda: marker.exists() and marker.read_text() != "", timeout_s=60)
+    victim = int(marker.read_text())
+    assert victim in client.run(os.getpid).values()
+    os.kill(victim, signal.SIGKILL)
+    out = list(run)
+    assert sorted(out) == [x * 3 for x in range(100)]  # each item once, none lost
+    stats = run.stats().stage("work")
+    assert stats.failed == 0 and stats.emitted == 100
+    assert victim not in client.run(os.getpid).values()
