@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import Pipeline
+from conveyor import DeadLetter, Failure, ItemTimeout, Pipeline
 
 from .conftest import eventually
 from .redis_server import server_missing
@@ -84,7 +84,10 @@ def test_equal_items_are_separate_calls(cluster: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_a_worker_killed_mid_run_loses_no_item(cluster: Any, client: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["dask", "executor"])
+def test_a_worker_killed_mid_run_loses_no_item(
+    cluster: Any, client: Any, tmp_path: Path, kind: str
+) -> None:
     marker = tmp_path / "victim"
 
     def work(x: int) -> int:
@@ -99,11 +102,12 @@ def test_a_worker_killed_mid_run_loses_no_item(cluster: Any, client: Any, tmp_pa
                 time.sleep(60)  # held here until the test kills this worker
         return x * 3
 
-    run = (
-        Pipeline(range(100))
-        .map(work, kind="executor", executor=client.get_executor(pure=False), workers=8)
-        .start()
+    options: dict[str, Any] = (
+        {"address": cluster.scheduler_address}
+        if kind == "dask"
+        else {"executor": client.get_executor(pure=False)}
     )
+    run = Pipeline(range(100)).map(work, kind=kind, workers=8, **options).start()
     eventually(lambda: marker.exists() and marker.read_text() != "", timeout_s=60)
     victim = int(marker.read_text())
     assert victim in client.run(os.getpid).values()
@@ -113,3 +117,30 @@ def test_a_worker_killed_mid_run_loses_no_item(cluster: Any, client: Any, tmp_pa
     stats = run.stats().stage("work")
     assert stats.failed == 0 and stats.emitted == 100
     assert victim not in client.run(os.getpid).values()
+
+
+@pytest.mark.timeout(120)
+def test_failures_and_time_limits_on_the_cluster_go_to_the_stages_policy(cluster: Any) -> None:
+    def work(x: int) -> int:
+        if x == 3:
+            raise KeyError(x)
+        if x == 5:
+            time.sleep(30)  # stuck: only its time limit ends its item
+        return x
+
+    dead: list[Failure] = []
+    run = (
+        Pipeline(range(10))
+        .map(
+            work,
+            kind="dask",
+            address=cluster.scheduler_address,
+            workers=4,
+            timeout_s=2,
+            on_error=DeadLetter(dead),
+        )
+        .start()
+    )
+    assert sorted(run) == [0, 1, 2, 4, 6, 7, 8, 9]
+    assert {f.item: type(f.error) for f in dead} == {3: KeyError, 5: ItemTimeout}
+    assert run.stats().stage("work").dead_lettered == 2

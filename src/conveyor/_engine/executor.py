@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -96,11 +97,119 @@ class ExecutorPool(_ElsewherePool):
         return executor
 
 
+class _DaskCalls:
+    """A dask step's calls, gathered on the run's loop: the calls asked for in one turn of the
+    loop go to the scheduler in one message (``Client.map``), and the results of the calls that
+    have ended since the last fetch come back in one (``Client.gather``). One call at a time
+    costs a round trip each way per item, and the scheduler's work per message."""
+
+    def __init__(self, client: Any, fn: Callable[[Any], Any], loop: asyncio.AbstractEventLoop):
+        self.client = client
+        self.fn = fn
+        self.loop = loop
+        self._asked: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._ended: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._fetching = False
+
+    def call(self, item: Any) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        if not self._asked:
+            self.loop.call_soon(self._send)
+        self._asked.append((item, fut))
+        return fut
+
+    def _send(self) -> None:
+        asked, self._asked = self._asked, []
+        live = [(item, fut) for item, fut in asked if not fut.done()]
+        if not live:
+            return
+        try:
+            # pure=False: equal items are separate calls (Dask would otherwise run one for both)
+            remote = self.client.map(self.fn, [item for item, _ in live], pure=False)
+        except BaseException as exc:
+            for _item, fut in live:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_item, fut), task in zip(live, remote, strict=True):
+            fut.add_done_callback(functools.partial(self._dropped, task))
+            # called on a thread of Dask's; the result is fetched on the loop
+            task.add_done_callback(functools.partial(self._ended_elsewhere, (task, fut)))
+
+    def _dropped(self, task: Any, fut: asyncio.Future[Any]) -> None:
+        """A call whose waiter gave up (its time limit, the end of the run) is cancelled on the
+        cluster too."""
+        if fut.cancelled():
+            self.loop.create_task(self._cancel(task))
+
+    def _ended_elsewhere(self, pair: tuple[Any, asyncio.Future[Any]], _task: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._ended_one, pair)
+
+    @staticmethod
+    async def _cancel(task: Any) -> None:
+        with contextlib.suppress(Exception):
+            await task.cancel()
+
+    def _ended_one(self, pair: tuple[Any, asyncio.Future[Any]]) -> None:
+        self._ended.append(pair)
+        if not self._fetching:
+            self._fetching = True
+            self.loop.create_task(self._fetch())
+
+    async def _fetch(self) -> None:
+        try:
+            while self._ended:
+                ended, self._ended = self._ended, []
+                done = [(t, f) for t, f in ended if t.status == "finished" and not f.done()]
+                if done:
+                    try:
+                        results = await self.client.gather([t for t, _ in done])
+                    except BaseException:  # one was lost meanwhile: each on its own
+                        results = None
+                    if results is not None:
+                        for (_t, fut), result in zip(done, results, strict=True):
+                            if not fut.done():
+                                fut.set_result(result)
+                    else:
+                        ended = done + ended
+                for task, fut in ended:
+                    if not fut.done():
+                        await self._settle_alone(task, fut)
+        finally:
+            self._fetching = False
+
+    async def _settle_alone(self, task: Any, fut: asyncio.Future[Any]) -> None:
+        try:
+            result = await self.client.gather(task)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if not fut.done():
+                fut.set_result(result)
+
+
+class _DaskWork:
+    """A worker coroutine's work on a dask step: its calls go through the step's one batcher."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, calls: _DaskCalls) -> None:
+        self.call = calls.call
+
+    def setup(self) -> None:
+        return None
+
+    def teardown(self) -> None:
+        return None
+
+
 @register_kind
 class DaskPool(_ElsewherePool):
-    """``kind="dask", address=...``: the calls go to the Dask cluster at ``address``, through a
-    client of the step's own (``conveyor[dask]``), opened when the step starts and closed when
-    it ends."""
+    """``kind="dask", address=...``: the calls go to the Dask cluster at ``address``, through an
+    asynchronous client of the step's own on the run's loop (``conveyor[dask]``), opened when
+    the step starts and closed when it ends."""
 
     kind = "dask"
     own_options: ClassVar[frozenset[str]] = frozenset({"address"})
@@ -119,33 +228,43 @@ class DaskPool(_ElsewherePool):
         _distributed()
 
     def start(self) -> None:
-        self._client: Any = _distributed().Client(
+        get_loop = self.context.get_loop
+        assert get_loop is not None, "a dask pool needs an event loop"
+        loop = get_loop()
+        connect = asyncio.run_coroutine_threadsafe(self._connect(), loop)
+        self._client: Any = connect.result(self.connect_timeout_s + 5)
+        self._calls = _DaskCalls(self._client, self.source.spec.make_work().call, loop)
+        super().start()
+
+    async def _connect(self) -> Any:
+        return await _distributed().Client(
             self.source.spec.option("address"),
+            asynchronous=True,
             timeout=self.connect_timeout_s,
             set_as_default=False,
         )
-        # pure=False: equal items are separate calls (Dask would otherwise run one for both)
-        self._dask_executor: concurrent.futures.Executor = self._client.get_executor(pure=False)
-        super().start()
 
-    def _executor(self) -> concurrent.futures.Executor:
-        return self._dask_executor
+    def _new_work(self) -> Work:
+        return _DaskWork(self._calls)
 
     def _finish(self, eof: bool) -> None:
         try:
             super()._finish(eof)
         finally:
-            self._close_client()
+            self._close_client(wait_s=10)
 
     def abort(self) -> None:
         super().abort()
-        self._close_client()
+        self._close_client(wait_s=0)
 
-    def _close_client(self) -> None:
+    def _close_client(self, wait_s: float) -> None:
         client, self._client = getattr(self, "_client", None), None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            closing = asyncio.run_coroutine_threadsafe(client.close(), self.loop)
+            if wait_s:
+                closing.result(wait_s)
 
 
 def _distributed() -> Any:
