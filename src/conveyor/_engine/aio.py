@@ -342,6 +342,10 @@ class AsyncPool(WorkerPool):
         if self._live == 0 and (self._closing or self._aborted):
             self._all_left()
 
+    def _workers_left(self) -> None:
+        """Every worker has left and the output is not closed yet: while the loop still runs,
+        what the pool holds on it can be let go (nothing by default)."""
+
     def _all_left(self) -> None:
         self._workers_gone.set()
         if self._native:
@@ -476,6 +480,7 @@ class AsyncPool(WorkerPool):
                 self.loop.call_soon_threadsafe(self._close_workers)
             if not self._workers_gone.wait(10):
                 log.warning("workers of async %r did not leave in time", self.source.name)
+        self._workers_left()
         if eof and not self._aborted:
             self.source.close_output()
         self.gone.set()

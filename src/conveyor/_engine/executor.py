@@ -247,23 +247,21 @@ class DaskPool(_ElsewherePool):
     def _new_work(self) -> Work:
         return _DaskWork(self._calls)
 
-    def _finish(self, eof: bool) -> None:
-        try:
-            super()._finish(eof)
-        finally:
-            self._close_client(wait_s=10)
+    def _workers_left(self) -> None:
+        # before the output closes: the run's loop may stop once the run has ended
+        self._close_client(wait_s=10)
 
     def abort(self) -> None:
         super().abort()
-        self._close_client(wait_s=0)
+        self._close_client(wait_s=2)
 
     def _close_client(self, wait_s: float) -> None:
         client, self._client = getattr(self, "_client", None), None
-        if client is None:
+        if client is None or not self.loop.is_running():
             return
         with contextlib.suppress(Exception):
             closing = asyncio.run_coroutine_threadsafe(client.close(), self.loop)
-            if wait_s:
+            if not self._on_loop():
                 closing.result(wait_s)
 
 
