@@ -100,7 +100,7 @@ def main() -> None:
         address = cluster.scheduler_address
         for label, seconds, n in (
             ("about 2 ms of CPU", 2e-3, 500 if args.quick else 2000),
-            ("about 20 us of CPU", 20e-6, 2000 if args.quick else 20000),
+            ("about 20 us of CPU", 20e-6, 1000 if args.quick else 5000),
         ):
             fn = spin(loops_for(seconds))
             client.run(lambda: None)  # the workers are up
