@@ -3,6 +3,7 @@ go away."""
 
 from __future__ import annotations
 
+import copyreg
 import multiprocessing
 import os
 import signal
@@ -243,8 +244,11 @@ def send_a_bad_one_then_a_good_one(end: Any) -> None:
 
 @pytest.mark.parametrize("kind", ["pipe", "queue"])
 def test_a_message_that_cannot_be_unpickled_is_its_own_error_and_the_channel_goes_on(
-    kind: str,
+    kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # importing distributed (another test's) makes every exception class known then picklable
+    # with its attributes (tblib's pickling support): this one must stay unpicklable here
+    monkeypatch.delitem(copyreg.dispatch_table, TwoArgError, raising=False)
     parent, child = open_channel(kind)
     p = multiprocessing.get_context("fork").Process(
         target=send_a_bad_one_then_a_good_one, args=(child,)

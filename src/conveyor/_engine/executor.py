@@ -25,11 +25,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from .._errors import ConfigurationError
-from .aio import AsyncPool
+from .aio import AsyncPool, _being_cancelled
 from .pool import register_kind
 from .source import StepSpec, Work
 
@@ -110,6 +110,13 @@ class _DaskCalls:
         self._asked: list[tuple[Any, asyncio.Future[Any]]] = []
         self._ended: list[tuple[Any, asyncio.Future[Any]]] = []
         self._fetching = False
+        #: tasks of ours on the loop (the loop keeps only weak references to them)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def call(self, item: Any) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
@@ -140,7 +147,7 @@ class _DaskCalls:
         """A call whose waiter gave up (its time limit, the end of the run) is cancelled on the
         cluster too."""
         if fut.cancelled():
-            self.loop.create_task(self._cancel(task))
+            self._spawn(self._cancel(task))
 
     def _ended_elsewhere(self, pair: tuple[Any, asyncio.Future[Any]], _task: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
@@ -155,7 +162,7 @@ class _DaskCalls:
         self._ended.append(pair)
         if not self._fetching:
             self._fetching = True
-            self.loop.create_task(self._fetch())
+            self._spawn(self._fetch())
 
     async def _fetch(self) -> None:
         try:
@@ -165,8 +172,10 @@ class _DaskCalls:
                 if done:
                     try:
                         results = await self.client.gather([t for t, _ in done])
-                    except BaseException:  # one was lost meanwhile: each on its own
-                        results = None
+                    except BaseException:
+                        if _being_cancelled():
+                            raise
+                        results = None  # one was lost meanwhile: each on its own
                     if results is not None:
                         for (_t, fut), result in zip(done, results, strict=True):
                             if not fut.done():
@@ -182,7 +191,9 @@ class _DaskCalls:
     async def _settle_alone(self, task: Any, fut: asyncio.Future[Any]) -> None:
         try:
             result = await self.client.gather(task)
-        except BaseException as exc:
+        except BaseException as exc:  # the call's own failure, whatever it raised
+            if _being_cancelled():
+                raise
             if not fut.done():
                 fut.set_exception(exc)
         else:
