@@ -56,6 +56,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from .._engine.waiting import poll_briefly
 from .._errors import BrokenResourceError, ClosedResourceError, ItemNotSendable, WouldBlock
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -67,9 +68,6 @@ _START_S = 60.0
 _LINGER_S = 0.02
 #: how long a slice of waiting for room is, between looks at whether the other side is alive
 _ROOM_SLICE_S = 0.2
-#: a receive looks again and again for this long before it sleeps: an answer that comes within
-#: it is taken without the cost of going to sleep and being woken (most of a round trip's time)
-_SPIN_S = 50e-6
 
 # control frames: a zero byte, a tag, the sender's pid, then (for FAIL) a few words
 _CONTROL = b"\x00"
@@ -151,24 +149,6 @@ def how_it_ended(pid: int) -> str:
     except ValueError:
         name = f"signal {info.si_status}"
     return f"was killed by {name}"
-
-
-def _poll(poll: Any, left: float | None) -> list[tuple[int, int]]:
-    """``poll.poll`` for up to ``left`` seconds (None: no limit), looking without sleeping
-    for the first ``_SPIN_S`` of it."""
-    events: list[tuple[int, int]] = poll.poll(0)
-    if events or (left is not None and left <= 0):
-        return events
-    now = time.monotonic
-    start = now()
-    end = start + (_SPIN_S if left is None else min(_SPIN_S, left))
-    while now() < end:
-        events = poll.poll(0)
-        if events:
-            return events
-    if left is None:
-        return poll.poll(None)  # type: ignore[no-any-return]
-    return poll.poll(max(0, math.ceil((left - (now() - start)) * 1000)))  # type: ignore[no-any-return]
 
 
 def _ready(objects: list[Any], timeout: float | None) -> list[Any]:
@@ -770,7 +750,7 @@ class _End:
             self._poll, self._poll_key = poll, key
         if parent is not None and parent.fd is None:  # no pidfd: look at it now and then
             left = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
-        return any(fd == key[0] for fd, _events in _poll(self._poll, left))
+        return any(fd == key[0] for fd, _events in poll_briefly(self._poll, left))
 
     def __iter__(self) -> Iterator[Message]:
         """Every message until the other side closes its end."""
@@ -1128,7 +1108,7 @@ class _Inbox:
                 poll.register(fd, select.POLLIN)
             poller = self._poller = (changes, poll, by_fd, conns)
         _changes, poll, by_fd, conns = poller
-        events = _poll(poll, left)
+        events = poll_briefly(poll, left)
         ready = [by_fd[fd] for fd, _events in events]
         if len(ready) == 1 and not isinstance(ready[0], int):
             conn = ready[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from typing import Any, NamedTuple
 from ..._errors import ItemNotSendable, RemoteError
 from .. import shipping
 from ..source import EACH, FILTER, MAP
+from ..waiting import poll_briefly
 from .wire import (
     UNSENDABLE,
     Answer,
@@ -191,9 +193,13 @@ def child_main(
         return
     conn.send_bytes(dumps(Ready(os.getpid())))
     recent: deque[tuple[int, list[Any], list[Failure], list[int], float]] = deque(maxlen=_KEPT)
+    # the next unit often comes within moments of the last answer: look before sleeping
+    arrivals = select.poll()
+    arrivals.register(conn.fileno(), select.POLLIN)
     try:
         while True:
             try:
+                poll_briefly(arrivals, None)
                 data = conn.recv_bytes()
             except EOFError:
                 break

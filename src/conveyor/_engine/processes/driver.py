@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import sys
 import threading
 import time
@@ -57,6 +58,7 @@ from .. import shipping
 from ..buffer import BufferShutdown
 from ..pool import Slot, SlotPool, register_kind
 from ..source import WOKEN, StepSpec, Unit, timeout_of
+from ..waiting import poll_briefly
 from . import child as child_side
 from .wire import (
     UNSENDABLE,
@@ -180,6 +182,10 @@ class _Child:
         self.expect: deque[int] = deque()
         #: why the parent killed it (ProcessPool.cancel): the error its item fails with
         self.cancelled: BaseException | None = None
+        #: the child's answers and its end, in one wait that looks before it sleeps
+        self._answers = select.poll()
+        for fd in (self.conn.fileno(), self.proc.sentinel):
+            self._answers.register(fd, select.POLLIN)
 
     def send(self, msg: Any) -> None:
         self.send_bytes(dumps(msg))
@@ -202,8 +208,8 @@ class _Child:
                 wait_s = min(wait_s, max(0.005, timeout_s / 4))
                 if self.late():
                     raise _Lost(late=True)
-            ready = wait_any([self.conn, self.proc.sentinel], wait_s)
-            if self.conn in ready:
+            ready = {fd for fd, _events in poll_briefly(self._answers, wait_s)}
+            if self.conn.fileno() in ready:
                 try:
                     data = self.conn.recv_bytes()
                 except (EOFError, OSError):
