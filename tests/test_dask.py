@@ -3,9 +3,12 @@ started by these tests. A Dask worker killed mid-run costs nothing: every item c
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from conveyor import DeadLetter, Failure, ItemTimeout, Pipeline
+from conveyor import BrokenResourceError, DeadLetter, Failure, ItemTimeout, Pipeline, StageFailed
+from conveyor._engine.executor import DaskPool
 
 from .conftest import eventually
 from .redis_server import server_missing
@@ -140,15 +144,20 @@ def test_a_worker_killed_mid_run_loses_no_item(
 
 
 @pytest.mark.timeout(120)
-def test_failures_and_time_limits_on_the_cluster_go_to_the_stages_policy(cluster: Any) -> None:
+def test_failures_and_time_limits_on_the_cluster_go_to_the_stages_policy(
+    cluster: Any, tmp_path: Path
+) -> None:
     """Each item has one outcome. A time limit counts from the call's submission: a call queued
     on the cluster behind the stuck one may run out of time too, and says so."""
+    release = tmp_path / "release"
 
     def work(x: int) -> int:
         if x == 3:
             raise KeyError(x)
-        if x == 5:
-            time.sleep(30)  # stuck: only its time limit ends its item
+        if x == 5:  # stuck until the test ends: only its time limit ends its item
+            deadline = time.monotonic() + 30
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         return x
 
     dead: list[Failure] = []
@@ -164,9 +173,92 @@ def test_failures_and_time_limits_on_the_cluster_go_to_the_stages_policy(cluster
         )
         .start()
     )
-    out = sorted(run)
+    try:
+        out = sorted(run)
+    finally:
+        release.touch()  # the stuck call ends and frees its worker for the next tests
     errors = {f.item: type(f.error) for f in dead}
     assert sorted([*out, *errors]) == list(range(10))  # every item once: an output or a failure
     assert errors[3] is KeyError and errors[5] is ItemTimeout
     assert set(errors.values()) <= {KeyError, ItemTimeout} and {0, 1, 2} <= set(out)
     assert run.stats().stage("work").dead_lettered == len(dead)
+
+
+@pytest.mark.timeout(120)
+def test_an_item_that_cannot_be_sent_fails_alone(cluster: Any) -> None:
+    items: list[Any] = [*range(20), threading.Lock(), *range(20, 40)]  # in one batch
+    dead: list[Failure] = []
+    out = list(
+        Pipeline(items).map(
+            lambda x: x,
+            kind="dask",
+            address=cluster.scheduler_address,
+            workers=40,
+            on_error=DeadLetter(dead),
+        )
+    )
+    assert sorted(out) == list(range(40))
+    assert [f.item for f in dead] == [items[20]]
+
+
+@pytest.mark.timeout(120)
+def test_a_dask_stage_under_async_for(cluster: Any) -> None:
+    async def main() -> list[int]:
+        p = Pipeline(range(30), ordered=True).map(
+            lambda x: x + 1, kind="dask", address=cluster.scheduler_address, workers=4
+        )
+        return [x async for x in p]
+
+    assert asyncio.run(main()) == list(range(1, 31))
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_scheduler_fails_the_stage_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DaskPool, "connect_timeout_s", 1.0)
+    before = set(threading.enumerate())
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    p = Pipeline(range(100)).map(abs, workers=2).map(abs, kind="dask", address=address)
+    with pytest.raises(StageFailed) as info:
+        list(p)
+    assert isinstance(info.value.error, BrokenResourceError) and address in str(info.value)
+    eventually(lambda: set(threading.enumerate()) <= before, timeout_s=10)
+
+
+@pytest.mark.timeout(180)
+def test_a_lost_scheduler_fails_every_item_still_to_come_and_the_run_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DaskPool, "connect_timeout_s", 2.0)  # how long the client retries
+    lost = distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    )
+
+    def slow(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    skipped: list[Failure] = []
+    run = (
+        Pipeline(range(400))
+        .map(slow, kind="dask", address=lost.scheduler_address, on_error=DeadLetter(skipped))
+        .start()
+    )
+    out: list[int] = []
+    it = iter(run)
+    out.append(next(it))
+    lost.close()  # the scheduler and its worker go away mid-run
+    out.extend(it)  # ends: nothing waits for a scheduler that is gone
+    assert sorted(out + [f.item for f in skipped]) == list(range(400))
+    assert skipped and all(
+        isinstance(f.error, BrokenResourceError | asyncio.CancelledError | OSError)
+        or "cancel" in type(f.error).__name__.lower()
+        for f in skipped
+    ), {type(f.error) for f in skipped}

@@ -28,7 +28,7 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
-from .._errors import ConfigurationError
+from .._errors import BrokenResourceError, ConfigurationError
 from .aio import AsyncPool, _being_cancelled
 from .pool import register_kind
 from .source import StepSpec, Work
@@ -101,18 +101,68 @@ class _DaskCalls:
     """A dask step's calls, gathered on the run's loop: the calls asked for in one turn of the
     loop go to the scheduler in one message (``Client.map``), and the results of the calls that
     have ended since the last fetch come back in one (``Client.gather``). One call at a time
-    costs a round trip each way per item, and the scheduler's work per message."""
+    costs a round trip each way per item, and the scheduler's work per message.
 
-    def __init__(self, client: Any, fn: Callable[[Any], Any], loop: asyncio.AbstractEventLoop):
-        self.client = client
+    The step's asynchronous client is opened by its workers' setup (once, for all of them), so
+    a scheduler that cannot be reached fails the step as a failing setup does."""
+
+    def __init__(
+        self,
+        address: str,
+        fn: Callable[[Any], Any],
+        loop: asyncio.AbstractEventLoop,
+        connect_timeout_s: float,
+    ) -> None:
+        self.address = address
         self.fn = fn
         self.loop = loop
+        self.connect_timeout_s = connect_timeout_s
+        self.client: Any = None
+        self._opening: asyncio.Task[None] | None = None
         self._asked: list[tuple[Any, asyncio.Future[Any]]] = []
         self._ended: list[tuple[Any, asyncio.Future[Any]]] = []
         self._fetching = False
         #: tasks of ours on the loop (the loop keeps only weak references to them)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    # -- the client ---------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open the step's client, or wait for another worker's opening of it."""
+        if self._opening is None:
+            self._opening = self.loop.create_task(self._open())
+        # shielded: a worker cancelled meanwhile does not cancel the others' opening
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
+        try:
+            self.client = await _distributed().Client(
+                self.address,
+                asynchronous=True,
+                timeout=self.connect_timeout_s,
+                set_as_default=False,
+            )
+        except Exception as exc:
+            raise BrokenResourceError(
+                f"cannot reach the Dask scheduler at {self.address!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
+
+    def _lost(self) -> BrokenResourceError | None:
+        """Why no call can be sent now (the client closed: the scheduler was lost), or None."""
+        client = self.client
+        if client is not None and client.status not in ("closing", "closed"):
+            return None
+        return BrokenResourceError(
+            f"the Dask client of this stage closed: the scheduler at {self.address!r} was lost"
+        )
+
+    # -- calls --------------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
@@ -130,23 +180,40 @@ class _DaskCalls:
         live = [(item, fut) for item, fut in asked if not fut.done()]
         if not live:
             return
+        lost = self._lost()
+        if lost is not None:
+            for _item, fut in live:
+                fut.set_exception(lost)
+            return
         try:
             # pure=False: equal items are separate calls (Dask would otherwise run one for both)
             remote = self.client.map(self.fn, [item for item, _ in live], pure=False)
-        except BaseException as exc:
-            for _item, fut in live:
-                if not fut.done():
-                    fut.set_exception(exc)
+        except Exception:
+            # something in the batch cannot be sent (an item that does not pickle): each item
+            # on its own, so that only that one fails
+            for item, fut in live:
+                self._send_one(item, fut)
             return
         for (_item, fut), task in zip(live, remote, strict=True):
-            fut.add_done_callback(functools.partial(self._dropped, task))
-            # called on a thread of Dask's; the result is fetched on the loop
-            task.add_done_callback(functools.partial(self._ended_elsewhere, (task, fut)))
+            self._watch(task, fut)
+
+    def _send_one(self, item: Any, fut: asyncio.Future[Any]) -> None:
+        try:
+            task = self.client.submit(self.fn, item, pure=False)
+        except Exception as exc:
+            fut.set_exception(exc)
+        else:
+            self._watch(task, fut)
+
+    def _watch(self, task: Any, fut: asyncio.Future[Any]) -> None:
+        fut.add_done_callback(functools.partial(self._dropped, task))
+        # called on a thread of Dask's; the result is fetched on the loop
+        task.add_done_callback(functools.partial(self._ended_elsewhere, (task, fut)))
 
     def _dropped(self, task: Any, fut: asyncio.Future[Any]) -> None:
         """A call whose waiter gave up (its time limit, the end of the run) is cancelled on the
         cluster too."""
-        if fut.cancelled():
+        if fut.cancelled() and self.client is not None:
             self._spawn(self._cancel(task))
 
     def _ended_elsewhere(self, pair: tuple[Any, asyncio.Future[Any]], _task: Any) -> None:
@@ -202,15 +269,14 @@ class _DaskCalls:
 
 
 class _DaskWork:
-    """A worker coroutine's work on a dask step: its calls go through the step's one batcher."""
+    """A worker coroutine's work on a dask step: its setup opens the step's client (once), and
+    its calls go through the step's one batcher."""
 
-    __slots__ = ("call",)
+    __slots__ = ("call", "setup")
 
     def __init__(self, calls: _DaskCalls) -> None:
         self.call = calls.call
-
-    def setup(self) -> None:
-        return None
+        self.setup = calls.connect
 
     def teardown(self) -> None:
         return None
@@ -241,19 +307,11 @@ class DaskPool(_ElsewherePool):
     def start(self) -> None:
         get_loop = self.context.get_loop
         assert get_loop is not None, "a dask pool needs an event loop"
-        loop = get_loop()
-        connect = asyncio.run_coroutine_threadsafe(self._connect(), loop)
-        self._client: Any = connect.result(self.connect_timeout_s + 5)
-        self._calls = _DaskCalls(self._client, self.source.spec.make_work().call, loop)
-        super().start()
-
-    async def _connect(self) -> Any:
-        return await _distributed().Client(
-            self.source.spec.option("address"),
-            asynchronous=True,
-            timeout=self.connect_timeout_s,
-            set_as_default=False,
+        spec = self.source.spec
+        self._calls = _DaskCalls(
+            spec.option("address"), spec.make_work().call, get_loop(), self.connect_timeout_s
         )
+        super().start()
 
     def _new_work(self) -> Work:
         return _DaskWork(self._calls)
@@ -267,11 +325,10 @@ class DaskPool(_ElsewherePool):
         self._close_client(wait_s=2)
 
     def _close_client(self, wait_s: float) -> None:
-        client, self._client = getattr(self, "_client", None), None
-        if client is None or not self.loop.is_running():
+        if not self.loop.is_running():
             return
         with contextlib.suppress(Exception):
-            closing = asyncio.run_coroutine_threadsafe(client.close(), self.loop)
+            closing = asyncio.run_coroutine_threadsafe(self._calls.close(), self.loop)
             if not self._on_loop():
                 closing.result(wait_s)
 
