@@ -185,8 +185,12 @@ def test_failures_and_time_limits_on_the_cluster_go_to_the_stages_policy(
 
 
 @pytest.mark.timeout(120)
-def test_an_item_that_cannot_be_sent_fails_alone(cluster: Any) -> None:
-    items: list[Any] = [*range(20), threading.Lock(), *range(20, 40)]  # in one batch
+@pytest.mark.parametrize("where", ["here", "there"])
+def test_an_item_that_cannot_be_sent_fails_alone(cluster: Any, where: str) -> None:
+    """An item that does not pickle here, or does not unpickle on the cluster (the scheduler
+    then refuses its whole batch), fails alone; the rest of its batch comes out."""
+    bad = threading.Lock() if where == "here" else Unloadable()
+    items: list[Any] = [*range(20), bad, *range(20, 40)]  # in one batch
     dead: list[Failure] = []
     out = list(
         Pipeline(items).map(
@@ -262,3 +266,48 @@ def test_a_lost_scheduler_fails_every_item_still_to_come_and_the_run_ends(
         or "cancel" in type(f.error).__name__.lower()
         for f in skipped
     ), {type(f.error) for f in skipped}
+
+
+class Unloadable:
+    """Pickles here, and cannot be unpickled where it is sent."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse, ())
+
+
+def _refuse() -> Any:
+    raise ValueError("this object cannot be unpickled")
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """An address that accepts connections and never says a word."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.timeout(60)
+def test_a_scheduler_that_never_answers_fails_the_stage_in_time(
+    monkeypatch: pytest.MonkeyPatch, silent_server: str
+) -> None:
+    monkeypatch.setattr(DaskPool, "connect_timeout_s", 1.0)
+    p = Pipeline(range(10)).map(abs, kind="dask", address=silent_server)
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed) as info:
+        list(p)
+    assert isinstance(info.value.error, BrokenResourceError) and time.monotonic() - t0 < 20
+
+
+@pytest.mark.timeout(60)
+def test_a_run_cancelled_while_its_client_connects_ends_at_once(
+    monkeypatch: pytest.MonkeyPatch, silent_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(DaskPool, "connect_timeout_s", 30.0)
+    before = set(threading.enumerate())
+    run = Pipeline(range(10)).map(abs, kind="dask", address=silent_server, workers=4).start()
+    run.cancel()
+    eventually(lambda: set(threading.enumerate()) <= before, timeout_s=5)
+    assert "did not leave in time" not in caplog.text
+    gc.collect()  # a client left half open would warn here of a close never awaited

@@ -244,9 +244,11 @@ class AsyncPool(WorkerPool):
         work = self._new_work()
         try:
             await _maybe_await(work.setup())
-        except Exception as exc:
+        except BaseException as exc:
+            self._leave()  # counted out either way: the pool's end waits for every worker
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise
             source.fatal(StageFailed(source.name, None, 0, exc))
-            self._leave()
             return
         local = self._local
         call = work.call

@@ -124,6 +124,8 @@ class _DaskCalls:
         self._fetching = False
         #: tasks of ours on the loop (the loop keeps only weak references to them)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the items of calls sent in a batch, by task key, until they have ended
+        self._batched: dict[Any, Any] = {}
 
     # -- the client ---------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -134,17 +136,31 @@ class _DaskCalls:
         await asyncio.shield(self._opening)
 
     async def _open(self) -> None:
+        client = _distributed().Client(
+            self.address,
+            asynchronous=True,
+            timeout=self.connect_timeout_s,
+            set_as_default=False,
+        )
+
+        async def started() -> Any:
+            return await client
+
         try:
-            self.client = await _distributed().Client(
-                self.address,
-                asynchronous=True,
-                timeout=self.connect_timeout_s,
-                set_as_default=False,
-            )
-        except Exception as exc:
+            # bounded here too: Dask's own timeout does not cover a server that accepts the
+            # connection and never answers its handshake
+            await asyncio.wait_for(started(), self.connect_timeout_s)
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(client.close(), 2)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise BrokenResourceError(
-                f"cannot reach the Dask scheduler at {self.address!r}: {type(exc).__name__}: {exc}"
+                f"cannot reach the Dask scheduler at {self.address!r} within "
+                f"{self.connect_timeout_s:g} s: {why}"
             ) from exc
+        self.client = client
 
     async def close(self) -> None:
         if self._opening is not None and not self._opening.done():
@@ -194,7 +210,10 @@ class _DaskCalls:
             for item, fut in live:
                 self._send_one(item, fut)
             return
-        for (_item, fut), task in zip(live, remote, strict=True):
+        batched = len(live) > 1
+        for (item, fut), task in zip(live, remote, strict=True):
+            if batched:
+                self._batched[task.key] = item
             self._watch(task, fut)
 
     def _send_one(self, item: Any, fut: asyncio.Future[Any]) -> None:
@@ -244,25 +263,35 @@ class _DaskCalls:
                             raise
                         results = None  # one was lost meanwhile: each on its own
                     if results is not None:
-                        for (_t, fut), result in zip(done, results, strict=True):
+                        for (task, fut), result in zip(done, results, strict=True):
+                            self._batched.pop(task.key, None)
                             if not fut.done():
                                 fut.set_result(result)
                     else:
                         ended = done + ended
                 for task, fut in ended:
-                    if not fut.done():
+                    if fut.done():
+                        self._batched.pop(task.key, None)
+                    else:
                         await self._settle_alone(task, fut)
         finally:
             self._fetching = False
 
     async def _settle_alone(self, task: Any, fut: asyncio.Future[Any]) -> None:
+        item = self._batched.pop(task.key, _NOT_BATCHED)
         try:
             result = await self.client.gather(task)
         except BaseException as exc:  # the call's own failure, whatever it raised
             if _being_cancelled():
                 raise
-            if not fut.done():
-                fut.set_exception(exc)
+            if fut.done():
+                return
+            if item is not _NOT_BATCHED and _unreadable_graph(exc):
+                # the scheduler could not read the batch (one item in it does not unpickle
+                # there): each call of it goes again on its own, so that only that one fails
+                self._send_one(item, fut)
+                return
+            fut.set_exception(exc)
         else:
             if not fut.done():
                 fut.set_result(result)
@@ -331,6 +360,15 @@ class DaskPool(_ElsewherePool):
             closing = asyncio.run_coroutine_threadsafe(self._calls.close(), self.loop)
             if not self._on_loop():
                 closing.result(wait_s)
+
+
+_NOT_BATCHED = object()
+
+
+def _unreadable_graph(error: BaseException) -> bool:
+    """The scheduler refused a batch whose graph it could not unpickle: every call of the batch
+    fails with this, not only the one that caused it."""
+    return isinstance(error, RuntimeError) and "deserialization of the task graph" in str(error)
 
 
 def _distributed() -> Any:
