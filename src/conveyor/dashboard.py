@@ -579,7 +579,9 @@ class AsgiDashboard:
 
         loop = asyncio.get_running_loop()
         if self._pool is None:
-            # the dashboard's own pages, which read the storage: no user code runs here
+            # the dashboard's own threads: they render its pages from the backend's storage
+            # (payloads are shown as they are stored, never decoded by user code). No task or other
+            # user code runs here
             self._pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor:dashboard")
         chunks = await loop.run_in_executor(
             self._pool, lambda: list(self.dashboard(environ, start))

@@ -321,8 +321,9 @@ class Run(Generic[T_co]):
         loop = asyncio.get_running_loop()
         final = self._buffers[-1]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        # moves finished outputs off the last buffer for an async caller: waits on a buffer
-        # and on the pools leaving, never runs user code (the stages run on the kinds)
+        # the run's own thread for an async caller: it moves finished outputs off the last
+        # buffer and waits for the pools to leave. No user code runs on it: every stage runs
+        # on the engine's kinds
         pool = ThreadPoolExecutor(1, thread_name_prefix="conveyor:output")
         try:
             while True:

@@ -1121,7 +1121,8 @@ class Worker:
         for source in sources:
             source.close()
         for source in sources:
-            # only waits for the kind's workers to leave (no user code on this thread)
+            # a thread of the loop's default executor that only waits for the kind's workers
+            # to leave: no user code runs on it (tasks run on the engine's kinds)
             if not await asyncio.to_thread(source.pool.gone.wait, 5):
                 source.abort()
 
