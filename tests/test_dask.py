@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from conveyor import BrokenResourceError, DeadLetter, Failure, ItemTimeout, Pipeline, StageFailed
+from conveyor._engine import executor
 from conveyor._engine.executor import DaskPool
 
 from .conftest import eventually
@@ -311,3 +312,25 @@ def test_a_run_cancelled_while_its_client_connects_ends_at_once(
     eventually(lambda: set(threading.enumerate()) <= before, timeout_s=5)
     assert "did not leave in time" not in caplog.text
     gc.collect()  # a client left half open would warn here of a close never awaited
+
+
+@pytest.mark.timeout(120)
+def test_a_bookkeeping_task_that_dies_fails_the_calls_it_held_and_is_said(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: Any) -> None:
+        raise RuntimeError("a bug in the fetch")
+
+    monkeypatch.setattr(executor._DaskCalls, "_fetch", broken)
+    dead: list[Failure] = []
+    out = list(
+        Pipeline(range(20)).map(
+            abs,
+            kind="dask",
+            address=cluster.scheduler_address,
+            workers=4,
+            on_error=DeadLetter(dead),
+        )
+    )
+    assert out == [] and sorted(f.item for f in dead) == list(range(20))  # none waits for ever
+    assert "bookkeeping failed" in caplog.text

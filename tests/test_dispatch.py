@@ -386,3 +386,16 @@ def test_a_waiter_never_sleeps_through_the_last_answer() -> None:
             assert req.wait(5), req
             assert req.results() == [i, i, i] and req.answered == 3
         assert d.stats().answered == 6000
+
+
+def test_a_failing_listener_is_logged_with_its_topic(caplog: pytest.LogCaptureFixture) -> None:
+    def listener(topic: str, answer: Any) -> None:
+        raise ValueError(answer)
+
+    with Dispatcher() as d:
+        d.register_producer("weather", lambda topic, n: n)
+        sub = d.subscribe("weather", listener)
+        assert d.request("weather", 1).wait(5)
+        eventually(lambda: d.stats().listener_failed == 1)
+        sub.close()
+    assert "listener" in caplog.text and "of topic 'weather' failed" in caplog.text

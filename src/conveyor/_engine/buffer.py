@@ -137,15 +137,10 @@ class Buffer(Generic[T]):
                 if left <= 0:
                     return False
                 self._wait_for_room(left)
-            chunks = self._chunks
-            if self._open_tail:
-                tail = chunks[-1]
-                if len(tail) < _CHUNK:
-                    tail.append(item)
-                else:
-                    chunks.append([item])
+            if self._open_tail and len(self._chunks[-1]) < _CHUNK:
+                self._chunks[-1].append(item)
             else:
-                chunks.append([item])
+                self._chunks.append([item])
                 self._open_tail = True
             self._count += 1
             self.accepted += 1

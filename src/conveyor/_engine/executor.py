@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
@@ -32,6 +33,8 @@ from .._errors import BrokenResourceError, ConfigurationError
 from .aio import AsyncPool, _being_cancelled
 from .pool import register_kind
 from .source import StepSpec, Work
+
+log = logging.getLogger("conveyor")
 
 
 class _Submitted:
@@ -126,6 +129,8 @@ class _DaskCalls:
         self._tasks: set[asyncio.Task[None]] = set()
         #: the items of calls sent in a batch, by task key, until they have ended
         self._batched: dict[Any, Any] = {}
+        #: the calls sent and not settled
+        self._waiting: set[asyncio.Future[Any]] = set()
 
     # -- the client ---------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -182,7 +187,20 @@ class _DaskCalls:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A task of ours ended; one that died of a bug of ours is said, and the calls still
+        waiting fail with its error instead of waiting for ever."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("a Dask stage's bookkeeping failed: %r", error, exc_info=error)
+        self._fetching = False
+        for fut in list(self._waiting):
+            if not fut.done():
+                fut.set_exception(error)  # type: ignore[arg-type]
 
     def call(self, item: Any) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
@@ -225,6 +243,8 @@ class _DaskCalls:
             self._watch(task, fut)
 
     def _watch(self, task: Any, fut: asyncio.Future[Any]) -> None:
+        self._waiting.add(fut)
+        fut.add_done_callback(self._waiting.discard)
         fut.add_done_callback(functools.partial(self._dropped, task))
         # called on a thread of Dask's; the result is fetched on the loop
         task.add_done_callback(functools.partial(self._ended_elsewhere, (task, fut)))

@@ -526,7 +526,7 @@ class Subscription(_Lane):
         if isinstance(error, BufferShutdown):
             raise error
         self.listener_failed += 1
-        log.error("listener %r of topic %r failed", self.listener, item[0], exc_info=error)
+        log.error("listener %r of topic %r failed", self.listener, item[0].topic, exc_info=error)
         return None
 
     def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
