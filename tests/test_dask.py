@@ -52,6 +52,16 @@ def client(cluster: Any) -> Iterator[Any]:
         yield c
 
 
+def runs_threads() -> set[threading.Thread]:
+    """The threads of conveyor's runs now: not Dask's pools, which live as long as the process,
+    nor the process's one control thread (started on first use)."""
+    return {
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("conveyor") and t.name != "conveyor:control"
+    }
+
+
 def clients_of(client: Any) -> int:
     """How many clients the scheduler knows now (this one included)."""
     return int(client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.clients)))
@@ -222,7 +232,7 @@ def test_an_unreachable_scheduler_fails_the_stage_and_leaves_nothing_behind(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(DaskPool, "connect_timeout_s", 1.0)
-    before = set(threading.enumerate())
+    before = runs_threads()
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -230,7 +240,7 @@ def test_an_unreachable_scheduler_fails_the_stage_and_leaves_nothing_behind(
     with pytest.raises(StageFailed) as info:
         list(p)
     assert isinstance(info.value.error, BrokenResourceError) and address in str(info.value)
-    eventually(lambda: set(threading.enumerate()) <= before, timeout_s=10)
+    eventually(lambda: runs_threads() <= before, timeout_s=10)
 
 
 @pytest.mark.timeout(180)
@@ -306,10 +316,10 @@ def test_a_run_cancelled_while_its_client_connects_ends_at_once(
     monkeypatch: pytest.MonkeyPatch, silent_server: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(DaskPool, "connect_timeout_s", 30.0)
-    before = set(threading.enumerate())
+    before = runs_threads()
     run = Pipeline(range(10)).map(abs, kind="dask", address=silent_server, workers=4).start()
     run.cancel()
-    eventually(lambda: set(threading.enumerate()) <= before, timeout_s=5)
+    eventually(lambda: runs_threads() <= before, timeout_s=5)
     assert "did not leave in time" not in caplog.text
     gc.collect()  # a client left half open would warn here of a close never awaited
 

@@ -185,22 +185,23 @@ class _DaskCalls:
 
     # -- calls --------------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
+        task = self.loop.create_task(self._guarded(coro))
         self._tasks.add(task)
-        task.add_done_callback(self._task_ended)
+        task.add_done_callback(self._tasks.discard)
 
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        """A task of ours ended; one that died of a bug of ours is said, and the calls still
+    async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a task of ours; one that dies of a bug of ours is said, and the calls still
         waiting fail with its error instead of waiting for ever."""
-        self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        error = task.exception()
-        log.error("a Dask stage's bookkeeping failed: %r", error, exc_info=error)
-        self._fetching = False
-        for fut in list(self._waiting):
-            if not fut.done():
-                fut.set_exception(error)  # type: ignore[arg-type]
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            log.error("a Dask stage's bookkeeping failed: %r", error, exc_info=error)
+            self._fetching = False
+            for fut in list(self._waiting):
+                if not fut.done():
+                    fut.set_exception(error)
 
     def call(self, item: Any) -> asyncio.Future[Any]:
         fut = self.loop.create_future()
