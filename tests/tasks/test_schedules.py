@@ -199,7 +199,8 @@ def test_schedules_are_added_changed_and_removed_while_workers_run(
         eventually(lambda: 2 in seen)
         assert q.unschedule("c") and not q.unschedule("c")
         next_beat(run, clock, 0)  # a beat that began before the removal has ended
-        left = q.stats().queued
+        # ticks not yet due (one that is due may wait for the worker on a loaded machine)
+        left = sum(1 for job in q.jobs("queued", limit=1000) if job.run_at > q.now())
         assert left <= 3  # at most the ticks of two seconds ahead (and one at the edge)
         for _ in range(5):
             next_beat(run, clock)

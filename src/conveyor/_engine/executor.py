@@ -188,6 +188,8 @@ class _DaskCalls:
         task = self.loop.create_task(self._guarded(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # a task cancelled before it began (the run's end) never starts its coroutine
+        task.add_done_callback(lambda _task: coro.close())
 
     async def _guarded(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a task of ours; one that dies of a bug of ours is said, and the calls still
