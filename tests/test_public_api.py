@@ -38,6 +38,7 @@ EXPECTED = {
     "StageHandle",
     "StageOptions",
     "StageStats",
+    "StreamStats",
     "Task",
     "TaskError",
     "TaskFailed",

@@ -17,6 +17,7 @@ from ._engine import Retry as Retry
 from ._engine import RunStats as RunStats
 from ._engine import Skip as Skip
 from ._engine import StageStats as StageStats
+from ._engine import StreamStats as StreamStats
 from ._errors import BackendError as BackendError
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import BrokenResourceError as BrokenResourceError
@@ -92,6 +93,7 @@ __all__ = [
     "StageHandle",
     "StageOptions",
     "StageStats",
+    "StreamStats",
     "Task",
     "TaskError",
     "TaskFailed",

@@ -31,6 +31,7 @@ Control-flow signals are not errors and are not here: a task raises ``RetryTask(
 
 from __future__ import annotations
 
+import re as _re
 import traceback as _tb
 from typing import Any
 
@@ -210,3 +211,16 @@ class WorkerCrashed(BrokenResourceError):
 
 class WouldBlock(ConveyorError):
     """A non-blocking call found that it would have to wait."""
+
+
+# -- what messages may show ---------------------------------------------------------------
+_USERINFO = _re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<secret>.*)@")
+_SECRET_OPTION = _re.compile(r"(?i)([?&](?:password|passwd|pass|sslpassword)=)[^&#]*")
+
+
+def redacted(url: str) -> str:
+    """``url`` with its passwords replaced by ``***``, fit for logs and messages: the one
+    after ``user:`` (up to the last ``@``, so that one containing ``@``, ``/`` or ``#``
+    unencoded is masked whole) and any given as a query option (``?password=``)."""
+    masked = _USERINFO.sub(lambda m: f"{m['head']}:***@", url, count=1)
+    return _SECRET_OPTION.sub(lambda m: f"{m.group(1)}***", masked)

@@ -29,6 +29,7 @@ from .pool import kind_names as kind_names
 from .pool import register_kind as register_kind
 from .stats import RunStats as RunStats
 from .stats import StageStats as StageStats
+from .stats import StreamStats as StreamStats
 from .step import EACH as EACH
 from .step import FILTER as FILTER
 from .step import FLAT as FLAT

@@ -44,6 +44,26 @@ class StageStats:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamStats:
+    """A stream-fed run's input at one moment: one consumer of a consumer group."""
+
+    stream: str
+    group: str
+    consumer: str
+    #: entries delivered to this consumer for the first time
+    read: int
+    #: entries taken over from consumers that stopped renewing them (and this consumer's own
+    #: entries from an earlier life under the same name)
+    reclaimed: int
+    #: entries acknowledged: everything made from them in this run is over
+    acknowledged: int
+    #: entries moved to the dead-letter stream (delivered too often, or not decodable)
+    dead_lettered: int
+    #: entries read and not yet acknowledged
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class RunStats:
     """A whole run at one moment; ``stages`` follow the pipeline's order."""
 
@@ -52,6 +72,8 @@ class RunStats:
     items_in: int
     items_out: int
     state: str
+    #: the input's own counts, for a run fed by ``Pipeline.from_stream``
+    stream: StreamStats | None = None
 
     @property
     def throughput(self) -> float:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .._errors import StageFailed
 from .buffer import Buffer, BufferShutdown
+from .carry import Ledger, plain
 from .clock import SYSTEM_CLOCK, Clock
 from .limiter import RateLimiter
 from .policy import (
@@ -121,6 +122,8 @@ class Step:
         # target (``target_unit_s``)
         self.sizer = UnitSizer()
         self._closed_output = False
+        #: set when the items are carried (see ``carry``): the step counts them in and out
+        self.ledger: Ledger | None = None
 
     # -- sizing -----------------------------------------------------------------------------
     @property
@@ -271,7 +274,7 @@ class Step:
             try:
                 hash(key(item))
             except Exception as exc:
-                self.fatal(StageFailed(self.name, item, 1, exc))
+                self.fatal(StageFailed(self.name, plain(item), 1, exc))
                 raise BufferShutdown from exc
 
     def _gate(self, items: list[Any], keys: list[Hashable]) -> list[Unit]:
@@ -441,12 +444,20 @@ class Step:
         with self.counters.lock:
             self.counters.finished += n_items
             self.counters.emitted += len(outputs)
+        ledger = self.ledger
+        if ledger is not None:
+            # the outputs count in before anything downstream can count them out
+            ledger.enter(outputs)
         if not self.spec.ordered:
             if outputs:
                 self.outbox.put_many(outputs)
+            if ledger is not None:
+                ledger.leave(unit.items)
             return
         with self._cond:
             self._done[unit.seq] = (outputs, n_items)
+            if ledger is not None:
+                ledger.leave(unit.items)
             if self._flushing or unit.seq != self._next_emit:
                 return
             self._flushing = True
@@ -477,6 +488,8 @@ class Step:
         """Hand on part of a unit's outputs before the unit ends (unordered steps only)."""
         with self.counters.lock:
             self.counters.emitted += len(outputs)
+        if self.ledger is not None:
+            self.ledger.enter(outputs)
         self.outbox.put_many(outputs)
 
     def close_output(self) -> None:
@@ -497,6 +510,7 @@ class Step:
         :class:`BufferShutdown` unwinds the worker."""
         decision = decide(self.policy, error, attempt)
         action = decision.action
+        carried, item = item, plain(item)
         if action == RETRY:
             with self.counters.lock:
                 self.counters.retried += 1
@@ -522,6 +536,8 @@ class Step:
                 self.counters.dead_lettered += 1
             return None
         assert action == RAISE
+        if self.ledger is not None and carried is not item:
+            self.ledger.failed(carried.tokens, error)
         self.fatal(StageFailed(self.name, item, attempt, error))
         raise BufferShutdown from error
 

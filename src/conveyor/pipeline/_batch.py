@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from .._engine import BufferShutdown, WorkerPool
+from .._engine.carry import merge
 
 
 class _NoWork:
@@ -58,10 +59,19 @@ class BatchPool(WorkerPool):
         return None
 
     def _emit(self, current: list[Any]) -> None:
-        with self.step.counters.lock:
-            self.step.counters.finished += len(current)
-            self.step.counters.emitted += 1
-        self.step.outbox.put_many([current])
+        step = self.step
+        with step.counters.lock:
+            step.counters.finished += len(current)
+            step.counters.emitted += 1
+        ledger = step.ledger
+        if ledger is None:
+            step.outbox.put_many([current])
+            return
+        # carried items: one list carried by all their tokens
+        merged = merge(current)
+        ledger.enter((merged,))
+        step.outbox.put_many([merged])
+        ledger.leave(current)
 
     def _run(self) -> None:
         step = self.step

@@ -70,36 +70,15 @@ class _Read:
             self.feed.first.put(item)
 
 
-class Feed:
-    """The source of work "read the input": one unit, for one worker of the thread kind."""
+class OneUnitSource:
+    """A source whose whole work is one unit for one worker of the thread kind: reading an
+    input into the first buffer. Subclasses set ``spec`` and ``_on_fatal``."""
 
     name = "source"
     mode = EACH
     target_unit_s = 0.0
-
-    def __init__(
-        self,
-        source: Any,
-        first: Buffer[Any],
-        *,
-        stop: threading.Event,
-        stopped: Callable[[], bool],
-        on_fatal: Callable[[BaseException], None],
-        get_loop: Callable[[], asyncio.AbstractEventLoop],
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        self.source = source
-        self.first = first
-        self.stop = stop
-        self.stopped = stopped
-        self.get_loop = get_loop
-        self.clock = clock
-        self.latency = LatencyRing()
-        self._on_fatal = on_fatal
-        self._given = False
-        self.spec = StepSpec(
-            name="source", kind="thread", mode=EACH, workers=1, make_work=lambda: _Read(self)
-        )
+    _given = False
+    _on_fatal: Callable[[BaseException], None]
 
     def take(self, limit: int | None = None, wait: bool = True) -> Unit | None:
         if self._given:
@@ -139,3 +118,30 @@ class Feed:
 
     def close_output(self) -> None:
         return None
+
+
+class Feed(OneUnitSource):
+    """The source of work "read the input": one unit, for one worker of the thread kind."""
+
+    def __init__(
+        self,
+        source: Any,
+        first: Buffer[Any],
+        *,
+        stop: threading.Event,
+        stopped: Callable[[], bool],
+        on_fatal: Callable[[BaseException], None],
+        get_loop: Callable[[], asyncio.AbstractEventLoop],
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.source = source
+        self.first = first
+        self.stop = stop
+        self.stopped = stopped
+        self.get_loop = get_loop
+        self.clock = clock
+        self.latency = LatencyRing()
+        self._on_fatal = on_fatal
+        self.spec = StepSpec(
+            name="source", kind="thread", mode=EACH, workers=1, make_work=lambda: _Read(self)
+        )

@@ -236,6 +236,75 @@ class Pipeline(Generic[T_co]):
         )
         return self._extend(_Layout(spec, cap, (size, within)))
 
+    # -- streams ------------------------------------------------------------------------------
+    @classmethod
+    def from_stream(
+        cls,
+        url: str,
+        name: str,
+        *,
+        group: str,
+        consumer: str | None = None,
+        lease_s: float = 30.0,
+        max_deliveries: int = 5,
+        serializer: str = "json",
+        count: int = 256,
+        burst: bool = False,
+        start: str = "0",
+        ordered: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> Pipeline[Any]:
+        """A pipeline fed by the Redis Stream ``name``, sharing its entries with every other
+        consumer of ``group`` (made at the stream's first entry when missing; ``start="$"``
+        makes it at its end). An entry is acknowledged once everything this run made from it
+        is over; one held by a consumer that stopped renewing it for ``lease_s`` is taken
+        over by another; one delivered more than ``max_deliveries`` times goes to
+        ``<name>:dead``. The run reads until it is stopped (``run.stop()``), or, with
+        ``burst=True``, until the group has nothing left. ``consumer`` names this reader
+        (default: host, pid and a random part); ``count`` entries are read at a time.
+        """
+        from ._stream import StreamInput
+
+        where = StreamInput(
+            url,
+            name,
+            group=group,
+            consumer=consumer,
+            lease_s=lease_s,
+            max_deliveries=max_deliveries,
+            serializer=serializer,
+            count=count,
+            burst=burst,
+            start=start,
+        )
+        new: Pipeline[Any] = Pipeline(ordered=ordered, clock=clock)
+        new._source = where
+        new._has_source = True
+        return new
+
+    def to_stream(
+        self,
+        url: str,
+        name: str,
+        *,
+        max_lag: int | None = None,
+        maxlen: int | None = None,
+        serializer: str = "json",
+        batch: int = 256,
+        within_s: float = 0.01,
+        stage_name: str = "to_stream",
+    ) -> Pipeline[None]:
+        """End the pipeline by appending each output to the Redis Stream ``name``, up to
+        ``batch`` entries per round trip (a batch waits at most ``within_s``). ``max_lag``
+        makes the writer wait while a consumer group of the stream has more entries than
+        that not acknowledged; ``maxlen`` trims the stream to about that many entries
+        (trimmed entries are gone, read or not)."""
+        from ._stream import StreamWriter
+
+        writer = StreamWriter(url, name, max_lag=max_lag, maxlen=maxlen, serializer=serializer)
+        grouped = self.batch(batch, within_s=within_s, name=f"{stage_name}:batch")
+        return grouped.each(writer, name=stage_name)
+
     # -- running ------------------------------------------------------------------------------
     def start(self) -> Run[T_co]:
         """Start every worker and return the run's handle (a context manager)."""

@@ -27,6 +27,7 @@ from .._engine import (
     WorkerPool,
     control,
 )
+from .._engine.carry import Ledger, carry_spec
 from .._errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -36,6 +37,7 @@ from .._errors import (
 )
 from ._batch import BatchPool
 from ._feed import Feed
+from ._stream import StreamFeed, StreamInput
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
@@ -125,17 +127,32 @@ class Run(Generic[T_co]):
         ]
         self._buffers.append(Buffer(layouts[-1].capacity, name="output"))
         context = PoolContext(get_loop=self._get_loop, thread_name="conveyor")
+        # a stream's entries are acknowledged when all their items are over: the items carry
+        # their entries' ids through every stage, and the feed's ledger counts them
+        self._stream: StreamFeed | None = None
+        self._ledger: Ledger | None = None
+        if isinstance(self._source, StreamInput):
+            self._stream = StreamFeed(
+                self._source,
+                self._buffers[0],
+                stop=self._stop,
+                stopped=lambda: self._stop_feeding,
+                on_fatal=self._fail,
+                clock=clock,
+            )
+            self._ledger = self._stream.ledger
         self._steps: list[Step] = []
         self._pools: list[WorkerPool] = []
         for i, lay in enumerate(layouts):
             step = Step(
-                lay.spec,
+                lay.spec if self._ledger is None else carry_spec(lay.spec),
                 self._buffers[i],
                 self._buffers[i + 1],
                 stop=self._stop,
                 on_fatal=self._fail,
                 clock=clock,
             )
+            step.ledger = self._ledger
             pool: WorkerPool
             if lay.batch is not None:
                 pool = BatchPool(step, context, *lay.batch)
@@ -147,7 +164,12 @@ class Run(Generic[T_co]):
         control.ensure_started()
         for pool in self._pools:
             pool.start()
-        if self._has_source:
+        self._feeder: WorkerPool | None = None
+        if self._stream is not None:
+            # the stream is read on a worker of the thread kind too, like any source
+            self._feeder = KINDS["thread"](self._stream, context)
+            self._feeder.start()
+        elif self._has_source:
             # the source is the user's code too: it is read on a worker of the thread kind
             feed = Feed(
                 self._source,
@@ -158,7 +180,7 @@ class Run(Generic[T_co]):
                 get_loop=self._get_loop,
                 clock=clock,
             )
-            self._feeder: WorkerPool | None = KINDS["thread"](feed, context)
+            self._feeder = KINDS["thread"](feed, context)
             self._feeder.start()
 
     # -- the loop for async stages ------------------------------------------------------------
@@ -212,6 +234,9 @@ class Run(Generic[T_co]):
         # every stage has closed its output: wait briefly for workers to leave, then settle
         for pool in self._pools:
             pool.gone.wait(5)
+        if self._stream is not None and self._feeder is not None:
+            # the last acknowledgements are written before the run says it has finished
+            self._feeder.gone.wait(30)
         self._end("finished")
 
     def _raise_if_failed(self) -> None:
@@ -278,8 +303,14 @@ class Run(Generic[T_co]):
         tick = _PROGRESS_TICK_S if bar is not None else _SLICE_S
         try:
             pending = self._pending
+            ledger = self._ledger
             while pending:
-                yield pending.popleft()
+                if ledger is None:
+                    yield pending.popleft()
+                else:
+                    item = pending.popleft()
+                    yield item.value
+                    ledger.leave((item,))
             while True:
                 wait_s = tick
                 if deadline is not None:
@@ -302,8 +333,14 @@ class Run(Generic[T_co]):
                 self._items_out += len(chunk)
                 pending = self._pending
                 pending.extend(chunk)
-                while pending:
-                    yield pending.popleft()
+                if ledger is None:
+                    while pending:
+                        yield pending.popleft()
+                    continue
+                while pending:  # carried: an entry is over once its last output was taken
+                    item = pending.popleft()
+                    yield item.value
+                    ledger.leave((item,))
         except GeneratorExit:
             if owner:
                 self.cancel()
@@ -341,8 +378,13 @@ class Run(Generic[T_co]):
                     await loop.run_in_executor(pool, self._finish_ok)
                     break
                 self._items_out += len(chunk)
+                ledger = self._ledger
                 for item in chunk:
-                    yield item
+                    if ledger is None:
+                        yield item
+                    else:
+                        yield item.value
+                        ledger.leave((item,))
         except BaseException:
             self.cancel()
             raise
@@ -363,6 +405,7 @@ class Run(Generic[T_co]):
             items_in=self._buffers[0].accepted,
             items_out=self._items_out,
             state=self._state,
+            stream=None if self._stream is None else self._stream.stats(),
         )
 
     def stage(self, name: str) -> StageHandle:

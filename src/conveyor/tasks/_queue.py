@@ -39,6 +39,7 @@ from .._errors import (
     JobAborted,
     JobNotFound,
     TaskFailed,
+    redacted,
 )
 from ._schedules import advance, check_plan, next_tick
 from ._workflows import Flow, Signature, WorkflowHandle, compile_workflow
@@ -53,7 +54,7 @@ from .backends import (
     QueueCounts,
     SQLiteBackend,
 )
-from .backends.base import ScheduleInfo, WorkerInfo, redacted, replaceable
+from .backends.base import ScheduleInfo, WorkerInfo, replaceable
 
 if TYPE_CHECKING:
     from ..tracing import Tracing

@@ -494,18 +494,6 @@ _SCHEDULE_FIELD_TYPES: dict[str, Any] = {
 SCHEDULE_LATE_S = 60.0
 
 
-_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<secret>.*)@")
-_SECRET_OPTION = re.compile(r"(?i)([?&](?:password|passwd|pass|sslpassword)=)[^&#]*")
-
-
-def redacted(url: str) -> str:
-    """``url`` with its passwords replaced by ``***``, fit for logs and messages: the one
-    after ``user:`` (up to the last ``@``, so that one containing ``@``, ``/`` or ``#``
-    unencoded is masked whole) and any given as a query option (``?password=``)."""
-    masked = _USERINFO.sub(lambda m: f"{m['head']}:***@", url, count=1)
-    return _SECRET_OPTION.sub(lambda m: f"{m.group(1)}***", masked)
-
-
 def check_listing(state: str | None, limit: int, offset: int) -> None:
     """Refuse a listing's arguments that name nothing (a typo of a state, a negative page)."""
     from ..._errors import ConfigurationError

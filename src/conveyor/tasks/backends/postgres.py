@@ -46,7 +46,13 @@ from urllib.parse import parse_qsl, quote, urlencode, urlparse, urlunparse
 import psycopg
 from psycopg import errors as pg_errors
 
-from ..._errors import BackendError, BackendUnavailable, ClosedResourceError, ConfigurationError
+from ..._errors import (
+    BackendError,
+    BackendUnavailable,
+    ClosedResourceError,
+    ConfigurationError,
+    redacted,
+)
 from .base import (
     ABORTED,
     DEAD,
@@ -70,7 +76,6 @@ from .base import (
     kept_error,
     not_run_because,
     rate_step,
-    redacted,
     replaceable,
     reservation_kept_s,
     storable,

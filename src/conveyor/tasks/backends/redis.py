@@ -42,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..._errors import BackendError, BackendUnavailable, ConfigurationError
+from ..._errors import BackendError, BackendUnavailable, ConfigurationError, redacted
 from . import redis_lua as lua
 from .base import (
     ABORTED,
@@ -68,7 +68,6 @@ from .base import (
     fresh_job,
     kept_error,
     parse_history,
-    redacted,
 )
 
 log = logging.getLogger("conveyor.tasks")
