@@ -356,6 +356,62 @@ def job(url: str, job_id: str, name: str, as_json: bool) -> None:
         click.echo(textwrap.indent(error.rstrip(), "  "))
 
 
+@main.group()
+def stream() -> None:
+    """Look after the dead letters of a Redis Stream that pipelines read (from_stream)."""
+
+
+@stream.command("dead")
+@click.argument("url")
+@click.argument("name")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1), help="At most.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def stream_dead(url: str, name: str, limit: int, as_json: bool) -> None:
+    """List the entries of NAME's dead-letter stream (NAME:dead), oldest first, with why
+    each was given up.
+
+    \b
+    Example:
+        conveyor stream dead redis://localhost:6379/0 orders
+    """
+    from .pipeline import dead_entries
+
+    found = dead_entries(url, name, limit)
+    if as_json:
+        for record in found:
+            click.echo(json.dumps(record))
+        return
+    if not found:
+        click.echo(f"no dead entries for stream {name!r}", err=True)
+        return
+    click.echo(f"{'DEAD ID':<20}  {'ENTRY':<20}  {'GROUP':<12}  ERROR")
+    for r in found:
+        click.echo(
+            f"{r['dead_id']:<20}  {r['id']:<20}  {r['group'][:12]:<12}  {_last_line(r['error'])}"
+        )
+
+
+@stream.command("requeue")
+@click.argument("url")
+@click.argument("name")
+@click.argument("dead_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead entry.")
+def stream_requeue(url: str, name: str, dead_ids: tuple[str, ...], every: bool) -> None:
+    """Append dead entries (their DEAD IDs, or --all) to NAME again as new entries, and
+    remove them from NAME:dead.
+
+    \b
+    Example:
+        conveyor stream requeue redis://localhost:6379/0 orders --all
+    """
+    from .pipeline import requeue_dead
+
+    if every == bool(dead_ids):
+        raise click.UsageError("give the dead ids to requeue, or --all (not both)")
+    moved = requeue_dead(url, name, None if every else dead_ids)
+    click.echo(f"requeued {moved} entr{'y' if moved == 1 else 'ies'} to {name!r}")
+
+
 @main.command()
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, every field.")

@@ -5,3 +5,5 @@ from ._pipeline import StageOptions as StageOptions
 from ._run import Run as Run
 from ._run import StageHandle as StageHandle
 from ._stage import Stage as Stage
+from ._stream import dead_entries as dead_entries
+from ._stream import requeue_dead as requeue_dead

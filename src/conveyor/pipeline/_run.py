@@ -49,6 +49,9 @@ _PROGRESS_TICK_S = 0.1
 #: Python run the KeyboardInterrupt handler promptly.
 _SLICE_S = 0.2
 
+#: how long an ending stream-fed run waits for its reader's last acknowledgements
+_STREAM_LAST_WORDS_S = 10.0
+
 Progress = bool | Callable[[RunStats], Any]
 
 #: what comes out of the run (its pipeline's last stage)
@@ -234,10 +237,14 @@ class Run(Generic[T_co]):
         # every stage has closed its output: wait briefly for workers to leave, then settle
         for pool in self._pools:
             pool.gone.wait(5)
-        if self._stream is not None and self._feeder is not None:
-            # the last acknowledgements are written before the run says it has finished
-            self._feeder.gone.wait(30)
+        self._stream_written()
         self._end("finished")
+
+    def _stream_written(self) -> None:
+        """A stream-fed run that ended: wait (briefly) for its reader to write the last
+        acknowledgements, and the reasons of a failure, before the caller hears of the end."""
+        if self._stream is not None and self._feeder is not None:
+            self._feeder.gone.wait(_STREAM_LAST_WORDS_S)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -352,6 +359,7 @@ class Run(Generic[T_co]):
         finally:
             if bar is not None:
                 bar.close()
+        self._stream_written()
         self._raise_if_failed()
 
     async def _aoutputs(self, timeout_s: float | None) -> AsyncIterator[T_co]:
@@ -390,6 +398,7 @@ class Run(Generic[T_co]):
             raise
         finally:
             pool.shutdown(wait=False)
+        await loop.run_in_executor(None, self._stream_written)
         self._raise_if_failed()
 
     # -- statistics -----------------------------------------------------------------------------
