@@ -177,6 +177,31 @@ def test_entries_delivered_too_often_go_to_the_dead_letter_stream(url: str, r: A
     assert refused.exit_code != 0 and "--all" in refused.output
 
 
+def test_a_consumer_restarted_under_its_name_finishes_what_it_held(url: str, r: Any) -> None:
+    """Its own pending entries come first, each once, counted as delivered again: one
+    delivered too often goes to the dead letters instead of running once more."""
+    produce(url, list(range(20)))
+    r.xgroup_create("in", "g", id="0")
+    r.xreadgroup("g", "c1", {"in": ">"}, count=15)  # c1 held 15 when it died
+    first = r.xrange("in", count=1)[0][0]
+    r.xclaim("in", "g", "c1", 0, [first])  # and the first had been delivered twice already
+    calls: list[int] = []
+
+    def work(n: int) -> int:
+        calls.append(n)
+        return n
+
+    p = Pipeline.from_stream(
+        url, "in", group="g", consumer="c1", max_deliveries=2, count=4, burst=True
+    ).map(work)
+    assert sorted(p) == list(range(1, 20))
+    assert sorted(calls) == list(range(1, 20))  # each once
+    g = group(r, "in")
+    assert g["pending"] == 0 and g["lag"] == 0
+    dead = r.xrange("in:dead")
+    assert len(dead) == 1 and b"delivered 3 times" in dead[0][1][b"error"]
+
+
 def test_a_long_item_keeps_its_entry_by_renewing_it(
     url: str, r: Any, gate: threading.Event
 ) -> None:

@@ -393,12 +393,12 @@ class Run(Generic[T_co]):
                     else:
                         yield item.value
                         ledger.leave((item,))
+            await loop.run_in_executor(pool, self._stream_written)
         except BaseException:
             self.cancel()
             raise
         finally:
             pool.shutdown(wait=False)
-        await loop.run_in_executor(None, self._stream_written)
         self._raise_if_failed()
 
     # -- statistics -----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .._engine.source import EACH
 from .._engine.stats import LatencyRing
 from .._errors import ClosedResourceError, ConfigurationError, redacted
 from ._feed import OneUnitSource
-from ._stage import Stage
+from ._stage import Stage, _FunctionWork
 
 log = logging.getLogger("conveyor.stream")
 
@@ -274,22 +274,6 @@ class StreamInput:
         return f"<stream {self.name!r} group {self.group!r} at {redacted(self.url)}>"
 
 
-class _ReadStream:
-    """The work of the stream feed's one worker: the reading loop (see the module)."""
-
-    def __init__(self, feed: StreamFeed) -> None:
-        self.feed = feed
-
-    def setup(self) -> None:
-        return None
-
-    def teardown(self) -> None:
-        return None
-
-    def call(self, _: Any) -> None:
-        self.feed.read_all()
-
-
 class StreamFeed(OneUnitSource):
     """The source of work "read the stream": one unit, for one worker of the thread kind."""
 
@@ -320,8 +304,10 @@ class StreamFeed(OneUnitSource):
         self.reclaimed = 0
         self.acknowledged = 0
         self.dead_lettered = 0
+        # the work of the feed's one worker: the reading loop
+        reading = _FunctionWork(lambda _: self.read_all())
         self.spec = StepSpec(
-            name="source", kind="thread", mode=EACH, workers=1, make_work=lambda: _ReadStream(self)
+            name="source", kind="thread", mode=EACH, workers=1, make_work=lambda: reading
         )
 
     # -- the ledger's word ---------------------------------------------------------------------
@@ -359,7 +345,9 @@ class StreamFeed(OneUnitSource):
         now = time.monotonic()
         next_beat = now + beat_every
         next_reclaim = now  # at once: a consumer that died before this one started left work
-        history = True  # this consumer's own entries from an earlier life come first
+        # this consumer's own entries from an earlier life come first, read page by page
+        # (a read from an id gives the pending entries after it, again until acknowledged)
+        history: bytes | str | None = "0"
         pause = _OUTAGE_FIRST_S
         try:
             while not self.stopped() and not self.stop.is_set():
@@ -373,10 +361,8 @@ class StreamFeed(OneUnitSource):
                         if self._reclaim(client) < w.count:
                             next_reclaim = now + reclaim_every
                         continue
-                    if history:
-                        got = self._read(client, "0", block=False)
-                        if not got:
-                            history = False
+                    if history is not None:
+                        history = self._read(client, history, block=False)
                         continue
                     got = self._read(client, ">", block=True)
                     pause = _OUTAGE_FIRST_S
@@ -415,9 +401,9 @@ class StreamFeed(OneUnitSource):
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def _read(self, client: Any, from_id: str, *, block: bool) -> int:
-        """Read entries (new ones with ``>``, this consumer's own pending ones with ``0``) into
-        the first buffer; returns how many."""
+    def _read(self, client: Any, from_id: bytes | str, *, block: bool) -> bytes | None:
+        """Read entries (new ones with ``>``, this consumer's own pending ones after an id)
+        into the first buffer; returns the last one's id (None: there were none)."""
         w = self.where
         reply = client.xreadgroup(
             w.group,
@@ -428,13 +414,15 @@ class StreamFeed(OneUnitSource):
         )
         entries = reply[0][1] if reply else []
         if not entries:
-            return 0
+            return None
         if from_id == ">":
             self.read += len(entries)
+            self._take(client, entries, {})
         else:
             self.reclaimed += len(entries)
-        self._take(client, entries, {})
-        return len(entries)
+            self._take(client, entries, self._deliveries(client, entries))
+        last: bytes = entries[-1][0]
+        return last
 
     def _take(self, client: Any, entries: list[Any], deliveries: dict[bytes, int]) -> None:
         """Hand decodable entries to the first stage; dead-letter the others and those
@@ -522,13 +510,7 @@ class StreamFeed(OneUnitSource):
             log.warning("stream %r: entry %s was deleted before it was done", w.name, entry_id)
         if not entries:
             return 0
-        pipe = client.pipeline(transaction=False)
-        for entry_id, _ in entries:
-            pipe.xpending_range(w.name, w.group, entry_id, entry_id, 1, w.consumer)
-        deliveries: dict[bytes, int] = {}
-        for row in pipe.execute():
-            if row:
-                deliveries[row[0]["message_id"]] = int(row[0]["times_delivered"])
+        deliveries = self._deliveries(client, entries)
         self.reclaimed += len(entries)
         log.warning(
             "stream %r: took over %d entr%s held past the lease by another consumer",
@@ -538,6 +520,18 @@ class StreamFeed(OneUnitSource):
         )
         self._take(client, entries, deliveries)
         return len(entries)
+
+    def _deliveries(self, client: Any, entries: list[Any]) -> dict[bytes, int]:
+        """How many times each of ``entries`` (held by this consumer) has been delivered."""
+        w = self.where
+        pipe = client.pipeline(transaction=False)
+        for entry_id, _ in entries:
+            pipe.xpending_range(w.name, w.group, entry_id, entry_id, 1, w.consumer)
+        deliveries: dict[bytes, int] = {}
+        for row in pipe.execute():
+            if row:
+                deliveries[row[0]["message_id"]] = int(row[0]["times_delivered"])
+        return deliveries
 
     def _bury(self, client: Any, dead: list[tuple[bytes, Any, str]]) -> None:
         """Move entries to ``<name>:dead`` with their reasons and acknowledge them here."""
