@@ -66,7 +66,8 @@ class Ledger:
         self._alive: dict[Hashable, int] = {}
 
     def __len__(self) -> int:
-        return len(self._alive)
+        with self._lock:
+            return len(self._alive)
 
     def tokens(self) -> list[Hashable]:
         """The tokens with items alive (a copy)."""
@@ -82,7 +83,9 @@ class Ledger:
                     alive[token] = alive.get(token, 0) + 1
 
     def leave(self, items: Iterable[Any]) -> None:
-        """Count out items that are over; tokens that reach zero go to ``on_done``."""
+        """Count out items that are over; tokens that reach zero go to ``on_done``, under the
+        lock: whoever sees the ledger empty finds them already handed on (``on_done`` must
+        be quick and must not call back)."""
         done: list[Hashable] = []
         with self._lock:
             alive = self._alive
@@ -94,8 +97,8 @@ class Ledger:
                     else:
                         del alive[token]
                         done.append(token)
-        if done:
-            self._on_done(done)
+            if done:
+                self._on_done(done)
 
     def failed(self, tokens: tuple[Hashable, ...], error: BaseException) -> None:
         """An item of ``tokens`` failed its run (which stops): the source may keep why."""
